@@ -1,0 +1,659 @@
+//! The record batch: the one layout that travels on the wire, sits in the
+//! commit log and is served back to consumers, byte for byte.
+//!
+//! A producer encodes a batch ([`BatchBuilder`]) with its body CRC. The
+//! broker checks it ([`validate_produced`]), stamps the broker-owned header
+//! fields (queue id, base offset, append time) and the header CRC
+//! ([`stamp`]), and appends it unchanged otherwise. Recovery and readers
+//! check both CRCs ([`check_stored`]). The byte layout is documented in
+//! `docs/PROTOCOL.md`; all integers are little-endian.
+//!
+//! ```text
+//! 0   u32 header_crc     CRC32 of bytes 4..40 (broker-stamped part)
+//! 4   u32 batch_len      whole batch, header included
+//! 8   u16 magic          0x4B51 ("KQ")
+//! 10  u8  version        1
+//! 11  u8  reserved       0
+//! 12  u32 queue_id       stamped by the broker
+//! 16  u64 base_offset    stamped: queue offset of the first record
+//! 24  i64 append_time_ms stamped: broker clock at append
+//! 32  u64 term           replication term (0 until replication)
+//! 40  u32 body_crc       CRC32 of bytes 44..batch_len, by the producer
+//! 44  u16 attributes     batch flags (transactional, trace, ...)
+//! 46  u16 reserved       0
+//! 48  u32 record_count
+//! 52  u32 reserved       0
+//! 56  i64 first_timestamp_ms  producer clock
+//! 64  i64 max_timestamp_ms    producer clock
+//! 72  records...
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+/// Size of the fixed batch header.
+pub const BATCH_HEADER_BYTES: usize = 72;
+/// Magic number at byte 8 of every batch.
+pub const BATCH_MAGIC: u16 = 0x4B51;
+/// Current batch format version.
+pub const BATCH_VERSION: u8 = 1;
+/// Fixed bytes of a record before its variable fields (length included).
+pub const RECORD_FIXED_BYTES: usize = 4 + 1 + 1 + 2 + 8 + 8;
+
+const HEADER_CRC_RANGE: std::ops::Range<usize> = 4..40;
+const BODY_CRC_START: usize = 44;
+
+/// Record flag: a key is present.
+pub const RECORD_FLAG_KEY: u8 = 1;
+/// Record flag: a tag is present.
+pub const RECORD_FLAG_TAG: u8 = 2;
+
+/// Why a batch was rejected.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("batch shorter than its {BATCH_HEADER_BYTES}-byte header ({0} bytes)")]
+    TooShort(usize),
+    #[error("batch length field says {declared} bytes but {actual} bytes are present")]
+    LengthMismatch { declared: u32, actual: usize },
+    #[error("batch of {0} bytes exceeds batch_bytes_max {1}")]
+    TooLarge(usize, usize),
+    #[error("bad batch magic {0:#06x}")]
+    BadMagic(u16),
+    #[error("unsupported batch version {0}")]
+    BadVersion(u8),
+    #[error("batch body CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BodyCrc { stored: u32, computed: u32 },
+    #[error("batch header CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    HeaderCrc { stored: u32, computed: u32 },
+    #[error("batch has no records")]
+    Empty,
+    #[error("record {index}: {reason}")]
+    BadRecord { index: u32, reason: &'static str },
+    #[error("batch declares {declared} records but holds {actual}")]
+    CountMismatch { declared: u32, actual: u32 },
+}
+
+/// The decoded fixed header of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub header_crc: u32,
+    pub batch_len: u32,
+    pub queue_id: u32,
+    pub base_offset: u64,
+    pub append_time_ms: i64,
+    pub term: u64,
+    pub body_crc: u32,
+    pub attributes: u16,
+    pub record_count: u32,
+    pub first_timestamp_ms: i64,
+    pub max_timestamp_ms: i64,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn i64_at(b: &[u8], at: usize) -> i64 {
+    i64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+impl BatchHeader {
+    /// Parses the header and checks magic and version; no CRC check.
+    pub fn parse(b: &[u8]) -> Result<BatchHeader, BatchError> {
+        if b.len() < BATCH_HEADER_BYTES {
+            return Err(BatchError::TooShort(b.len()));
+        }
+        let magic = u16_at(b, 8);
+        if magic != BATCH_MAGIC {
+            return Err(BatchError::BadMagic(magic));
+        }
+        if b[10] != BATCH_VERSION {
+            return Err(BatchError::BadVersion(b[10]));
+        }
+        Ok(BatchHeader {
+            header_crc: u32_at(b, 0),
+            batch_len: u32_at(b, 4),
+            queue_id: u32_at(b, 12),
+            base_offset: u64_at(b, 16),
+            append_time_ms: i64_at(b, 24),
+            term: u64_at(b, 32),
+            body_crc: u32_at(b, 40),
+            attributes: u16_at(b, 44),
+            record_count: u32_at(b, 48),
+            first_timestamp_ms: i64_at(b, 56),
+            max_timestamp_ms: i64_at(b, 64),
+        })
+    }
+
+    /// Queue offset one past the last record of this batch.
+    pub fn next_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.record_count)
+    }
+}
+
+/// Reads `batch_len` from the first 8 bytes of a batch, if present.
+pub fn peek_batch_len(b: &[u8]) -> Option<u32> {
+    (b.len() >= 8).then(|| u32_at(b, 4))
+}
+
+/// Checks a batch as a producer sent it: lengths, magic, version, body CRC
+/// and every record's framing. Broker-stamped fields are ignored.
+pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader, BatchError> {
+    if b.len() > batch_bytes_max {
+        return Err(BatchError::TooLarge(b.len(), batch_bytes_max));
+    }
+    let header = BatchHeader::parse(b)?;
+    if header.batch_len as usize != b.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: header.batch_len,
+            actual: b.len(),
+        });
+    }
+    let computed = crc32fast::hash(&b[BODY_CRC_START..]);
+    if computed != header.body_crc {
+        return Err(BatchError::BodyCrc {
+            stored: header.body_crc,
+            computed,
+        });
+    }
+    if header.record_count == 0 {
+        return Err(BatchError::Empty);
+    }
+    let mut actual = 0u32;
+    for record in RecordIter::new(b) {
+        record?;
+        actual += 1;
+    }
+    if actual != header.record_count {
+        return Err(BatchError::CountMismatch {
+            declared: header.record_count,
+            actual,
+        });
+    }
+    Ok(header)
+}
+
+/// Writes the broker-owned fields and the header CRC into a batch that
+/// passed [`validate_produced`].
+pub fn stamp(b: &mut [u8], queue_id: u32, base_offset: u64, append_time_ms: i64) {
+    assert!(b.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
+    b[12..16].copy_from_slice(&queue_id.to_le_bytes());
+    b[16..24].copy_from_slice(&base_offset.to_le_bytes());
+    b[24..32].copy_from_slice(&append_time_ms.to_le_bytes());
+    b[32..40].copy_from_slice(&0u64.to_le_bytes());
+    let crc = crc32fast::hash(&b[HEADER_CRC_RANGE]);
+    b[0..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a stored batch (both CRCs, length) as recovery and readers do.
+/// `b` must hold exactly `batch_len` bytes.
+pub fn check_stored(b: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = check_stored_header(b)?;
+    if header.batch_len as usize != b.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: header.batch_len,
+            actual: b.len(),
+        });
+    }
+    let computed = crc32fast::hash(&b[BODY_CRC_START..]);
+    if computed != header.body_crc {
+        return Err(BatchError::BodyCrc {
+            stored: header.body_crc,
+            computed,
+        });
+    }
+    Ok(header)
+}
+
+/// Checks only the header of a stored batch (magic, version, header CRC,
+/// a sane length). `b` needs only the first [`BATCH_HEADER_BYTES`] bytes.
+pub fn check_stored_header(b: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse(b)?;
+    let computed = crc32fast::hash(&b[HEADER_CRC_RANGE]);
+    if computed != header.header_crc {
+        return Err(BatchError::HeaderCrc {
+            stored: header.header_crc,
+            computed,
+        });
+    }
+    if (header.batch_len as usize) < BATCH_HEADER_BYTES {
+        return Err(BatchError::TooShort(header.batch_len as usize));
+    }
+    Ok(header)
+}
+
+/// One record inside a batch, borrowed from the batch bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    pub priority: u8,
+    pub timestamp_ms: i64,
+    pub deliver_at_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub tag: Option<&'a str>,
+    pub properties: Vec<(&'a str, &'a str)>,
+    pub payload: &'a [u8],
+    /// Byte range of the payload inside the batch (for zero-copy slicing).
+    pub payload_range: std::ops::Range<usize>,
+}
+
+/// Iterates the records of a batch, checking their framing.
+pub struct RecordIter<'a> {
+    batch: &'a [u8],
+    at: usize,
+    index: u32,
+    failed: bool,
+}
+
+impl<'a> RecordIter<'a> {
+    /// Iterates records of `batch` (the whole batch, header included).
+    pub fn new(batch: &'a [u8]) -> Self {
+        RecordIter {
+            batch,
+            at: BATCH_HEADER_BYTES.min(batch.len()),
+            index: 0,
+            failed: false,
+        }
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.b.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.take(8).map(|s| i64::from_le_bytes(s.try_into().unwrap()))
+    }
+    fn str16(&mut self) -> Result<&'a str, &'static str> {
+        let n = self.u16().ok_or("truncated string length")?;
+        let s = self.take(n as usize).ok_or("truncated string")?;
+        std::str::from_utf8(s).map_err(|_| "string is not UTF-8")
+    }
+}
+
+fn parse_record(rec: &[u8], base: usize) -> Result<RecordView<'_>, &'static str> {
+    let mut c = Cursor { b: rec, at: 0 };
+    let flags = c.take(1).ok_or("truncated")?[0];
+    let priority = c.take(1).ok_or("truncated")?[0];
+    let n_props = c.u16().ok_or("truncated")?;
+    let timestamp_ms = c.i64().ok_or("truncated")?;
+    let deliver_at_ms = c.i64().ok_or("truncated")?;
+    let key = if flags & RECORD_FLAG_KEY != 0 {
+        let n = c.u16().ok_or("truncated key length")?;
+        Some(c.take(n as usize).ok_or("truncated key")?)
+    } else {
+        None
+    };
+    let tag = if flags & RECORD_FLAG_TAG != 0 {
+        Some(c.str16()?)
+    } else {
+        None
+    };
+    let mut properties = Vec::with_capacity(n_props as usize);
+    for _ in 0..n_props {
+        let k = c.str16()?;
+        let v = c.str16()?;
+        properties.push((k, v));
+    }
+    let n = c.u32().ok_or("truncated payload length")?;
+    let start = c.at;
+    let payload = c.take(n as usize).ok_or("truncated payload")?;
+    if c.at != rec.len() {
+        return Err("record length does not match its fields");
+    }
+    Ok(RecordView {
+        priority,
+        timestamp_ms,
+        deliver_at_ms,
+        key,
+        tag,
+        properties,
+        payload,
+        payload_range: base + start..base + start + n as usize,
+    })
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Result<RecordView<'a>, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.at >= self.batch.len() {
+            return None;
+        }
+        let index = self.index;
+        let fail = |s: &mut Self, reason| {
+            s.failed = true;
+            Some(Err(BatchError::BadRecord { index, reason }))
+        };
+        let Some(len) = self.batch.get(self.at..self.at + 4) else {
+            return fail(self, "truncated record length");
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
+        let start = self.at + 4;
+        let Some(end) = start.checked_add(len).filter(|&e| e <= self.batch.len()) else {
+            return fail(self, "record runs past the batch");
+        };
+        match parse_record(&self.batch[start..end], start) {
+            Ok(view) => {
+                self.at = end;
+                self.index += 1;
+                Some(Ok(view))
+            }
+            Err(reason) => fail(self, reason),
+        }
+    }
+}
+
+/// A message as a producer gives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Bytes>,
+    pub tag: Option<String>,
+    pub properties: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// Producer clock, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Reserved for priority delivery; 0 is the default priority.
+    pub priority: u8,
+    /// Reserved for scheduled delivery; 0 means "now".
+    pub deliver_at_ms: i64,
+}
+
+impl Record {
+    /// Bytes this record takes inside a batch.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_FIXED_BYTES
+            + self.key.as_ref().map_or(0, |k| 2 + k.len())
+            + self.tag.as_ref().map_or(0, |t| 2 + t.len())
+            + self
+                .properties
+                .iter()
+                .map(|(k, v)| 4 + k.len() + v.len())
+                .sum::<usize>()
+            + 4
+            + self.payload.len()
+    }
+
+    /// Checks the limits the format imposes on one record.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let short = |n: usize| n <= u16::MAX as usize;
+        if !self.key.as_ref().is_none_or(|k| short(k.len())) {
+            return Err("key longer than 65535 bytes");
+        }
+        if !self.tag.as_ref().is_none_or(|t| short(t.len())) {
+            return Err("tag longer than 65535 bytes");
+        }
+        if !short(self.properties.len()) {
+            return Err("more than 65535 properties");
+        }
+        if !self
+            .properties
+            .iter()
+            .all(|(k, v)| short(k.len()) && short(v.len()))
+        {
+            return Err("property key or value longer than 65535 bytes");
+        }
+        if self.payload.len() > u32::MAX as usize / 2 {
+            return Err("payload too large");
+        }
+        Ok(())
+    }
+}
+
+/// Encodes records into one batch (client side).
+#[derive(Default)]
+pub struct BatchBuilder {
+    buf: BytesMut,
+    count: u32,
+    first_ts: i64,
+    max_ts: i64,
+}
+
+impl BatchBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        let mut buf = BytesMut::with_capacity(4096);
+        buf.resize(BATCH_HEADER_BYTES, 0);
+        BatchBuilder {
+            buf,
+            count: 0,
+            first_ts: 0,
+            max_ts: 0,
+        }
+    }
+
+    /// Records added so far.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// True when no record was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the batch would take if finished now.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends one record. The caller checks it with [`Record::check`].
+    pub fn push(&mut self, r: &Record) {
+        let len = r.encoded_len() - 4;
+        let b = &mut self.buf;
+        b.reserve(len + 4);
+        b.put_u32_le(len as u32);
+        let flags = if r.key.is_some() { RECORD_FLAG_KEY } else { 0 }
+            | if r.tag.is_some() { RECORD_FLAG_TAG } else { 0 };
+        b.put_u8(flags);
+        b.put_u8(r.priority);
+        b.put_u16_le(r.properties.len() as u16);
+        b.put_i64_le(r.timestamp_ms);
+        b.put_i64_le(r.deliver_at_ms);
+        if let Some(k) = &r.key {
+            b.put_u16_le(k.len() as u16);
+            b.put_slice(k);
+        }
+        if let Some(t) = &r.tag {
+            b.put_u16_le(t.len() as u16);
+            b.put_slice(t.as_bytes());
+        }
+        for (k, v) in &r.properties {
+            b.put_u16_le(k.len() as u16);
+            b.put_slice(k.as_bytes());
+            b.put_u16_le(v.len() as u16);
+            b.put_slice(v.as_bytes());
+        }
+        b.put_u32_le(r.payload.len() as u32);
+        b.put_slice(&r.payload);
+        if self.count == 0 {
+            self.first_ts = r.timestamp_ms;
+            self.max_ts = r.timestamp_ms;
+        }
+        self.max_ts = self.max_ts.max(r.timestamp_ms);
+        self.count += 1;
+    }
+
+    /// Writes the header and the body CRC and returns the batch bytes.
+    pub fn finish(mut self) -> Bytes {
+        let len = self.buf.len() as u32;
+        let b = &mut self.buf[..];
+        b[4..8].copy_from_slice(&len.to_le_bytes());
+        b[8..10].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+        b[10] = BATCH_VERSION;
+        b[48..52].copy_from_slice(&self.count.to_le_bytes());
+        b[56..64].copy_from_slice(&self.first_ts.to_le_bytes());
+        b[64..72].copy_from_slice(&self.max_ts.to_le_bytes());
+        let crc = crc32fast::hash(&b[BODY_CRC_START..]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        self.buf.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(payload: &str) -> Record {
+        Record {
+            key: Some(Bytes::from_static(b"k1")),
+            tag: Some("TagA".into()),
+            properties: vec![("a".into(), "1".into()), ("b".into(), "".into())],
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            timestamp_ms: 1_700_000_000_000,
+            priority: 3,
+            deliver_at_ms: 0,
+        }
+    }
+
+    fn build(records: &[Record]) -> Bytes {
+        let mut b = BatchBuilder::new();
+        for r in records {
+            b.push(r);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn encode_validate_stamp_check_round_trip() {
+        let batch = build(&[record("hello"), record("world!")]);
+        let header = validate_produced(&batch, 1 << 20).unwrap();
+        assert_eq!(header.record_count, 2);
+        assert_eq!(header.batch_len as usize, batch.len());
+        let mut stored = batch.to_vec();
+        stamp(&mut stored, 9, 100, 42);
+        let h = check_stored(&stored).unwrap();
+        assert_eq!((h.queue_id, h.base_offset, h.append_time_ms), (9, 100, 42));
+        assert_eq!(h.next_offset(), 102);
+        let recs: Vec<_> = RecordIter::new(&stored).map(|r| r.unwrap()).collect();
+        assert_eq!(recs[0].payload, b"hello");
+        assert_eq!(recs[1].payload, b"world!");
+        assert_eq!(recs[1].tag, Some("TagA"));
+        assert_eq!(recs[1].key, Some(&b"k1"[..]));
+        assert_eq!(recs[0].properties, vec![("a", "1"), ("b", "")]);
+        assert_eq!(recs[0].priority, 3);
+        assert_eq!(&stored[recs[1].payload_range.clone()], b"world!");
+    }
+
+    #[test]
+    fn unstamped_batch_fails_the_stored_header_check() {
+        let batch = build(&[record("x")]);
+        // header_crc of a produced batch is 0; only a stamp makes it valid.
+        assert!(matches!(
+            check_stored(&batch),
+            Err(BatchError::HeaderCrc { .. })
+        ));
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_caught() {
+        let batch = build(&[record("payload bytes here")]);
+        let mut stored = batch.to_vec();
+        stamp(&mut stored, 1, 0, 5);
+        for byte in 0..stored.len() {
+            // Bytes 40..44 hold the body CRC itself; 0..4 the header CRC.
+            let mut bad = stored.clone();
+            bad[byte] ^= 0x10;
+            assert!(check_stored(&bad).is_err(), "flip at byte {byte} undetected");
+        }
+    }
+
+    #[test]
+    fn produced_batch_rejections() {
+        let batch = build(&[record("x")]);
+        assert_eq!(
+            validate_produced(&batch, 10),
+            Err(BatchError::TooLarge(batch.len(), 10))
+        );
+        assert_eq!(
+            validate_produced(&batch[..40], 1 << 20),
+            Err(BatchError::TooShort(40))
+        );
+        let mut bad = batch.to_vec();
+        bad[8] = 0;
+        assert!(matches!(
+            validate_produced(&bad, 1 << 20),
+            Err(BatchError::BadMagic(_))
+        ));
+        let mut bad = batch.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            validate_produced(&bad, 1 << 20),
+            Err(BatchError::BodyCrc { .. })
+        ));
+        let empty = BatchBuilder::new().finish();
+        assert_eq!(validate_produced(&empty, 1 << 20), Err(BatchError::Empty));
+    }
+
+    #[test]
+    fn record_count_must_match() {
+        let batch = build(&[record("a"), record("b")]);
+        let mut bad = batch.to_vec();
+        bad[48..52].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32fast::hash(&bad[44..]);
+        bad[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            validate_produced(&bad, 1 << 20),
+            Err(BatchError::CountMismatch {
+                declared: 3,
+                actual: 2
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_records_round_trip(
+            payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..20),
+            tag in proptest::option::of("[a-zA-Z0-9]{0,12}"),
+            key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        ) {
+            let records: Vec<Record> = payloads.iter().enumerate().map(|(i, p)| Record {
+                key: key.clone().map(Bytes::from),
+                tag: tag.clone(),
+                properties: vec![(format!("i{i}"), "v".into())],
+                payload: Bytes::from(p.clone()),
+                timestamp_ms: i as i64,
+                ..Record::default()
+            }).collect();
+            let batch = build(&records);
+            let expected_len = BATCH_HEADER_BYTES + records.iter().map(Record::encoded_len).sum::<usize>();
+            prop_assert_eq!(batch.len(), expected_len);
+            validate_produced(&batch, usize::MAX).unwrap();
+            let back: Vec<_> = RecordIter::new(&batch).map(|r| r.unwrap()).collect();
+            prop_assert_eq!(back.len(), records.len());
+            for (r, v) in records.iter().zip(back) {
+                prop_assert_eq!(&r.payload[..], v.payload);
+                prop_assert_eq!(r.tag.as_deref(), v.tag);
+                prop_assert_eq!(r.key.as_deref(), v.key);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = validate_produced(&data, 1 << 20);
+            let _ = check_stored(&data);
+            for r in RecordIter::new(&data) { let _ = r; }
+        }
+    }
+}

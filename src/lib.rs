@@ -1,0 +1,12 @@
+//! KeelMQ: a thread-per-core, io_uring message broker.
+//!
+//! The crate holds the broker (`broker`, `shard`, `storage`), the wire
+//! protocol (`protocol`, `batch`), and a blocking Rust client (`client`)
+//! that a plain `fn main` can use without glommio.
+
+pub mod batch;
+pub mod config;
+pub mod ids;
+pub mod protocol;
+pub mod runtime;
+pub mod storage;

@@ -1,0 +1,99 @@
+//! Wire error codes: the one place where failures become numbers.
+
+/// A response's status. `Ok` is 0; every other code carries a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    Ok = 0,
+    /// The request body could not be decoded.
+    Malformed = 1,
+    /// The operation code is not known to this broker.
+    UnknownOperation = 2,
+    /// The operation is known but not at the requested version.
+    UnsupportedVersion = 3,
+    /// A frame exceeded `frame_bytes_max`.
+    FrameTooLarge = 4,
+    /// A produced batch failed validation (CRC, framing, count).
+    InvalidBatch = 5,
+    /// A produced batch exceeded `batch_bytes_max`.
+    BatchTooLarge = 6,
+    UnknownTopic = 7,
+    UnknownQueue = 8,
+    TopicExists = 9,
+    /// The fetch offset is outside `[earliest, latest]`.
+    OffsetOutOfRange = 10,
+    MessageNotFound = 11,
+    /// A field had a value outside its allowed range.
+    InvalidArgument = 12,
+    /// The shard's storage failed (I/O error, full disk); nothing was acknowledged.
+    StorageError = 13,
+    /// The broker is stopping.
+    ShuttingDown = 14,
+    /// Too many requests in flight on this connection.
+    Busy = 15,
+    /// An unexpected broker-side failure.
+    Internal = 16,
+}
+
+impl ErrorCode {
+    /// Maps a wire value back; unknown values become `Internal`.
+    pub fn from_u16(v: u16) -> ErrorCode {
+        use ErrorCode::*;
+        match v {
+            0 => Ok,
+            1 => Malformed,
+            2 => UnknownOperation,
+            3 => UnsupportedVersion,
+            4 => FrameTooLarge,
+            5 => InvalidBatch,
+            6 => BatchTooLarge,
+            7 => UnknownTopic,
+            8 => UnknownQueue,
+            9 => TopicExists,
+            10 => OffsetOutOfRange,
+            11 => MessageNotFound,
+            12 => InvalidArgument,
+            13 => StorageError,
+            14 => ShuttingDown,
+            15 => Busy,
+            _ => Internal,
+        }
+    }
+
+    /// A short lowercase name for messages and logs.
+    pub fn name(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Ok => "ok",
+            Malformed => "malformed",
+            UnknownOperation => "unknown_operation",
+            UnsupportedVersion => "unsupported_version",
+            FrameTooLarge => "frame_too_large",
+            InvalidBatch => "invalid_batch",
+            BatchTooLarge => "batch_too_large",
+            UnknownTopic => "unknown_topic",
+            UnknownQueue => "unknown_queue",
+            TopicExists => "topic_exists",
+            OffsetOutOfRange => "offset_out_of_range",
+            MessageNotFound => "message_not_found",
+            InvalidArgument => "invalid_argument",
+            StorageError => "storage_error",
+            ShuttingDown => "shutting_down",
+            Busy => "busy",
+            Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for v in 0..=16u16 {
+            assert_eq!(ErrorCode::from_u16(v) as u16, v);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);
+    }
+}

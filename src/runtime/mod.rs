@@ -1,0 +1,60 @@
+//! The one place that touches glommio: executors, DMA files, TCP, timers,
+//! cross-core channels. A later move to another io_uring runtime changes
+//! this module and nothing else.
+
+pub mod executor;
+pub mod split;
+pub mod watch;
+
+pub use executor::{memlock_limit_bytes, ExecutorSpec, TaskQueues};
+pub use glommio::channels::channel_mesh::{Full as MeshFull, MeshBuilder, Receivers, Senders};
+pub use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+pub use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+pub use glommio::net::{TcpListener, TcpStream};
+pub use glommio::sync::Semaphore;
+pub use glommio::timer::{sleep, Timer};
+pub use glommio::{spawn_local, spawn_local_into, Task};
+pub use split::{split, ReadHalf, WriteHalf};
+pub use watch::{Watch, WatchClosed};
+
+/// Runs `f` on the executor's blocking thread pool so it cannot stall the
+/// executor (std::fs calls for small metadata files, recovery scans).
+pub async fn blocking<F, R>(f: F) -> R
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// Syncs a directory so a file created or renamed in it survives a crash.
+pub async fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
+    let dir = glommio::io::Directory::open(path)
+        .await
+        .map_err(std::io::Error::from)?;
+    dir.sync().await.map_err(std::io::Error::from)?;
+    dir.close().await.map_err(std::io::Error::from)
+}
+
+/// Opens (creating if asked) a file for direct I/O.
+pub async fn open_dma(path: &std::path::Path, create: bool) -> std::io::Result<DmaFile> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .dma_open(path)
+        .await
+        .map_err(std::io::Error::from)
+}
+
+/// Allocates an aligned buffer from the executor's io memory.
+pub fn dma_buffer(size: usize) -> DmaBuffer {
+    glommio::allocate_dma_buffer(size)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
