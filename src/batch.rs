@@ -9,7 +9,7 @@
 //! `docs/PROTOCOL.md`; all integers are little-endian.
 //!
 //! ```text
-//! 0   u32 header_crc     CRC32 of bytes 4..40 (broker-stamped part)
+//! 0   u32 header_crc     CRC32 of bytes 4..48 (broker-stamped part)
 //! 4   u32 batch_len      whole batch, header included
 //! 8   u16 magic          0x4B51 ("KQ")
 //! 10  u8  version        1
@@ -17,22 +17,23 @@
 //! 12  u32 queue_id       stamped by the broker
 //! 16  u64 base_offset    stamped: queue offset of the first record
 //! 24  i64 append_time_ms stamped: broker clock at append
-//! 32  u64 term           replication term (0 until replication)
-//! 40  u32 body_crc       CRC32 of bytes 44..batch_len, by the producer
-//! 44  u16 attributes     batch flags (transactional, trace, ...)
-//! 46  u16 reserved       0
-//! 48  u32 record_count
-//! 52  u32 reserved       0
-//! 56  i64 first_timestamp_ms  producer clock
-//! 64  i64 max_timestamp_ms    producer clock
-//! 72  records...
+//! 32  u64 log_position   stamped: where the batch sits in the shard's log
+//! 40  u64 term           replication term (0 until replication)
+//! 48  u32 body_crc       CRC32 of bytes 52..batch_len, by the producer
+//! 52  u16 attributes     batch flags (transactional, trace, ...)
+//! 54  u16 reserved       0
+//! 56  u32 record_count
+//! 60  u32 reserved       0
+//! 64  i64 first_timestamp_ms  producer clock
+//! 72  i64 max_timestamp_ms    producer clock
+//! 80  records...
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 /// Size of the fixed batch header.
-pub const BATCH_HEADER_BYTES: usize = 72;
+pub const BATCH_HEADER_BYTES: usize = 80;
 /// Magic number at byte 8 of every batch.
 pub const BATCH_MAGIC: u16 = 0x4B51;
 /// Current batch format version.
@@ -40,8 +41,8 @@ pub const BATCH_VERSION: u8 = 1;
 /// Fixed bytes of a record before its variable fields (length included).
 pub const RECORD_FIXED_BYTES: usize = 4 + 1 + 1 + 2 + 8 + 8;
 
-const HEADER_CRC_RANGE: std::ops::Range<usize> = 4..40;
-const BODY_CRC_START: usize = 44;
+const HEADER_CRC_RANGE: std::ops::Range<usize> = 4..48;
+const BODY_CRC_START: usize = 52;
 
 /// Record flag: a key is present.
 pub const RECORD_FLAG_KEY: u8 = 1;
@@ -81,6 +82,7 @@ pub struct BatchHeader {
     pub queue_id: u32,
     pub base_offset: u64,
     pub append_time_ms: i64,
+    pub log_position: u64,
     pub term: u64,
     pub body_crc: u32,
     pub attributes: u16,
@@ -121,12 +123,13 @@ impl BatchHeader {
             queue_id: u32_at(b, 12),
             base_offset: u64_at(b, 16),
             append_time_ms: i64_at(b, 24),
-            term: u64_at(b, 32),
-            body_crc: u32_at(b, 40),
-            attributes: u16_at(b, 44),
-            record_count: u32_at(b, 48),
-            first_timestamp_ms: i64_at(b, 56),
-            max_timestamp_ms: i64_at(b, 64),
+            log_position: u64_at(b, 32),
+            term: u64_at(b, 40),
+            body_crc: u32_at(b, 48),
+            attributes: u16_at(b, 52),
+            record_count: u32_at(b, 56),
+            first_timestamp_ms: i64_at(b, 64),
+            max_timestamp_ms: i64_at(b, 72),
         })
     }
 
@@ -180,12 +183,13 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
 
 /// Writes the broker-owned fields and the header CRC into a batch that
 /// passed [`validate_produced`].
-pub fn stamp(b: &mut [u8], queue_id: u32, base_offset: u64, append_time_ms: i64) {
+pub fn stamp(b: &mut [u8], queue_id: u32, base_offset: u64, append_time_ms: i64, log_position: u64) {
     assert!(b.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
     b[12..16].copy_from_slice(&queue_id.to_le_bytes());
     b[16..24].copy_from_slice(&base_offset.to_le_bytes());
     b[24..32].copy_from_slice(&append_time_ms.to_le_bytes());
-    b[32..40].copy_from_slice(&0u64.to_le_bytes());
+    b[32..40].copy_from_slice(&log_position.to_le_bytes());
+    b[40..48].copy_from_slice(&0u64.to_le_bytes());
     let crc = crc32fast::hash(&b[HEADER_CRC_RANGE]);
     b[0..4].copy_from_slice(&crc.to_le_bytes());
 }
@@ -499,11 +503,11 @@ impl BatchBuilder {
         b[4..8].copy_from_slice(&len.to_le_bytes());
         b[8..10].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
         b[10] = BATCH_VERSION;
-        b[48..52].copy_from_slice(&self.count.to_le_bytes());
-        b[56..64].copy_from_slice(&self.first_ts.to_le_bytes());
-        b[64..72].copy_from_slice(&self.max_ts.to_le_bytes());
+        b[56..60].copy_from_slice(&self.count.to_le_bytes());
+        b[64..72].copy_from_slice(&self.first_ts.to_le_bytes());
+        b[72..80].copy_from_slice(&self.max_ts.to_le_bytes());
         let crc = crc32fast::hash(&b[BODY_CRC_START..]);
-        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b[48..52].copy_from_slice(&crc.to_le_bytes());
         self.buf.freeze()
     }
 }
@@ -540,9 +544,9 @@ mod tests {
         assert_eq!(header.record_count, 2);
         assert_eq!(header.batch_len as usize, batch.len());
         let mut stored = batch.to_vec();
-        stamp(&mut stored, 9, 100, 42);
+        stamp(&mut stored, 9, 100, 42, 8192);
         let h = check_stored(&stored).unwrap();
-        assert_eq!((h.queue_id, h.base_offset, h.append_time_ms), (9, 100, 42));
+        assert_eq!((h.queue_id, h.base_offset, h.append_time_ms, h.log_position), (9, 100, 42, 8192));
         assert_eq!(h.next_offset(), 102);
         let recs: Vec<_> = RecordIter::new(&stored).map(|r| r.unwrap()).collect();
         assert_eq!(recs[0].payload, b"hello");
@@ -568,9 +572,9 @@ mod tests {
     fn every_single_bit_flip_is_caught() {
         let batch = build(&[record("payload bytes here")]);
         let mut stored = batch.to_vec();
-        stamp(&mut stored, 1, 0, 5);
+        stamp(&mut stored, 1, 0, 5, 0);
         for byte in 0..stored.len() {
-            // Bytes 40..44 hold the body CRC itself; 0..4 the header CRC.
+            // Bytes 48..52 hold the body CRC itself; 0..4 the header CRC.
             let mut bad = stored.clone();
             bad[byte] ^= 0x10;
             assert!(check_stored(&bad).is_err(), "flip at byte {byte} undetected");
@@ -609,9 +613,9 @@ mod tests {
     fn record_count_must_match() {
         let batch = build(&[record("a"), record("b")]);
         let mut bad = batch.to_vec();
-        bad[48..52].copy_from_slice(&3u32.to_le_bytes());
-        let crc = crc32fast::hash(&bad[44..]);
-        bad[40..44].copy_from_slice(&crc.to_le_bytes());
+        bad[56..60].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32fast::hash(&bad[52..]);
+        bad[48..52].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             validate_produced(&bad, 1 << 20),
             Err(BatchError::CountMismatch {

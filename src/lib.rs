@@ -10,3 +10,5 @@ pub mod ids;
 pub mod protocol;
 pub mod runtime;
 pub mod storage;
+pub mod broker;
+pub mod shard;

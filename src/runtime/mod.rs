@@ -3,6 +3,7 @@
 //! this module and nothing else.
 
 pub mod executor;
+pub mod oneshot;
 pub mod split;
 pub mod watch;
 
@@ -14,6 +15,7 @@ pub use glommio::net::{TcpListener, TcpStream};
 pub use glommio::sync::Semaphore;
 pub use glommio::timer::{sleep, Timer};
 pub use glommio::{spawn_local, spawn_local_into, Task};
+pub use oneshot::{oneshot, OneshotReceiver, OneshotSender};
 pub use split::{split, ReadHalf, WriteHalf};
 pub use watch::{Watch, WatchClosed};
 

@@ -153,8 +153,9 @@ impl CommitLog {
             .detach();
     }
 
-    /// Assigns `batch` the next log position and queues it for writing.
-    pub fn append(&self, batch: Bytes, append_time_ms: i64) -> Result<u64, LogError> {
+    /// Assigns a batch of `len` bytes the next log position, lets `stamp`
+    /// build the batch for that position, and queues it for writing.
+    pub fn append(&self, len: u64, append_time_ms: i64, stamp: impl FnOnce(u64) -> Bytes) -> Result<(u64, Bytes), LogError> {
         let mut s = self.state.borrow_mut();
         if let Some(f) = &s.failure {
             return Err(LogError::Failed(f.clone()));
@@ -162,7 +163,6 @@ impl CommitLog {
         if s.closing {
             return Err(LogError::Closing);
         }
-        let len = batch.len() as u64;
         assert!(len > 0 && len <= self.cfg.segment_bytes_max, "batch of {len} bytes cannot fit a segment");
         let needs_roll = match s.segments.values().next_back() {
             Some(active) => s.append_pos + len > active.info.end(),
@@ -188,14 +188,16 @@ impl CommitLog {
             s.append_pos = base;
         }
         let pos = s.append_pos;
+        let batch = stamp(pos);
+        assert_eq!(batch.len() as u64, len, "stamped batch changed length");
         s.append_pos += len;
         let active = s.segments.values_mut().next_back().expect("active segment");
         active.info.used = pos + len - active.info.base;
         active.info.max_append_time_ms = active.info.max_append_time_ms.max(append_time_ms);
-        s.pending.push_back((pos, batch));
+        s.pending.push_back((pos, batch.clone()));
         drop(s);
         self.write_work.advance(self.write_work.get() + 1);
-        Ok(pos)
+        Ok((pos, batch))
     }
 
     /// Resolves once every byte before `end` is written (io_uring write done).

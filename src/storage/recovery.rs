@@ -212,6 +212,11 @@ pub fn scan_segment(
     loop {
         let durable = base + at < durable_end;
         let reason = match probe(src, at, capacity)? {
+            Probe::Valid(h) if h.log_position != base + at => format!(
+                "batch stamped for position {} found at {}",
+                h.log_position,
+                base + at
+            ),
             Probe::Valid(h) => match offsets.accept(&h, durable) {
                 Ok(()) => {
                     found(RecoveredBatch {

@@ -169,11 +169,12 @@ impl QueueStore {
         let now = runtime::now_ms().max(self.last_append_ms.get());
         self.last_append_ms.set(now);
         let base = q.next_offset;
-        let mut buf = BytesMut::from(produced);
-        batch::stamp(&mut buf, queue_id, base, now);
-        let stored = buf.freeze();
-        let len = stored.len() as u64;
-        let position = self.log.append(stored.clone(), now)?;
+        let len = produced.len() as u64;
+        let (position, stored) = self.log.append(len, now, |position| {
+            let mut buf = BytesMut::from(produced);
+            batch::stamp(&mut buf, queue_id, base, now, position);
+            buf.freeze()
+        })?;
         let mut tail = self.tail.borrow_mut();
         tail.push(position, stored);
         tail.evict(self.log.written_position());

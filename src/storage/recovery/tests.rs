@@ -26,7 +26,7 @@ fn image(n: usize) -> (Vec<u8>, Vec<u64>) {
             });
         }
         let mut batch = b.finish().to_vec();
-        stamp(&mut batch, q as u32, next[q], 1000 + i as i64);
+        stamp(&mut batch, q as u32, next[q], 1000 + i as i64, at as u64);
         next[q] += 3;
         img[at..at + batch.len()].copy_from_slice(&batch);
         positions.push(at as u64);
@@ -119,7 +119,7 @@ fn an_offset_gap_past_the_durable_point_is_a_torn_tail() {
     let (mut img, pos) = image(10);
     let range = pos[2] as usize..pos[3] as usize;
     let mut b = img[range.clone()].to_vec();
-    stamp(&mut b, 0, 30, 1002);
+    stamp(&mut b, 0, 30, 1002, pos[2]);
     img[range].copy_from_slice(&b);
     let (s, found, _) = scan(&img, 0, true);
     assert_eq!(found.len(), 2);

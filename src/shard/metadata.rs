@@ -1,0 +1,302 @@
+//! Broker metadata: topics, their queues, and the stable queue → shard
+//! mapping. Shard 0 owns the authoritative copy and persists it
+//! (`metadata.json` in the data directory, written atomically); every other
+//! shard holds a copy updated over the mesh. Pure logic, no I/O beyond the
+//! load and store helpers.
+
+use crate::protocol::{Durability, QueueInfo, TopicInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// File name of the metadata in the data directory.
+pub const METADATA_FILE: &str = "metadata.json";
+/// Longest topic name in bytes.
+pub const TOPIC_NAME_BYTES_MAX: usize = 200;
+
+/// Why a metadata change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    #[error("invalid topic name '{0}': use 1-200 characters from A-Z a-z 0-9 . _ -")]
+    InvalidName(String),
+    #[error("topic '{0}' already exists")]
+    Exists(String),
+    #[error("unknown topic '{0}'")]
+    UnknownTopic(String),
+    #[error("topic '{topic}' has {queues} queues; queue {queue} does not exist")]
+    UnknownQueue { topic: String, queue: u32, queues: u32 },
+    #[error("queue count {0} is outside 1..={1}")]
+    QueueCount(u32, u32),
+}
+
+/// A topic's stored definition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    pub durability: Durability,
+    /// Queue `i` of the topic: (broker-wide queue id, owning shard).
+    pub queues: Vec<(u32, u16)>,
+    pub created_ms: i64,
+}
+
+/// The whole metadata document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Format version of this document.
+    pub format: u32,
+    /// Shards the data directory was created with; fixed for its lifetime.
+    pub shard_count: u16,
+    /// Next queue id to hand out; ids are never reused.
+    pub next_queue_id: u32,
+    /// Bumped on every change.
+    pub epoch: u64,
+    pub topics: BTreeMap<String, TopicMeta>,
+    /// queue id → (topic, queue index); derived, rebuilt on load.
+    #[serde(skip)]
+    by_queue_id: HashMap<u32, (String, u32)>,
+}
+
+/// Where one queue lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueRoute {
+    pub queue_id: u32,
+    pub shard: u16,
+    pub durability: Durability,
+    pub queue_count: u32,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= TOPIC_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Metadata {
+    /// Empty metadata for a new data directory.
+    pub fn new(shard_count: u16) -> Metadata {
+        Metadata {
+            format: 1,
+            shard_count,
+            next_queue_id: 1,
+            epoch: 0,
+            topics: BTreeMap::new(),
+            by_queue_id: HashMap::new(),
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.by_queue_id = self
+            .topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.queues
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, (id, _))| (*id, (name.clone(), i as u32)))
+            })
+            .collect();
+    }
+
+    /// Parses a stored document.
+    pub fn from_json(text: &str) -> Result<Metadata, String> {
+        let mut m: Metadata = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if m.format != 1 {
+            return Err(format!("unsupported metadata format {}", m.format));
+        }
+        m.reindex();
+        Ok(m)
+    }
+
+    /// Serialises for storage and for the mesh.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("metadata serialises")
+    }
+
+    /// Loads `metadata.json` from `data_dir`, if present (blocking).
+    pub fn load(data_dir: &Path) -> Result<Option<Metadata>, String> {
+        let path = data_dir.join(METADATA_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Metadata::from_json(&text)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Stores atomically and durably (blocking).
+    pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
+        crate::storage::checkpoint::write_atomic(data_dir, METADATA_FILE, self.to_json().as_bytes())
+    }
+
+    /// Creates a topic, spreading its queues over the least-loaded shards.
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        queues: u32,
+        durability: Durability,
+        topic_queues_max: u32,
+        now_ms: i64,
+    ) -> Result<TopicInfo, MetadataError> {
+        if !valid_name(name) {
+            return Err(MetadataError::InvalidName(name.to_owned()));
+        }
+        if self.topics.contains_key(name) {
+            return Err(MetadataError::Exists(name.to_owned()));
+        }
+        if queues == 0 || queues > topic_queues_max {
+            return Err(MetadataError::QueueCount(queues, topic_queues_max));
+        }
+        let mut load = vec![0u64; self.shard_count as usize];
+        for t in self.topics.values() {
+            for (_, s) in &t.queues {
+                load[*s as usize] += 1;
+            }
+        }
+        let mut assigned = Vec::with_capacity(queues as usize);
+        for _ in 0..queues {
+            let shard = (0..load.len()).min_by_key(|&s| (load[s], s)).expect("at least one shard");
+            load[shard] += 1;
+            assigned.push((self.next_queue_id, shard as u16));
+            self.next_queue_id += 1;
+        }
+        self.topics.insert(
+            name.to_owned(),
+            TopicMeta {
+                durability,
+                queues: assigned,
+                created_ms: now_ms,
+            },
+        );
+        self.epoch += 1;
+        self.reindex();
+        Ok(self.topic_info(name).expect("just created"))
+    }
+
+    /// Deletes a topic; returns its queue ids.
+    pub fn delete_topic(&mut self, name: &str) -> Result<Vec<(u32, u16)>, MetadataError> {
+        let t = self
+            .topics
+            .remove(name)
+            .ok_or_else(|| MetadataError::UnknownTopic(name.to_owned()))?;
+        self.epoch += 1;
+        self.reindex();
+        Ok(t.queues)
+    }
+
+    /// The wire description of a topic.
+    pub fn topic_info(&self, name: &str) -> Option<TopicInfo> {
+        self.topics.get(name).map(|t| TopicInfo {
+            name: name.to_owned(),
+            durability: t.durability,
+            queues: t
+                .queues
+                .iter()
+                .map(|&(queue_id, shard)| QueueInfo { queue_id, shard })
+                .collect(),
+        })
+    }
+
+    /// Routes (topic, queue index) to its queue.
+    pub fn route(&self, topic: &str, queue: u32) -> Result<QueueRoute, MetadataError> {
+        let t = self
+            .topics
+            .get(topic)
+            .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))?;
+        let &(queue_id, shard) = t.queues.get(queue as usize).ok_or(MetadataError::UnknownQueue {
+            topic: topic.to_owned(),
+            queue,
+            queues: t.queues.len() as u32,
+        })?;
+        Ok(QueueRoute {
+            queue_id,
+            shard,
+            durability: t.durability,
+            queue_count: t.queues.len() as u32,
+        })
+    }
+
+    /// Number of queues of a topic.
+    pub fn queue_count(&self, topic: &str) -> Result<u32, MetadataError> {
+        self.topics
+            .get(topic)
+            .map(|t| t.queues.len() as u32)
+            .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))
+    }
+
+    /// (topic, queue index) of a queue id.
+    pub fn locate(&self, queue_id: u32) -> Option<&(String, u32)> {
+        self.by_queue_id.get(&queue_id)
+    }
+
+    /// Queue ids owned by `shard`.
+    pub fn queues_of_shard(&self, shard: u16) -> Vec<u32> {
+        self.topics
+            .values()
+            .flat_map(|t| t.queues.iter())
+            .filter(|(_, s)| *s == shard)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// The queue a routing key maps to: CRC32 of the key, modulo the count.
+/// Clients may compute it to reach the owning shard directly.
+pub fn queue_for_key(key: &[u8], queue_count: u32) -> u32 {
+    crc32fast::hash(key) % queue_count.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_spread_evenly_and_ids_are_never_reused() {
+        let mut m = Metadata::new(2);
+        let t = m.create_topic("a", 3, Durability::Fsync, 100, 0).unwrap();
+        let shards: Vec<u16> = t.queues.iter().map(|q| q.shard).collect();
+        assert_eq!(shards, vec![0, 1, 0]);
+        let t2 = m.create_topic("b", 3, Durability::Memory, 100, 0).unwrap();
+        let shards: Vec<u16> = t2.queues.iter().map(|q| q.shard).collect();
+        assert_eq!(shards, vec![1, 0, 1], "the lighter shard is filled first");
+        let ids_a: Vec<u32> = t.queues.iter().map(|q| q.queue_id).collect();
+        m.delete_topic("a").unwrap();
+        let t3 = m.create_topic("a", 3, Durability::Fsync, 100, 0).unwrap();
+        assert!(t3.queues.iter().all(|q| !ids_a.contains(&q.queue_id)));
+        assert_eq!(m.locate(t3.queues[2].queue_id), Some(&("a".to_owned(), 2)));
+        assert_eq!(m.locate(ids_a[0]), None);
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let mut m = Metadata::new(1);
+        assert!(matches!(m.create_topic("bad name", 1, Durability::Fsync, 10, 0), Err(MetadataError::InvalidName(_))));
+        assert!(matches!(m.create_topic("", 1, Durability::Fsync, 10, 0), Err(MetadataError::InvalidName(_))));
+        assert_eq!(m.create_topic("t", 0, Durability::Fsync, 10, 0), Err(MetadataError::QueueCount(0, 10)));
+        assert_eq!(m.create_topic("t", 11, Durability::Fsync, 10, 0), Err(MetadataError::QueueCount(11, 10)));
+        m.create_topic("t", 2, Durability::Fsync, 10, 0).unwrap();
+        assert_eq!(m.create_topic("t", 2, Durability::Fsync, 10, 0), Err(MetadataError::Exists("t".into())));
+        assert!(matches!(m.route("t", 2), Err(MetadataError::UnknownQueue { .. })));
+        assert!(matches!(m.route("u", 0), Err(MetadataError::UnknownTopic(_))));
+        assert!(m.delete_topic("u").is_err());
+    }
+
+    #[test]
+    fn json_round_trip_rebuilds_the_queue_index() {
+        let mut m = Metadata::new(2);
+        m.create_topic("x", 4, Durability::Written, 10, 5).unwrap();
+        let back = Metadata::from_json(&m.to_json()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.locate(3), Some(&("x".to_owned(), 2)));
+        let dir = tempfile::tempdir().unwrap();
+        m.store(dir.path()).unwrap();
+        assert_eq!(Metadata::load(dir.path()).unwrap(), Some(m));
+    }
+
+    #[test]
+    fn key_hash_is_stable() {
+        assert_eq!(queue_for_key(b"order-42", 8), crc32fast::hash(b"order-42") % 8);
+        assert!(queue_for_key(b"", 3) < 3);
+    }
+}

@@ -1,0 +1,68 @@
+//! Per-shard counters and latency histograms, served by the stats
+//! operation. Single-threaded: each shard owns its own.
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+/// Counters of one shard.
+pub struct ShardMetrics {
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+    pub produce_requests: u64,
+    pub fetch_requests: u64,
+    pub forwarded_requests: u64,
+    pub errors: u64,
+    pub connections_open: u64,
+    pub connections_total: u64,
+    /// Produce receipt → durability level reached, µs.
+    pub append_us: Histogram<u64>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        ShardMetrics {
+            messages_in: 0,
+            bytes_in: 0,
+            messages_out: 0,
+            bytes_out: 0,
+            produce_requests: 0,
+            fetch_requests: 0,
+            forwarded_requests: 0,
+            errors: 0,
+            connections_open: 0,
+            connections_total: 0,
+            append_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+        }
+    }
+}
+
+/// Summary of a latency histogram in microseconds.
+pub fn histogram_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+impl ShardMetrics {
+    /// The counters as JSON.
+    pub fn counters_json(&self) -> Value {
+        json!({
+            "messages_in": self.messages_in,
+            "bytes_in": self.bytes_in,
+            "messages_out": self.messages_out,
+            "bytes_out": self.bytes_out,
+            "produce_requests": self.produce_requests,
+            "fetch_requests": self.fetch_requests,
+            "forwarded_requests": self.forwarded_requests,
+            "errors": self.errors,
+            "connections_open": self.connections_open,
+            "connections_total": self.connections_total,
+        })
+    }
+}

@@ -1,0 +1,250 @@
+//! One core's world: its queues (through the [`QueueStore`]), its copy of
+//! the metadata, its end of the mesh to the other shards, its metrics and
+//! consumer-group offsets, and its background work. A `Shard` lives on one
+//! executor and is shared there through `Rc`; nothing in it is `Send`.
+
+pub mod group_offsets;
+pub mod mesh;
+pub mod metadata;
+pub mod metrics;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::runtime::{self, Semaphore, TaskQueues};
+use crate::storage::retention::RetentionPolicy;
+use crate::storage::{LogConfig, QueueStore};
+use group_offsets::{GroupOffsets, GROUP_OFFSETS_FILE};
+use mesh::{Mesh, MeshEnds, MeshMsg};
+use metadata::Metadata;
+use metrics::ShardMetrics;
+
+/// Everything a shard needs to start, moved into its thread.
+pub struct ShardSpec {
+    pub id: u16,
+    pub shard_count: u16,
+    pub config: Arc<Config>,
+    pub listen: SocketAddr,
+    pub metadata: Metadata,
+    pub mesh: MeshEnds,
+    /// Reports startup success (the recovery line) or failure.
+    pub ready: std::sync::mpsc::Sender<Result<String, String>>,
+    /// Set by the signal handler; every shard polls it.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// One shard's state, shared by its tasks.
+pub struct Shard {
+    pub id: u16,
+    pub shard_count: u16,
+    pub config: Arc<Config>,
+    pub tq: TaskQueues,
+    pub data_dir: PathBuf,
+    pub dir: PathBuf,
+    pub metadata: RefCell<Metadata>,
+    pub store: Rc<QueueStore>,
+    pub mesh: Mesh,
+    pub metrics: RefCell<ShardMetrics>,
+    pub groups: RefCell<GroupOffsets>,
+    /// Serialises metadata changes on shard 0 (persist + broadcast).
+    pub meta_lock: Semaphore,
+    /// Next queue for produce requests that name neither queue nor key.
+    pub round_robin: Cell<u32>,
+    pub stopping: Cell<bool>,
+}
+
+impl Shard {
+    /// Replaces the metadata copy and creates or removes the queues this
+    /// shard owns accordingly.
+    pub fn apply_metadata(&self, new: Metadata) {
+        let owned = new.queues_of_shard(self.id);
+        for &q in &owned {
+            self.store.ensure_queue(q);
+        }
+        for q in self.store.queue_ids() {
+            if !owned.contains(&q) {
+                self.store.remove_queue(q);
+                self.groups.borrow_mut().remove_queue(q);
+            }
+        }
+        *self.metadata.borrow_mut() = new;
+    }
+
+    async fn flush_group_offsets(&self) {
+        let Some(doc) = self.groups.borrow_mut().take_dirty_snapshot() else {
+            return;
+        };
+        let dir = self.dir.clone();
+        let res = runtime::blocking(move || {
+            crate::storage::checkpoint::write_atomic(&dir, GROUP_OFFSETS_FILE, doc.as_bytes())
+        })
+        .await;
+        if let Err(e) = res {
+            tracing::warn!(shard = self.id, "cannot store group offsets: {e}");
+            self.groups.borrow_mut().mark_dirty();
+        }
+    }
+
+    /// Periodic checkpoints, group-offset flushes and retention.
+    async fn background(self: Rc<Self>) {
+        let s = &self.config.storage;
+        let checkpoint_every = Duration::from_millis(s.checkpoint_interval_ms);
+        let retention_every = Duration::from_millis(s.retention_check_interval_ms);
+        let policy = RetentionPolicy {
+            retention_ms: s.retention_ms,
+            retention_bytes: s.retention_bytes,
+        };
+        let mut last_checkpoint = self.store.log().synced_position();
+        let mut since_retention = Duration::ZERO;
+        while !self.stopping.get() {
+            runtime::sleep(checkpoint_every).await;
+            if self.stopping.get() {
+                break;
+            }
+            let synced = self.store.log().synced_position();
+            if synced != last_checkpoint {
+                match self.store.store_checkpoint().await {
+                    Ok(()) => last_checkpoint = synced,
+                    Err(e) => tracing::warn!(shard = self.id, "checkpoint failed: {e}"),
+                }
+            }
+            self.flush_group_offsets().await;
+            since_retention += checkpoint_every;
+            if since_retention >= retention_every {
+                since_retention = Duration::ZERO;
+                match self.store.apply_retention(policy).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(shard = self.id, "retention deleted {n} segments"),
+                    Err(e) => tracing::warn!(shard = self.id, "retention failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs one shard until shutdown. Called on the shard's executor.
+pub async fn run(spec: ShardSpec, tq: TaskQueues) -> Result<(), String> {
+    let ready = spec.ready.clone();
+    match start(spec, tq).await {
+        Ok((shard, shutdown)) => {
+            serve_until_shutdown(shard, shutdown).await;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<AtomicBool>), String> {
+    let id = spec.id;
+    let cfg = spec.config.clone();
+    let data_dir = cfg.broker.data_dir.clone();
+    let dir = data_dir.join(format!("shard-{id}"));
+    let log_cfg = LogConfig {
+        dir: dir.clone(),
+        segment_bytes_max: cfg.storage.segment_bytes_max,
+        write_bytes_max: u64::from(cfg.storage.write_bytes_max),
+    };
+    let (store, report) = QueueStore::open(log_cfg, cfg.storage.tail_cache_bytes_max)
+        .await
+        .map_err(|e| format!("shard {id}: {e}"))?;
+    let recovery_line = format!("shard {id} recovery: {report}");
+    tracing::info!("{recovery_line}");
+    let d = dir.clone();
+    let groups = runtime::blocking(move || GroupOffsets::load(&d))
+        .await
+        .map_err(|e| format!("shard {id}: {e}"))?;
+    let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
+    store.log().start(tq.data);
+    let shard = Rc::new(Shard {
+        id,
+        shard_count: spec.shard_count,
+        config: cfg.clone(),
+        tq,
+        data_dir,
+        dir,
+        metadata: RefCell::new(Metadata::new(spec.shard_count)),
+        store,
+        mesh,
+        metrics: RefCell::new(ShardMetrics::default()),
+        groups: RefCell::new(groups),
+        meta_lock: Semaphore::new(1),
+        round_robin: Cell::new(id as u32),
+        stopping: Cell::new(false),
+    });
+    shard.apply_metadata(spec.metadata);
+    let listener = runtime::TcpListener::bind(spec.listen)
+        .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", spec.listen))?;
+    for (peer, rx) in receivers {
+        let s = shard.clone();
+        runtime::spawn_local_into(mesh_receive_loop(s, peer, rx), tq.data)
+            .expect("data queue")
+            .detach();
+    }
+    let s = shard.clone();
+    runtime::spawn_local_into(crate::broker::connection::accept_loop(s, listener), tq.data)
+        .expect("data queue")
+        .detach();
+    let s = shard.clone();
+    runtime::spawn_local_into(s.background(), tq.background)
+        .expect("background queue")
+        .detach();
+    let _ = spec.ready.send(Ok(recovery_line));
+    Ok((shard, spec.shutdown))
+}
+
+async fn serve_until_shutdown(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
+    while !shutdown.load(Ordering::Relaxed) {
+        runtime::sleep(Duration::from_millis(20)).await;
+    }
+    shard.stopping.set(true);
+    tracing::info!(shard = shard.id, "stopping: finishing writes");
+    if let Err(e) = shard.store.close().await {
+        tracing::error!(shard = shard.id, "close failed: {e}");
+    }
+    shard.flush_group_offsets().await;
+    shard.mesh.close();
+    tracing::info!(shard = shard.id, "stopped");
+}
+
+async fn mesh_receive_loop(
+    shard: Rc<Shard>,
+    peer: u16,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<MeshMsg>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            MeshMsg::Reply { id, code, body } => shard.mesh.complete(id, code, body),
+            MeshMsg::Request {
+                from,
+                id,
+                op,
+                queue,
+                body,
+            } => {
+                debug_assert_eq!(from, peer);
+                // The synchronous part (a produce's append) runs here, in
+                // arrival order; only the wait and the reply are spawned.
+                let pending = crate::broker::handlers::execute_local(&shard, op, queue, body, true);
+                let s = shard.clone();
+                runtime::spawn_local_into(
+                    async move {
+                        let reply = pending.resolve().await;
+                        let _ = s.mesh.reply(from, id, reply.code as u16, reply.body).await;
+                    },
+                    shard.tq.data,
+                )
+                .expect("data queue")
+                .detach();
+            }
+        }
+    }
+}
