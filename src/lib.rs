@@ -12,3 +12,4 @@ pub mod runtime;
 pub mod storage;
 pub mod broker;
 pub mod shard;
+pub mod client;

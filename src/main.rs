@@ -1,1 +1,546 @@
-fn main() {}
+//! The `keelmq` command: run the broker, and talk to one.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use keelmq::client::{Admin, Consumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo};
+use keelmq::config::Config;
+use keelmq::protocol::Durability;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const DEFAULT_BROKER: &str = "127.0.0.1:7400";
+
+#[derive(Parser)]
+#[command(name = "keelmq", version, about = "KeelMQ: a thread-per-core, io_uring message broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (no config file needed).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Tuning profile: low-latency, throughput, durable (or a .toml path).
+        #[arg(long)]
+        profile: Option<String>,
+        /// Data directory (default ./keelmq-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Listen address (default 127.0.0.1:7400).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Shards, one per core (default: every core).
+        #[arg(long)]
+        shards: Option<u16>,
+    },
+    /// Manage topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+        #[arg(long, global = true, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Produce messages: the arguments, or each line of stdin.
+    Produce {
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        #[arg(long)]
+        topic: String,
+        /// Queue index (default: by key, else spread over the queues).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// Message key; also picks the queue when --queue is absent.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        /// A property k=v (repeatable).
+        #[arg(long = "prop", value_name = "K=V")]
+        props: Vec<String>,
+        /// Most messages per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_max: usize,
+        /// Most batches awaiting acknowledgement.
+        #[arg(long, default_value_t = 32)]
+        in_flight_max: usize,
+        /// Messages; with none, each line of stdin is one message.
+        messages: Vec<String>,
+    },
+    /// Consume messages and print them.
+    Consume {
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        #[arg(long)]
+        topic: String,
+        /// Queue index (default: every queue).
+        #[arg(long)]
+        queue: Option<u32>,
+        /// earliest, latest, offset:N or time:MILLIS.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit when nothing new arrived for this long.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// One JSON object per message, with every field.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look messages up.
+    Message {
+        #[command(subcommand)]
+        command: MessageCommand,
+        #[arg(long, global = true, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Per-shard counters and latencies.
+    Stats {
+        #[arg(long, default_value = DEFAULT_BROKER)]
+        broker: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 4)]
+        queues: u32,
+        /// memory, written or fsync (default: the broker's).
+        #[arg(long)]
+        durability: Option<String>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's queues, shards and offsets.
+    Describe { name: String },
+    /// Delete a topic.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum MessageCommand {
+    /// Show a message by id.
+    Get {
+        id: String,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            profile,
+            data_dir,
+            listen,
+            shards,
+        } => serve(config, profile, data_dir, listen, shards),
+        Command::Topic { command, broker } => topic(&broker, command),
+        Command::Produce {
+            broker,
+            topic,
+            queue,
+            key,
+            tag,
+            props,
+            batch_max,
+            in_flight_max,
+            messages,
+        } => produce(ProduceArgs {
+            broker,
+            topic,
+            queue,
+            key,
+            tag,
+            props,
+            batch_max,
+            in_flight_max,
+            messages,
+        }),
+        Command::Consume {
+            broker,
+            topic,
+            queue,
+            from,
+            count,
+            timeout_ms,
+            json,
+        } => consume(&broker, &topic, queue, &from, count, timeout_ms, json),
+        Command::Message { command, broker } => match command {
+            MessageCommand::Get { id, json } => message_get(&broker, &id, json),
+        },
+        Command::Stats { broker, json } => stats(&broker, json),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    profile: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    shards: Option<u16>,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = Config::default();
+    if let Some(p) = &profile {
+        cfg.apply_profile(p)?;
+    }
+    if let Some(path) = &config {
+        cfg.apply_file(path)?;
+    }
+    if let Some(d) = data_dir {
+        cfg.broker.data_dir = d;
+    }
+    if let Some(l) = listen {
+        cfg.broker.listen = keelmq::config::parse_listen(&l)?;
+    }
+    if let Some(n) = shards {
+        if n == 0 {
+            bail!("--shards must be at least 1");
+        }
+        cfg.broker.shards = n;
+    }
+    keelmq::broker::run(cfg)?;
+    Ok(())
+}
+
+fn topic(broker: &str, command: TopicCommand) -> Result<()> {
+    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    match command {
+        TopicCommand::Create {
+            name,
+            queues,
+            durability,
+        } => {
+            let d = durability
+                .map(|d| Durability::parse(&d).ok_or_else(|| anyhow!("--durability must be memory, written or fsync, not '{d}'")))
+                .transpose()?;
+            let t = admin.create_topic(&name, queues, d)?;
+            println!(
+                "created topic {} with {} queues, durability {}",
+                t.name,
+                t.queues.len(),
+                t.durability.name()
+            );
+        }
+        TopicCommand::List => {
+            for t in admin.list_topics()? {
+                println!("{}\tqueues={}\tdurability={}", t.name, t.queues.len(), t.durability.name());
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let d = admin.describe_topic(&name)?;
+            println!(
+                "topic {} durability={} queues={}",
+                d.topic.name,
+                d.topic.durability.name(),
+                d.topic.queues.len()
+            );
+            println!("queue\tshard\tqueue_id\tearliest\tlatest");
+            for (i, (q, o)) in d.topic.queues.iter().zip(&d.offsets).enumerate() {
+                println!("{i}\t{}\t{}\t{}\t{}", q.shard, q.queue_id, o.earliest, o.latest);
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name)?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+struct ProduceArgs {
+    broker: String,
+    topic: String,
+    queue: Option<u32>,
+    key: Option<String>,
+    tag: Option<String>,
+    props: Vec<String>,
+    batch_max: usize,
+    in_flight_max: usize,
+    messages: Vec<String>,
+}
+
+/// Tracks which sent batches are acknowledged, to report the acknowledged
+/// prefix: `acked N` means the first N messages read are stored.
+struct AckPrefix {
+    /// (ticket, messages) in send order, not yet counted.
+    sent: std::collections::VecDeque<(u64, usize)>,
+    acked_tickets: std::collections::HashSet<u64>,
+    prefix: usize,
+}
+
+impl AckPrefix {
+    fn ack(&mut self, ticket: u64) {
+        self.acked_tickets.insert(ticket);
+        while let Some(&(t, n)) = self.sent.front() {
+            if !self.acked_tickets.remove(&t) {
+                break;
+            }
+            self.prefix += n;
+            self.sent.pop_front();
+        }
+    }
+}
+
+fn produce(a: ProduceArgs) -> Result<()> {
+    let mut acks = AckPrefix {
+        sent: Default::default(),
+        acked_tickets: Default::default(),
+        prefix: 0,
+    };
+    let result = produce_inner(&a, &mut acks);
+    eprintln!("acked {}", acks.prefix);
+    result
+}
+
+fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
+    let mut properties = Vec::new();
+    for p in &a.props {
+        let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("--prop takes k=v, got '{p}'"))?;
+        properties.push((k.to_owned(), v.to_owned()));
+    }
+    let mut producer = Producer::connect(&a.broker).with_context(|| format!("cannot reach broker {}", a.broker))?;
+    let sel = match (a.queue, &a.key) {
+        (Some(q), _) => QueueSelector::Queue(q),
+        (None, Some(k)) => QueueSelector::Key(k.clone().into()),
+        (None, None) => QueueSelector::RoundRobin,
+    };
+    let make = |payload: String| Record {
+        key: a.key.clone().map(Into::into),
+        tag: a.tag.clone(),
+        properties: properties.clone(),
+        payload: payload.into(),
+        ..Record::default()
+    };
+    let batch_max = a.batch_max.max(1);
+    let budget = producer.batch_bytes_max().saturating_sub(1024);
+    // Lines come from a reader thread, so a batch is sent as soon as stdin
+    // has nothing more ready (no waiting to fill it).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(batch_max * 4);
+    if a.messages.is_empty() {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let stop = line.is_err();
+                if tx.send(line).is_err() || stop {
+                    return;
+                }
+            }
+        });
+    } else {
+        for m in &a.messages {
+            tx.send(Ok(m.clone())).expect("channel has room for the arguments");
+        }
+        drop(tx);
+    }
+    let mut pending: Option<String> = None;
+    let mut done = false;
+    while !done || producer.in_flight() > 0 {
+        // Gather a batch from what is ready.
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        if !done && producer.in_flight() < a.in_flight_max.max(1) {
+            let first = match pending.take() {
+                Some(p) => Some(p),
+                None if producer.in_flight() == 0 => match rx.recv() {
+                    Ok(line) => Some(line?),
+                    Err(_) => {
+                        done = true;
+                        None
+                    }
+                },
+                None => match rx.try_recv() {
+                    Ok(line) => Some(line?),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        done = true;
+                        None
+                    }
+                },
+            };
+            if let Some(first) = first {
+                bytes += first.len() + 64;
+                batch.push(make(first));
+                while batch.len() < batch_max {
+                    match rx.try_recv() {
+                        Ok(line) => {
+                            let line = line?;
+                            if bytes + line.len() + 64 > budget {
+                                pending = Some(line);
+                                break;
+                            }
+                            bytes += line.len() + 64;
+                            batch.push(make(line));
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            done = pending.is_none();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let ticket = producer.submit_batch(&a.topic, sel.clone(), &batch)?;
+            acks.sent.push_back((ticket, batch.len()));
+            // Keep sending while there is room and input is ready.
+            if producer.in_flight() < a.in_flight_max.max(1) {
+                if let Some((t, r)) = producer.poll_ack(Duration::ZERO)? {
+                    r?;
+                    acks.ack(t);
+                }
+                continue;
+            }
+        }
+        if producer.in_flight() > 0 {
+            let wait = if batch.is_empty() && !done {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_secs(60)
+            };
+            if let Some((t, r)) = producer.poll_ack(wait)? {
+                r?;
+                acks.ack(t);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_from(from: &str) -> Result<SeekTo> {
+    Ok(match from {
+        "earliest" => SeekTo::Earliest,
+        "latest" => SeekTo::Latest,
+        f => match f.split_once(':') {
+            Some(("offset", n)) => SeekTo::Offset(n.parse().with_context(|| format!("bad offset in --from {f}"))?),
+            Some(("time", n)) => SeekTo::Timestamp(n.parse().with_context(|| format!("bad time in --from {f}"))?),
+            _ => bail!("--from must be earliest, latest, offset:N or time:MILLIS, not '{f}'"),
+        },
+    })
+}
+
+fn print_message(out: &mut impl Write, m: &Message, json: bool) -> std::io::Result<()> {
+    if json {
+        writeln!(out, "{}", m.to_json())
+    } else {
+        out.write_all(&m.payload)?;
+        out.write_all(b"\n")
+    }
+}
+
+fn consume(
+    broker: &str,
+    topic: &str,
+    queue: Option<u32>,
+    from: &str,
+    count: Option<u64>,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<()> {
+    let seek = parse_from(from)?;
+    let mut consumer = Consumer::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    match queue {
+        Some(q) => consumer.assign(topic, &[q])?,
+        None => consumer.assign_all(topic)?,
+    }
+    consumer.seek(seek)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut seen = 0u64;
+    let idle = Duration::from_millis(timeout_ms);
+    let mut last = Instant::now();
+    while count.is_none_or(|c| seen < c) {
+        let left = idle.saturating_sub(last.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let batch = consumer.poll(left)?;
+        if !batch.is_empty() {
+            last = Instant::now();
+        }
+        for m in batch {
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+            print_message(&mut out, &m, json)?;
+            seen += 1;
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn message_get(broker: &str, id: &str, json: bool) -> Result<()> {
+    let id = MessageId::parse(id).ok_or_else(|| anyhow!("'{id}' is not a message id (28 hex digits)"))?;
+    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let m = admin.get_message(id)?;
+    if json {
+        println!("{}", m.to_json());
+    } else {
+        println!("{}", serde_json::to_string_pretty(&m.to_json())?);
+    }
+    Ok(())
+}
+
+fn stats(broker: &str, json: bool) -> Result<()> {
+    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let s = admin.stats()?;
+    if json {
+        println!("{s}");
+        return Ok(());
+    }
+    println!(
+        "keelmq {} · {} shards · {} topics",
+        s["broker_version"].as_str().unwrap_or("?"),
+        s["shard_count"],
+        s["topics"]
+    );
+    println!("shard  queues  msgs_in  bytes_in  msgs_out  bytes_out  append_p50/p99/p999_us  fsync_p50/p99_us  conns");
+    for sh in s["shards"].as_array().into_iter().flatten() {
+        let c = &sh["counters"];
+        let a = &sh["append_latency"];
+        let f = &sh["fsync_latency"];
+        println!(
+            "{:<6} {:<7} {:<8} {:<9} {:<9} {:<10} {}/{}/{:<14} {}/{:<13} {}",
+            sh["shard"],
+            sh["queues"],
+            c["messages_in"],
+            c["bytes_in"],
+            c["messages_out"],
+            c["bytes_out"],
+            a["p50_us"],
+            a["p99_us"],
+            a["p999_us"],
+            f["p50_us"],
+            f["p99_us"],
+            c["connections_open"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! One pipelined connection: send many requests, read replies in any order.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::ClientError;
+use crate::protocol::frame::{encode_frame, FrameDecoder};
+use crate::protocol::{decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op};
+
+/// Largest reply frame the client accepts.
+const REPLY_FRAME_BYTES_MAX: u32 = 1 << 30;
+/// Default time allowed for a synchronous call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection to a broker.
+pub struct Connection {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    decoder: FrameDecoder,
+    next_id: u64,
+    /// Replies read while waiting for another one.
+    stash: HashMap<u64, (u16, Bytes)>,
+    wbuf: BytesMut,
+    handshake: HandshakeResponse,
+}
+
+impl Connection {
+    /// Connects and performs the handshake.
+    pub fn connect(addr: &str) -> Result<Connection, ClientError> {
+        let sockaddr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| ClientError::InvalidArgument(format!("cannot resolve {addr}")))?;
+        let stream = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(10))?;
+        stream.set_nodelay(true)?;
+        let mut conn = Connection {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(REPLY_FRAME_BYTES_MAX),
+            next_id: 1,
+            stash: HashMap::new(),
+            wbuf: BytesMut::new(),
+            handshake: HandshakeResponse {
+                broker_version: String::new(),
+                shard_count: 0,
+                shard: 0,
+                frame_bytes_max: 0,
+                batch_bytes_max: 0,
+                ops: Vec::new(),
+            },
+        };
+        let mut body = BytesMut::new();
+        HandshakeRequest {
+            client: format!("keelmq-rust {}", env!("CARGO_PKG_VERSION")),
+        }
+        .encode(&mut body);
+        let reply = conn.call(Op::Handshake, &body)?;
+        conn.handshake = HandshakeResponse::decode(reply)?;
+        Ok(conn)
+    }
+
+    /// What the broker said in the handshake.
+    pub fn handshake(&self) -> &HandshakeResponse {
+        &self.handshake
+    }
+
+    /// Sends a request; returns its id. The reply is read by
+    /// [`Connection::recv_any`] or [`Connection::wait_for`].
+    pub fn send(&mut self, op: Op, body: &[u8]) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.wbuf.clear();
+        encode_frame(&mut self.wbuf, op as u16, 1, id, body);
+        self.stream.write_all(&self.wbuf)?;
+        Ok(id)
+    }
+
+    /// Reads the next reply, whichever request it answers; `None` when the
+    /// deadline passes first. Stashed replies are returned first.
+    pub fn recv_any(&mut self, deadline: Option<Instant>) -> Result<Option<(u64, u16, Bytes)>, ClientError> {
+        if let Some(&id) = self.stash.keys().next() {
+            let (code, body) = self.stash.remove(&id).expect("key just seen");
+            return Ok(Some((id, code, body)));
+        }
+        loop {
+            if let Some(((_op, code, id), body)) = self
+                .decoder
+                .decode(&mut self.rbuf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                return Ok(Some((id, code, body)));
+            }
+            let timeout = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    Some((d - now).max(Duration::from_millis(1)))
+                }
+                None => None,
+            };
+            self.stream.set_read_timeout(timeout)?;
+            let len = self.rbuf.len();
+            self.rbuf.resize(len + 64 * 1024, 0);
+            let res = self.stream.read(&mut self.rbuf[len..]);
+            match res {
+                Ok(0) => {
+                    self.rbuf.truncate(len);
+                    return Err(ClientError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "broker closed the connection",
+                    )));
+                }
+                Ok(n) => self.rbuf.truncate(len + n),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    self.rbuf.truncate(len);
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => self.rbuf.truncate(len),
+                Err(e) => {
+                    self.rbuf.truncate(len);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Waits for the reply to request `id`, stashing others.
+    pub fn wait_for(&mut self, id: u64, deadline: Instant) -> Result<(u16, Bytes), ClientError> {
+        if let Some(r) = self.stash.remove(&id) {
+            return Ok(r);
+        }
+        loop {
+            match self.recv_any(Some(deadline))? {
+                None => return Err(ClientError::Timeout),
+                Some((got, code, body)) if got == id => return Ok((code, body)),
+                Some((got, code, body)) => {
+                    self.stash.insert(got, (code, body));
+                }
+            }
+        }
+    }
+
+    /// Sends a request and waits for its reply; a broker error becomes
+    /// [`ClientError::Broker`].
+    pub fn call(&mut self, op: Op, body: &[u8]) -> Result<Bytes, ClientError> {
+        let id = self.send(op, body)?;
+        let (code, body) = self.wait_for(id, Instant::now() + CALL_TIMEOUT)?;
+        check(code, body)
+    }
+}
+
+/// Turns a reply into its body or a [`ClientError::Broker`].
+pub fn check(code: u16, body: Bytes) -> Result<Bytes, ClientError> {
+    match ErrorCode::from_u16(code) {
+        ErrorCode::Ok => Ok(body),
+        code => Err(ClientError::Broker {
+            code,
+            message: decode_error(body),
+        }),
+    }
+}

@@ -1,0 +1,186 @@
+//! A blocking Rust client over std sockets: no glommio, no async runtime,
+//! usable from a plain `fn main`. One [`Connection`] pipelines requests
+//! (many in flight, replies matched by request id); [`Producer`],
+//! [`Consumer`] and [`Admin`] build on it.
+//!
+//! ```no_run
+//! use keelmq::client::{Admin, Consumer, Producer, Record, SeekTo};
+//! let mut admin = Admin::connect("127.0.0.1:7400")?;
+//! admin.create_topic("orders", 4, None)?;
+//! let mut producer = Producer::connect("127.0.0.1:7400")?;
+//! let receipt = producer.send("orders", Record::new("hello").with_key("customer-7"))?;
+//! let mut consumer = Consumer::connect("127.0.0.1:7400")?;
+//! consumer.assign_all("orders")?;
+//! consumer.seek(SeekTo::Earliest)?;
+//! let messages = consumer.poll(std::time::Duration::from_secs(1))?;
+//! # Ok::<(), keelmq::client::ClientError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod admin;
+mod conn;
+mod consumer;
+mod producer;
+
+pub use crate::batch::Record;
+pub use crate::ids::MessageId;
+pub use crate::protocol::{Durability, ErrorCode, QueueOffsets, TopicInfo};
+pub use admin::Admin;
+pub use conn::Connection;
+pub use consumer::{Consumer, SeekTo};
+pub use producer::{Producer, QueueSelector, SendReceipt};
+
+use bytes::Bytes;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The socket failed or the broker closed the connection.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The broker answered with an error code.
+    #[error("broker error {}: {message}", code.name())]
+    Broker {
+        /// The wire error code.
+        code: ErrorCode,
+        /// The broker's message.
+        message: String,
+    },
+    /// The broker's reply could not be understood.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// No reply within the time allowed.
+    #[error("timed out waiting for the broker")]
+    Timeout,
+    /// The call's arguments cannot be sent (too large, empty, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl From<crate::protocol::DecodeError> for ClientError {
+    fn from(e: crate::protocol::DecodeError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+/// A consumed message with every field the broker stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Topic it was produced to.
+    pub topic: String,
+    /// Queue index within the topic.
+    pub queue: u32,
+    /// Offset within the queue.
+    pub offset: u64,
+    /// Broker-assigned id (shard + log position + index).
+    pub id: MessageId,
+    /// Optional key.
+    pub key: Option<Bytes>,
+    /// Optional tag.
+    pub tag: Option<String>,
+    /// User properties.
+    pub properties: Vec<(String, String)>,
+    /// The payload (shares the fetched buffer, no copy).
+    pub payload: Bytes,
+    /// Producer clock at send, ms since the epoch.
+    pub producer_timestamp_ms: i64,
+    /// Broker clock at append, ms since the epoch.
+    pub broker_timestamp_ms: i64,
+    /// Priority (0 = default).
+    pub priority: u8,
+    /// Scheduled delivery time (0 = immediate).
+    pub deliver_at_ms: i64,
+}
+
+impl Message {
+    /// The message as one JSON object (payload as UTF-8 text when it is
+    /// valid UTF-8, else as `payload_hex`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "topic": self.topic,
+            "queue": self.queue,
+            "offset": self.offset,
+            "id": self.id.to_string(),
+            "key": self.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            "tag": self.tag,
+            "properties": self.properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "producer_timestamp_ms": self.producer_timestamp_ms,
+            "broker_timestamp_ms": self.broker_timestamp_ms,
+            "priority": self.priority,
+            "deliver_at_ms": self.deliver_at_ms,
+        });
+        match std::str::from_utf8(&self.payload) {
+            Ok(s) => v["payload"] = s.into(),
+            Err(_) => {
+                v["payload_hex"] = self.payload.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
+            }
+        }
+        v
+    }
+}
+
+/// Decodes the records of a stored batch into messages, skipping those
+/// before `from_offset`. `shard` owns the queue (part of the message id).
+pub fn decode_batch(
+    topic: &str,
+    queue: u32,
+    shard: u16,
+    batch: &Bytes,
+    from_offset: u64,
+) -> Result<Vec<Message>, ClientError> {
+    let h = crate::batch::check_stored(batch).map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+    let mut out = Vec::with_capacity(h.record_count as usize);
+    for (i, r) in crate::batch::RecordIter::new(batch).enumerate() {
+        let r = r.map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+        let offset = h.base_offset + i as u64;
+        if offset < from_offset {
+            continue;
+        }
+        out.push(Message {
+            topic: topic.to_owned(),
+            queue,
+            offset,
+            id: MessageId {
+                shard: crate::ids::ShardId(shard),
+                position: crate::ids::LogPosition(h.log_position),
+                index: i as u32,
+            },
+            key: r.key.map(Bytes::copy_from_slice),
+            tag: r.tag.map(str::to_owned),
+            properties: r.properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            payload: batch.slice(r.payload_range.clone()),
+            producer_timestamp_ms: r.timestamp_ms,
+            broker_timestamp_ms: h.append_time_ms,
+            priority: r.priority,
+            deliver_at_ms: r.deliver_at_ms,
+        });
+    }
+    Ok(out)
+}
+
+impl Record {
+    /// A record with this payload and nothing else.
+    pub fn new(payload: impl Into<Bytes>) -> Record {
+        Record {
+            payload: payload.into(),
+            ..Record::default()
+        }
+    }
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Record {
+        self.key = Some(key.into());
+        self
+    }
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Record {
+        self.tag = Some(tag.into());
+        self
+    }
+    /// Adds a property.
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Record {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+}
