@@ -183,7 +183,13 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
 
 /// Writes the broker-owned fields and the header CRC into a batch that
 /// passed [`validate_produced`].
-pub fn stamp(b: &mut [u8], queue_id: u32, base_offset: u64, append_time_ms: i64, log_position: u64) {
+pub fn stamp(
+    b: &mut [u8],
+    queue_id: u32,
+    base_offset: u64,
+    append_time_ms: i64,
+    log_position: u64,
+) {
     assert!(b.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
     b[12..16].copy_from_slice(&queue_id.to_le_bytes());
     b[16..24].copy_from_slice(&base_offset.to_le_bytes());
@@ -281,10 +287,12 @@ impl<'a> Cursor<'a> {
         self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_le_bytes(s.try_into().unwrap()))
+        self.take(4)
+            .map(|s| u32::from_le_bytes(s.try_into().unwrap()))
     }
     fn i64(&mut self) -> Option<i64> {
-        self.take(8).map(|s| i64::from_le_bytes(s.try_into().unwrap()))
+        self.take(8)
+            .map(|s| i64::from_le_bytes(s.try_into().unwrap()))
     }
     fn str16(&mut self) -> Result<&'a str, &'static str> {
         let n = self.u16().ok_or("truncated string length")?;
@@ -546,7 +554,10 @@ mod tests {
         let mut stored = batch.to_vec();
         stamp(&mut stored, 9, 100, 42, 8192);
         let h = check_stored(&stored).unwrap();
-        assert_eq!((h.queue_id, h.base_offset, h.append_time_ms, h.log_position), (9, 100, 42, 8192));
+        assert_eq!(
+            (h.queue_id, h.base_offset, h.append_time_ms, h.log_position),
+            (9, 100, 42, 8192)
+        );
         assert_eq!(h.next_offset(), 102);
         let recs: Vec<_> = RecordIter::new(&stored).map(|r| r.unwrap()).collect();
         assert_eq!(recs[0].payload, b"hello");
@@ -577,7 +588,10 @@ mod tests {
             // Bytes 48..52 hold the body CRC itself; 0..4 the header CRC.
             let mut bad = stored.clone();
             bad[byte] ^= 0x10;
-            assert!(check_stored(&bad).is_err(), "flip at byte {byte} undetected");
+            assert!(
+                check_stored(&bad).is_err(),
+                "flip at byte {byte} undetected"
+            );
         }
     }
 

@@ -5,11 +5,11 @@
 //! that a plain `fn main` can use without glommio.
 
 pub mod batch;
+pub mod broker;
+pub mod client;
 pub mod config;
 pub mod ids;
 pub mod protocol;
 pub mod runtime;
-pub mod storage;
-pub mod broker;
 pub mod shard;
-pub mod client;
+pub mod storage;

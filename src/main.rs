@@ -2,7 +2,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use keelmq::client::{Admin, Consumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo};
+use keelmq::client::{
+    Admin, Consumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo,
+};
 use keelmq::config::Config;
 use keelmq::protocol::Durability;
 use std::io::{BufRead, Write};
@@ -12,7 +14,11 @@ use std::time::{Duration, Instant};
 const DEFAULT_BROKER: &str = "127.0.0.1:7400";
 
 #[derive(Parser)]
-#[command(name = "keelmq", version, about = "KeelMQ: a thread-per-core, io_uring message broker")]
+#[command(
+    name = "keelmq",
+    version,
+    about = "KeelMQ: a thread-per-core, io_uring message broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -229,7 +235,8 @@ fn serve(
 }
 
 fn topic(broker: &str, command: TopicCommand) -> Result<()> {
-    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let mut admin =
+        Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
     match command {
         TopicCommand::Create {
             name,
@@ -237,7 +244,11 @@ fn topic(broker: &str, command: TopicCommand) -> Result<()> {
             durability,
         } => {
             let d = durability
-                .map(|d| Durability::parse(&d).ok_or_else(|| anyhow!("--durability must be memory, written or fsync, not '{d}'")))
+                .map(|d| {
+                    Durability::parse(&d).ok_or_else(|| {
+                        anyhow!("--durability must be memory, written or fsync, not '{d}'")
+                    })
+                })
                 .transpose()?;
             let t = admin.create_topic(&name, queues, d)?;
             println!(
@@ -249,7 +260,12 @@ fn topic(broker: &str, command: TopicCommand) -> Result<()> {
         }
         TopicCommand::List => {
             for t in admin.list_topics()? {
-                println!("{}\tqueues={}\tdurability={}", t.name, t.queues.len(), t.durability.name());
+                println!(
+                    "{}\tqueues={}\tdurability={}",
+                    t.name,
+                    t.queues.len(),
+                    t.durability.name()
+                );
             }
         }
         TopicCommand::Describe { name } => {
@@ -262,7 +278,10 @@ fn topic(broker: &str, command: TopicCommand) -> Result<()> {
             );
             println!("queue\tshard\tqueue_id\tearliest\tlatest");
             for (i, (q, o)) in d.topic.queues.iter().zip(&d.offsets).enumerate() {
-                println!("{i}\t{}\t{}\t{}\t{}", q.shard, q.queue_id, o.earliest, o.latest);
+                println!(
+                    "{i}\t{}\t{}\t{}\t{}",
+                    q.shard, q.queue_id, o.earliest, o.latest
+                );
             }
         }
         TopicCommand::Delete { name } => {
@@ -321,10 +340,13 @@ fn produce(a: ProduceArgs) -> Result<()> {
 fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
     let mut properties = Vec::new();
     for p in &a.props {
-        let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("--prop takes k=v, got '{p}'"))?;
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--prop takes k=v, got '{p}'"))?;
         properties.push((k.to_owned(), v.to_owned()));
     }
-    let mut producer = Producer::connect(&a.broker).with_context(|| format!("cannot reach broker {}", a.broker))?;
+    let mut producer = Producer::connect(&a.broker)
+        .with_context(|| format!("cannot reach broker {}", a.broker))?;
     let sel = match (a.queue, &a.key) {
         (Some(q), _) => QueueSelector::Queue(q),
         (None, Some(k)) => QueueSelector::Key(k.clone().into()),
@@ -353,7 +375,8 @@ fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
         });
     } else {
         for m in &a.messages {
-            tx.send(Ok(m.clone())).expect("channel has room for the arguments");
+            tx.send(Ok(m.clone()))
+                .expect("channel has room for the arguments");
         }
         drop(tx);
     }
@@ -437,8 +460,14 @@ fn parse_from(from: &str) -> Result<SeekTo> {
         "earliest" => SeekTo::Earliest,
         "latest" => SeekTo::Latest,
         f => match f.split_once(':') {
-            Some(("offset", n)) => SeekTo::Offset(n.parse().with_context(|| format!("bad offset in --from {f}"))?),
-            Some(("time", n)) => SeekTo::Timestamp(n.parse().with_context(|| format!("bad time in --from {f}"))?),
+            Some(("offset", n)) => SeekTo::Offset(
+                n.parse()
+                    .with_context(|| format!("bad offset in --from {f}"))?,
+            ),
+            Some(("time", n)) => SeekTo::Timestamp(
+                n.parse()
+                    .with_context(|| format!("bad time in --from {f}"))?,
+            ),
             _ => bail!("--from must be earliest, latest, offset:N or time:MILLIS, not '{f}'"),
         },
     })
@@ -463,7 +492,8 @@ fn consume(
     json: bool,
 ) -> Result<()> {
     let seek = parse_from(from)?;
-    let mut consumer = Consumer::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let mut consumer =
+        Consumer::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
     match queue {
         Some(q) => consumer.assign(topic, &[q])?,
         None => consumer.assign_all(topic)?,
@@ -497,8 +527,10 @@ fn consume(
 }
 
 fn message_get(broker: &str, id: &str, json: bool) -> Result<()> {
-    let id = MessageId::parse(id).ok_or_else(|| anyhow!("'{id}' is not a message id (28 hex digits)"))?;
-    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let id = MessageId::parse(id)
+        .ok_or_else(|| anyhow!("'{id}' is not a message id (28 hex digits)"))?;
+    let mut admin =
+        Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
     let m = admin.get_message(id)?;
     if json {
         println!("{}", m.to_json());
@@ -509,7 +541,8 @@ fn message_get(broker: &str, id: &str, json: bool) -> Result<()> {
 }
 
 fn stats(broker: &str, json: bool) -> Result<()> {
-    let mut admin = Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    let mut admin =
+        Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
     let s = admin.stats()?;
     if json {
         println!("{s}");
@@ -526,20 +559,18 @@ fn stats(broker: &str, json: bool) -> Result<()> {
         let c = &sh["counters"];
         let a = &sh["append_latency"];
         let f = &sh["fsync_latency"];
+        let t = |v: &serde_json::Value| v.to_string();
         println!(
-            "{:<6} {:<7} {:<8} {:<9} {:<9} {:<10} {}/{}/{:<14} {}/{:<13} {}",
-            sh["shard"],
-            sh["queues"],
-            c["messages_in"],
-            c["bytes_in"],
-            c["messages_out"],
-            c["bytes_out"],
-            a["p50_us"],
-            a["p99_us"],
-            a["p999_us"],
-            f["p50_us"],
-            f["p99_us"],
-            c["connections_open"]
+            "{:<6} {:<7} {:<8} {:<9} {:<9} {:<10} {:<23} {:<17} {}",
+            t(&sh["shard"]),
+            t(&sh["queues"]),
+            t(&c["messages_in"]),
+            t(&c["bytes_in"]),
+            t(&c["messages_out"]),
+            t(&c["bytes_out"]),
+            format!("{}/{}/{}", a["p50_us"], a["p99_us"], a["p999_us"]),
+            format!("{}/{}", f["p50_us"], f["p99_us"]),
+            t(&c["connections_open"])
         );
     }
     Ok(())

@@ -45,7 +45,10 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         }
         let open = shard.metrics.borrow().connections_open;
         if open >= u64::from(shard.config.limits.connections_max) {
-            tracing::warn!(shard = shard.id, "refusing connection: connections_max reached");
+            tracing::warn!(
+                shard = shard.id,
+                "refusing connection: connections_max reached"
+            );
             continue;
         }
         let s = shard.clone();
@@ -97,7 +100,8 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         in_flight: Cell::new(0),
         broken: Cell::new(false),
     });
-    let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone()), shard.tq.data).expect("data queue");
+    let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone()), shard.tq.data)
+        .expect("data queue");
     if let Err(reason) = read_loop(&shard, rd, &outbox).await {
         tracing::debug!(shard = shard.id, ?peer, "closing connection: {reason}");
     }
@@ -109,7 +113,9 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 
 async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf, outbox: &Rc<Outbox>) -> Result<(), String> {
     let decoder = FrameDecoder::new(shard.config.limits.frame_bytes_max);
-    let permits = Rc::new(Semaphore::new(u64::from(shard.config.limits.in_flight_requests_max)));
+    let permits = Rc::new(Semaphore::new(u64::from(
+        shard.config.limits.in_flight_requests_max,
+    )));
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         loop {

@@ -79,7 +79,9 @@ impl From<DecodeError> for HandlerError {
 impl From<MetadataError> for HandlerError {
     fn from(e: MetadataError) -> Self {
         let code = match e {
-            MetadataError::InvalidName(_) | MetadataError::QueueCount(..) => ErrorCode::InvalidArgument,
+            MetadataError::InvalidName(_) | MetadataError::QueueCount(..) => {
+                ErrorCode::InvalidArgument
+            }
             MetadataError::Exists(_) => ErrorCode::TopicExists,
             MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             MetadataError::UnknownQueue { .. } => ErrorCode::UnknownQueue,
@@ -158,7 +160,9 @@ pub async fn submit(shard: &Rc<Shard>, op_code: u16, version: u16, body: Bytes) 
     }
     match route(shard, op, &body) {
         Err(e) => ready(Err(e)),
-        Ok((owner, queue)) if owner == shard.id => execute_local(shard, op_code, queue, body, false),
+        Ok((owner, queue)) if owner == shard.id => {
+            execute_local(shard, op_code, queue, body, false)
+        }
         Ok((owner, queue)) => forward(shard, owner, op_code, queue, body).await,
     }
 }
@@ -192,21 +196,30 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, u32), HandlerError
         Op::GetMessage => {
             let id = decode_message_id(body.clone())?;
             if id.shard.0 >= shard.shard_count {
-                return Err(herr(ErrorCode::MessageNotFound, format!("no shard {} for message {id}", id.shard.0)));
+                return Err(herr(
+                    ErrorCode::MessageNotFound,
+                    format!("no shard {} for message {id}", id.shard.0),
+                ));
             }
             Ok((id.shard.0, NO_QUEUE))
         }
     }
 }
 
-fn resolve_produce_queue(shard: &Shard, meta: &Metadata, req: &ProduceRequest) -> Result<u32, HandlerError> {
+fn resolve_produce_queue(
+    shard: &Shard,
+    meta: &Metadata,
+    req: &ProduceRequest,
+) -> Result<u32, HandlerError> {
     if req.queue != QUEUE_BY_KEY {
         return Ok(req.queue);
     }
     let n = meta.queue_count(&req.topic)?;
     if req.routing_key.is_empty() {
         let q = shard.round_robin.get() % n;
-        shard.round_robin.set(shard.round_robin.get().wrapping_add(1));
+        shard
+            .round_robin
+            .set(shard.round_robin.get().wrapping_add(1));
         Ok(q)
     } else {
         Ok(queue_for_key(&req.routing_key, n))
@@ -223,7 +236,10 @@ async fn forward(shard: &Rc<Shard>, owner: u16, op: u16, queue: u32, body: Bytes
                     code: ErrorCode::from_u16(code),
                     body,
                 },
-                None => reply(Err(herr(ErrorCode::ShuttingDown, format!("shard {owner} went away")))),
+                None => reply(Err(herr(
+                    ErrorCode::ShuttingDown,
+                    format!("shard {owner} went away"),
+                ))),
             }
         })),
     }
@@ -232,7 +248,13 @@ async fn forward(shard: &Rc<Shard>, owner: u16, op: u16, queue: u32, body: Bytes
 /// Executes a request on the shard that owns its data. `queue` is the
 /// resolved produce queue (or `NO_QUEUE`); internal operations are accepted
 /// only `from_mesh`.
-pub fn execute_local(shard: &Rc<Shard>, op: u16, queue: u32, body: Bytes, from_mesh: bool) -> Pending {
+pub fn execute_local(
+    shard: &Rc<Shard>,
+    op: u16,
+    queue: u32,
+    body: Bytes,
+    from_mesh: bool,
+) -> Pending {
     let s = shard.clone();
     match (Op::from_u16(op), op) {
         (Some(Op::Handshake), _) => ready(handshake(shard, body)),
@@ -250,7 +272,10 @@ pub fn execute_local(shard: &Rc<Shard>, op: u16, queue: u32, body: Bytes, from_m
         (None, OP_INTERNAL_APPLY_METADATA) if from_mesh => ready(apply_metadata(shard, body)),
         (None, OP_INTERNAL_STATS) if from_mesh => ready(Ok(body_json(&shard_stats(shard)))),
         (None, OP_INTERNAL_OFFSETS) if from_mesh => ready(queue_offsets(shard, body)),
-        _ => ready(Err(herr(ErrorCode::UnknownOperation, format!("unknown operation {op}")))),
+        _ => ready(Err(herr(
+            ErrorCode::UnknownOperation,
+            format!("unknown operation {op}"),
+        ))),
     }
 }
 
@@ -263,7 +288,10 @@ fn handshake(shard: &Shard, body: Bytes) -> HResult {
         shard: shard.id,
         frame_bytes_max: l.frame_bytes_max,
         batch_bytes_max: l.batch_bytes_max,
-        ops: ALL_OPS.iter().map(|op| (*op as u16, OP_VERSION_MIN, OP_VERSION_MAX)).collect(),
+        ops: ALL_OPS
+            .iter()
+            .map(|op| (*op as u16, OP_VERSION_MIN, OP_VERSION_MAX))
+            .collect(),
     };
     Ok(body_of(|b| resp.encode(b)))
 }
@@ -276,9 +304,15 @@ fn metadata(shard: &Shard, body: Bytes) -> HResult {
     let req = MetadataRequest::decode(body)?;
     let meta = shard.metadata.borrow();
     let topics = if req.topics.is_empty() {
-        meta.topics.keys().filter_map(|n| meta.topic_info(n)).collect()
+        meta.topics
+            .keys()
+            .filter_map(|n| meta.topic_info(n))
+            .collect()
     } else {
-        req.topics.iter().filter_map(|n| meta.topic_info(n)).collect()
+        req.topics
+            .iter()
+            .filter_map(|n| meta.topic_info(n))
+            .collect()
     };
     let resp = MetadataResponse {
         shard_count: shard.shard_count,
@@ -294,7 +328,12 @@ async fn publish_metadata(shard: &Rc<Shard>, new: Metadata) -> Result<(), Handle
     let doc = new.clone();
     crate::runtime::blocking(move || doc.store(&dir))
         .await
-        .map_err(|e| herr(ErrorCode::StorageError, format!("cannot store metadata: {e}")))?;
+        .map_err(|e| {
+            herr(
+                ErrorCode::StorageError,
+                format!("cannot store metadata: {e}"),
+            )
+        })?;
     let json = Bytes::from(new.to_json());
     let mut waits = Vec::new();
     for peer in 1..shard.shard_count {
@@ -308,7 +347,12 @@ async fn publish_metadata(shard: &Rc<Shard>, new: Metadata) -> Result<(), Handle
     for rx in waits {
         match rx.await {
             Some((0, _)) => {}
-            _ => return Err(herr(ErrorCode::Internal, "a shard did not apply the metadata change")),
+            _ => {
+                return Err(herr(
+                    ErrorCode::Internal,
+                    "a shard did not apply the metadata change",
+                ))
+            }
         }
     }
     shard.apply_metadata(new);
@@ -317,9 +361,15 @@ async fn publish_metadata(shard: &Rc<Shard>, new: Metadata) -> Result<(), Handle
 
 async fn create_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = CreateTopicRequest::decode(body)?;
-    let _permit = shard.meta_lock.acquire_permit(1).await.map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
+    let _permit = shard
+        .meta_lock
+        .acquire_permit(1)
+        .await
+        .map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
     let mut new = shard.metadata.borrow().clone();
-    let durability = req.durability.unwrap_or(shard.config.broker.durability_default);
+    let durability = req
+        .durability
+        .unwrap_or(shard.config.broker.durability_default);
     let info = new.create_topic(
         &req.name,
         req.queues,
@@ -334,7 +384,11 @@ async fn create_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
 
 async fn delete_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = TopicRequest::decode(body)?;
-    let _permit = shard.meta_lock.acquire_permit(1).await.map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
+    let _permit = shard
+        .meta_lock
+        .acquire_permit(1)
+        .await
+        .map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
     let mut new = shard.metadata.borrow().clone();
     new.delete_topic(&req.name)?;
     publish_metadata(shard, new).await?;
@@ -343,7 +397,8 @@ async fn delete_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
 }
 
 fn apply_metadata(shard: &Shard, body: Bytes) -> HResult {
-    let text = std::str::from_utf8(&body).map_err(|_| herr(ErrorCode::Malformed, "metadata is not UTF-8"))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| herr(ErrorCode::Malformed, "metadata is not UTF-8"))?;
     let new = Metadata::from_json(text).map_err(|e| herr(ErrorCode::Malformed, e))?;
     shard.apply_metadata(new);
     Ok(Vec::new())
@@ -372,13 +427,18 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
         .ok_or_else(|| HandlerError::from(MetadataError::UnknownTopic(req.name.clone())))?;
     let mut offsets = vec![QueueOffsets::default(); info.queues.len()];
     for owner in 0..shard.shard_count {
-        let idx: Vec<usize> = (0..info.queues.len()).filter(|&i| info.queues[i].shard == owner).collect();
+        let idx: Vec<usize> = (0..info.queues.len())
+            .filter(|&i| info.queues[i].shard == owner)
+            .collect();
         if idx.is_empty() {
             continue;
         }
         if owner == shard.id {
             for &i in &idx {
-                offsets[i] = shard.store.offsets(info.queues[i].queue_id).unwrap_or_default();
+                offsets[i] = shard
+                    .store
+                    .offsets(info.queues[i].queue_id)
+                    .unwrap_or_default();
             }
             continue;
         }
@@ -393,7 +453,10 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
             .await
             .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
         let Some((0, chunks)) = rx.await else {
-            return Err(herr(ErrorCode::Internal, format!("shard {owner} did not report offsets")));
+            return Err(herr(
+                ErrorCode::Internal,
+                format!("shard {owner} did not report offsets"),
+            ));
         };
         let mut r = Reader::new(chunks.concat().into());
         for &i in &idx {
@@ -403,7 +466,10 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
             };
         }
     }
-    let resp = DescribeTopicResponse { topic: info, offsets };
+    let resp = DescribeTopicResponse {
+        topic: info,
+        offsets,
+    };
     Ok(body_of(|b| resp.encode(b)))
 }
 
@@ -418,7 +484,11 @@ fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
             later(async move {
                 s.store.wait_durable(&receipt, durability).await?;
                 s.store.publish(&receipt);
-                let _ = s.metrics.borrow_mut().append_us.record(t0.elapsed().as_micros() as u64);
+                let _ = s
+                    .metrics
+                    .borrow_mut()
+                    .append_us
+                    .record(t0.elapsed().as_micros() as u64);
                 let resp = ProduceResponse {
                     queue,
                     base_offset: receipt.base_offset,
@@ -448,9 +518,13 @@ fn produce_append(
     };
     let route = shard.metadata.borrow().route(&req.topic, queue)?;
     if route.shard != shard.id {
-        return Err(herr(ErrorCode::Internal, format!("queue {queue} moved to shard {}", route.shard)));
+        return Err(herr(
+            ErrorCode::Internal,
+            format!("queue {queue} moved to shard {}", route.shard),
+        ));
     }
-    let header: BatchHeader = batch::validate_produced(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
+    let header: BatchHeader =
+        batch::validate_produced(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
     let receipt = shard.store.append(route.queue_id, &req.batch, &header)?;
     let mut m = shard.metrics.borrow_mut();
     m.produce_requests += 1;
@@ -467,19 +541,31 @@ async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
     let o = shard.store.offsets(route.queue_id)?;
     if req.offset == o.latest {
-        shard.store.wait_visible(route.queue_id, req.offset, wait).await?;
+        shard
+            .store
+            .wait_visible(route.queue_id, req.offset, wait)
+            .await?;
     }
-    let (offsets, batches) = shard.store.read(route.queue_id, req.offset, max_bytes).await?;
+    let (offsets, batches) = shard
+        .store
+        .read(route.queue_id, req.offset, max_bytes)
+        .await?;
     let total: usize = batches.iter().map(Bytes::len).sum();
     let mut head = BytesMut::with_capacity(20);
-    Writer(&mut head).u64(offsets.earliest).u64(offsets.latest).u32(total as u32);
+    Writer(&mut head)
+        .u64(offsets.earliest)
+        .u64(offsets.latest)
+        .u32(total as u32);
     let mut m = shard.metrics.borrow_mut();
     m.fetch_requests += 1;
     m.bytes_out += total as u64;
     m.messages_out += batches
         .iter()
         .filter_map(|b| batch::BatchHeader::parse(b).ok())
-        .map(|h| h.next_offset().saturating_sub(req.offset.max(h.base_offset)))
+        .map(|h| {
+            h.next_offset()
+                .saturating_sub(req.offset.max(h.base_offset))
+        })
         .sum::<u64>();
     let mut out = Vec::with_capacity(batches.len() + 1);
     out.push(head.freeze());
@@ -507,7 +593,10 @@ fn group_offset(shard: &Shard, body: Bytes, commit: bool) -> HResult {
     let route = shard.metadata.borrow().route(&req.topic, req.queue)?;
     match req.offset {
         Some(o) => {
-            shard.groups.borrow_mut().commit(&req.group, route.queue_id, o);
+            shard
+                .groups
+                .borrow_mut()
+                .commit(&req.group, route.queue_id, o);
             Ok(Vec::new())
         }
         None => {
@@ -519,16 +608,30 @@ fn group_offset(shard: &Shard, body: Bytes, commit: bool) -> HResult {
 
 async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let id: MessageId = decode_message_id(body)?;
-    let not_found = || herr(ErrorCode::MessageNotFound, format!("message {id} not found"));
-    let batch = shard.store.batch_at(id.position.0).await.map_err(|e| match e {
-        StoreError::Log(LogError::NotFound(_)) => not_found(),
-        e => HandlerError::from(e),
-    })?;
+    let not_found = || {
+        herr(
+            ErrorCode::MessageNotFound,
+            format!("message {id} not found"),
+        )
+    };
+    let batch = shard
+        .store
+        .batch_at(id.position.0)
+        .await
+        .map_err(|e| match e {
+            StoreError::Log(LogError::NotFound(_)) => not_found(),
+            e => HandlerError::from(e),
+        })?;
     let h = BatchHeader::parse(&batch).map_err(|_| not_found())?;
     if id.index >= h.record_count {
         return Err(not_found());
     }
-    let (topic, queue) = shard.metadata.borrow().locate(h.queue_id).cloned().ok_or_else(not_found)?;
+    let (topic, queue) = shard
+        .metadata
+        .borrow()
+        .locate(h.queue_id)
+        .cloned()
+        .ok_or_else(not_found)?;
     let resp = GetMessageResponse {
         topic,
         queue,
@@ -577,7 +680,8 @@ async fn stats(shard: &Rc<Shard>) -> HResult {
             .await
             .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
         if let Some((0, chunks)) = rx.await {
-            shards[peer as usize] = serde_json::from_slice(&chunks.concat()).unwrap_or(serde_json::Value::Null);
+            shards[peer as usize] =
+                serde_json::from_slice(&chunks.concat()).unwrap_or(serde_json::Value::Null);
         }
     }
     let doc = serde_json::json!({

@@ -61,7 +61,13 @@ pub fn shard_cores(config: &Config) -> Vec<Option<usize>> {
     };
     // Pin shard i to the i-th usable core; more shards than cores run unpinned.
     (0..n)
-        .map(|i| if n <= cores.len() { Some(cores[i]) } else { None })
+        .map(|i| {
+            if n <= cores.len() {
+                Some(cores[i])
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -144,18 +150,36 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, StartError> {
     Ok(DataDirLock(f))
 }
 
-/// Resolves the listen address (port 0 picks a free port) and checks that
-/// nothing else listens on it: glommio binds with SO_REUSEPORT, which would
-/// otherwise silently share the port with another broker.
+/// Resolves the listen address (port 0 picks a free port) and refuses one
+/// where a server already answers: the shards bind with SO_REUSEPORT, which
+/// would otherwise silently share the port with another broker.
 fn check_listen(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|e| StartError::Listen {
-        addr,
-        reason: format!("{e} (is another broker running? choose --listen)"),
-    })?;
-    l.local_addr().map_err(|e| StartError::Listen {
-        addr,
-        reason: e.to_string(),
-    })
+    let taken = |reason: String| StartError::Listen { addr, reason };
+    if addr.port() == 0 {
+        let l = std::net::TcpListener::bind(addr).map_err(|e| taken(e.to_string()))?;
+        return l.local_addr().map_err(|e| taken(e.to_string()));
+    }
+    let mut probe = addr;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    // A broker killed a moment ago can leave its listener open for a while
+    // (io_uring releases the files of a dead process asynchronously), so a
+    // listener must persist for a few seconds to count as taken.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(300)).is_ok() {
+        if std::time::Instant::now() >= deadline {
+            return Err(taken(
+                "a server already listens there (is another broker running? choose --listen)"
+                    .into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(addr)
 }
 
 fn block_stop_signals() -> libc::sigset_t {

@@ -25,7 +25,12 @@ impl Admin {
     }
 
     /// Creates a topic; `durability: None` takes the broker default.
-    pub fn create_topic(&mut self, name: &str, queues: u32, durability: Option<Durability>) -> Result<TopicInfo, ClientError> {
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        queues: u32,
+        durability: Option<Durability>,
+    ) -> Result<TopicInfo, ClientError> {
         let mut b = BytesMut::new();
         CreateTopicRequest {
             name: name.to_owned(),
@@ -44,21 +49,32 @@ impl Admin {
     /// Metadata of the named topics (all when empty).
     pub fn metadata(&mut self, topics: &[String]) -> Result<MetadataResponse, ClientError> {
         let mut b = BytesMut::new();
-        MetadataRequest { topics: topics.to_vec() }.encode(&mut b);
+        MetadataRequest {
+            topics: topics.to_vec(),
+        }
+        .encode(&mut b);
         Ok(MetadataResponse::decode(self.conn.call(Op::Metadata, &b)?)?)
     }
 
     /// A topic with each queue's earliest and latest offsets.
     pub fn describe_topic(&mut self, name: &str) -> Result<DescribeTopicResponse, ClientError> {
         let mut b = BytesMut::new();
-        TopicRequest { name: name.to_owned() }.encode(&mut b);
-        Ok(DescribeTopicResponse::decode(self.conn.call(Op::DescribeTopic, &b)?)?)
+        TopicRequest {
+            name: name.to_owned(),
+        }
+        .encode(&mut b);
+        Ok(DescribeTopicResponse::decode(
+            self.conn.call(Op::DescribeTopic, &b)?,
+        )?)
     }
 
     /// Deletes a topic.
     pub fn delete_topic(&mut self, name: &str) -> Result<(), ClientError> {
         let mut b = BytesMut::new();
-        TopicRequest { name: name.to_owned() }.encode(&mut b);
+        TopicRequest {
+            name: name.to_owned(),
+        }
+        .encode(&mut b);
         self.conn.call(Op::DeleteTopic, &b)?;
         Ok(())
     }
@@ -81,7 +97,12 @@ impl Admin {
     }
 
     /// Offsets of a queue: earliest, latest, or first at/after a time.
-    pub fn list_offset(&mut self, topic: &str, queue: u32, spec: OffsetSpec) -> Result<u64, ClientError> {
+    pub fn list_offset(
+        &mut self,
+        topic: &str,
+        queue: u32,
+        spec: OffsetSpec,
+    ) -> Result<u64, ClientError> {
         let mut b = BytesMut::new();
         ListOffsetsRequest {
             topic: topic.to_owned(),
@@ -93,7 +114,13 @@ impl Admin {
     }
 
     /// Commits a consumer group's next offset for a queue.
-    pub fn commit_offset(&mut self, group: &str, topic: &str, queue: u32, offset: u64) -> Result<(), ClientError> {
+    pub fn commit_offset(
+        &mut self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<(), ClientError> {
         let mut b = BytesMut::new();
         GroupOffsetRequest {
             group: group.to_owned(),
@@ -107,7 +134,12 @@ impl Admin {
     }
 
     /// A consumer group's committed offset for a queue, if any.
-    pub fn fetch_offset(&mut self, group: &str, topic: &str, queue: u32) -> Result<Option<u64>, ClientError> {
+    pub fn fetch_offset(
+        &mut self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Result<Option<u64>, ClientError> {
         let mut b = BytesMut::new();
         GroupOffsetRequest {
             group: group.to_owned(),

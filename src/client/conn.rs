@@ -80,7 +80,10 @@ impl Connection {
 
     /// Reads the next reply, whichever request it answers; `None` when the
     /// deadline passes first. Stashed replies are returned first.
-    pub fn recv_any(&mut self, deadline: Option<Instant>) -> Result<Option<(u64, u16, Bytes)>, ClientError> {
+    pub fn recv_any(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(u64, u16, Bytes)>, ClientError> {
         if let Some(&id) = self.stash.keys().next() {
             let (code, body) = self.stash.remove(&id).expect("key just seen");
             return Ok(Some((id, code, body)));
@@ -116,7 +119,12 @@ impl Connection {
                     )));
                 }
                 Ok(n) => self.rbuf.truncate(len + n),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     self.rbuf.truncate(len);
                     return Ok(None);
                 }

@@ -68,10 +68,13 @@ impl Consumer {
         }
         .encode(&mut b);
         let meta = MetadataResponse::decode(self.conn.call(Op::Metadata, &b)?)?;
-        meta.topics.into_iter().next().ok_or_else(|| ClientError::Broker {
-            code: ErrorCode::UnknownTopic,
-            message: format!("unknown topic '{topic}'"),
-        })
+        meta.topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Broker {
+                code: ErrorCode::UnknownTopic,
+                message: format!("unknown topic '{topic}'"),
+            })
     }
 
     /// Assigns the given queues of `topic`, each starting at its earliest
@@ -83,10 +86,16 @@ impl Consumer {
         self.fetches.clear();
         self.ready.clear();
         for &q in queues {
-            let qi = info.queues.get(q as usize).ok_or_else(|| ClientError::Broker {
-                code: ErrorCode::UnknownQueue,
-                message: format!("topic '{topic}' has {} queues; no queue {q}", info.queues.len()),
-            })?;
+            let qi = info
+                .queues
+                .get(q as usize)
+                .ok_or_else(|| ClientError::Broker {
+                    code: ErrorCode::UnknownQueue,
+                    message: format!(
+                        "topic '{topic}' has {} queues; no queue {q}",
+                        info.queues.len()
+                    ),
+                })?;
             self.cursors.insert(
                 q,
                 Cursor {
@@ -122,10 +131,9 @@ impl Consumer {
             SeekTo::Latest => self.list_offset(queue, OffsetSpec::Latest)?,
             SeekTo::Timestamp(t) => self.list_offset(queue, OffsetSpec::Timestamp(t))?,
         };
-        let c = self
-            .cursors
-            .get_mut(&queue)
-            .ok_or_else(|| ClientError::InvalidArgument(format!("queue {queue} is not assigned")))?;
+        let c = self.cursors.get_mut(&queue).ok_or_else(|| {
+            ClientError::InvalidArgument(format!("queue {queue} is not assigned"))
+        })?;
         c.next = next;
         // A fetch in flight answers for the old position: drop its reply.
         if let Some(id) = c.in_flight.take() {
@@ -172,7 +180,10 @@ impl Consumer {
     }
 
     fn send_fetches(&mut self, deadline: Instant) -> Result<(), ClientError> {
-        let wait_ms = deadline.saturating_duration_since(Instant::now()).as_millis().min(30_000) as u32;
+        let wait_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(30_000) as u32;
         let idle: Vec<u32> = self
             .cursors
             .iter()
@@ -197,8 +208,16 @@ impl Consumer {
         Ok(())
     }
 
-    fn on_fetch_reply(&mut self, queue: u32, code: u16, body: bytes::Bytes) -> Result<(), ClientError> {
-        let cursor = self.cursors.get_mut(&queue).expect("fetch for an assigned queue");
+    fn on_fetch_reply(
+        &mut self,
+        queue: u32,
+        code: u16,
+        body: bytes::Bytes,
+    ) -> Result<(), ClientError> {
+        let cursor = self
+            .cursors
+            .get_mut(&queue)
+            .expect("fetch for an assigned queue");
         cursor.in_flight = None;
         let body = match check(code, body) {
             Ok(b) => b,

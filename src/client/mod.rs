@@ -114,7 +114,12 @@ impl Message {
         match std::str::from_utf8(&self.payload) {
             Ok(s) => v["payload"] = s.into(),
             Err(_) => {
-                v["payload_hex"] = self.payload.iter().map(|b| format!("{b:02x}")).collect::<String>().into()
+                v["payload_hex"] = self
+                    .payload
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    .into()
             }
         }
         v
@@ -130,7 +135,8 @@ pub fn decode_batch(
     batch: &Bytes,
     from_offset: u64,
 ) -> Result<Vec<Message>, ClientError> {
-    let h = crate::batch::check_stored(batch).map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
+    let h = crate::batch::check_stored(batch)
+        .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
     let mut out = Vec::with_capacity(h.record_count as usize);
     for (i, r) in crate::batch::RecordIter::new(batch).enumerate() {
         let r = r.map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
@@ -149,7 +155,11 @@ pub fn decode_batch(
             },
             key: r.key.map(Bytes::copy_from_slice),
             tag: r.tag.map(str::to_owned),
-            properties: r.properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            properties: r
+                .properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             payload: batch.slice(r.payload_range.clone()),
             producer_timestamp_ms: r.timestamp_ms,
             broker_timestamp_ms: h.append_time_ms,

@@ -94,7 +94,8 @@ impl Producer {
         let now = now_ms();
         let mut b = BatchBuilder::new();
         for r in records {
-            r.check().map_err(|e| ClientError::InvalidArgument(e.into()))?;
+            r.check()
+                .map_err(|e| ClientError::InvalidArgument(e.into()))?;
             if r.timestamp_ms == 0 {
                 let mut r = r.clone();
                 r.timestamp_ms = now;
@@ -116,13 +117,20 @@ impl Producer {
     /// Sends a batch without waiting; returns a ticket that
     /// [`Producer::poll_ack`] reports. Batches to one queue are appended in
     /// the order they were submitted.
-    pub fn submit_batch(&mut self, topic: &str, sel: QueueSelector, records: &[Record]) -> Result<u64, ClientError> {
+    pub fn submit_batch(
+        &mut self,
+        topic: &str,
+        sel: QueueSelector,
+        records: &[Record],
+    ) -> Result<u64, ClientError> {
         let batch = self.encode_batch(records)?;
         let (queue, routing_key) = match sel {
             QueueSelector::Queue(q) => (q, Bytes::new()),
             QueueSelector::Key(k) => {
                 if k.len() > u16::MAX as usize {
-                    return Err(ClientError::InvalidArgument("routing key over 65535 bytes".into()));
+                    return Err(ClientError::InvalidArgument(
+                        "routing key over 65535 bytes".into(),
+                    ));
                 }
                 if k.is_empty() {
                     return Err(ClientError::InvalidArgument("empty routing key".into()));
@@ -180,4 +188,3 @@ fn receipts(resp: &ProduceResponse) -> Vec<SendReceipt> {
         })
         .collect()
 }
-

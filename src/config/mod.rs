@@ -216,7 +216,10 @@ impl Config {
                 self.storage.retention_check_interval_ms,
                 s.retention_check_interval_ms
             );
-            set!(self.storage.checkpoint_interval_ms, s.checkpoint_interval_ms);
+            set!(
+                self.storage.checkpoint_interval_ms,
+                s.checkpoint_interval_ms
+            );
         }
         if let Some(r) = f.runtime {
             set!(self.runtime.spin_before_park_us, r.spin_before_park_us);
@@ -256,7 +259,10 @@ impl Config {
         if s.segment_bytes_max < 64 * 1024 || s.segment_bytes_max % 4096 != 0 {
             return bad(
                 "storage.segment_bytes_max",
-                format!("{} must be a multiple of 4096 and at least 65536", s.segment_bytes_max),
+                format!(
+                    "{} must be a multiple of 4096 and at least 65536",
+                    s.segment_bytes_max
+                ),
             );
         }
         if u64::from(l.batch_bytes_max) > s.segment_bytes_max {

@@ -55,7 +55,10 @@ impl FrameDecoder {
     /// On error, the peek at the partial header (if any) is returned so the
     /// caller can answer the request id before closing.
     #[allow(clippy::type_complexity)]
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<((u16, u16, u64), Bytes)>, FrameError> {
+    pub fn decode(
+        &self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<((u16, u16, u64), Bytes)>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
         }

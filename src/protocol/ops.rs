@@ -254,7 +254,9 @@ pub struct MetadataResponse {
 
 impl MetadataResponse {
     pub fn encode(&self, out: &mut BytesMut) {
-        Writer(out).u16(self.shard_count).u32(self.topics.len() as u32);
+        Writer(out)
+            .u16(self.shard_count)
+            .u32(self.topics.len() as u32);
         for t in &self.topics {
             t.encode(out);
         }
@@ -552,7 +554,11 @@ impl ListOffsetsRequest {
             OffsetSpec::Latest => (1, 0),
             OffsetSpec::Timestamp(t) => (2, t),
         };
-        Writer(out).str(&self.topic).u32(self.queue).u8(kind).i64(ts);
+        Writer(out)
+            .str(&self.topic)
+            .u32(self.queue)
+            .u8(kind)
+            .i64(ts);
     }
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
@@ -709,7 +715,10 @@ mod tests {
         let bytes = b.freeze();
         assert_eq!(dec(bytes.clone()).unwrap(), v);
         if !bytes.is_empty() {
-            assert!(dec(bytes.slice(..bytes.len() - 1)).is_err(), "truncated body accepted");
+            assert!(
+                dec(bytes.slice(..bytes.len() - 1)).is_err(),
+                "truncated body accepted"
+            );
         }
         let mut longer = BytesMut::from(&bytes[..]);
         longer.extend_from_slice(b"x");
@@ -721,11 +730,16 @@ mod tests {
         let topic = TopicInfo {
             name: "orders".into(),
             durability: Durability::Written,
-            queues: vec![QueueInfo { queue_id: 4, shard: 1 }],
+            queues: vec![QueueInfo {
+                queue_id: 4,
+                shard: 1,
+            }],
         };
         round(topic.clone(), TopicInfo::encode, TopicInfo::decode);
         round(
-            HandshakeRequest { client: "me".into() },
+            HandshakeRequest {
+                client: "me".into(),
+            },
             HandshakeRequest::encode,
             HandshakeRequest::decode,
         );
@@ -742,24 +756,36 @@ mod tests {
             HandshakeResponse::decode,
         );
         round(
-            MetadataRequest { topics: vec!["a".into()] },
+            MetadataRequest {
+                topics: vec!["a".into()],
+            },
             MetadataRequest::encode,
             MetadataRequest::decode,
         );
         round(
-            MetadataResponse { shard_count: 2, topics: vec![topic.clone()] },
+            MetadataResponse {
+                shard_count: 2,
+                topics: vec![topic.clone()],
+            },
             MetadataResponse::encode,
             MetadataResponse::decode,
         );
         round(
-            CreateTopicRequest { name: "t".into(), queues: 8, durability: None },
+            CreateTopicRequest {
+                name: "t".into(),
+                queues: 8,
+                durability: None,
+            },
             CreateTopicRequest::encode,
             CreateTopicRequest::decode,
         );
         round(
             DescribeTopicResponse {
                 topic,
-                offsets: vec![QueueOffsets { earliest: 1, latest: 2 }],
+                offsets: vec![QueueOffsets {
+                    earliest: 1,
+                    latest: 2,
+                }],
             },
             DescribeTopicResponse::encode,
             DescribeTopicResponse::decode,
@@ -787,12 +813,22 @@ mod tests {
             ProduceResponse::decode,
         );
         round(
-            FetchRequest { topic: "t".into(), queue: 1, offset: 2, max_bytes: 3, wait_ms: 4 },
+            FetchRequest {
+                topic: "t".into(),
+                queue: 1,
+                offset: 2,
+                max_bytes: 3,
+                wait_ms: 4,
+            },
             FetchRequest::encode,
             FetchRequest::decode,
         );
         round(
-            ListOffsetsRequest { topic: "t".into(), queue: 0, spec: OffsetSpec::Timestamp(99) },
+            ListOffsetsRequest {
+                topic: "t".into(),
+                queue: 0,
+                spec: OffsetSpec::Timestamp(99),
+            },
             ListOffsetsRequest::encode,
             ListOffsetsRequest::decode,
         );
@@ -822,10 +858,16 @@ mod tests {
     #[test]
     fn fetch_response_splits_batches_by_length() {
         let mut b1 = crate::batch::BatchBuilder::new();
-        b1.push(&crate::batch::Record { payload: Bytes::from_static(b"a"), ..Default::default() });
+        b1.push(&crate::batch::Record {
+            payload: Bytes::from_static(b"a"),
+            ..Default::default()
+        });
         let b1 = b1.finish();
         let resp = FetchResponse {
-            offsets: QueueOffsets { earliest: 0, latest: 2 },
+            offsets: QueueOffsets {
+                earliest: 0,
+                latest: 2,
+            },
             batches: vec![b1.clone(), b1.clone()],
         };
         let mut out = BytesMut::new();

@@ -54,6 +54,23 @@ pub fn dma_buffer(size: usize) -> DmaBuffer {
     glommio::allocate_dma_buffer(size)
 }
 
+/// Binds a listening socket that every shard can bind at once
+/// (SO_REUSEPORT: the kernel spreads connections over the shards) and that
+/// rebinds right after a restart (SO_REUSEADDR: TIME_WAIT does not block).
+/// Must run on the executor that will accept on it.
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket we own, and
+    // ownership moves into the glommio listener.
+    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -32,12 +32,18 @@ impl GroupOffsets {
         let path = dir.join(GROUP_OFFSETS_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GroupOffsets::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(GroupOffsets::default())
+            }
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let entries: Vec<Entry> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let entries: Vec<Entry> =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(GroupOffsets {
-            offsets: entries.into_iter().map(|e| ((e.group, e.queue_id), e.offset)).collect(),
+            offsets: entries
+                .into_iter()
+                .map(|e| ((e.group, e.queue_id), e.offset))
+                .collect(),
             dirty: false,
         })
     }
@@ -98,7 +104,8 @@ mod tests {
         let snap = g.take_dirty_snapshot().unwrap();
         assert!(g.take_dirty_snapshot().is_none(), "snapshot clears dirty");
         let dir = tempfile::tempdir().unwrap();
-        crate::storage::checkpoint::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes()).unwrap();
+        crate::storage::checkpoint::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes())
+            .unwrap();
         let mut back = GroupOffsets::load(dir.path()).unwrap();
         assert_eq!(back.get("g1", 4), Some(10));
         assert_eq!(back.get("g1", 5), Some(7));

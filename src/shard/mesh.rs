@@ -10,7 +10,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::runtime::{oneshot, OneshotReceiver, OneshotSender};
-use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 
 /// Requests in flight between two shards before senders wait.
 pub const MESH_CHANNEL_DEPTH: usize = 1024;
@@ -30,7 +32,11 @@ pub enum MeshMsg {
         body: Bytes,
     },
     /// The reply to request `id`, as a wire error code and body chunks.
-    Reply { id: u64, code: u16, body: Vec<Bytes> },
+    Reply {
+        id: u64,
+        code: u16,
+        body: Vec<Bytes>,
+    },
 }
 
 /// One shard's unconnected ends of the mesh, built before the executors
@@ -77,7 +83,10 @@ pub struct Mesh {
 impl Mesh {
     /// Connects this shard's ends; returns the mesh and the receivers to
     /// drain, by peer shard.
-    pub async fn connect(me: u16, ends: MeshEnds) -> (Mesh, Vec<(u16, ConnectedReceiver<MeshMsg>)>) {
+    pub async fn connect(
+        me: u16,
+        ends: MeshEnds,
+    ) -> (Mesh, Vec<(u16, ConnectedReceiver<MeshMsg>)>) {
         // Each end waits for its peer to connect, so all connect at once.
         let senders: Vec<_> = ends
             .senders
@@ -121,7 +130,11 @@ impl Mesh {
         queue: u32,
         body: Bytes,
     ) -> Result<OneshotReceiver<(u16, Vec<Bytes>)>, MeshError> {
-        let sender = self.senders.get(to as usize).and_then(Option::as_ref).ok_or(MeshError(to))?;
+        let sender = self
+            .senders
+            .get(to as usize)
+            .and_then(Option::as_ref)
+            .ok_or(MeshError(to))?;
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         let (tx, rx) = oneshot();
@@ -141,8 +154,18 @@ impl Mesh {
     }
 
     /// Sends the reply to request `id` back to shard `to`.
-    pub async fn reply(&self, to: u16, id: u64, code: u16, body: Vec<Bytes>) -> Result<(), MeshError> {
-        let sender = self.senders.get(to as usize).and_then(Option::as_ref).ok_or(MeshError(to))?;
+    pub async fn reply(
+        &self,
+        to: u16,
+        id: u64,
+        code: u16,
+        body: Vec<Bytes>,
+    ) -> Result<(), MeshError> {
+        let sender = self
+            .senders
+            .get(to as usize)
+            .and_then(Option::as_ref)
+            .ok_or(MeshError(to))?;
         sender
             .send(MeshMsg::Reply { id, code, body })
             .await

@@ -24,7 +24,11 @@ pub enum MetadataError {
     #[error("unknown topic '{0}'")]
     UnknownTopic(String),
     #[error("topic '{topic}' has {queues} queues; queue {queue} does not exist")]
-    UnknownQueue { topic: String, queue: u32, queues: u32 },
+    UnknownQueue {
+        topic: String,
+        queue: u32,
+        queues: u32,
+    },
     #[error("queue count {0} is outside 1..={1}")]
     QueueCount(u32, u32),
 }
@@ -156,7 +160,9 @@ impl Metadata {
         }
         let mut assigned = Vec::with_capacity(queues as usize);
         for _ in 0..queues {
-            let shard = (0..load.len()).min_by_key(|&s| (load[s], s)).expect("at least one shard");
+            let shard = (0..load.len())
+                .min_by_key(|&s| (load[s], s))
+                .expect("at least one shard");
             load[shard] += 1;
             assigned.push((self.next_queue_id, shard as u16));
             self.next_queue_id += 1;
@@ -204,11 +210,14 @@ impl Metadata {
             .topics
             .get(topic)
             .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))?;
-        let &(queue_id, shard) = t.queues.get(queue as usize).ok_or(MetadataError::UnknownQueue {
-            topic: topic.to_owned(),
-            queue,
-            queues: t.queues.len() as u32,
-        })?;
+        let &(queue_id, shard) =
+            t.queues
+                .get(queue as usize)
+                .ok_or(MetadataError::UnknownQueue {
+                    topic: topic.to_owned(),
+                    queue,
+                    queues: t.queues.len() as u32,
+                })?;
         Ok(QueueRoute {
             queue_id,
             shard,
@@ -271,14 +280,35 @@ mod tests {
     #[test]
     fn refusals_name_the_problem() {
         let mut m = Metadata::new(1);
-        assert!(matches!(m.create_topic("bad name", 1, Durability::Fsync, 10, 0), Err(MetadataError::InvalidName(_))));
-        assert!(matches!(m.create_topic("", 1, Durability::Fsync, 10, 0), Err(MetadataError::InvalidName(_))));
-        assert_eq!(m.create_topic("t", 0, Durability::Fsync, 10, 0), Err(MetadataError::QueueCount(0, 10)));
-        assert_eq!(m.create_topic("t", 11, Durability::Fsync, 10, 0), Err(MetadataError::QueueCount(11, 10)));
+        assert!(matches!(
+            m.create_topic("bad name", 1, Durability::Fsync, 10, 0),
+            Err(MetadataError::InvalidName(_))
+        ));
+        assert!(matches!(
+            m.create_topic("", 1, Durability::Fsync, 10, 0),
+            Err(MetadataError::InvalidName(_))
+        ));
+        assert_eq!(
+            m.create_topic("t", 0, Durability::Fsync, 10, 0),
+            Err(MetadataError::QueueCount(0, 10))
+        );
+        assert_eq!(
+            m.create_topic("t", 11, Durability::Fsync, 10, 0),
+            Err(MetadataError::QueueCount(11, 10))
+        );
         m.create_topic("t", 2, Durability::Fsync, 10, 0).unwrap();
-        assert_eq!(m.create_topic("t", 2, Durability::Fsync, 10, 0), Err(MetadataError::Exists("t".into())));
-        assert!(matches!(m.route("t", 2), Err(MetadataError::UnknownQueue { .. })));
-        assert!(matches!(m.route("u", 0), Err(MetadataError::UnknownTopic(_))));
+        assert_eq!(
+            m.create_topic("t", 2, Durability::Fsync, 10, 0),
+            Err(MetadataError::Exists("t".into()))
+        );
+        assert!(matches!(
+            m.route("t", 2),
+            Err(MetadataError::UnknownQueue { .. })
+        ));
+        assert!(matches!(
+            m.route("u", 0),
+            Err(MetadataError::UnknownTopic(_))
+        ));
         assert!(m.delete_topic("u").is_err());
     }
 
@@ -296,7 +326,10 @@ mod tests {
 
     #[test]
     fn key_hash_is_stable() {
-        assert_eq!(queue_for_key(b"order-42", 8), crc32fast::hash(b"order-42") % 8);
+        assert_eq!(
+            queue_for_key(b"order-42", 8),
+            crc32fast::hash(b"order-42") % 8
+        );
         assert!(queue_for_key(b"", 3) < 3);
     }
 }

@@ -181,7 +181,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         stopping: Cell::new(false),
     });
     shard.apply_metadata(spec.metadata);
-    let listener = runtime::TcpListener::bind(spec.listen)
+    let listener = runtime::bind_listener(spec.listen)
         .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", spec.listen))?;
     for (peer, rx) in receivers {
         let s = shard.clone();

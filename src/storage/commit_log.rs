@@ -103,10 +103,18 @@ impl CommitLog {
         end: u64,
         tail_page: Vec<u8>,
     ) -> Result<Rc<CommitLog>, LogError> {
-        assert_eq!(tail_page.len() as u64, end - align_down(end), "tail page must cover [align_down(end), end)");
+        assert_eq!(
+            tail_page.len() as u64,
+            end - align_down(end),
+            "tail page must cover [align_down(end), end)"
+        );
         let mut map = BTreeMap::new();
         for s in segments {
-            assert_eq!(s.capacity % super::DMA_ALIGNMENT_BYTES, 0, "segment capacity unaligned");
+            assert_eq!(
+                s.capacity % super::DMA_ALIGNMENT_BYTES,
+                0,
+                "segment capacity unaligned"
+            );
             let path = segment_path(&cfg.dir, s.base);
             let file = runtime::open_dma(&path, false)
                 .await
@@ -155,7 +163,12 @@ impl CommitLog {
 
     /// Assigns a batch of `len` bytes the next log position, lets `stamp`
     /// build the batch for that position, and queues it for writing.
-    pub fn append(&self, len: u64, append_time_ms: i64, stamp: impl FnOnce(u64) -> Bytes) -> Result<(u64, Bytes), LogError> {
+    pub fn append(
+        &self,
+        len: u64,
+        append_time_ms: i64,
+        stamp: impl FnOnce(u64) -> Bytes,
+    ) -> Result<(u64, Bytes), LogError> {
         let mut s = self.state.borrow_mut();
         if let Some(f) = &s.failure {
             return Err(LogError::Failed(f.clone()));
@@ -163,7 +176,10 @@ impl CommitLog {
         if s.closing {
             return Err(LogError::Closing);
         }
-        assert!(len > 0 && len <= self.cfg.segment_bytes_max, "batch of {len} bytes cannot fit a segment");
+        assert!(
+            len > 0 && len <= self.cfg.segment_bytes_max,
+            "batch of {len} bytes cannot fit a segment"
+        );
         let needs_roll = match s.segments.values().next_back() {
             Some(active) => s.append_pos + len > active.info.end(),
             None => true,
@@ -244,12 +260,20 @@ impl CommitLog {
 
     /// Segments, ascending.
     pub fn segments(&self) -> Vec<SegmentInfo> {
-        self.state.borrow().segments.values().map(|s| s.info).collect()
+        self.state
+            .borrow()
+            .segments
+            .values()
+            .map(|s| s.info)
+            .collect()
     }
 
     /// Latency histograms (µs) of writes and fdatasyncs.
     pub fn latency_histograms(&self) -> (Histogram<u64>, Histogram<u64>) {
-        (self.write_us.borrow().clone(), self.fsync_us.borrow().clone())
+        (
+            self.write_us.borrow().clone(),
+            self.fsync_us.borrow().clone(),
+        )
     }
 
     /// Reads `len` bytes at `position` from its segment file. The caller
@@ -319,7 +343,12 @@ impl CommitLog {
     fn take_run(&self) -> Option<(u64, Vec<(u64, Bytes)>)> {
         let mut s = self.state.borrow_mut();
         let first = s.pending.front()?.0;
-        let seg_base = *s.segments.range(..=first).next_back().expect("segment for pending batch").0;
+        let seg_base = *s
+            .segments
+            .range(..=first)
+            .next_back()
+            .expect("segment for pending batch")
+            .0;
         let seg_end = s.segments[&seg_base].info.end();
         let mut run = Vec::new();
         let mut bytes = 0u64;
@@ -372,7 +401,12 @@ impl CommitLog {
             .await
             .map_err(|e| io_err("sync directory", &self.cfg.dir, e))?;
         let file = Rc::new(file);
-        self.state.borrow_mut().segments.get_mut(&base).expect("segment").file = Some(file.clone());
+        self.state
+            .borrow_mut()
+            .segments
+            .get_mut(&base)
+            .expect("segment")
+            .file = Some(file.clone());
         tracing::debug!(base, capacity, "created segment");
         Ok(file)
     }
@@ -390,7 +424,11 @@ impl CommitLog {
             Vec::new()
         };
         let start = align_down(first);
-        assert_eq!(prefix.len() as u64, first - start, "tail page does not match the write position");
+        assert_eq!(
+            prefix.len() as u64,
+            first - start,
+            "tail page does not match the write position"
+        );
         let data_len: u64 = run.iter().map(|(_, b)| b.len() as u64).sum();
         let end = first + data_len;
         let size = align_up(end - start) as usize;
@@ -420,7 +458,10 @@ impl CommitLog {
                 format!("short write of {n} of {size} bytes"),
             ));
         }
-        let _ = self.write_us.borrow_mut().record(t0.elapsed().as_micros() as u64);
+        let _ = self
+            .write_us
+            .borrow_mut()
+            .record(t0.elapsed().as_micros() as u64);
         let want_sync = {
             let mut s = self.state.borrow_mut();
             s.tail_page = new_tail;
@@ -454,7 +495,10 @@ impl CommitLog {
                         return;
                     }
                 }
-                let _ = self.fsync_us.borrow_mut().record(t0.elapsed().as_micros() as u64);
+                let _ = self
+                    .fsync_us
+                    .borrow_mut()
+                    .record(t0.elapsed().as_micros() as u64);
                 self.synced.advance(written);
             } else {
                 let _ = self.sync_work.wait_for(seen + 1).await;

@@ -37,7 +37,10 @@ impl ConsumeIndex {
                 last.base_offset,
                 last.next_offset()
             );
-            assert!(e.position > last.position, "consume index positions must grow");
+            assert!(
+                e.position > last.position,
+                "consume index positions must grow"
+            );
         }
         self.entries.push_back(e);
     }
@@ -95,7 +98,12 @@ mod tests {
     use super::*;
 
     fn e(base: u64, count: u32, position: u64) -> IndexEntry {
-        IndexEntry { base_offset: base, position, len: 100, count }
+        IndexEntry {
+            base_offset: base,
+            position,
+            len: 100,
+            count,
+        }
     }
 
     #[test]
@@ -123,7 +131,11 @@ mod tests {
         ix.push(e(10, 5, 1000));
         assert_eq!(ix.trim_before(1000), 1);
         assert_eq!(ix.first_offset(), Some(10));
-        assert_eq!(ix.find(3), Some(0), "an offset before the first entry maps to it");
+        assert_eq!(
+            ix.find(3),
+            Some(0),
+            "an offset before the first entry maps to it"
+        );
     }
 
     #[test]

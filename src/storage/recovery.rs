@@ -17,7 +17,9 @@
 //! - Anything invalid above the durable position is a torn tail: the log is
 //!   cut there, the rest of the segment zeroed, later segments removed.
 
-use crate::batch::{check_stored, check_stored_header, BatchHeader, BATCH_HEADER_BYTES, BATCH_MAGIC};
+use crate::batch::{
+    check_stored, check_stored_header, BatchHeader, BATCH_HEADER_BYTES, BATCH_MAGIC,
+};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -168,7 +170,11 @@ fn probe(src: &(impl ReadAt + ?Sized), at: u64, capacity: u64) -> std::io::Resul
 
 /// Finds the next position after `from` in the segment where a valid batch
 /// starts (looking for the magic, then checking both CRCs).
-fn find_next_valid(src: &(impl ReadAt + ?Sized), from: u64, capacity: u64) -> std::io::Result<Option<u64>> {
+fn find_next_valid(
+    src: &(impl ReadAt + ?Sized),
+    from: u64,
+    capacity: u64,
+) -> std::io::Result<Option<u64>> {
     const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; CHUNK];
     let magic = BATCH_MAGIC.to_le_bytes();
@@ -300,7 +306,11 @@ impl fmt::Display for RecoveryReport {
             self.segments, self.batches, self.messages
         )?;
         match &self.torn {
-            Some(t) => write!(f, "; cut torn tail at position {} ({})", t.position, t.reason)?,
+            Some(t) => write!(
+                f,
+                "; cut torn tail at position {} ({})",
+                t.position, t.reason
+            )?,
             None => write!(f, "; clean tail")?,
         }
         for c in &self.corrupt {
@@ -314,7 +324,11 @@ impl fmt::Display for RecoveryReport {
             write!(f, "; {} messages lost to corruption", self.offset_gaps)?;
         }
         if !self.removed_segments.is_empty() {
-            write!(f, "; removed segments after the tail {:?}", self.removed_segments)?;
+            write!(
+                f,
+                "; removed segments after the tail {:?}",
+                self.removed_segments
+            )?;
         }
         if self.checkpoint_damaged {
             write!(f, "; checkpoint damaged, treated whole log as tail")?;
@@ -410,7 +424,10 @@ pub fn recover_dir(dir: &Path) -> Result<Recovered, RecoveryError> {
 fn zero_after(path: &Path, used: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     let len = file.metadata()?.len();
     let page = align_down(used);
     let mut tail = vec![0u8; (used - page) as usize];

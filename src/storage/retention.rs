@@ -12,7 +12,11 @@ pub struct RetentionPolicy {
 }
 
 /// Bases of the segments to delete, oldest first. `segments` is ascending.
-pub fn segments_to_delete(segments: &[SegmentInfo], policy: RetentionPolicy, now_ms: i64) -> Vec<u64> {
+pub fn segments_to_delete(
+    segments: &[SegmentInfo],
+    policy: RetentionPolicy,
+    now_ms: i64,
+) -> Vec<u64> {
     let Some((_active, closed)) = segments.split_last() else {
         return Vec::new();
     };
@@ -36,19 +40,39 @@ mod tests {
     use super::*;
 
     fn seg(base: u64, t: i64) -> SegmentInfo {
-        SegmentInfo { base, capacity: 100, used: 90, max_append_time_ms: t }
+        SegmentInfo {
+            base,
+            capacity: 100,
+            used: 90,
+            max_append_time_ms: t,
+        }
     }
 
     #[test]
     fn deletes_oldest_first_and_never_the_active_segment() {
         let segs = [seg(0, 10), seg(100, 20), seg(200, 30), seg(300, 40)];
-        let by_age = RetentionPolicy { retention_ms: 15, retention_bytes: 0 };
+        let by_age = RetentionPolicy {
+            retention_ms: 15,
+            retention_bytes: 0,
+        };
         assert_eq!(segments_to_delete(&segs, by_age, 40), vec![0, 100]);
-        let by_size = RetentionPolicy { retention_ms: 0, retention_bytes: 250 };
+        let by_size = RetentionPolicy {
+            retention_ms: 0,
+            retention_bytes: 250,
+        };
         assert_eq!(segments_to_delete(&segs, by_size, 40), vec![0, 100]);
-        let everything = RetentionPolicy { retention_ms: 1, retention_bytes: 1 };
-        assert_eq!(segments_to_delete(&segs, everything, 1000), vec![0, 100, 200]);
-        let none = RetentionPolicy { retention_ms: 0, retention_bytes: 0 };
+        let everything = RetentionPolicy {
+            retention_ms: 1,
+            retention_bytes: 1,
+        };
+        assert_eq!(
+            segments_to_delete(&segs, everything, 1000),
+            vec![0, 100, 200]
+        );
+        let none = RetentionPolicy {
+            retention_ms: 0,
+            retention_bytes: 0,
+        };
         assert!(segments_to_delete(&segs, none, 1000).is_empty());
         assert!(segments_to_delete(&[], everything, 1000).is_empty());
     }
@@ -57,7 +81,10 @@ mod tests {
     fn an_old_segment_behind_a_young_one_waits_its_turn() {
         // Deletion is by prefix: the log never has holes.
         let segs = [seg(0, 100), seg(100, 10), seg(200, 200)];
-        let p = RetentionPolicy { retention_ms: 50, retention_bytes: 0 };
+        let p = RetentionPolicy {
+            retention_ms: 50,
+            retention_bytes: 0,
+        };
         assert!(segments_to_delete(&segs, p, 120).is_empty());
     }
 }

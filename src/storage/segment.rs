@@ -61,7 +61,10 @@ mod tests {
     #[test]
     fn names_round_trip_and_sort_numerically() {
         assert_eq!(segment_file_name(4096), "00000000000000004096.log");
-        assert_eq!(parse_segment_file_name(&segment_file_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(
+            parse_segment_file_name(&segment_file_name(u64::MAX)),
+            Some(u64::MAX)
+        );
         assert_eq!(parse_segment_file_name("123.log"), None);
         assert_eq!(parse_segment_file_name("0000000000000000409a.log"), None);
         assert_eq!(parse_segment_file_name("00000000000000004096.idx"), None);

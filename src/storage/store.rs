@@ -90,7 +90,10 @@ pub struct QueueStore {
 
 impl QueueStore {
     /// Recovers the shard directory and opens the store.
-    pub async fn open(cfg: LogConfig, tail_cache_bytes_max: u64) -> Result<(Rc<QueueStore>, RecoveryReport), StoreError> {
+    pub async fn open(
+        cfg: LogConfig,
+        tail_cache_bytes_max: u64,
+    ) -> Result<(Rc<QueueStore>, RecoveryReport), StoreError> {
         let dir = cfg.dir.clone();
         let d = dir.clone();
         let recovered = runtime::blocking(move || recover_dir(&d))
@@ -106,7 +109,9 @@ impl QueueStore {
         let mut queues: HashMap<u32, QueueState> = HashMap::new();
         let mut last_ms = 0;
         for b in &recovered.batches {
-            let q = queues.entry(b.queue_id).or_insert_with(|| QueueState::new(b.base_offset));
+            let q = queues
+                .entry(b.queue_id)
+                .or_insert_with(|| QueueState::new(b.base_offset));
             q.consume.push(IndexEntry {
                 base_offset: b.base_offset,
                 position: b.position,
@@ -141,7 +146,10 @@ impl QueueStore {
 
     /// Makes sure queue `id` exists (a newly created topic's queue).
     pub fn ensure_queue(&self, id: u32) {
-        self.queues.borrow_mut().entry(id).or_insert_with(|| QueueState::new(0));
+        self.queues
+            .borrow_mut()
+            .entry(id)
+            .or_insert_with(|| QueueState::new(0));
     }
 
     /// Forgets queue `id` (its topic was deleted). Its batches stay in the
@@ -163,9 +171,16 @@ impl QueueStore {
     }
 
     /// Stamps a validated produced batch for `queue_id` and appends it.
-    pub fn append(&self, queue_id: u32, produced: &[u8], header: &BatchHeader) -> Result<AppendReceipt, StoreError> {
+    pub fn append(
+        &self,
+        queue_id: u32,
+        produced: &[u8],
+        header: &BatchHeader,
+    ) -> Result<AppendReceipt, StoreError> {
         let mut queues = self.queues.borrow_mut();
-        let q = queues.get_mut(&queue_id).ok_or(StoreError::UnknownQueue(queue_id))?;
+        let q = queues
+            .get_mut(&queue_id)
+            .ok_or(StoreError::UnknownQueue(queue_id))?;
         let now = runtime::now_ms().max(self.last_append_ms.get());
         self.last_append_ms.set(now);
         let base = q.next_offset;
@@ -197,7 +212,11 @@ impl QueueStore {
     }
 
     /// Resolves once the appended batch reached `level`.
-    pub async fn wait_durable(&self, r: &AppendReceipt, level: Durability) -> Result<(), StoreError> {
+    pub async fn wait_durable(
+        &self,
+        r: &AppendReceipt,
+        level: Durability,
+    ) -> Result<(), StoreError> {
         match level {
             Durability::Memory => Ok(()),
             Durability::Written => Ok(self.log.wait_written(r.end_position).await?),
@@ -215,24 +234,35 @@ impl QueueStore {
     /// Earliest stored and latest visible offsets of a queue.
     pub fn offsets(&self, queue_id: u32) -> Result<QueueOffsets, StoreError> {
         let queues = self.queues.borrow();
-        let q = queues.get(&queue_id).ok_or(StoreError::UnknownQueue(queue_id))?;
+        let q = queues
+            .get(&queue_id)
+            .ok_or(StoreError::UnknownQueue(queue_id))?;
         Ok(q.offsets())
     }
 
     /// First offset whose batch was appended at or after `time_ms`.
     pub fn offset_for_time(&self, queue_id: u32, time_ms: i64) -> Result<u64, StoreError> {
         let queues = self.queues.borrow();
-        let q = queues.get(&queue_id).ok_or(StoreError::UnknownQueue(queue_id))?;
+        let q = queues
+            .get(&queue_id)
+            .ok_or(StoreError::UnknownQueue(queue_id))?;
         let o = q.offsets();
         let found = q.time.lookup(time_ms).unwrap_or(o.latest);
         Ok(found.clamp(o.earliest, o.latest))
     }
 
     /// Waits (up to `wait`) until `offset` is visible in the queue.
-    pub async fn wait_visible(&self, queue_id: u32, offset: u64, wait: Duration) -> Result<(), StoreError> {
+    pub async fn wait_visible(
+        &self,
+        queue_id: u32,
+        offset: u64,
+        wait: Duration,
+    ) -> Result<(), StoreError> {
         let watch = {
             let queues = self.queues.borrow();
-            let q = queues.get(&queue_id).ok_or(StoreError::UnknownQueue(queue_id))?;
+            let q = queues
+                .get(&queue_id)
+                .ok_or(StoreError::UnknownQueue(queue_id))?;
             if q.visible.get() > offset || wait.is_zero() {
                 return Ok(());
             }
@@ -249,10 +279,17 @@ impl QueueStore {
 
     /// Visible batches of a queue from `offset`, up to `max_bytes` (at least
     /// one batch when any is visible).
-    pub async fn read(&self, queue_id: u32, offset: u64, max_bytes: u32) -> Result<(QueueOffsets, Vec<Bytes>), StoreError> {
+    pub async fn read(
+        &self,
+        queue_id: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<(QueueOffsets, Vec<Bytes>), StoreError> {
         let (offsets, entries) = {
             let queues = self.queues.borrow();
-            let q = queues.get(&queue_id).ok_or(StoreError::UnknownQueue(queue_id))?;
+            let q = queues
+                .get(&queue_id)
+                .ok_or(StoreError::UnknownQueue(queue_id))?;
             let o = q.offsets();
             if offset < o.earliest || offset > o.latest {
                 return Err(StoreError::OffsetOutOfRange {

@@ -38,7 +38,10 @@ fn image(n: usize) -> (Vec<u8>, Vec<u64>) {
 fn scan(img: &[u8], durable_end: u64, is_last: bool) -> (SegmentScan, Vec<RecoveredBatch>, u64) {
     let mut found = vec![];
     let mut offsets = OffsetTracker::default();
-    let s = scan_segment(img, 0, CAP, durable_end, is_last, &mut offsets, &mut |b| found.push(b)).unwrap();
+    let s = scan_segment(img, 0, CAP, durable_end, is_last, &mut offsets, &mut |b| {
+        found.push(b)
+    })
+    .unwrap();
     (s, found, offsets.gaps)
 }
 
@@ -76,7 +79,10 @@ fn zeroed_tail_ends_the_log_cleanly() {
     let (s, found, _) = scan(&img, 0, true);
     assert_eq!(found.len(), 7);
     assert_eq!(s.used, pos[7]);
-    assert!(s.torn.is_none(), "zeros past the durable point are a normal end");
+    assert!(
+        s.torn.is_none(),
+        "zeros past the durable point are a normal end"
+    );
 }
 
 #[test]
@@ -157,7 +163,10 @@ fn recover_dir_cuts_zeroes_and_removes_later_segments() {
     let after = std::fs::read(segment_path(dir.path(), 0)).unwrap();
     assert_eq!(after.len(), CAP as usize, "segment keeps its capacity");
     assert_eq!(&after[..pos[6] as usize], &img[..pos[6] as usize]);
-    assert!(after[pos[6] as usize..].iter().all(|&b| b == 0), "tail not zeroed");
+    assert!(
+        after[pos[6] as usize..].iter().all(|&b| b == 0),
+        "tail not zeroed"
+    );
     assert_eq!(r.tail_page, img[(pos[6] & !4095) as usize..pos[6] as usize]);
     // The stale valid batches 7..9 are gone, so a shorter rewrite at the cut
     // can never be followed by them on the next recovery.
