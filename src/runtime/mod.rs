@@ -49,6 +49,39 @@ pub async fn open_dma(path: &std::path::Path, create: bool) -> std::io::Result<D
         .map_err(std::io::Error::from)
 }
 
+/// Opens a small non-empty file in `dir` for direct I/O and reads it back.
+///
+/// Call once per executor before any other DMA file on that disk: glommio
+/// probes whether the device supports polled I/O with a read of the first
+/// DMA file it opens, and caches the answer per device and thread. Probed
+/// on an empty file that read succeeds trivially, glommio wrongly enables
+/// polled reads, and every later read fails with EOPNOTSUPP on devices
+/// without poll queues (virtio disks). A real read makes the probe honest,
+/// and proves that the directory supports direct I/O at all.
+pub async fn probe_direct_io(dir: &std::path::Path) -> std::io::Result<()> {
+    let path = dir.join(format!(
+        ".dio-probe-{}",
+        std::process::id() as u64 * 1000 + glommio::executor().id() as u64
+    ));
+    let p = path.clone();
+    blocking(move || std::fs::write(&p, vec![0x5au8; 4096])).await?;
+    let result = async {
+        let file = open_dma(&path, false).await?;
+        let read = file.read_at(0, 4096).await.map_err(std::io::Error::from);
+        let _ = file.close().await;
+        match read {
+            Ok(r) if r.len() == 4096 && r.iter().all(|&b| b == 0x5a) => Ok(()),
+            Ok(_) => Err(std::io::Error::other(
+                "direct I/O read back the wrong bytes",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+    .await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 /// Allocates an aligned buffer from the executor's io memory.
 pub fn dma_buffer(size: usize) -> DmaBuffer {
     glommio::allocate_dma_buffer(size)

@@ -72,11 +72,14 @@ pub fn build_mesh(n: usize) -> Vec<MeshEnds> {
 #[error("shard {0} is not reachable (stopping?)")]
 pub struct MeshError(pub u16);
 
+/// Where the reply to a forwarded request is delivered: code and body.
+type ReplySlot = OneshotSender<(u16, Vec<Bytes>)>;
+
 /// One shard's connected view of the mesh.
 pub struct Mesh {
     me: u16,
     senders: Vec<Option<ConnectedSender<MeshMsg>>>,
-    pending: RefCell<HashMap<u64, OneshotSender<(u16, Vec<Bytes>)>>>,
+    pending: RefCell<HashMap<u64, ReplySlot>>,
     next_id: Cell<u64>,
 }
 

@@ -153,6 +153,18 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         segment_bytes_max: cfg.storage.segment_bytes_max,
         write_bytes_max: u64::from(cfg.storage.write_bytes_max),
     };
+    runtime::blocking({
+        let d = dir.clone();
+        move || std::fs::create_dir_all(d)
+    })
+    .await
+    .map_err(|e| format!("shard {id}: cannot create {}: {e}", dir.display()))?;
+    runtime::probe_direct_io(&dir).await.map_err(|e| {
+        format!(
+            "shard {id}: direct I/O does not work in {} ({e}); put the data directory on a local disk filesystem such as ext4 or xfs",
+            dir.display()
+        )
+    })?;
     let (store, report) = QueueStore::open(log_cfg, cfg.storage.tail_cache_bytes_max)
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;

@@ -16,6 +16,8 @@ use super::recovery::{recover_dir, RecoveryReport};
 use super::retention::{segments_to_delete, RetentionPolicy};
 use super::tail_cache::TailCache;
 use super::time_index::TimeIndex;
+#[cfg(test)]
+use crate::batch::RecordIter;
 use crate::batch::{self, BatchHeader, BATCH_HEADER_BYTES};
 use crate::protocol::{Durability, QueueOffsets};
 use crate::runtime::{self, Watch};
@@ -438,3 +440,6 @@ impl QueueStore {
         self.store_checkpoint().await
     }
 }
+
+#[cfg(test)]
+mod tests;

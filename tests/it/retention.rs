@@ -13,6 +13,7 @@ retention_bytes = 196608
 retention_check_interval_ms = 50
 checkpoint_interval_ms = 50
 write_bytes_max = 65536
+tail_cache_bytes_max = 4096
 [limits]
 batch_bytes_max = 16384
 frame_bytes_max = 32768
