@@ -33,7 +33,7 @@ fn tempdir() -> tempfile::TempDir {
 fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
     LocalExecutorBuilder::default()
         .io_memory(1 << 20)
-        .spawn(move || f())
+        .spawn(f)
         .unwrap()
         .join()
         .unwrap();
