@@ -24,41 +24,55 @@ fn codec(c: &mut Criterion) {
     for &(n, size) in &[(1usize, 100usize), (100, 100), (1000, 100), (10, 1024)] {
         let batch = batch_of(n, size);
         g.throughput(Throughput::Elements(n as u64));
-        g.bench_with_input(BenchmarkId::new("encode", format!("{n}x{size}B")), &(n, size), |b, &(n, size)| {
-            let r = Record {
-                payload: Bytes::from(vec![7u8; size]),
-                ..Record::default()
-            };
-            b.iter(|| {
-                let mut bb = BatchBuilder::new();
-                for _ in 0..n {
-                    bb.push(&r);
-                }
-                black_box(bb.finish())
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("validate_produced", format!("{n}x{size}B")), &batch, |b, batch| {
-            b.iter(|| black_box(validate_produced(batch, usize::MAX).unwrap()))
-        });
-        g.bench_with_input(BenchmarkId::new("stamp_copy", format!("{n}x{size}B")), &batch, |b, batch| {
-            b.iter(|| {
-                let mut m = BytesMut::from(&batch[..]);
-                stamp(&mut m, 1, 2, 3, 4);
-                black_box(m.freeze())
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("encode", format!("{n}x{size}B")),
+            &(n, size),
+            |b, &(n, size)| {
+                let r = Record {
+                    payload: Bytes::from(vec![7u8; size]),
+                    ..Record::default()
+                };
+                b.iter(|| {
+                    let mut bb = BatchBuilder::new();
+                    for _ in 0..n {
+                        bb.push(&r);
+                    }
+                    black_box(bb.finish())
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("validate_produced", format!("{n}x{size}B")),
+            &batch,
+            |b, batch| b.iter(|| black_box(validate_produced(batch, usize::MAX).unwrap())),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("stamp_copy", format!("{n}x{size}B")),
+            &batch,
+            |b, batch| {
+                b.iter(|| {
+                    let mut m = BytesMut::from(&batch[..]);
+                    stamp(&mut m, 1, 2, 3, 4);
+                    black_box(m.freeze())
+                })
+            },
+        );
         let mut stored = batch.to_vec();
         stamp(&mut stored, 1, 2, 3, 4);
-        g.bench_with_input(BenchmarkId::new("check_stored", format!("{n}x{size}B")), &stored, |b, s| {
-            b.iter(|| black_box(check_stored(s).unwrap()))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("check_stored", format!("{n}x{size}B")),
+            &stored,
+            |b, s| b.iter(|| black_box(check_stored(s).unwrap())),
+        );
     }
     g.finish();
 
     let kib = vec![0xa5u8; 1024];
     let mut g = c.benchmark_group("crc32");
     g.throughput(Throughput::Bytes(1024));
-    g.bench_function("1KiB", |b| b.iter(|| black_box(crc32fast::hash(black_box(&kib)))));
+    g.bench_function("1KiB", |b| {
+        b.iter(|| black_box(crc32fast::hash(black_box(&kib))))
+    });
     g.finish();
 
     let mut wire = BytesMut::new();
