@@ -39,7 +39,7 @@ use bytes::Bytes;
 pub enum ClientError {
     /// The socket failed or the broker closed the connection.
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The broker answered with an error code.
     #[error("broker error {}: {message}", code.name())]
     Broker {
@@ -57,6 +57,12 @@ pub enum ClientError {
     /// The call's arguments cannot be sent (too large, empty, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
 }
 
 impl From<crate::protocol::DecodeError> for ClientError {

@@ -65,8 +65,10 @@ pub async fn probe_direct_io(dir: &std::path::Path) -> std::io::Result<()> {
     ));
     let p = path.clone();
     blocking(move || std::fs::write(&p, vec![0x5au8; 4096])).await?;
+    tracing::debug!("probe: file written");
     let result = async {
         let file = open_dma(&path, false).await?;
+        tracing::debug!("probe: file opened");
         let read = file.read_at(0, 4096).await.map_err(std::io::Error::from);
         let _ = file.close().await;
         match read {

@@ -159,12 +159,14 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     })
     .await
     .map_err(|e| format!("shard {id}: cannot create {}: {e}", dir.display()))?;
+    tracing::debug!(shard = id, "startup: directory ready");
     runtime::probe_direct_io(&dir).await.map_err(|e| {
         format!(
             "shard {id}: direct I/O does not work in {} ({e}); put the data directory on a local disk filesystem such as ext4 or xfs",
             dir.display()
         )
     })?;
+    tracing::debug!(shard = id, "startup: direct I/O probed");
     let (store, report) = QueueStore::open(log_cfg, cfg.storage.tail_cache_bytes_max)
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;
@@ -174,7 +176,9 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     let groups = runtime::blocking(move || GroupOffsets::load(&d))
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;
+    tracing::debug!(shard = id, "startup: group offsets loaded");
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
+    tracing::debug!(shard = id, "startup: mesh connected");
     store.log().start(tq.data);
     let shard = Rc::new(Shard {
         id,

@@ -112,10 +112,12 @@ fn garbage_and_oversized_frames_leave_other_clients_working() {
 
     // A frame announcing 4 GiB: refused by its length, before any buffering.
     let mut s = raw(&b.addr);
-    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
-    s.write_all(&(Op::Produce as u16).to_le_bytes()).unwrap();
-    s.write_all(&1u16.to_le_bytes()).unwrap();
-    s.write_all(&42u64.to_le_bytes()).unwrap();
+    let mut head = Vec::new();
+    head.extend_from_slice(&u32::MAX.to_le_bytes());
+    head.extend_from_slice(&(Op::Produce as u16).to_le_bytes());
+    head.extend_from_slice(&1u16.to_le_bytes());
+    head.extend_from_slice(&42u64.to_le_bytes());
+    s.write_all(&head).unwrap();
     let (_, code, id, body) = read_reply(&mut s);
     assert_eq!(code, ErrorCode::FrameTooLarge as u16);
     assert_eq!(id, 42);

@@ -127,3 +127,45 @@ fn profiles_start_the_broker() {
         child.wait().unwrap();
     }
 }
+
+#[test]
+fn a_memlock_limit_too_low_is_a_startup_error_with_the_ulimit_to_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "ulimit -l 600 && exec {} serve --shards 2 --listen 127.0.0.1:{} --data-dir {}",
+        keelmq_bin(),
+        free_port(),
+        dir.path().display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RLIMIT_MEMLOCK") && err.contains("ulimit -l"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn an_unusable_data_dir_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = serve(&[
+        "--data-dir",
+        file.join("data").to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not usable") && err.contains("plain-file"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ mod durability;
 mod produce;
 mod retention;
 mod seek;
+mod tidy;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -113,17 +114,23 @@ impl Broker {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let addr = self.addr.clone();
-        wait_until(
-            Duration::from_secs(30),
-            "broker to accept connections",
-            || {
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("broker exited at startup with {status}: {}", self.log());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited at startup with {status}: {}", self.log());
+            }
+            match Admin::connect(&self.addr) {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => {
+                    panic!(
+                        "broker on {} not ready: {e}\nlog: {}",
+                        self.addr,
+                        self.log()
+                    )
                 }
-                Admin::connect(&addr).ok()
-            },
-        );
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 
     /// A fresh admin connection.
