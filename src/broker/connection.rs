@@ -15,10 +15,13 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use super::handlers::{submit, Reply};
-use crate::protocol::frame::{frame_header, FrameDecoder, FrameError};
-use crate::protocol::{encode_error, ErrorCode};
+use crate::protocol::frame::{frame_header, FrameDecoder, FrameError, FRAME_LEN_MIN};
+use crate::protocol::{
+    encode_error, ErrorCode, HandshakeRequest, Op, ANY_SHARD, FRAME_HEADER_BYTES,
+};
 use crate::runtime::{self, split, ReadHalf, Semaphore, TcpListener, TcpStream, Watch, WriteHalf};
 use crate::shard::Shard;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 
 /// Bytes asked of each socket read when no larger frame is pending.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -52,10 +55,84 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             continue;
         }
         let s = shard.clone();
-        runtime::spawn_local_into(serve(s, stream), shard.tq.data)
+        runtime::spawn_local_into(route_connection(s, stream), shard.tq.data)
             .expect("data queue")
             .detach();
     }
+}
+
+/// Serves a new connection here, or hands it to the shard its handshake
+/// asks for. Only the first frame is looked at; it stays in the buffer and
+/// is answered by whichever shard serves the connection.
+async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let target = loop {
+        match requested_shard(&buf, shard.config.limits.frame_bytes_max) {
+            Some(t) => break t,
+            None => {
+                let len = buf.len();
+                buf.resize(len + READ_CHUNK_BYTES, 0);
+                match stream.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.truncate(len + n),
+                }
+            }
+        }
+    };
+    if target == shard.id || target >= shard.shard_count {
+        serve(shard, stream, buf).await;
+        return;
+    }
+    // Keep the socket alive past this stream: duplicate, then drop ours.
+    // SAFETY: dup of a descriptor we own; the copy goes to the target shard.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    drop(stream);
+    if fd < 0 {
+        tracing::warn!(
+            shard = shard.id,
+            "cannot hand a connection over: dup failed"
+        );
+        return;
+    }
+    if let Err(e) = shard.mesh.adopt(target, fd, buf.freeze()).await {
+        tracing::warn!(shard = shard.id, "cannot hand a connection over: {e}");
+    }
+}
+
+/// The shard the first frame asks for: `Some(ANY_SHARD)` when it is not a
+/// handshake naming one (or is bad: the normal path answers it), `None`
+/// while the frame is incomplete.
+fn requested_shard(buf: &[u8], frame_bytes_max: u32) -> Option<u16> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap());
+    if !(FRAME_LEN_MIN..=frame_bytes_max).contains(&len) {
+        return Some(ANY_SHARD);
+    }
+    if buf.len() < 4 + len as usize {
+        return None;
+    }
+    let op = u16::from_le_bytes([buf[4], buf[5]]);
+    if op != Op::Handshake as u16 {
+        return Some(ANY_SHARD);
+    }
+    let body = Bytes::copy_from_slice(&buf[FRAME_HEADER_BYTES..4 + len as usize]);
+    Some(HandshakeRequest::decode(body).map_or(ANY_SHARD, |h| h.shard))
+}
+
+/// Takes over a connection another shard handed to this one.
+pub fn adopt(shard: &Rc<Shard>, fd: i32, buffered: Bytes) {
+    // SAFETY: the descriptor was duplicated for this hand-off and is owned
+    // by this message alone.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let s = shard.clone();
+    runtime::spawn_local_into(
+        serve(s, stream, BytesMut::from(&buffered[..])),
+        shard.tq.data,
+    )
+    .expect("data queue")
+    .detach();
 }
 
 /// Replies waiting to be written, shared by the reader's reply tasks and
@@ -84,7 +161,7 @@ impl Outbox {
     }
 }
 
-async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     {
@@ -102,7 +179,7 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     });
     let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone()), shard.tq.data)
         .expect("data queue");
-    if let Err(reason) = read_loop(&shard, rd, &outbox).await {
+    if let Err(reason) = read_loop(&shard, rd, &outbox, buf).await {
         tracing::debug!(shard = shard.id, ?peer, "closing connection: {reason}");
     }
     outbox.reader_done.set(true);
@@ -111,12 +188,16 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     shard.metrics.borrow_mut().connections_open -= 1;
 }
 
-async fn read_loop(shard: &Rc<Shard>, mut rd: ReadHalf, outbox: &Rc<Outbox>) -> Result<(), String> {
+async fn read_loop(
+    shard: &Rc<Shard>,
+    mut rd: ReadHalf,
+    outbox: &Rc<Outbox>,
+    mut buf: BytesMut,
+) -> Result<(), String> {
     let decoder = FrameDecoder::new(shard.config.limits.frame_bytes_max);
     let permits = Rc::new(Semaphore::new(u64::from(
         shard.config.limits.in_flight_requests_max,
     )));
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         loop {
             match decoder.decode(&mut buf) {

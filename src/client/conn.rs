@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::ClientError;
 use crate::protocol::frame::{encode_frame, FrameDecoder};
-use crate::protocol::{decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op};
+use crate::protocol::{
+    decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op, ANY_SHARD,
+};
 
 /// Largest reply frame the client accepts.
 const REPLY_FRAME_BYTES_MAX: u32 = 1 << 30;
@@ -28,8 +30,16 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects and performs the handshake.
+    /// Connects and performs the handshake; any shard serves the connection
+    /// (requests for other shards' queues are forwarded inside the broker).
     pub fn connect(addr: &str) -> Result<Connection, ClientError> {
+        Connection::connect_to_shard(addr, ANY_SHARD)
+    }
+
+    /// Connects to the broker and asks that shard `shard` serve the
+    /// connection: requests for the queues it owns (see metadata) then take
+    /// the shortest path, with no cross-core hop.
+    pub fn connect_to_shard(addr: &str, shard: u16) -> Result<Connection, ClientError> {
         let sockaddr = addr
             .to_socket_addrs()?
             .next()
@@ -55,6 +65,7 @@ impl Connection {
         let mut body = BytesMut::new();
         HandshakeRequest {
             client: format!("keelmq-rust {}", env!("CARGO_PKG_VERSION")),
+            shard,
         }
         .encode(&mut body);
         let reply = conn.call(Op::Handshake, &body)?;

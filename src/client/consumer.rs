@@ -46,14 +46,24 @@ pub struct Consumer {
 impl Consumer {
     /// Connects to the broker at `addr`.
     pub fn connect(addr: &str) -> Result<Consumer, ClientError> {
-        Ok(Consumer {
-            conn: Connection::connect(addr)?,
+        Ok(Consumer::over(Connection::connect(addr)?))
+    }
+
+    fn over(conn: Connection) -> Consumer {
+        Consumer {
+            conn,
             topic: String::new(),
             cursors: BTreeMap::new(),
             fetches: HashMap::new(),
             ready: VecDeque::new(),
             fetch_bytes_max: 1 << 20,
-        })
+        }
+    }
+
+    /// Connects with shard `shard` serving the connection: fetches of the
+    /// queues it owns take no cross-core hop.
+    pub fn connect_to_shard(addr: &str, shard: u16) -> Result<Consumer, ClientError> {
+        Ok(Consumer::over(Connection::connect_to_shard(addr, shard)?))
     }
 
     /// Sets the most bytes one fetch returns (per queue).

@@ -57,6 +57,20 @@ impl Producer {
         })
     }
 
+    /// Connects with shard `shard` serving the connection: batches for the
+    /// queues it owns (metadata says which) take no cross-core hop.
+    pub fn connect_to_shard(addr: &str, shard: u16) -> Result<Producer, ClientError> {
+        Ok(Producer {
+            conn: Connection::connect_to_shard(addr, shard)?,
+            in_flight: HashMap::new(),
+        })
+    }
+
+    /// The shard serving this producer's connection.
+    pub fn shard(&self) -> u16 {
+        self.conn.handshake().shard
+    }
+
     /// Largest batch the broker accepts, in bytes.
     pub fn batch_bytes_max(&self) -> usize {
         self.conn.handshake().batch_bytes_max as usize

@@ -101,21 +101,29 @@ fn durability(r: &mut Reader) -> Result<Durability, DecodeError> {
     })
 }
 
-/// Handshake request: who is calling.
+/// Shard hint of a handshake meaning "whichever shard accepted me".
+pub const ANY_SHARD: u16 = u16::MAX;
+
+/// Handshake request: who is calling, and which shard should serve the
+/// connection (the broker hands the connection to that shard, so requests
+/// for its queues take no cross-core hop).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandshakeRequest {
     pub client: String,
+    /// A shard index, or [`ANY_SHARD`].
+    pub shard: u16,
 }
 
 impl HandshakeRequest {
     pub fn encode(&self, out: &mut BytesMut) {
-        Writer(out).str(&self.client);
+        Writer(out).str(&self.client).u16(self.shard);
     }
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
         let client = r.str("client")?;
+        let shard = r.u16("shard")?;
         r.finish()?;
-        Ok(HandshakeRequest { client })
+        Ok(HandshakeRequest { client, shard })
     }
 }
 

@@ -37,6 +37,10 @@ pub enum MeshMsg {
         code: u16,
         body: Vec<Bytes>,
     },
+    /// A client connection handed over because its handshake asked for the
+    /// receiving shard: the socket (a duplicated descriptor the receiver now
+    /// owns) and the bytes already read from it, handshake first.
+    Adopt { fd: i32, buffered: Bytes },
 }
 
 /// One shard's unconnected ends of the mesh, built before the executors
@@ -173,6 +177,21 @@ impl Mesh {
             .send(MeshMsg::Reply { id, code, body })
             .await
             .map_err(|_| MeshError(to))
+    }
+
+    /// Hands a client connection to shard `to`. On failure the descriptor is
+    /// closed.
+    pub async fn adopt(&self, to: u16, fd: i32, buffered: Bytes) -> Result<(), MeshError> {
+        let sent = match self.senders.get(to as usize).and_then(Option::as_ref) {
+            Some(sender) => sender.send(MeshMsg::Adopt { fd, buffered }).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // SAFETY: `fd` was duplicated for this hand-off and is owned here.
+            unsafe { libc::close(fd) };
+            return Err(MeshError(to));
+        }
+        Ok(())
     }
 
     /// Delivers a reply that arrived for one of our requests.

@@ -239,6 +239,9 @@ async fn mesh_receive_loop(
     while let Some(msg) = rx.recv().await {
         match msg {
             MeshMsg::Reply { id, code, body } => shard.mesh.complete(id, code, body),
+            MeshMsg::Adopt { fd, buffered } => {
+                crate::broker::connection::adopt(&shard, fd, buffered)
+            }
             MeshMsg::Request {
                 from,
                 id,
