@@ -747,6 +747,7 @@ mod tests {
         round(
             HandshakeRequest {
                 client: "me".into(),
+                shard: 1,
             },
             HandshakeRequest::encode,
             HandshakeRequest::decode,
