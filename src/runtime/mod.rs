@@ -10,10 +10,14 @@ pub mod watch;
 pub use executor::{memlock_limit_bytes, ExecutorSpec, TaskQueues};
 pub use glommio::channels::channel_mesh::{Full as MeshFull, MeshBuilder, Receivers, Senders};
 pub use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+pub use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 pub use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 pub use glommio::net::{TcpListener, TcpStream};
 pub use glommio::sync::Semaphore;
 pub use glommio::timer::{sleep, Timer};
+pub use glommio::TaskQueueHandle;
 pub use glommio::{spawn_local, spawn_local_into, Task};
 pub use oneshot::{oneshot, OneshotReceiver, OneshotSender};
 pub use split::{split, ReadHalf, WriteHalf};

@@ -10,8 +10,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::runtime::{oneshot, OneshotReceiver, OneshotSender};
-use glommio::channels::shared_channel::{
-    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+use crate::runtime::{
+    shared_channel, spawn_local, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
 
 /// Requests in flight between two shards before senders wait.
@@ -98,13 +98,13 @@ impl Mesh {
         let senders: Vec<_> = ends
             .senders
             .into_iter()
-            .map(|s| s.map(|s| glommio::spawn_local(s.connect())))
+            .map(|s| s.map(|s| spawn_local(s.connect())))
             .collect();
         let receivers: Vec<_> = ends
             .receivers
             .into_iter()
             .enumerate()
-            .filter_map(|(peer, r)| r.map(|r| (peer as u16, glommio::spawn_local(r.connect()))))
+            .filter_map(|(peer, r)| r.map(|r| (peer as u16, spawn_local(r.connect()))))
             .collect();
         let mut connected_senders = Vec::new();
         for s in senders {

@@ -231,11 +231,7 @@ async fn serve_until_shutdown(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
     tracing::info!(shard = shard.id, "stopped");
 }
 
-async fn mesh_receive_loop(
-    shard: Rc<Shard>,
-    peer: u16,
-    rx: glommio::channels::shared_channel::ConnectedReceiver<MeshMsg>,
-) {
+async fn mesh_receive_loop(shard: Rc<Shard>, peer: u16, rx: runtime::ConnectedReceiver<MeshMsg>) {
     while let Some(msg) = rx.recv().await {
         match msg {
             MeshMsg::Reply { id, code, body } => shard.mesh.complete(id, code, body),

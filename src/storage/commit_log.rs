@@ -150,7 +150,7 @@ impl CommitLog {
     }
 
     /// Starts the flusher and syncer tasks in task queue `tq`.
-    pub fn start(self: &Rc<Self>, tq: glommio::TaskQueueHandle) {
+    pub fn start(self: &Rc<Self>, tq: runtime::TaskQueueHandle) {
         let me = self.clone();
         runtime::spawn_local_into(async move { me.flusher().await }, tq)
             .expect("task queue exists")
