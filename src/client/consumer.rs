@@ -41,6 +41,7 @@ pub struct Consumer {
     fetches: HashMap<u64, u32>,
     ready: VecDeque<Message>,
     fetch_bytes_max: u32,
+    fetch_wait: Option<Duration>,
 }
 
 impl Consumer {
@@ -57,6 +58,7 @@ impl Consumer {
             fetches: HashMap::new(),
             ready: VecDeque::new(),
             fetch_bytes_max: 1 << 20,
+            fetch_wait: None,
         }
     }
 
@@ -64,6 +66,19 @@ impl Consumer {
     /// queues it owns take no cross-core hop.
     pub fn connect_to_shard(addr: &str, shard: u16) -> Result<Consumer, ClientError> {
         Ok(Consumer::over(Connection::connect_to_shard(addr, shard)?))
+    }
+
+    /// Busy-poll mode (see [`Connection::set_busy_poll`]).
+    pub fn set_busy_poll(&mut self, on: bool) -> Result<(), ClientError> {
+        self.conn.set_busy_poll(on)
+    }
+
+    /// Makes every fetch long-poll for `wait` at the broker, whatever the
+    /// `poll` timeout. With busy-poll mode and `poll(Duration::ZERO)` this
+    /// gives a non-blocking consumer that an event loop can drive without
+    /// flooding the broker with empty fetches.
+    pub fn set_fetch_wait(&mut self, wait: Option<Duration>) {
+        self.fetch_wait = wait;
     }
 
     /// Sets the most bytes one fetch returns (per queue).

@@ -71,6 +71,11 @@ impl Producer {
         self.conn.handshake().shard
     }
 
+    /// Busy-poll mode (see [`Connection::set_busy_poll`]).
+    pub fn set_busy_poll(&mut self, on: bool) -> Result<(), ClientError> {
+        self.conn.set_busy_poll(on)
+    }
+
     /// Largest batch the broker accepts, in bytes.
     pub fn batch_bytes_max(&self) -> usize {
         self.conn.handshake().batch_bytes_max as usize

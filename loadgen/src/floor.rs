@@ -1,0 +1,188 @@
+//! The machine's physical floor, measured the way the workload is: a
+//! loopback TCP echo on a glommio executor (the broker's I/O stack, pinned
+//! where the broker runs), driven open loop at the workload's rate by a
+//! busy-polling client; and 4 KiB O_DIRECT writes, with and without
+//! fdatasync, on the data directory's disk.
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Floor measurements, µs.
+#[derive(Debug, Default, Clone)]
+pub struct Floor {
+    pub rtt_p50_us: u64,
+    pub rtt_p99_us: u64,
+    pub rtt_p999_us: u64,
+    pub write_p50_us: u64,
+    pub write_p99_us: u64,
+    pub fsync_p50_us: u64,
+    pub fsync_p99_us: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds")
+}
+
+/// Runs an echo server on a pinned glommio executor; returns its address.
+fn echo_server(cpu: Option<usize>) -> Result<std::net::SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spec = keelmq::runtime::ExecutorSpec {
+        name: "floor-echo".into(),
+        cpu,
+        spin_before_park: Duration::from_micros(200),
+        preempt_timer: Duration::from_micros(500),
+        io_memory_bytes: 512 * 1024,
+        ring_depth: 64,
+    };
+    spec.spawn(move |_| async move {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let listener =
+            keelmq::runtime::bind_listener("127.0.0.1:0".parse().unwrap()).expect("bind echo");
+        tx.send(listener.local_addr().expect("addr"))
+            .expect("report addr");
+        let mut stream = listener.accept().await.expect("accept");
+        let _ = stream.set_nodelay(true);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })?;
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("echo server did not start")
+}
+
+/// Open-loop echo round trips of `size`-byte messages at `rate` per second.
+pub fn rtt(
+    cpu_server: Option<usize>,
+    cpu_client: Option<usize>,
+    rate: f64,
+    size: usize,
+    secs: f64,
+) -> Result<Histogram<u64>> {
+    let addr = echo_server(cpu_server)?;
+    if let Some(id) = cpu_client {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    let size = size.max(8);
+    let interval = 1e9 / rate;
+    let total = (rate * secs) as u64;
+    let warm = total / 10;
+    let mut h = histogram();
+    let mut msg = vec![0u8; size];
+    let mut inbuf = Vec::with_capacity(1 << 20);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let (mut next, mut done) = (0u64, 0u64);
+    let mut out: Vec<u8> = Vec::new();
+    while done < total {
+        let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+        while next < total && (next as f64 * interval) as u64 <= now {
+            msg[..8].copy_from_slice(&((next as f64 * interval) as u64).to_le_bytes());
+            out.extend_from_slice(&msg);
+            next += 1;
+        }
+        if !out.is_empty() {
+            match s.write(&out) {
+                Ok(n) => {
+                    out.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => anyhow::bail!("echo server closed"),
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut at = 0;
+        while inbuf.len() - at >= size {
+            let sched = u64::from_le_bytes(inbuf[at..at + 8].try_into().unwrap());
+            let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+            if done >= warm {
+                let _ = h.record((now.saturating_sub(sched) / 1000).max(1));
+            }
+            done += 1;
+            at += size;
+        }
+        inbuf.drain(..at);
+    }
+    Ok(h)
+}
+
+struct Aligned {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl Aligned {
+    fn new(size: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(size, 4096).expect("layout");
+        // SAFETY: non-zero size, valid alignment; freed in Drop.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        Aligned { ptr, layout }
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for layout.size() bytes while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// 4 KiB O_DIRECT writes (then with fdatasync) in `dir`: (write, fsync) µs.
+pub fn disk(dir: &Path, writes: u32, syncs: u32) -> Result<(Histogram<u64>, Histogram<u64>)> {
+    let path = dir.join(".floor-probe");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("O_DIRECT open of {}", path.display()))?;
+    let buf = Aligned::new(4096);
+    let span = 64u64 << 20;
+    // Preallocate so the writes measure the disk, not block allocation.
+    f.set_len(span)?;
+    for i in 0..(span / 4096) {
+        f.write_all_at(buf.as_slice(), i * 4096)?;
+    }
+    f.sync_all()?;
+    let (mut w, mut s) = (histogram(), histogram());
+    for i in 0..u64::from(writes) {
+        let t = Instant::now();
+        f.write_all_at(buf.as_slice(), (i * 4096) % span)?;
+        let _ = w.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    for i in 0..u64::from(syncs) {
+        let t = Instant::now();
+        f.write_all_at(buf.as_slice(), (i * 4096) % span)?;
+        f.sync_data()?;
+        let _ = s.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok((w, s))
+}

@@ -1,0 +1,338 @@
+//! `keelmq-loadgen`: an open-loop load generator for KeelMQ that reports
+//! produce-to-ack and end-to-end latency and throughput, with the machine's
+//! steal time and, on request, its physical floor measured the same way.
+
+mod floor;
+mod run;
+mod spawn;
+mod sysstat;
+mod workload;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use keelmq::client::Admin;
+use keelmq::protocol::Durability;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+use workload::{Level, Workload};
+
+#[derive(Parser)]
+#[command(
+    name = "keelmq-loadgen",
+    version,
+    about = "Open-loop load generator for KeelMQ"
+)]
+struct Args {
+    /// Broker to load (ignored with --spawn).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    broker: String,
+    /// Start `keelmq serve` in a temp dir, pinned away from the loadgen.
+    #[arg(long)]
+    spawn: bool,
+    /// Shards of the spawned broker.
+    #[arg(long, default_value_t = 1)]
+    shards: u16,
+    /// Tuning profile of the spawned broker.
+    #[arg(long)]
+    profile: Option<String>,
+    /// Where the spawned broker's temp data dir goes (default: the system temp dir).
+    #[arg(long)]
+    spawn_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    topics: u32,
+    /// Queues per topic.
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+    /// Message size in bytes (at least 16: the stamp).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Messages per second over all producers, or `max`.
+    #[arg(long, default_value = "10000")]
+    rate: String,
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Consumers per topic.
+    #[arg(long, default_value_t = 1)]
+    consumers: u32,
+    /// Most messages per produce batch (default 1 at a fixed rate, 1000 at max).
+    #[arg(long)]
+    batch_max: Option<usize>,
+    /// How long a producer may wait to fill a batch, µs.
+    #[arg(long, default_value_t = 0)]
+    linger_us: u64,
+    #[arg(long, default_value = "memory")]
+    durability: String,
+    /// Keys spread over (0: none; queues taken round-robin).
+    #[arg(long, default_value_t = 0)]
+    keys: u32,
+    /// An OpenMessaging Benchmark workload file (overrides the workload flags).
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// Runs; each is reported, then the one with the least steal.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Also measure this machine's floor (echo RTT, O_DIRECT write, write + fdatasync).
+    #[arg(long)]
+    floor: bool,
+    /// One JSON object at the end instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+fn workload(a: &Args) -> Result<Workload> {
+    let durability = Level::parse(&a.durability)?;
+    let rate = match a.rate.as_str() {
+        "max" => None,
+        r => Some(
+            r.parse::<f64>()
+                .with_context(|| format!("--rate must be a number or max, not '{r}'"))?,
+        ),
+    };
+    let batch_max = a.batch_max.unwrap_or(if rate.is_none() { 1000 } else { 1 });
+    if let Some(path) = &a.workload {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut w = Workload::from_omb(&text, durability, batch_max, a.linger_us)?;
+        if w.rate.is_none() {
+            w.batch_max = a.batch_max.unwrap_or(1000);
+        }
+        return Ok(w);
+    }
+    if a.size < run::STAMP_BYTES {
+        bail!("--size must be at least {} bytes", run::STAMP_BYTES);
+    }
+    Ok(Workload {
+        name: "flags".into(),
+        topics: a.topics.max(1),
+        queues: a.queues.max(1),
+        size: a.size,
+        rate,
+        duration_s: a.duration,
+        warmup_s: a.warmup,
+        producers: a.producers.max(1),
+        consumers: a.consumers.max(1),
+        batch_max,
+        linger_us: a.linger_us,
+        durability,
+        keys: a.keys,
+    })
+}
+
+fn result_json(r: &run::RunResult) -> Value {
+    json!({
+        "sent": r.sent,
+        "acked": r.acked,
+        "received": r.received,
+        "lost": r.lost,
+        "duplicates": r.duplicates,
+        "errors": r.errors,
+        "rate_msgs": r.rate_msgs.round(),
+        "mb_per_s": (r.mb_per_s * 100.0).round() / 100.0,
+        "ack_p50_us": quantile_us(&r.ack, 0.5),
+        "ack_p99_us": quantile_us(&r.ack, 0.99),
+        "ack_p999_us": quantile_us(&r.ack, 0.999),
+        "e2e_p50_us": quantile_us(&r.e2e, 0.5),
+        "e2e_p99_us": quantile_us(&r.e2e, 0.99),
+        "e2e_p999_us": quantile_us(&r.e2e, 0.999),
+        "e2e_p9999_us": quantile_us(&r.e2e, 0.9999),
+        "e2e_max_us": r.e2e.max(),
+        "steal_pct": (r.steal_pct * 10.0).round() / 10.0,
+        "cpu_busy_pct": (r.cpu_busy_pct * 10.0).round() / 10.0,
+        "first_error": r.first_error,
+    })
+}
+
+fn print_table(i: u32, r: &run::RunResult) {
+    eprintln!(
+        "run {i}: sent {} acked {} received {} lost {} dup {} errors {} | {:.0} msg/s {:.1} MB/s | steal {:.1}% busy {:.1}%",
+        r.sent, r.acked, r.received, r.lost, r.duplicates, r.errors, r.rate_msgs, r.mb_per_s, r.steal_pct, r.cpu_busy_pct
+    );
+    eprintln!(
+        "       ack  p50 {:>7} µs  p99 {:>7} µs  p99.9 {:>7} µs",
+        quantile_us(&r.ack, 0.5),
+        quantile_us(&r.ack, 0.99),
+        quantile_us(&r.ack, 0.999)
+    );
+    eprintln!(
+        "       e2e  p50 {:>7} µs  p99 {:>7} µs  p99.9 {:>7} µs  p99.99 {:>7} µs  max {:>8} µs",
+        quantile_us(&r.e2e, 0.5),
+        quantile_us(&r.e2e, 0.99),
+        quantile_us(&r.e2e, 0.999),
+        quantile_us(&r.e2e, 0.9999),
+        r.e2e.max()
+    );
+    if r.lost > 0 {
+        eprintln!("!!!!! LOST {} ACKNOWLEDGED MESSAGES !!!!!", r.lost);
+    }
+    if let Some(e) = &r.first_error {
+        eprintln!("       first error: {e}");
+    }
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let a = Args::parse();
+    let w = workload(&a)?;
+    let cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let spawned = if a.spawn {
+        Some(spawn::Spawned::start(
+            a.shards,
+            a.profile.as_deref(),
+            a.spawn_dir.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let broker = spawned
+        .as_ref()
+        .map_or(a.broker.clone(), |s| s.addr.clone());
+    // The spawned broker pins its shards to the first cores; the loadgen
+    // takes the rest (or shares all of them when none is left).
+    let (broker_cpu, cpus) = match &spawned {
+        Some(_) if cores.len() > a.shards as usize => {
+            (cores.first().copied(), cores[a.shards as usize..].to_vec())
+        }
+        Some(_) => (cores.first().copied(), Vec::new()),
+        None => (None, Vec::new()),
+    };
+    let mode = "busy-poll";
+    eprintln!(
+        "keelmq-loadgen: {} · {} topic(s) × {} queue(s) · {} B · rate {} · {} s (+{} s warm-up) · {} producer(s), {} consumer(s)/topic · batch ≤ {} · durability {} · client {mode} · broker {broker}",
+        w.name,
+        w.topics,
+        w.queues,
+        w.size,
+        w.rate.map_or("max".to_string(), |r| format!("{r}/s")),
+        w.duration_s,
+        w.warmup_s,
+        w.producers,
+        w.consumers,
+        w.batch_max,
+        w.durability.name()
+    );
+    let mut results = Vec::new();
+    for i in 0..a.repeat.max(1) {
+        let mut admin =
+            Admin::connect(&broker).with_context(|| format!("cannot reach broker {broker}"))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let topics: Vec<String> = (0..w.topics)
+            .map(|t| format!("loadgen-{stamp}-{i}-{t}"))
+            .collect();
+        let level = match w.durability {
+            Level::Memory => Durability::Memory,
+            Level::Written => Durability::Written,
+            Level::Fsync => Durability::Fsync,
+        };
+        for t in &topics {
+            admin.create_topic(t, w.queues, Some(level))?;
+        }
+        let r = run::run(&run::RunSpec {
+            broker: &broker,
+            workload: &w,
+            topics: topics.clone(),
+            cpus: cpus.clone(),
+            progress: !a.json,
+        })?;
+        for t in &topics {
+            let _ = admin.delete_topic(t);
+        }
+        print_table(i + 1, &r);
+        results.push(r);
+    }
+    let best = results
+        .iter()
+        .enumerate()
+        .min_by(|x, y| x.1.steal_pct.total_cmp(&y.1.steal_pct))
+        .map(|(i, _)| i)
+        .expect("at least one run");
+    if results.len() > 1 {
+        eprintln!("least steal: run {}", best + 1);
+    }
+    let floor = if a.floor {
+        let rate = w.rate.unwrap_or(10_000.0);
+        let client_cpu = cpus.first().copied();
+        let rtt = floor::rtt(broker_cpu, client_cpu, rate, w.size, 5.0)?;
+        let dir = spawned
+            .as_ref()
+            .map_or_else(std::env::temp_dir, |s| s.data_dir.path().to_path_buf());
+        let (wr, fs) = floor::disk(&dir, 3000, 500)?;
+        let f = floor::Floor {
+            rtt_p50_us: quantile_us(&rtt, 0.5),
+            rtt_p99_us: quantile_us(&rtt, 0.99),
+            rtt_p999_us: quantile_us(&rtt, 0.999),
+            write_p50_us: quantile_us(&wr, 0.5),
+            write_p99_us: quantile_us(&wr, 0.99),
+            fsync_p50_us: quantile_us(&fs, 0.5),
+            fsync_p99_us: quantile_us(&fs, 0.99),
+        };
+        eprintln!(
+            "floor: echo rtt p50 {} µs p99 {} µs p99.9 {} µs · O_DIRECT 4 KiB write p50 {} µs p99 {} µs · write+fdatasync p50 {} µs p99 {} µs",
+            f.rtt_p50_us, f.rtt_p99_us, f.rtt_p999_us, f.write_p50_us, f.write_p99_us, f.fsync_p50_us, f.fsync_p99_us
+        );
+        Some(f)
+    } else {
+        None
+    };
+    let rss = spawned.as_ref().and_then(|s| s.rss_bytes());
+    if a.json {
+        let mut v = result_json(&results[best]);
+        let o = v.as_object_mut().expect("object");
+        o.insert("mode".into(), mode.into());
+        o.insert("workload".into(), w.name.clone().into());
+        o.insert("durability".into(), w.durability.name().into());
+        o.insert("size".into(), w.size.into());
+        o.insert(
+            "rate".into(),
+            w.rate.map_or(Value::from("max"), Value::from),
+        );
+        o.insert(
+            "broker_rss_bytes".into(),
+            rss.map_or(Value::Null, Value::from),
+        );
+        if let Some(f) = &floor {
+            o.insert("floor_rtt_p50_us".into(), f.rtt_p50_us.into());
+            o.insert("floor_rtt_p99_us".into(), f.rtt_p99_us.into());
+            o.insert("floor_rtt_p999_us".into(), f.rtt_p999_us.into());
+            o.insert("floor_write_p99_us".into(), f.write_p99_us.into());
+            o.insert("floor_fsync_p99_us".into(), f.fsync_p99_us.into());
+        }
+        if results.len() > 1 {
+            o.insert(
+                "runs".into(),
+                results.iter().map(result_json).collect::<Vec<_>>().into(),
+            );
+            o.insert("best_run".into(), (best + 1).into());
+        }
+        println!("{v}");
+    }
+    if results.iter().any(|r| r.lost > 0) {
+        bail!("acknowledged messages were lost");
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! One measured run: open-loop producers and consumers multiplexed on a few
+//! busy-polling worker threads (one per free core), every message stamped
+//! with its *scheduled* send time so a broker stall shows up as latency
+//! instead of slowing the sender (no coordinated omission).
+//!
+//! Payload: `u64` scheduled time (ns since the run's t0), `u32` producer,
+//! `u32` sequence, then filler up to the message size.
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use keelmq::client::{Consumer, Producer, QueueSelector, Record, SeekTo};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::workload::Workload;
+
+/// Bytes of the stamp at the head of every payload.
+pub const STAMP_BYTES: usize = 16;
+/// Batches a producer keeps in flight before it waits for acks.
+const IN_FLIGHT_BATCHES_MAX: usize = 256;
+/// How long consumers may take to catch up after the last ack.
+const DRAIN_S: u64 = 15;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds")
+}
+
+/// What a run measured.
+pub struct RunResult {
+    pub sent: u64,
+    pub acked: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub errors: u64,
+    /// Messages delivered end to end per second in the measured window.
+    pub rate_msgs: f64,
+    pub mb_per_s: f64,
+    /// Latencies in µs.
+    pub ack: Histogram<u64>,
+    pub e2e: Histogram<u64>,
+    pub steal_pct: f64,
+    pub cpu_busy_pct: f64,
+    pub first_error: Option<String>,
+}
+
+struct Shared {
+    t0: Instant,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    received: AtomicU64,
+    errors: AtomicU64,
+    producers_done: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+}
+
+struct InFlight {
+    first_seq: u32,
+    /// Scheduled send time of each message (ns since t0).
+    sched_ns: Vec<u64>,
+}
+
+/// One open-loop producer, driven step by step by a worker.
+struct ProducerState {
+    id: u32,
+    p: Producer,
+    targets: Vec<(String, u32)>,
+    next_target: usize,
+    /// ns between two of this producer's messages; `None` = max rate.
+    interval_ns: Option<f64>,
+    /// Offset of this producer's schedule (producers interleave).
+    phase_ns: f64,
+    next_seq: u32,
+    end_ns: u64,
+    warmup_ns: u64,
+    batch_max: usize,
+    linger_ns: u64,
+    size: usize,
+    keys: u32,
+    in_flight: HashMap<u64, InFlight>,
+    acked: Vec<bool>,
+    ack_us: Histogram<u64>,
+    filler: Bytes,
+    done: bool,
+}
+
+impl ProducerState {
+    fn sched(&self, seq: u32) -> u64 {
+        match self.interval_ns {
+            Some(i) => (self.phase_ns + f64::from(seq) * i) as u64,
+            None => 0,
+        }
+    }
+
+    /// Sends what is due; returns whether anything happened.
+    fn step(&mut self, shared: &Shared) -> Result<bool> {
+        let mut busy = false;
+        let now = shared.now_ns();
+        if !self.done && self.in_flight.len() < IN_FLIGHT_BATCHES_MAX {
+            let (due, first_sched) = match self.interval_ns {
+                Some(i) => {
+                    let first = self.sched(self.next_seq);
+                    if first >= self.end_ns {
+                        self.done = true;
+                        (0, 0)
+                    } else if first > now {
+                        (0, 0)
+                    } else {
+                        let n = ((now - first) as f64 / i) as usize + 1;
+                        let left = ((self.end_ns - first) as f64 / i).ceil() as usize;
+                        (n.min(self.batch_max).min(left.max(1)), first)
+                    }
+                }
+                None => {
+                    if now >= self.end_ns {
+                        self.done = true;
+                        (0, 0)
+                    } else {
+                        (self.batch_max, now)
+                    }
+                }
+            };
+            let lingering =
+                due > 0 && due < self.batch_max && now.saturating_sub(first_sched) < self.linger_ns;
+            if due > 0 && !lingering {
+                self.send(due, now, shared)?;
+                busy = true;
+            }
+        }
+        while let Some((ticket, result)) = self.p.poll_ack(Duration::ZERO)? {
+            busy = true;
+            let Some(f) = self.in_flight.remove(&ticket) else {
+                continue;
+            };
+            match result {
+                Ok(_) => {
+                    let at = shared.now_ns();
+                    for (i, s) in f.sched_ns.iter().enumerate() {
+                        self.acked[f.first_seq as usize + i] = true;
+                        if *s >= self.warmup_ns {
+                            let _ = self.ack_us.record((at.saturating_sub(*s) / 1000).max(1));
+                        }
+                    }
+                    shared
+                        .acked
+                        .fetch_add(f.sched_ns.len() as u64, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(busy)
+    }
+
+    fn send(&mut self, n: usize, now: u64, shared: &Shared) -> Result<()> {
+        let mut records = Vec::with_capacity(n);
+        let mut sched = Vec::with_capacity(n);
+        for i in 0..n {
+            let seq = self.next_seq + i as u32;
+            let s = match self.interval_ns {
+                Some(_) => self.sched(seq),
+                None => now,
+            };
+            let mut payload = Vec::with_capacity(self.size);
+            payload.extend_from_slice(&s.to_le_bytes());
+            payload.extend_from_slice(&self.id.to_le_bytes());
+            payload.extend_from_slice(&seq.to_le_bytes());
+            payload.extend_from_slice(&self.filler[..self.size - STAMP_BYTES]);
+            let mut r = Record::new(payload);
+            if self.keys > 0 {
+                r.key = Some(Bytes::from(format!(
+                    "k{}",
+                    (u64::from(seq) * 2_654_435_761) % u64::from(self.keys)
+                )));
+            }
+            records.push(r);
+            sched.push(s);
+        }
+        let (topic, queue) = self.targets[self.next_target].clone();
+        self.next_target = (self.next_target + 1) % self.targets.len();
+        let sel = match (&records[0].key, self.keys) {
+            (Some(k), _) => QueueSelector::Key(k.clone()),
+            _ => QueueSelector::Queue(queue),
+        };
+        let ticket = self.p.submit_batch(&topic, sel, &records)?;
+        let first_seq = self.next_seq;
+        self.next_seq += n as u32;
+        if self.acked.len() < self.next_seq as usize {
+            self.acked.resize(self.next_seq as usize * 2, false);
+        }
+        self.in_flight.insert(
+            ticket,
+            InFlight {
+                first_seq,
+                sched_ns: sched,
+            },
+        );
+        shared.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One consumer of a subset of a topic's queues.
+struct ConsumerState {
+    c: Consumer,
+    seen: Vec<Vec<u8>>,
+    e2e_us: Histogram<u64>,
+    received: u64,
+    window_msgs: u64,
+    window_bytes: u64,
+    warmup_ns: u64,
+    end_ns: u64,
+}
+
+impl ConsumerState {
+    fn step(&mut self, shared: &Shared) -> Result<bool> {
+        let msgs = self.c.poll(Duration::ZERO)?;
+        if msgs.is_empty() {
+            return Ok(false);
+        }
+        let now = shared.now_ns();
+        for m in &msgs {
+            let p = &m.payload;
+            if p.len() < STAMP_BYTES {
+                continue;
+            }
+            let sched = u64::from_le_bytes(p[0..8].try_into().unwrap());
+            let pid = u32::from_le_bytes(p[8..12].try_into().unwrap()) as usize;
+            let seq = u32::from_le_bytes(p[12..16].try_into().unwrap()) as usize;
+            if self.seen.len() <= pid {
+                self.seen.resize(pid + 1, Vec::new());
+            }
+            let v = &mut self.seen[pid];
+            if v.len() <= seq {
+                v.resize((seq + 1).max(v.len() * 2), 0);
+            }
+            v[seq] = v[seq].saturating_add(1);
+            if sched >= self.warmup_ns && sched < self.end_ns {
+                let _ = self
+                    .e2e_us
+                    .record((now.saturating_sub(sched) / 1000).max(1));
+                self.window_msgs += 1;
+                self.window_bytes += p.len() as u64;
+            }
+        }
+        self.received += msgs.len() as u64;
+        shared
+            .received
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+/// How a run is driven.
+pub struct RunSpec<'a> {
+    pub broker: &'a str,
+    pub workload: &'a Workload,
+    pub topics: Vec<String>,
+    /// CPUs the worker threads may use (one worker per CPU).
+    pub cpus: Vec<usize>,
+    pub progress: bool,
+}
+
+enum Task {
+    P(Box<ProducerState>),
+    C(Box<ConsumerState>),
+}
+
+/// Runs the workload once against topics that already exist.
+pub fn run(spec: &RunSpec) -> Result<RunResult> {
+    let w = spec.workload;
+    let warmup_ns = (w.warmup_s * 1e9) as u64;
+    let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
+    let shared = Arc::new(Shared {
+        t0: Instant::now() + Duration::from_millis(300),
+        sent: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        producers_done: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let mut tasks: Vec<Task> = Vec::new();
+    // Consumers first, positioned at the end of the (fresh) topics.
+    for topic in &spec.topics {
+        let per = w.queues.div_ceil(w.consumers.max(1));
+        for c in 0..w.consumers.max(1) {
+            let queues: Vec<u32> = (c * per..((c + 1) * per).min(w.queues)).collect();
+            if queues.is_empty() {
+                continue;
+            }
+            let mut consumer = Consumer::connect(spec.broker).context("consumer connect")?;
+            consumer.assign(topic, &queues)?;
+            consumer.seek(SeekTo::Latest)?;
+            consumer.set_busy_poll(true)?;
+            consumer.set_fetch_wait(Some(Duration::from_millis(200)));
+            consumer.set_fetch_bytes_max(4 << 20);
+            tasks.push(Task::C(Box::new(ConsumerState {
+                c: consumer,
+                seen: Vec::new(),
+                e2e_us: histogram(),
+                received: 0,
+                window_msgs: 0,
+                window_bytes: 0,
+                warmup_ns,
+                end_ns,
+            })));
+        }
+    }
+    let targets: Vec<(String, u32)> = spec
+        .topics
+        .iter()
+        .flat_map(|t| (0..w.queues).map(move |q| (t.clone(), q)))
+        .collect();
+    let filler = Bytes::from(vec![b'x'; w.size.max(STAMP_BYTES)]);
+    for id in 0..w.producers.max(1) {
+        let mut p = Producer::connect(spec.broker).context("producer connect")?;
+        p.set_busy_poll(true)?;
+        let interval_ns = w.rate.map(|r| 1e9 * f64::from(w.producers.max(1)) / r);
+        let mut t = targets.clone();
+        t.rotate_left(id as usize % targets.len());
+        tasks.push(Task::P(Box::new(ProducerState {
+            id,
+            p,
+            targets: t,
+            next_target: 0,
+            interval_ns,
+            phase_ns: interval_ns
+                .map_or(0.0, |i| i * f64::from(id) / f64::from(w.producers.max(1))),
+            next_seq: 0,
+            end_ns,
+            warmup_ns,
+            batch_max: w.batch_max.max(1),
+            linger_ns: w.linger_us * 1000,
+            size: w.size.max(STAMP_BYTES),
+            keys: w.keys,
+            in_flight: HashMap::new(),
+            acked: Vec::new(),
+            ack_us: histogram(),
+            filler: filler.clone(),
+            done: false,
+        })));
+    }
+    let n_producers = w.producers.max(1) as u64;
+    // Deal the tasks to one worker per CPU.
+    let workers = spec.cpus.len().max(1).min(tasks.len());
+    let mut per_worker: Vec<Vec<Task>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        per_worker[i % workers].push(t);
+    }
+    let cpu0 = crate::sysstat::sample();
+    let mut handles = Vec::new();
+    for (i, mine) in per_worker.into_iter().enumerate() {
+        let shared = shared.clone();
+        let cpu = spec.cpus.get(i).copied();
+        handles.push(std::thread::spawn(move || {
+            worker(mine, shared, cpu, n_producers)
+        }));
+    }
+    let progress = spec.progress.then(|| {
+        let shared = shared.clone();
+        std::thread::spawn(move || progress_loop(&shared))
+    });
+    let mut done_tasks = Vec::new();
+    let mut first_error = None;
+    for h in handles {
+        match h.join().expect("worker panicked") {
+            Ok(t) => done_tasks.extend(t),
+            Err(e) => {
+                first_error.get_or_insert(format!("{e:#}"));
+                shared.stop.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    let cpu1 = crate::sysstat::sample();
+    let (steal_pct, cpu_busy_pct) = crate::sysstat::percentages(cpu0, cpu1);
+    summarize(done_tasks, &shared, w, steal_pct, cpu_busy_pct, first_error)
+}
+
+fn worker(
+    mut tasks: Vec<Task>,
+    shared: Arc<Shared>,
+    cpu: Option<usize>,
+    n_producers: u64,
+) -> Result<Vec<Task>> {
+    if let Some(id) = cpu {
+        core_affinity::set_for_current(core_affinity::CoreId { id });
+    }
+    while Instant::now() < shared.t0 {
+        std::hint::spin_loop();
+    }
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let mut busy = false;
+        for t in tasks.iter_mut() {
+            match t {
+                Task::P(p) => {
+                    let was_done = p.done && p.in_flight.is_empty();
+                    busy |= p.step(&shared)?;
+                    if !was_done && p.done && p.in_flight.is_empty() {
+                        shared.producers_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Task::C(c) => busy |= c.step(&shared)?,
+            }
+        }
+        let producers_done = shared.producers_done.load(Ordering::Relaxed) >= n_producers;
+        let caught_up =
+            shared.received.load(Ordering::Relaxed) >= shared.acked.load(Ordering::Relaxed);
+        let my_producers_done = tasks.iter().all(|t| match t {
+            Task::P(p) => p.done && p.in_flight.is_empty(),
+            Task::C(_) => true,
+        });
+        if shared.stop.load(Ordering::Relaxed) && my_producers_done {
+            break;
+        }
+        if producers_done {
+            let d = *drain_deadline
+                .get_or_insert_with(|| Instant::now() + Duration::from_secs(DRAIN_S));
+            if caught_up || Instant::now() > d {
+                shared.stop.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+        if !busy {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(tasks)
+}
+
+fn progress_loop(shared: &Shared) {
+    let mut last = (0u64, 0u64, 0u64);
+    let mut tick = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        tick += 1;
+        if tick % 10 != 0 {
+            continue;
+        }
+        let now = (
+            shared.sent.load(Ordering::Relaxed),
+            shared.acked.load(Ordering::Relaxed),
+            shared.received.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "[{:>4.0}s] sent {:>9}/s  acked {:>9}/s  received {:>9}/s  errors {}",
+            shared.t0.elapsed().as_secs_f64(),
+            now.0 - last.0,
+            now.1 - last.1,
+            now.2 - last.2,
+            shared.errors.load(Ordering::Relaxed)
+        );
+        last = now;
+    }
+}
+
+fn summarize(
+    tasks: Vec<Task>,
+    shared: &Shared,
+    w: &Workload,
+    steal_pct: f64,
+    cpu_busy_pct: f64,
+    first_error: Option<String>,
+) -> Result<RunResult> {
+    let mut ack = histogram();
+    let mut e2e = histogram();
+    let mut acked_by: HashMap<u32, Vec<bool>> = HashMap::new();
+    let mut seen: Vec<Vec<u8>> = Vec::new();
+    let (mut window_msgs, mut window_bytes, mut received) = (0u64, 0u64, 0u64);
+    for t in tasks {
+        match t {
+            Task::P(p) => {
+                ack.add(&p.ack_us).expect("same bounds");
+                acked_by.insert(p.id, p.acked);
+            }
+            Task::C(c) => {
+                e2e.add(&c.e2e_us).expect("same bounds");
+                window_msgs += c.window_msgs;
+                window_bytes += c.window_bytes;
+                received += c.received;
+                for (pid, v) in c.seen.into_iter().enumerate() {
+                    if seen.len() <= pid {
+                        seen.resize(pid + 1, Vec::new());
+                    }
+                    let s = &mut seen[pid];
+                    if s.len() < v.len() {
+                        s.resize(v.len(), 0);
+                    }
+                    for (i, n) in v.into_iter().enumerate() {
+                        s[i] = s[i].saturating_add(n);
+                    }
+                }
+            }
+        }
+    }
+    let (mut lost, mut duplicates) = (0u64, 0u64);
+    for (pid, acked) in &acked_by {
+        let got = seen.get(*pid as usize);
+        for (seq, a) in acked.iter().enumerate() {
+            let n = got.and_then(|g| g.get(seq)).copied().unwrap_or(0);
+            if *a && n == 0 {
+                lost += 1;
+            }
+        }
+    }
+    for s in &seen {
+        duplicates += s
+            .iter()
+            .map(|&n| u64::from(n.saturating_sub(1)))
+            .sum::<u64>();
+    }
+    Ok(RunResult {
+        sent: shared.sent.load(Ordering::Relaxed),
+        acked: shared.acked.load(Ordering::Relaxed),
+        received,
+        lost,
+        duplicates,
+        errors: shared.errors.load(Ordering::Relaxed),
+        rate_msgs: window_msgs as f64 / w.duration_s,
+        mb_per_s: window_bytes as f64 / w.duration_s / 1e6,
+        ack,
+        e2e,
+        steal_pct,
+        cpu_busy_pct,
+        first_error,
+    })
+}

@@ -1,0 +1,117 @@
+//! `--spawn`: start `keelmq serve` in a temp dir on a free port, and stop it
+//! at the end.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A broker this process started.
+pub struct Spawned {
+    pub addr: String,
+    pub data_dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// The `keelmq` binary: beside this executable, else on PATH.
+pub fn keelmq_binary() -> PathBuf {
+    if let Ok(me) = std::env::current_exe() {
+        let beside = me.with_file_name("keelmq");
+        if beside.exists() {
+            return beside;
+        }
+    }
+    PathBuf::from("keelmq")
+}
+
+impl Spawned {
+    /// Starts a broker with `shards` shards and an optional profile; its
+    /// shards pin themselves to the first `shards` cores.
+    pub fn start(
+        shards: u16,
+        profile: Option<&str>,
+        dir_in: Option<&std::path::Path>,
+    ) -> Result<Spawned> {
+        let data_dir = match dir_in {
+            Some(d) => tempfile::tempdir_in(d)?,
+            None => tempfile::tempdir()?,
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let bin = keelmq_binary();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve")
+            .arg("--shards")
+            .arg(shards.to_string())
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--data-dir")
+            .arg(data_dir.path().join("data"));
+        if let Some(p) = profile {
+            cmd.arg("--profile").arg(p);
+        }
+        let log = std::fs::File::create(data_dir.path().join("broker.log"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with `cargo build --release`)",
+                    bin.display()
+                )
+            })?;
+        let mut s = Spawned {
+            addr,
+            data_dir,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = s.child.try_wait()? {
+                let log = std::fs::read_to_string(s.data_dir.path().join("broker.log"))
+                    .unwrap_or_default();
+                bail!("broker exited with {status}: {log}");
+            }
+            if keelmq::client::Admin::connect(&s.addr).is_ok() {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("broker did not start within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Broker memory (resident set), bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,79 @@
+//! The loadgen against a broker it spawns itself: the JSON report carries
+//! every field and no acknowledged message is lost.
+
+use std::process::Command;
+
+#[test]
+fn spawn_run_reports_json_with_nothing_lost() {
+    // The broker binary sits beside the loadgen's in the target dir.
+    let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
+        .args([
+            "--spawn",
+            "--rate",
+            "2000",
+            "--size",
+            "100",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed: {stderr}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    for key in [
+        "sent",
+        "acked",
+        "received",
+        "lost",
+        "duplicates",
+        "errors",
+        "rate_msgs",
+        "mb_per_s",
+        "ack_p50_us",
+        "ack_p99_us",
+        "ack_p999_us",
+        "e2e_p50_us",
+        "e2e_p99_us",
+        "e2e_p999_us",
+        "e2e_p9999_us",
+        "e2e_max_us",
+        "steal_pct",
+        "cpu_busy_pct",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["sent"], 5000, "open loop: 2.5 s at 2000/s");
+    assert_eq!(v["acked"], 5000);
+    assert_eq!(v["received"], 5000);
+    assert!(v["e2e_p50_us"].as_u64().unwrap() > 0);
+    assert_eq!(v["mode"], "busy-poll");
+}
+
+#[test]
+fn an_omb_workload_file_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("w.yaml");
+    std::fs::write(
+        &w,
+        "name: smoke omb\ntopics: 1\npartitionsPerTopic: 4\nmessageSize: 64\nsubscriptionsPerTopic: 1\nconsumerPerSubscription: 2\nproducerRate: 2000\ntestDurationMinutes: 0.03\nwarmupDurationMinutes: 0.01\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
+        .args(["--spawn", "--workload", w.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["workload"], "smoke omb");
+    assert_eq!(v["sent"], 4800, "(1.8 s + 0.6 s) at 2000/s");
+    assert_eq!(v["received"], 4800);
+}
