@@ -64,31 +64,11 @@ impl ExecutorSpec {
                         "background",
                     );
                     let queues = TaskQueues { data, background };
-                    glommio::spawn_local_into(heartbeat(), background)
-                        .expect("background task queue exists")
-                        .detach();
                     glommio::spawn_local_into(f(queues), data)
                         .expect("data task queue exists")
                         .await
                 })
             })
-    }
-}
-
-/// How often a parked executor wakes even with nothing to do.
-///
-/// glommio 0.9 can lose the wake-up a remote executor or its blocking pool
-/// sends to a parked executor (seen under load: two shards connecting their
-/// channels both parked forever at startup). A pending timer bounds every
-/// park, and each wake runs the reactor, which sweeps the cross-core
-/// channels and the blocking pool, so a lost wake-up costs at most this
-/// long instead of a hang. A shard under load never parks, so this costs
-/// nothing on the data path.
-pub const HEARTBEAT: Duration = Duration::from_millis(5);
-
-async fn heartbeat() {
-    loop {
-        glommio::timer::sleep(HEARTBEAT).await;
     }
 }
 
