@@ -42,7 +42,13 @@ pub struct Consumer {
     ready: VecDeque<Message>,
     fetch_bytes_max: u32,
     fetch_wait: Option<Duration>,
+    /// Where the next round of fetches starts (queues take turns).
+    next_fetch_queue: u32,
 }
+
+/// Fetches one consumer keeps in flight at most (well under the broker's
+/// default `in_flight_requests_max`).
+pub const FETCHES_IN_FLIGHT_MAX: usize = 256;
 
 impl Consumer {
     /// Connects to the broker at `addr`.
@@ -59,6 +65,7 @@ impl Consumer {
             ready: VecDeque::new(),
             fetch_bytes_max: 1 << 20,
             fetch_wait: None,
+            next_fetch_queue: 0,
         }
     }
 
@@ -205,16 +212,27 @@ impl Consumer {
     }
 
     fn send_fetches(&mut self, deadline: Instant) -> Result<(), ClientError> {
-        let wait_ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis()
-            .min(30_000) as u32;
-        let idle: Vec<u32> = self
-            .cursors
+        let wait = self
+            .fetch_wait
+            .unwrap_or_else(|| deadline.saturating_duration_since(Instant::now()));
+        // More queues than fetches allowed in flight: fetch without waiting
+        // at the broker, so an empty queue never holds a slot another
+        // queue's messages need; queues take turns.
+        let many = self.cursors.len() > FETCHES_IN_FLIGHT_MAX;
+        let wait_ms = if many { 0 } else { wait.as_millis().min(30_000) as u32 };
+        let room = FETCHES_IN_FLIGHT_MAX.saturating_sub(self.fetches.len());
+        let queues: Vec<u32> = self.cursors.keys().copied().collect();
+        let start = queues.partition_point(|&q| q < self.next_fetch_queue);
+        let idle: Vec<u32> = queues[start..]
             .iter()
-            .filter(|(_, c)| c.in_flight.is_none())
-            .map(|(q, _)| *q)
+            .chain(&queues[..start])
+            .copied()
+            .filter(|q| self.cursors[q].in_flight.is_none())
+            .take(room)
             .collect();
+        if let Some(&last) = idle.last() {
+            self.next_fetch_queue = last.wrapping_add(1);
+        }
         for q in idle {
             let c = &self.cursors[&q];
             let mut b = BytesMut::new();

@@ -180,6 +180,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
     tracing::debug!(shard = id, "startup: mesh connected");
     store.log().start(tq.data);
+    store.log().start_zeroer(tq.background);
     let shard = Rc::new(Shard {
         id,
         shard_count: spec.shard_count,

@@ -66,7 +66,18 @@ struct State {
     sync_wanted: u64,
     failure: Option<String>,
     closing: bool,
+    /// Positions of the active segment below this are allocated *and
+    /// written* (data or zeros), so writes there need no extent conversion
+    /// and fdatasync flushes data only.
+    zeroed_upto: u64,
+    /// A zero write in flight: the flusher must not write into it.
+    zeroing: Option<(u64, u64)>,
 }
+
+/// How far ahead of the append position the zeroer prepares the segment.
+pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
+/// Size of one zeroing write.
+const ZERO_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// One shard's commit log. See the module docs for the contract.
 pub struct CommitLog {
@@ -77,6 +88,8 @@ pub struct CommitLog {
     /// Event counters that wake the flusher and the syncer.
     write_work: Watch,
     sync_work: Watch,
+    /// Bumped whenever a zero write finishes.
+    zero_done: Watch,
     fsync_us: RefCell<Histogram<u64>>,
     write_us: RefCell<Histogram<u64>>,
 }
@@ -138,11 +151,14 @@ impl CommitLog {
                 sync_wanted: 0,
                 failure: None,
                 closing: false,
+                zeroed_upto: align_up(end),
+                zeroing: None,
             }),
             written: Watch::new(end),
             synced: Watch::new(end),
             write_work: Watch::new(0),
             sync_work: Watch::new(0),
+            zero_done: Watch::new(0),
             fsync_us: RefCell::new(histogram()),
             write_us: RefCell::new(histogram()),
         });
@@ -159,6 +175,85 @@ impl CommitLog {
         runtime::spawn_local_into(async move { me.syncer().await }, tq)
             .expect("task queue exists")
             .detach();
+    }
+
+    /// Starts the zeroer in task queue `tq` (a background queue).
+    ///
+    /// Segments are created with fallocate, which leaves *unwritten*
+    /// extents: the first write to each block then converts its extent at
+    /// completion and the next fdatasync commits that metadata, which costs
+    /// milliseconds per append on ext4. The zeroer writes zeros (and syncs
+    /// them) a little ahead of the append position, so appends land on
+    /// written blocks and an fdatasync flushes data only.
+    pub fn start_zeroer(self: &Rc<Self>, tq: runtime::TaskQueueHandle) {
+        let me = self.clone();
+        runtime::spawn_local_into(async move { me.zeroer().await }, tq)
+            .expect("task queue exists")
+            .detach();
+    }
+
+    /// The next range to zero, if the active segment needs one now.
+    fn zero_range(&self) -> Option<(u64, Rc<DmaFile>, u64, u64)> {
+        let mut s = self.state.borrow_mut();
+        if s.closing || s.failure.is_some() {
+            return None;
+        }
+        let (base, end, file) = {
+            let active = s.segments.values().next_back()?;
+            (active.info.base, active.info.end(), active.file.clone()?)
+        };
+        let from = s.zeroed_upto.max(base).max(align_up(s.append_pos));
+        let target = end.min(align_up(s.append_pos) + ZERO_AHEAD_BYTES);
+        if from >= target {
+            return None;
+        }
+        let to = target.min(from + ZERO_CHUNK_BYTES);
+        s.zeroing = Some((from, to));
+        Some((base, file, from, to))
+    }
+
+    async fn zeroer(self: Rc<Self>) {
+        loop {
+            let seen = self.write_work.get();
+            let Some((base, file, from, to)) = self.zero_range() else {
+                if self.state.borrow().closing {
+                    return;
+                }
+                let _ = self.write_work.wait_for(seen + 1).await;
+                continue;
+            };
+            let mut buf = runtime::dma_buffer((to - from) as usize);
+            buf.as_bytes_mut().fill(0);
+            let res = match file.write_at(buf, from - base).await {
+                Ok(_) => file.fdatasync().await,
+                Err(e) => Err(e),
+            };
+            {
+                let mut s = self.state.borrow_mut();
+                s.zeroing = None;
+                if res.is_ok() {
+                    s.zeroed_upto = s.zeroed_upto.max(to);
+                }
+            }
+            self.zero_done.advance(self.zero_done.get() + 1);
+            if let Err(e) = res {
+                // Only an optimisation failed: appends still work (slower).
+                tracing::warn!("zeroing ahead of the log failed: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Waits until no zero write overlaps `[from, to)`.
+    async fn wait_zeroing_clear(&self, from: u64, to: u64) {
+        loop {
+            let seen = self.zero_done.get();
+            match self.state.borrow().zeroing {
+                Some((a, b)) if a < to && from < b => {}
+                _ => return,
+            }
+            let _ = self.zero_done.wait_for(seen + 1).await;
+        }
     }
 
     /// Assigns a batch of `len` bytes the next log position, lets `stamp`
@@ -202,6 +297,7 @@ impl CommitLog {
                 },
             );
             s.append_pos = base;
+            s.zeroed_upto = base;
         }
         let pos = s.append_pos;
         let batch = stamp(pos);
@@ -431,6 +527,7 @@ impl CommitLog {
         );
         let data_len: u64 = run.iter().map(|(_, b)| b.len() as u64).sum();
         let end = first + data_len;
+        self.wait_zeroing_clear(start, align_up(end)).await;
         let size = align_up(end - start) as usize;
         let mut buf = runtime::dma_buffer(size);
         {
