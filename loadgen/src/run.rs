@@ -281,15 +281,6 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
     let w = spec.workload;
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
-    let shared = Arc::new(Shared {
-        t0: Instant::now() + Duration::from_millis(300),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        producers_done: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
     let mut tasks: Vec<Task> = Vec::new();
     // Consumers first, positioned at the end of the (fresh) topics.
     for topic in &spec.topics {
@@ -351,6 +342,15 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             done: false,
         })));
     }
+    let shared = Arc::new(Shared {
+        t0: Instant::now() + Duration::from_millis(300),
+        sent: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        producers_done: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
     let n_producers = w.producers.max(1) as u64;
     // Deal the tasks to one worker per CPU.
     let workers = spec.cpus.len().max(1).min(tasks.len());

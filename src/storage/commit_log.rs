@@ -198,6 +198,12 @@ impl CommitLog {
         if s.closing || s.failure.is_some() {
             return None;
         }
+        // Only while the flusher is idle: under sustained load appends keep
+        // the disk busy, the zeros would halve its bandwidth, and the
+        // latency they save matters only at low rates.
+        if !s.pending.is_empty() || self.written.get() < s.append_pos {
+            return None;
+        }
         let (base, end, file) = {
             let active = s.segments.values().next_back()?;
             (active.info.base, active.info.end(), active.file.clone()?)
