@@ -219,7 +219,11 @@ impl Consumer {
         // at the broker, so an empty queue never holds a slot another
         // queue's messages need; queues take turns.
         let many = self.cursors.len() > FETCHES_IN_FLIGHT_MAX;
-        let wait_ms = if many { 0 } else { wait.as_millis().min(30_000) as u32 };
+        let wait_ms = if many {
+            0
+        } else {
+            wait.as_millis().min(30_000) as u32
+        };
         let room = FETCHES_IN_FLIGHT_MAX.saturating_sub(self.fetches.len());
         let queues: Vec<u32> = self.cursors.keys().copied().collect();
         let start = queues.partition_point(|&q| q < self.next_fetch_queue);

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::segment::{segment_path, SegmentInfo};
 use super::{align_down, align_up};
@@ -76,8 +76,10 @@ struct State {
 
 /// How far ahead of the append position the zeroer prepares the segment.
 pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
+/// Above this append rate the zeroer pauses.
+pub const ZERO_RATE_BYTES_PER_S_MAX: u64 = 64 << 20;
 /// Size of one zeroing write.
-const ZERO_CHUNK_BYTES: u64 = 256 * 1024;
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 /// One shard's commit log. See the module docs for the contract.
 pub struct CommitLog {
@@ -198,12 +200,7 @@ impl CommitLog {
         if s.closing || s.failure.is_some() {
             return None;
         }
-        // Only while the flusher is idle: under sustained load appends keep
-        // the disk busy, the zeros would halve its bandwidth, and the
-        // latency they save matters only at low rates.
-        if !s.pending.is_empty() || self.written.get() < s.append_pos {
-            return None;
-        }
+
         let (base, end, file) = {
             let active = s.segments.values().next_back()?;
             (active.info.base, active.info.end(), active.file.clone()?)
@@ -219,7 +216,20 @@ impl CommitLog {
     }
 
     async fn zeroer(self: Rc<Self>) {
+        let mut window = (Instant::now(), self.append_position());
         loop {
+            // Under sustained load the zeros would halve the disk's bandwidth
+            // for appends that are large and sequential anyway: pause while
+            // the log grows faster than ZERO_RATE_BYTES_PER_S_MAX.
+            let elapsed = window.0.elapsed();
+            if elapsed >= Duration::from_millis(100) {
+                let grown = self.append_position().saturating_sub(window.1);
+                window = (Instant::now(), self.append_position());
+                if grown as f64 / elapsed.as_secs_f64() > ZERO_RATE_BYTES_PER_S_MAX as f64 {
+                    runtime::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
             let seen = self.write_work.get();
             let Some((base, file, from, to)) = self.zero_range() else {
                 if self.state.borrow().closing {

@@ -56,7 +56,9 @@ fn appends_roll_segments_and_recover_exactly() {
         let (store, report) = QueueStore::open(cfg(&path), 8 * 1024).await.unwrap();
         assert_eq!(report.batches, 0);
         store.log().start(glommio::executor().current_task_queue());
-        store.log().start_zeroer(glommio::executor().current_task_queue());
+        store
+            .log()
+            .start_zeroer(glommio::executor().current_task_queue());
         store.ensure_queue(1);
         store.ensure_queue(2);
         let mut last = None;
