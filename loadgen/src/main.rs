@@ -334,5 +334,8 @@ fn real_main() -> Result<()> {
     if results.iter().any(|r| r.lost > 0) {
         bail!("acknowledged messages were lost");
     }
+    if let Some(e) = results.iter().find_map(|r| r.first_error.as_ref()) {
+        bail!("a run failed, its counts are incomplete: {e}");
+    }
     Ok(())
 }

@@ -420,7 +420,14 @@ impl CommitLog {
                 let mut s = self.state.borrow_mut();
                 let last = *s.segments.keys().next_back().expect("log has segments");
                 assert_ne!(base, last, "retention must not delete the active segment");
-                s.segments.remove(&base)
+                let seg = s.segments.remove(&base);
+                // Drop every handle on the file (a written-level log never
+                // syncs, so `dirty` would otherwise keep it open and the
+                // unlinked file's space would never be freed).
+                if let Some(file) = seg.as_ref().and_then(|g| g.file.as_ref()) {
+                    s.dirty.retain(|f| !Rc::ptr_eq(f, file));
+                }
+                seg
             };
             if seg.is_some() {
                 let path = segment_path(&self.cfg.dir, base);
