@@ -359,39 +359,46 @@ async fn publish_metadata(shard: &Rc<Shard>, new: Metadata) -> Result<(), Handle
     Ok(())
 }
 
-async fn create_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
-    let req = CreateTopicRequest::decode(body)?;
+/// Applies `change` to a copy of the metadata and publishes it, one change
+/// at a time (shard 0 only).
+async fn change_metadata<T>(
+    shard: &Rc<Shard>,
+    change: impl FnOnce(&mut Metadata) -> Result<T, MetadataError>,
+) -> Result<T, HandlerError> {
     let _permit = shard
         .meta_lock
         .acquire_permit(1)
         .await
         .map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
     let mut new = shard.metadata.borrow().clone();
+    let out = change(&mut new)?;
+    publish_metadata(shard, new).await?;
+    Ok(out)
+}
+
+async fn create_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = CreateTopicRequest::decode(body)?;
     let durability = req
         .durability
         .unwrap_or(shard.config.broker.durability_default);
-    let info = new.create_topic(
-        &req.name,
-        req.queues,
-        durability,
-        shard.config.limits.topic_queues_max,
-        crate::runtime::now_ms(),
-    )?;
-    publish_metadata(shard, new).await?;
+    let limits = &shard.config.limits;
+    let info = change_metadata(shard, |m| {
+        m.create_topic(
+            &req.name,
+            req.queues,
+            durability,
+            limits.topic_queues_max,
+            crate::runtime::now_ms(),
+        )
+    })
+    .await?;
     tracing::info!(topic = %req.name, queues = req.queues, durability = durability.name(), "created topic");
     Ok(body_of(|b| info.encode(b)))
 }
 
 async fn delete_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = TopicRequest::decode(body)?;
-    let _permit = shard
-        .meta_lock
-        .acquire_permit(1)
-        .await
-        .map_err(|e| herr(ErrorCode::Internal, e.to_string()))?;
-    let mut new = shard.metadata.borrow().clone();
-    new.delete_topic(&req.name)?;
-    publish_metadata(shard, new).await?;
+    change_metadata(shard, |m| m.delete_topic(&req.name)).await?;
     tracing::info!(topic = %req.name, "deleted topic");
     Ok(Vec::new())
 }
