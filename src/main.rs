@@ -52,31 +52,7 @@ enum Command {
         broker: String,
     },
     /// Produce messages: the arguments, or each line of stdin.
-    Produce {
-        #[arg(long, default_value = DEFAULT_BROKER)]
-        broker: String,
-        #[arg(long)]
-        topic: String,
-        /// Queue index (default: by key, else spread over the queues).
-        #[arg(long)]
-        queue: Option<u32>,
-        /// Message key; also picks the queue when --queue is absent.
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        tag: Option<String>,
-        /// A property k=v (repeatable).
-        #[arg(long = "prop", value_name = "K=V")]
-        props: Vec<String>,
-        /// Most messages per batch.
-        #[arg(long, default_value_t = 1000)]
-        batch_max: usize,
-        /// Most batches awaiting acknowledgement.
-        #[arg(long, default_value_t = 32)]
-        in_flight_max: usize,
-        /// Messages; with none, each line of stdin is one message.
-        messages: Vec<String>,
-    },
+    Produce(ProduceArgs),
     /// Consume messages and print them.
     Consume {
         #[arg(long, default_value = DEFAULT_BROKER)]
@@ -157,27 +133,7 @@ fn main() {
             shards,
         } => serve(config, profile, data_dir, listen, shards),
         Command::Topic { command, broker } => topic(&broker, command),
-        Command::Produce {
-            broker,
-            topic,
-            queue,
-            key,
-            tag,
-            props,
-            batch_max,
-            in_flight_max,
-            messages,
-        } => produce(ProduceArgs {
-            broker,
-            topic,
-            queue,
-            key,
-            tag,
-            props,
-            batch_max,
-            in_flight_max,
-            messages,
-        }),
+        Command::Produce(args) => produce(args),
         Command::Consume {
             broker,
             topic,
@@ -292,15 +248,30 @@ fn topic(broker: &str, command: TopicCommand) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
 struct ProduceArgs {
+    #[arg(long, default_value = DEFAULT_BROKER)]
     broker: String,
+    #[arg(long)]
     topic: String,
+    /// Queue index (default: by key, else spread over the queues).
+    #[arg(long)]
     queue: Option<u32>,
+    /// Message key; also picks the queue when --queue is absent.
+    #[arg(long)]
     key: Option<String>,
+    #[arg(long)]
     tag: Option<String>,
+    /// A property k=v (repeatable).
+    #[arg(long = "prop", value_name = "K=V")]
     props: Vec<String>,
+    /// Most messages per batch.
+    #[arg(long, default_value_t = 1000)]
     batch_max: usize,
+    /// Most batches awaiting acknowledgement.
+    #[arg(long, default_value_t = 32)]
     in_flight_max: usize,
+    /// Messages; with none, each line of stdin is one message.
     messages: Vec<String>,
 }
 
