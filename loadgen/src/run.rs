@@ -85,7 +85,8 @@ struct ProducerState {
     batch_max: usize,
     linger_ns: u64,
     size: usize,
-    keys: u32,
+    /// The routing keys, made once (a record's key is a cheap clone).
+    keys: Vec<Bytes>,
     in_flight: HashMap<u64, InFlight>,
     acked: Vec<bool>,
     ack_us: Histogram<u64>,
@@ -177,20 +178,18 @@ impl ProducerState {
             payload.extend_from_slice(&seq.to_le_bytes());
             payload.extend_from_slice(&self.filler[..self.size - STAMP_BYTES]);
             let mut r = Record::new(payload);
-            if self.keys > 0 {
-                r.key = Some(Bytes::from(format!(
-                    "k{}",
-                    (u64::from(seq) * 2_654_435_761) % u64::from(self.keys)
-                )));
+            if !self.keys.is_empty() {
+                let k = (u64::from(seq) * 2_654_435_761) % self.keys.len() as u64;
+                r.key = Some(self.keys[k as usize].clone());
             }
             records.push(r);
             sched.push(s);
         }
         let (topic, queue) = self.targets[self.next_target].clone();
         self.next_target = (self.next_target + 1) % self.targets.len();
-        let sel = match (&records[0].key, self.keys) {
-            (Some(k), _) => QueueSelector::Key(k.clone()),
-            _ => QueueSelector::Queue(queue),
+        let sel = match &records[0].key {
+            Some(k) => QueueSelector::Key(k.clone()),
+            None => QueueSelector::Queue(queue),
         };
         let ticket = self.p.submit_batch(&topic, sel, &records)?;
         let first_seq = self.next_seq;
@@ -334,7 +333,7 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             batch_max: w.batch_max.max(1),
             linger_ns: w.linger_us * 1000,
             size: w.size.max(STAMP_BYTES),
-            keys: w.keys,
+            keys: (0..w.keys).map(|k| Bytes::from(format!("k{k}"))).collect(),
             in_flight: HashMap::new(),
             acked: Vec::new(),
             ack_us: histogram(),

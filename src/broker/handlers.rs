@@ -185,6 +185,14 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, u32), HandlerError
             let req = FetchRequest::decode(body.clone())?;
             owner(&req.topic, req.queue)
         }
+        Op::FetchMany => {
+            let req = FetchManyRequest::decode(body.clone())?;
+            let &(queue, _) = req
+                .queues
+                .first()
+                .ok_or_else(|| herr(ErrorCode::InvalidArgument, "fetch_many names no queue"))?;
+            owner(&req.topic, queue)
+        }
         Op::ListOffsets => {
             let req = ListOffsetsRequest::decode(body.clone())?;
             owner(&req.topic, req.queue)
@@ -264,6 +272,7 @@ pub fn execute_local(
         (Some(Op::DescribeTopic), _) => later(async move { describe_topic(&s, body).await }),
         (Some(Op::Produce), _) => produce(shard, queue, body),
         (Some(Op::Fetch), _) => later(async move { fetch(&s, body).await }),
+        (Some(Op::FetchMany), _) => later(async move { fetch_many(&s, body).await }),
         (Some(Op::ListOffsets), _) => ready(list_offsets(shard, body)),
         (Some(Op::CommitOffset), _) => ready(group_offset(shard, body, true)),
         (Some(Op::FetchOffset), _) => ready(group_offset(shard, body, false)),
@@ -578,6 +587,111 @@ async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     out.push(head.freeze());
     out.extend(batches);
     Ok(out)
+}
+
+/// Fetch over many queues of this shard: one scan in request order, one
+/// long poll (woken by any publish on the shard) when nothing is there.
+async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = FetchManyRequest::decode(body)?;
+    let limits = &shard.config.limits;
+    let max_bytes = u64::from(req.max_bytes.clamp(1, limits.fetch_bytes_max));
+    let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
+    let deadline = Instant::now() + wait;
+    // Resolve every queue once: its id here, or why it cannot be served.
+    let resolved: Vec<(u32, Result<u32, ErrorCode>, u64)> = {
+        let meta = shard.metadata.borrow();
+        meta.queue_count(&req.topic)?;
+        req.queues
+            .iter()
+            .map(|&(q, offset)| {
+                let id = match meta.route(&req.topic, q) {
+                    Ok(r) if r.shard == shard.id => Ok(r.queue_id),
+                    // The client sends one request per owning shard.
+                    Ok(_) => Err(ErrorCode::InvalidArgument),
+                    Err(e) => Err(HandlerError::from(e).code),
+                };
+                (q, id, offset)
+            })
+            .collect()
+    };
+    let entry =
+        |queue: u32, error: ErrorCode, offsets: QueueOffsets, batches: Vec<Bytes>| FetchManyEntry {
+            queue,
+            error: error as u16,
+            offsets,
+            batches,
+        };
+    let no_offsets = QueueOffsets {
+        earliest: 0,
+        latest: 0,
+    };
+    loop {
+        let seen = shard.store.published();
+        let mut entries = Vec::new();
+        let (mut bytes, mut messages) = (0u64, 0u64);
+        for &(queue, id, offset) in &resolved {
+            if bytes >= max_bytes {
+                break;
+            }
+            let id = match id {
+                Ok(id) => id,
+                Err(code) => {
+                    entries.push(entry(queue, code, no_offsets, Vec::new()));
+                    continue;
+                }
+            };
+            match shard.store.has_news(id, offset) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    entries.push(entry(
+                        queue,
+                        HandlerError::from(e).code,
+                        no_offsets,
+                        Vec::new(),
+                    ));
+                    continue;
+                }
+            }
+            match shard
+                .store
+                .read(id, offset, (max_bytes - bytes) as u32)
+                .await
+            {
+                Ok((o, batches)) => {
+                    for b in &batches {
+                        bytes += b.len() as u64;
+                        if let Ok(h) = batch::BatchHeader::parse(b) {
+                            messages += h.next_offset().saturating_sub(offset.max(h.base_offset));
+                        }
+                    }
+                    if !batches.is_empty() {
+                        entries.push(entry(queue, ErrorCode::Ok, o, batches));
+                    }
+                }
+                Err(StoreError::OffsetOutOfRange {
+                    earliest, latest, ..
+                }) => entries.push(entry(
+                    queue,
+                    ErrorCode::OffsetOutOfRange,
+                    QueueOffsets { earliest, latest },
+                    Vec::new(),
+                )),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let now = Instant::now();
+        if !entries.is_empty() || now >= deadline {
+            let mut m = shard.metrics.borrow_mut();
+            m.fetch_requests += 1;
+            m.bytes_out += bytes;
+            m.messages_out += messages;
+            let mut out = Vec::with_capacity(entries.len() * 2 + 1);
+            FetchManyResponse { entries }.encode_parts(&mut out);
+            return Ok(out);
+        }
+        shard.store.wait_published(seen, deadline - now).await;
+    }
 }
 
 fn list_offsets(shard: &Shard, body: Bytes) -> HResult {

@@ -84,7 +84,13 @@ impl Admin {
         let mut b = BytesMut::new();
         encode_message_id(&mut b, &id);
         let resp = GetMessageResponse::decode(self.conn.call(Op::GetMessage, &b)?)?;
-        let all = decode_batch(&resp.topic, resp.queue, id.shard.0, &resp.batch, 0)?;
+        let all = decode_batch(
+            &resp.topic.as_str().into(),
+            resp.queue,
+            id.shard.0,
+            &resp.batch,
+            0,
+        )?;
         all.into_iter()
             .nth(resp.index as usize)
             .ok_or_else(|| ClientError::Protocol("message index outside its batch".into()))

@@ -1,7 +1,9 @@
-//! Consuming: assign queues, seek, poll. Every assigned queue has at most
-//! one fetch in flight; fetches of different queues are pipelined on the
-//! one connection and long-poll at the broker, so `poll` returns as soon as
-//! any queue has messages.
+//! Consuming: assign queues, seek, poll. Assigned queues are fetched in
+//! groups: the queues one shard owns, up to [`FETCH_GROUP_QUEUES_MAX`] per
+//! group, share one fetch-many request (one long poll at the broker, woken
+//! by any of them). Each group has at most one fetch in flight; groups are
+//! pipelined on the one connection, so `poll` returns as soon as any queue
+//! has messages, with ten thousand queues as with one.
 
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -28,7 +30,17 @@ pub enum SeekTo {
 struct Cursor {
     next: u64,
     shard: u16,
-    /// Id of the fetch in flight for this queue, if any.
+    group: usize,
+}
+
+/// Queues fetched together.
+struct FetchGroup {
+    queues: Vec<u32>,
+    /// Index in `queues` the next request starts at: the broker fills a
+    /// response in request order, so the start rotates past the last queue
+    /// served and every queue gets its turn.
+    start: usize,
+    /// Id of the fetch in flight, if any.
     in_flight: Option<u64>,
 }
 
@@ -36,19 +48,19 @@ struct Cursor {
 pub struct Consumer {
     conn: Connection,
     topic: String,
+    /// `topic`, shared by every message handed out.
+    topic_shared: std::sync::Arc<str>,
     cursors: BTreeMap<u32, Cursor>,
-    /// fetch request id → queue
-    fetches: HashMap<u64, u32>,
+    groups: Vec<FetchGroup>,
+    /// fetch request id → group
+    fetches: HashMap<u64, usize>,
     ready: VecDeque<Message>,
     fetch_bytes_max: u32,
     fetch_wait: Option<Duration>,
-    /// Where the next round of fetches starts (queues take turns).
-    next_fetch_queue: u32,
 }
 
-/// Fetches one consumer keeps in flight at most (well under the broker's
-/// default `in_flight_requests_max`).
-pub const FETCHES_IN_FLIGHT_MAX: usize = 256;
+/// Most queues in one fetch-many request (12 bytes each on the wire).
+pub const FETCH_GROUP_QUEUES_MAX: usize = 1024;
 
 impl Consumer {
     /// Connects to the broker at `addr`.
@@ -60,12 +72,13 @@ impl Consumer {
         Consumer {
             conn,
             topic: String::new(),
+            topic_shared: "".into(),
             cursors: BTreeMap::new(),
+            groups: Vec::new(),
             fetches: HashMap::new(),
             ready: VecDeque::new(),
             fetch_bytes_max: 1 << 20,
             fetch_wait: None,
-            next_fetch_queue: 0,
         }
     }
 
@@ -88,7 +101,7 @@ impl Consumer {
         self.fetch_wait = wait;
     }
 
-    /// Sets the most bytes one fetch returns (per queue).
+    /// Sets the most bytes one fetch returns (over all queues of a group).
     pub fn set_fetch_bytes_max(&mut self, bytes: u32) {
         self.fetch_bytes_max = bytes.max(1);
     }
@@ -114,9 +127,12 @@ impl Consumer {
     pub fn assign(&mut self, topic: &str, queues: &[u32]) -> Result<(), ClientError> {
         let info = self.topic_info(topic)?;
         self.topic = topic.to_owned();
+        self.topic_shared = topic.into();
         self.cursors.clear();
+        self.groups.clear();
         self.fetches.clear();
         self.ready.clear();
+        let mut by_shard: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
         for &q in queues {
             let qi = info
                 .queues
@@ -128,14 +144,30 @@ impl Consumer {
                         info.queues.len()
                     ),
                 })?;
+            if self.cursors.contains_key(&q) {
+                continue;
+            }
             self.cursors.insert(
                 q,
                 Cursor {
                     next: 0,
                     shard: qi.shard,
-                    in_flight: None,
+                    group: 0,
                 },
             );
+            by_shard.entry(qi.shard).or_default().push(q);
+        }
+        for queues in by_shard.values() {
+            for chunk in queues.chunks(FETCH_GROUP_QUEUES_MAX) {
+                for q in chunk {
+                    self.cursors.get_mut(q).expect("cursor").group = self.groups.len();
+                }
+                self.groups.push(FetchGroup {
+                    queues: chunk.to_vec(),
+                    start: 0,
+                    in_flight: None,
+                });
+            }
         }
         self.seek(SeekTo::Earliest)
     }
@@ -167,8 +199,9 @@ impl Consumer {
             ClientError::InvalidArgument(format!("queue {queue} is not assigned"))
         })?;
         c.next = next;
-        // A fetch in flight answers for the old position: drop its reply.
-        if let Some(id) = c.in_flight.take() {
+        // A fetch in flight answers for the old position: drop its reply
+        // (the group's other queues are fetched again from where they are).
+        if let Some(id) = self.groups[c.group].in_flight.take() {
             self.fetches.remove(&id);
         }
         self.ready.retain(|m| m.queue != queue);
@@ -204,10 +237,11 @@ impl Consumer {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 return Ok(Vec::new());
             };
-            let Some(queue) = self.fetches.remove(&id) else {
+            let Some(group) = self.fetches.remove(&id) else {
                 continue; // a reply for a seek-abandoned fetch
             };
-            self.on_fetch_reply(queue, code, body)?;
+            self.groups[group].in_flight = None;
+            self.on_fetch_reply(group, code, body)?;
         }
     }
 
@@ -215,82 +249,76 @@ impl Consumer {
         let wait = self
             .fetch_wait
             .unwrap_or_else(|| deadline.saturating_duration_since(Instant::now()));
-        // More queues than fetches allowed in flight: fetch without waiting
-        // at the broker, so an empty queue never holds a slot another
-        // queue's messages need; queues take turns.
-        let many = self.cursors.len() > FETCHES_IN_FLIGHT_MAX;
-        let wait_ms = if many {
-            0
-        } else {
-            wait.as_millis().min(30_000) as u32
-        };
-        let room = FETCHES_IN_FLIGHT_MAX.saturating_sub(self.fetches.len());
-        let queues: Vec<u32> = self.cursors.keys().copied().collect();
-        let start = queues.partition_point(|&q| q < self.next_fetch_queue);
-        let idle: Vec<u32> = queues[start..]
-            .iter()
-            .chain(&queues[..start])
-            .copied()
-            .filter(|q| self.cursors[q].in_flight.is_none())
-            .take(room)
-            .collect();
-        if let Some(&last) = idle.last() {
-            self.next_fetch_queue = last.wrapping_add(1);
-        }
-        for q in idle {
-            let c = &self.cursors[&q];
+        let wait_ms = wait.as_millis().min(u128::from(u32::MAX)) as u32;
+        for g in 0..self.groups.len() {
+            if self.groups[g].in_flight.is_some() {
+                continue;
+            }
+            let group = &self.groups[g];
+            let (tail, head) = group.queues.split_at(group.start);
             let mut b = BytesMut::new();
-            FetchRequest {
+            FetchManyRequest {
                 topic: self.topic.clone(),
-                queue: q,
-                offset: c.next,
                 max_bytes: self.fetch_bytes_max,
                 wait_ms,
+                queues: head
+                    .iter()
+                    .chain(tail)
+                    .map(|q| (*q, self.cursors[q].next))
+                    .collect(),
             }
             .encode(&mut b);
-            let id = self.conn.send(Op::Fetch, &b)?;
-            self.fetches.insert(id, q);
-            self.cursors.get_mut(&q).expect("cursor").in_flight = Some(id);
+            let id = self.conn.send(Op::FetchMany, &b)?;
+            self.fetches.insert(id, g);
+            self.groups[g].in_flight = Some(id);
         }
         Ok(())
     }
 
     fn on_fetch_reply(
         &mut self,
-        queue: u32,
+        group: usize,
         code: u16,
         body: bytes::Bytes,
     ) -> Result<(), ClientError> {
-        let cursor = self
-            .cursors
-            .get_mut(&queue)
-            .expect("fetch for an assigned queue");
-        cursor.in_flight = None;
-        let body = match check(code, body) {
-            Ok(b) => b,
-            Err(ClientError::Broker {
-                code: ErrorCode::OffsetOutOfRange,
-                ..
-            }) => {
-                // Retention removed what we wanted (resume at the earliest),
-                // or the position is past the end (resume at the latest).
-                let earliest = self.list_offset(queue, OffsetSpec::Earliest)?;
-                let latest = self.list_offset(queue, OffsetSpec::Latest)?;
-                let c = self.cursors.get_mut(&queue).expect("cursor");
-                c.next = c.next.clamp(earliest, latest.max(earliest));
-                return Ok(());
+        let resp = FetchManyResponse::decode(check(code, body)?)?;
+        let mut last_served = None;
+        for e in resp.entries {
+            let Some(cursor) = self.cursors.get_mut(&e.queue) else {
+                continue;
+            };
+            match ErrorCode::from_u16(e.error) {
+                ErrorCode::Ok => {}
+                ErrorCode::OffsetOutOfRange => {
+                    // Retention removed what we wanted (resume at the
+                    // earliest), or the position is past the end (resume at
+                    // the latest).
+                    let (earliest, latest) = (e.offsets.earliest, e.offsets.latest);
+                    cursor.next = cursor.next.clamp(earliest, latest.max(earliest));
+                    continue;
+                }
+                code => {
+                    return Err(ClientError::Broker {
+                        code,
+                        message: format!("fetch of queue {} of '{}'", e.queue, self.topic),
+                    })
+                }
             }
-            Err(e) => return Err(e),
-        };
-        let resp = FetchResponse::decode(body)?;
-        let (shard, mut next) = (cursor.shard, cursor.next);
-        for b in &resp.batches {
-            for m in decode_batch(&self.topic, queue, shard, b, next)? {
-                next = m.offset + 1;
-                self.ready.push_back(m);
+            let (shard, mut next) = (cursor.shard, cursor.next);
+            for b in &e.batches {
+                for m in decode_batch(&self.topic_shared, e.queue, shard, b, next)? {
+                    next = m.offset + 1;
+                    self.ready.push_back(m);
+                }
             }
+            self.cursors.get_mut(&e.queue).expect("cursor").next = next;
+            last_served = Some(e.queue);
         }
-        self.cursors.get_mut(&queue).expect("cursor").next = next;
+        // Start the next request after the last queue served.
+        let g = &mut self.groups[group];
+        if let Some(i) = last_served.and_then(|l| g.queues.iter().position(|q| *q == l)) {
+            g.start = (i + 1) % g.queues.len();
+        }
         Ok(())
     }
 

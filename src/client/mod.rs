@@ -74,8 +74,8 @@ impl From<crate::protocol::DecodeError> for ClientError {
 /// A consumed message with every field the broker stores.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
-    /// Topic it was produced to.
-    pub topic: String,
+    /// Topic it was produced to (shared by every message of a fetch).
+    pub topic: std::sync::Arc<str>,
     /// Queue index within the topic.
     pub queue: u32,
     /// Offset within the queue.
@@ -105,7 +105,7 @@ impl Message {
     /// valid UTF-8, else as `payload_hex`).
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
-            "topic": self.topic,
+            "topic": &*self.topic,
             "queue": self.queue,
             "offset": self.offset,
             "id": self.id.to_string(),
@@ -135,7 +135,7 @@ impl Message {
 /// Decodes the records of a stored batch into messages, skipping those
 /// before `from_offset`. `shard` owns the queue (part of the message id).
 pub fn decode_batch(
-    topic: &str,
+    topic: &std::sync::Arc<str>,
     queue: u32,
     shard: u16,
     batch: &Bytes,
@@ -151,7 +151,7 @@ pub fn decode_batch(
             continue;
         }
         out.push(Message {
-            topic: topic.to_owned(),
+            topic: topic.clone(),
             queue,
             offset,
             id: MessageId {
@@ -159,7 +159,7 @@ pub fn decode_batch(
                 position: crate::ids::LogPosition(h.log_position),
                 index: i as u32,
             },
-            key: r.key.map(Bytes::copy_from_slice),
+            key: r.key.map(|k| batch.slice_ref(k)),
             tag: r.tag.map(str::to_owned),
             properties: r
                 .properties

@@ -23,10 +23,11 @@ pub enum Op {
     FetchOffset = 10,
     GetMessage = 11,
     Stats = 12,
+    FetchMany = 13,
 }
 
 /// Every operation this broker serves, for the handshake.
-pub const ALL_OPS: [Op; 12] = [
+pub const ALL_OPS: [Op; 13] = [
     Op::Handshake,
     Op::Metadata,
     Op::CreateTopic,
@@ -39,6 +40,7 @@ pub const ALL_OPS: [Op; 12] = [
     Op::FetchOffset,
     Op::GetMessage,
     Op::Stats,
+    Op::FetchMany,
 ];
 
 /// Lowest and highest version of every operation.
@@ -517,25 +519,150 @@ impl FetchResponse {
         let mut r = Reader::new(body);
         let earliest = r.u64("earliest")?;
         let latest = r.u64("latest")?;
-        let mut all = r.bytes32("batches")?;
+        let all = r.bytes32("batches")?;
         r.finish()?;
-        let mut batches = Vec::new();
-        while !all.is_empty() {
-            let len = crate::batch::peek_batch_len(&all).ok_or(DecodeError::Truncated("batch"))?;
-            let len = len as usize;
-            if len < crate::batch::BATCH_HEADER_BYTES || len > all.len() {
-                return Err(DecodeError::BadValue {
-                    field: "batch_len",
-                    value: len as u64,
-                });
-            }
-            batches.push(all.split_to(len));
-        }
         Ok(FetchResponse {
             offsets: QueueOffsets { earliest, latest },
-            batches,
+            batches: split_batches(all)?,
         })
     }
+}
+
+/// Most queues one fetch-many request may name.
+pub const FETCH_MANY_QUEUES_MAX: usize = 16_384;
+
+/// Fetch-many request: batches of many queues of one topic, all owned by
+/// the shard that serves it, in one request and one long poll. The broker
+/// reads the queues in request order until `max_bytes` is reached (at
+/// least one batch when any queue has one), so a client rotates the order
+/// for fairness; it waits up to `wait_ms` only when no queue has anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchManyRequest {
+    pub topic: String,
+    pub max_bytes: u32,
+    pub wait_ms: u32,
+    /// (queue, offset)
+    pub queues: Vec<(u32, u64)>,
+}
+
+impl FetchManyRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut w = Writer(out);
+        w.str(&self.topic)
+            .u32(self.max_bytes)
+            .u32(self.wait_ms)
+            .u32(self.queues.len() as u32);
+        for &(q, o) in &self.queues {
+            w.u32(q).u64(o);
+        }
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let topic = r.str("topic")?;
+        let max_bytes = r.u32("max_bytes")?;
+        let wait_ms = r.u32("wait_ms")?;
+        let n = r.u32("queue_count")? as usize;
+        if n > FETCH_MANY_QUEUES_MAX {
+            return Err(DecodeError::BadValue {
+                field: "queue_count",
+                value: n as u64,
+            });
+        }
+        let mut queues = Vec::with_capacity(n);
+        for _ in 0..n {
+            queues.push((r.u32("queue")?, r.u64("offset")?));
+        }
+        r.finish()?;
+        Ok(FetchManyRequest {
+            topic,
+            max_bytes,
+            wait_ms,
+            queues,
+        })
+    }
+}
+
+/// One queue's part of a fetch-many response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchManyEntry {
+    pub queue: u32,
+    /// [`super::ErrorCode`] for this queue (0: ok).
+    pub error: u16,
+    pub offsets: QueueOffsets,
+    pub batches: Vec<Bytes>,
+}
+
+/// Fetch-many response: an entry for each queue that had batches or an
+/// error; queues with nothing new are left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchManyResponse {
+    pub entries: Vec<FetchManyEntry>,
+}
+
+impl FetchManyResponse {
+    /// Encodes the response as a list of buffers (batches are not copied).
+    pub fn encode_parts(&self, out: &mut Vec<Bytes>) {
+        let mut head = BytesMut::new();
+        Writer(&mut head).u32(self.entries.len() as u32);
+        for e in &self.entries {
+            let total: usize = e.batches.iter().map(Bytes::len).sum();
+            Writer(&mut head)
+                .u32(e.queue)
+                .u16(e.error)
+                .u64(e.offsets.earliest)
+                .u64(e.offsets.latest)
+                .u32(total as u32);
+            out.push(head.split().freeze());
+            out.extend(e.batches.iter().cloned());
+        }
+        if !head.is_empty() {
+            out.push(head.freeze());
+        }
+    }
+    /// Decodes and splits every entry's batches (zero-copy).
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let n = r.u32("entry_count")? as usize;
+        if n > FETCH_MANY_QUEUES_MAX {
+            return Err(DecodeError::BadValue {
+                field: "entry_count",
+                value: n as u64,
+            });
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let queue = r.u32("queue")?;
+            let error = r.u16("error")?;
+            let earliest = r.u64("earliest")?;
+            let latest = r.u64("latest")?;
+            let all = r.bytes32("batches")?;
+            entries.push(FetchManyEntry {
+                queue,
+                error,
+                offsets: QueueOffsets { earliest, latest },
+                batches: split_batches(all)?,
+            });
+        }
+        r.finish()?;
+        Ok(FetchManyResponse { entries })
+    }
+}
+
+/// Splits back-to-back batches by their length fields (zero-copy).
+fn split_batches(mut all: Bytes) -> Result<Vec<Bytes>, DecodeError> {
+    let mut batches = Vec::new();
+    while !all.is_empty() {
+        let len = crate::batch::peek_batch_len(&all).ok_or(DecodeError::Truncated("batch"))?;
+        let len = len as usize;
+        if len < crate::batch::BATCH_HEADER_BYTES || len > all.len() {
+            return Err(DecodeError::BadValue {
+                field: "batch_len",
+                value: len as u64,
+            });
+        }
+        batches.push(all.split_to(len));
+    }
+    Ok(batches)
 }
 
 /// Which offset a list-offsets request asks for.
@@ -833,6 +960,16 @@ mod tests {
             FetchRequest::decode,
         );
         round(
+            FetchManyRequest {
+                topic: "t".into(),
+                max_bytes: 3,
+                wait_ms: 4,
+                queues: vec![(1, 2), (7, 0)],
+            },
+            FetchManyRequest::encode,
+            FetchManyRequest::decode,
+        );
+        round(
             ListOffsetsRequest {
                 topic: "t".into(),
                 queue: 0,
@@ -862,6 +999,48 @@ mod tests {
             GetMessageResponse::decode,
         );
         round(Some(5u64), |v, b| encode_opt_u64(b, *v), decode_opt_u64);
+    }
+
+    #[test]
+    fn fetch_many_response_round_trips_and_rejects_bad_counts() {
+        let mut b1 = crate::batch::BatchBuilder::new();
+        b1.push(&crate::batch::Record {
+            payload: Bytes::from_static(b"a"),
+            ..Default::default()
+        });
+        let b1 = b1.finish();
+        let resp = FetchManyResponse {
+            entries: vec![
+                FetchManyEntry {
+                    queue: 3,
+                    error: 0,
+                    offsets: QueueOffsets {
+                        earliest: 0,
+                        latest: 2,
+                    },
+                    batches: vec![b1.clone(), b1.clone()],
+                },
+                FetchManyEntry {
+                    queue: 9,
+                    error: super::super::ErrorCode::OffsetOutOfRange as u16,
+                    offsets: QueueOffsets {
+                        earliest: 5,
+                        latest: 6,
+                    },
+                    batches: vec![],
+                },
+            ],
+        };
+        let mut parts = Vec::new();
+        resp.encode_parts(&mut parts);
+        let body: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let body = Bytes::from(body);
+        assert_eq!(FetchManyResponse::decode(body.clone()).unwrap(), resp);
+        assert!(FetchManyResponse::decode(body.slice(..body.len() - 1)).is_err());
+        // A count beyond the limit is refused before any allocation.
+        let mut huge = BytesMut::new();
+        Writer(&mut huge).str("t").u32(1).u32(0).u32(u32::MAX);
+        assert!(FetchManyRequest::decode(huge.freeze()).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -40,6 +41,28 @@ pub enum StoreError {
     #[error("recovery failed: {0}")]
     Recovery(String),
 }
+
+/// Queue ids are small broker-assigned integers, not attacker-chosen keys:
+/// a multiplicative hash beats SipHash on the fetch path (a fetch over ten
+/// thousand queues looks each one up).
+#[derive(Default)]
+struct QueueIdHasher(u64);
+
+impl Hasher for QueueIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type QueueMap<V> = HashMap<u32, V, BuildHasherDefault<QueueIdHasher>>;
 
 struct QueueState {
     consume: ConsumeIndex,
@@ -84,10 +107,12 @@ pub struct AppendReceipt {
 /// One shard's queues over its commit log.
 pub struct QueueStore {
     log: Rc<CommitLog>,
-    queues: RefCell<HashMap<u32, QueueState>>,
+    queues: RefCell<QueueMap<QueueState>>,
     tail: RefCell<TailCache>,
     last_append_ms: Cell<i64>,
     dir: std::path::PathBuf,
+    /// Counts publishes: wakes long polls over many queues.
+    published: Watch,
 }
 
 impl QueueStore {
@@ -108,7 +133,7 @@ impl QueueStore {
             recovered.tail_page,
         )
         .await?;
-        let mut queues: HashMap<u32, QueueState> = HashMap::new();
+        let mut queues: QueueMap<QueueState> = QueueMap::default();
         let mut last_ms = 0;
         for b in &recovered.batches {
             let q = queues
@@ -136,6 +161,7 @@ impl QueueStore {
             queues: RefCell::new(queues),
             tail: RefCell::new(TailCache::new(tail_cache_bytes_max)),
             last_append_ms: Cell::new(last_ms),
+            published: Watch::new(0),
             dir,
         });
         Ok((store, recovered.report))
@@ -231,6 +257,18 @@ impl QueueStore {
         if let Some(q) = self.queues.borrow().get(&r.queue_id) {
             q.visible.advance(r.base_offset + u64::from(r.count));
         }
+        self.published.advance(self.published.get() + 1);
+    }
+
+    /// Whether the queue has visible messages at or after `offset` (or the
+    /// offset is out of range): the cheap first check of a fetch over many
+    /// queues.
+    pub fn has_news(&self, queue_id: u32, offset: u64) -> Result<bool, StoreError> {
+        let queues = self.queues.borrow();
+        let q = queues
+            .get(&queue_id)
+            .ok_or(StoreError::UnknownQueue(queue_id))?;
+        Ok(q.visible.get() != offset)
     }
 
     /// Earliest stored and latest visible offsets of a queue.
@@ -251,6 +289,26 @@ impl QueueStore {
         let o = q.offsets();
         let found = q.time.lookup(time_ms).unwrap_or(o.latest);
         Ok(found.clamp(o.earliest, o.latest))
+    }
+
+    /// Publishes so far (a counter, for [`QueueStore::wait_published`]).
+    pub fn published(&self) -> u64 {
+        self.published.get()
+    }
+
+    /// Waits (up to `wait`) until something is published after `seen`
+    /// (a value of [`QueueStore::published`]).
+    pub async fn wait_published(&self, seen: u64, wait: Duration) {
+        if wait.is_zero() || self.published.get() > seen {
+            return;
+        }
+        let wait_for = async {
+            let _ = self.published.wait_for(seen + 1).await;
+        };
+        let timer = async {
+            runtime::sleep(wait).await;
+        };
+        futures_lite::future::or(wait_for, timer).await;
     }
 
     /// Waits (up to `wait`) until `offset` is visible in the queue.

@@ -221,3 +221,78 @@ fn oversized_batch_within_the_frame_limit_is_refused_by_batch_limit() {
     let (_, code, id, _) = read_reply(&mut s);
     assert_eq!((code, id), (0, 9));
 }
+
+fn fetch_many_frame(topic: &str, queues: &[(u32, u64)], id: u64) -> BytesMut {
+    let mut body = BytesMut::new();
+    keelmq::protocol::FetchManyRequest {
+        topic: topic.into(),
+        max_bytes: 1 << 20,
+        wait_ms: 0,
+        queues: queues.to_vec(),
+    }
+    .encode(&mut body);
+    let mut f = BytesMut::new();
+    encode_frame(&mut f, Op::FetchMany as u16, 1, id, &body);
+    f
+}
+
+#[test]
+fn fetch_many_refuses_bad_requests_per_request_and_per_queue() {
+    let b = Broker::start(2, None);
+    b.admin()
+        .create_topic("fm", 4, Some(Durability::Memory))
+        .unwrap();
+    let d = b.admin().describe_topic("fm").unwrap();
+    let mut p = Producer::connect(&b.addr).unwrap();
+    p.send_batch("fm", QueueSelector::Queue(0), &[Record::new("x")])
+        .unwrap();
+    let other = d
+        .topic
+        .queues
+        .iter()
+        .position(|q| q.shard != d.topic.queues[0].shard)
+        .expect("queues on both shards") as u32;
+    let mut s = raw(&b.addr);
+    // No queue at all; an unknown topic: the whole request is refused.
+    s.write_all(&fetch_many_frame("fm", &[], 1)).unwrap();
+    assert_eq!(read_reply(&mut s).1, ErrorCode::InvalidArgument as u16);
+    s.write_all(&fetch_many_frame("nope", &[(0, 0)], 2))
+        .unwrap();
+    assert_eq!(read_reply(&mut s).1, ErrorCode::UnknownTopic as u16);
+    // Per queue: data for queue 0, an error for a queue of another shard,
+    // for a queue past the topic's end and for an offset past the end.
+    let req = [(0, 0), (other, 0), (99, 0), (0, 5)];
+    s.write_all(&fetch_many_frame("fm", &req, 3)).unwrap();
+    let (_, code, id, body) = read_reply(&mut s);
+    assert_eq!((code, id), (0, 3));
+    let resp = keelmq::protocol::FetchManyResponse::decode(Bytes::from(body)).unwrap();
+    let by_queue: Vec<(u32, u16, usize)> = resp
+        .entries
+        .iter()
+        .map(|e| (e.queue, e.error, e.batches.len()))
+        .collect();
+    assert_eq!(
+        by_queue,
+        vec![
+            (0, 0, 1),
+            (other, ErrorCode::InvalidArgument as u16, 0),
+            (99, ErrorCode::UnknownQueue as u16, 0),
+            (0, ErrorCode::OffsetOutOfRange as u16, 0),
+        ]
+    );
+    // A request announcing more queues than allowed is malformed.
+    let mut body = BytesMut::new();
+    keelmq::protocol::codec::Writer(&mut body)
+        .str("fm")
+        .u32(1)
+        .u32(0)
+        .u32(u32::MAX);
+    let mut f = BytesMut::new();
+    encode_frame(&mut f, Op::FetchMany as u16, 1, 4, &body);
+    s.write_all(&f).unwrap();
+    assert_eq!(read_reply(&mut s).1, ErrorCode::Malformed as u16);
+    // The connection and the broker still serve.
+    let mut c = Consumer::connect(&b.addr).unwrap();
+    c.assign("fm", &[0]).unwrap();
+    assert_eq!(c.poll(Duration::from_secs(5)).unwrap().len(), 1);
+}

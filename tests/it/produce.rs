@@ -326,3 +326,49 @@ fn a_client_can_ask_for_the_shard_that_owns_its_queue() {
     // A hint past the last shard is served by whichever shard accepted.
     assert!(Producer::connect_to_shard(&b.addr, 7).unwrap().shard() < 2);
 }
+
+#[test]
+fn one_consumer_reads_three_thousand_queues_on_two_shards() {
+    // More queues than one fetch-many group holds, owned by both shards: the
+    // consumer must send one request per group and rotate within each, and
+    // every message must arrive exactly once, in order per queue.
+    let b = Broker::start(2, None);
+    let queues = 3000u32;
+    b.admin()
+        .create_topic("wide", queues, Some(Durability::Memory))
+        .unwrap();
+    let mut p = Producer::connect(&b.addr).unwrap();
+    for q in (0..queues).step_by(7) {
+        for i in 0..3 {
+            p.send_batch(
+                "wide",
+                QueueSelector::Queue(q),
+                &[Record::new(format!("{q}:{i}"))],
+            )
+            .unwrap();
+        }
+    }
+    let expected = queues.div_ceil(7) as usize * 3;
+    let mut c = Consumer::connect(&b.addr).unwrap();
+    c.assign_all("wide").unwrap();
+    let mut seen: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    let mut total = 0;
+    while total < expected {
+        let got = c.poll(Duration::from_secs(10)).unwrap();
+        assert!(!got.is_empty(), "stalled after {total} of {expected}");
+        for m in got {
+            let text = std::str::from_utf8(&m.payload).unwrap().to_owned();
+            let (q, i) = text.split_once(':').unwrap();
+            assert_eq!(q.parse::<u32>().unwrap(), m.queue);
+            assert_eq!(u64::from(i.parse::<u32>().unwrap()), m.offset);
+            seen.entry(m.queue).or_default().push(i.parse().unwrap());
+            total += 1;
+        }
+    }
+    assert!(
+        c.poll(Duration::from_millis(300)).unwrap().is_empty(),
+        "duplicates"
+    );
+    assert_eq!(seen.len(), queues.div_ceil(7) as usize);
+    assert!(seen.values().all(|v| v == &[0, 1, 2]));
+}
