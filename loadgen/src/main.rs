@@ -83,6 +83,13 @@ struct Args {
     /// One JSON object at the end instead of the table.
     #[arg(long)]
     json: bool,
+    /// `busy-poll`: producers and consumers spin on non-blocking sockets,
+    /// multiplexed on one pinned thread per free core (what trading clients
+    /// do). `blocking`: one thread per producer and consumer that parks in
+    /// the socket read until a reply comes or its next send is due, and
+    /// pays the wake-up on every message.
+    #[arg(long, value_enum, default_value_t = run::ClientMode::BusyPoll)]
+    client_mode: run::ClientMode,
 }
 
 fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
@@ -219,7 +226,7 @@ fn real_main() -> Result<()> {
         Some(_) => (cores.first().copied(), Vec::new()),
         None => (None, Vec::new()),
     };
-    let mode = "busy-poll";
+    let mode = a.client_mode.name();
     eprintln!(
         "keelmq-loadgen: {} · {} topic(s) × {} queue(s) · {} B · rate {} · {} s (+{} s warm-up) · {} producer(s), {} consumer(s)/topic · batch ≤ {} · durability {} · client {mode} · broker {broker}",
         w.name,
@@ -258,6 +265,7 @@ fn real_main() -> Result<()> {
             topics: topics.clone(),
             cpus: cpus.clone(),
             progress: !a.json,
+            mode: a.client_mode,
         })?;
         for t in &topics {
             let _ = admin.delete_topic(t);

@@ -77,3 +77,39 @@ fn an_omb_workload_file_runs() {
     assert_eq!(v["sent"], 4800, "(1.8 s + 0.6 s) at 2000/s");
     assert_eq!(v["received"], 4800);
 }
+
+#[test]
+fn blocking_clients_run_a_thread_each_and_lose_nothing() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
+        .args([
+            "--spawn",
+            "--client-mode",
+            "blocking",
+            "--queues",
+            "2",
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--rate",
+            "2000",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mode"], "blocking");
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(
+        v["sent"], 5000,
+        "open loop: 2.5 s at 2000/s over 2 producers"
+    );
+    assert_eq!(v["received"], 5000);
+}

@@ -195,6 +195,7 @@ async fn read_loop(
     mut buf: BytesMut,
 ) -> Result<(), String> {
     let decoder = FrameDecoder::new(shard.config.limits.frame_bytes_max);
+    let mut scratch = vec![0u8; READ_CHUNK_BYTES];
     let permits = Rc::new(Semaphore::new(u64::from(
         shard.config.limits.in_flight_requests_max,
     )));
@@ -248,22 +249,28 @@ async fn read_loop(
             return Err("write side failed".into());
         }
         let len = buf.len();
-        // Read at least a chunk; more (up to 1 MiB) when a large frame is
-        // pending, so big batches arrive in few reads.
         let frame_rest = if len >= 4 {
             (u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize + 4).saturating_sub(len)
         } else {
             0
         };
-        buf.resize(len + READ_CHUNK_BYTES.max(frame_rest.min(1 << 20)), 0);
-        let n = match rd.read(&mut buf[len..]).await {
-            Ok(n) => n,
-            Err(e) => {
-                buf.truncate(len);
-                return Err(format!("read failed: {e}"));
+        let read = if frame_rest > READ_CHUNK_BYTES {
+            // A large frame is pending: read up to 1 MiB straight into the
+            // buffer, so big batches arrive in few reads.
+            buf.resize(len + frame_rest.min(1 << 20), 0);
+            let r = rd.read(&mut buf[len..]).await;
+            buf.truncate(len + *r.as_ref().unwrap_or(&0));
+            r
+        } else {
+            // Small reads go through a scratch chunk, so each read copies
+            // the bytes that came instead of zeroing a whole chunk of `buf`.
+            let r = rd.read(&mut scratch).await;
+            if let Ok(n) = r {
+                buf.extend_from_slice(&scratch[..n]);
             }
+            r
         };
-        buf.truncate(len + n);
+        let n = read.map_err(|e| format!("read failed: {e}"))?;
         if n == 0 {
             return if len == 0 {
                 Ok(())
