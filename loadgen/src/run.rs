@@ -21,6 +21,11 @@ use crate::workload::Workload;
 pub const STAMP_BYTES: usize = 16;
 /// Batches a producer keeps in flight before it waits for acks.
 const IN_FLIGHT_BATCHES_MAX: usize = 256;
+/// Payload bytes a producer keeps unacknowledged at most (a client's send
+/// buffer, as Kafka's `buffer.memory` of 32 MiB): with 1 KiB messages in
+/// batches of 1000, 256 batches would put 256 MiB in flight, far past what a
+/// consumer at the tail can follow from the broker's tail cache.
+const IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
 /// How long consumers may take to catch up after the last ack.
 const DRAIN_S: u64 = 15;
 
@@ -108,7 +113,9 @@ impl ProducerState {
     fn step(&mut self, shared: &Shared, block: bool) -> Result<bool> {
         let mut busy = false;
         let now = shared.now_ns();
-        if !self.done && self.in_flight.len() < IN_FLIGHT_BATCHES_MAX {
+        let room = self.in_flight.len() < IN_FLIGHT_BATCHES_MAX
+            && self.in_flight.len() * self.batch_max * self.size < IN_FLIGHT_BYTES_MAX;
+        if !self.done && room {
             let (due, first_sched) = match self.interval_ns {
                 Some(i) => {
                     let first = self.sched(self.next_seq);
