@@ -561,13 +561,7 @@ impl FetchManyRequest {
         let topic = r.str("topic")?;
         let max_bytes = r.u32("max_bytes")?;
         let wait_ms = r.u32("wait_ms")?;
-        let n = r.u32("queue_count")? as usize;
-        if n > FETCH_MANY_QUEUES_MAX {
-            return Err(DecodeError::BadValue {
-                field: "queue_count",
-                value: n as u64,
-            });
-        }
+        let n = bounded_count(&mut r, "queue_count", FETCH_MANY_QUEUES_MAX)?;
         let mut queues = Vec::with_capacity(n);
         for _ in 0..n {
             queues.push((r.u32("queue")?, r.u64("offset")?));
@@ -580,6 +574,18 @@ impl FetchManyRequest {
             queues,
         })
     }
+}
+
+/// A `u32` element count, refused above `max` before anything is allocated.
+fn bounded_count(r: &mut Reader, field: &'static str, max: usize) -> Result<usize, DecodeError> {
+    let n = r.u32(field)? as usize;
+    if n > max {
+        return Err(DecodeError::BadValue {
+            field,
+            value: n as u64,
+        });
+    }
+    Ok(n)
 }
 
 /// One queue's part of a fetch-many response.
@@ -622,13 +628,7 @@ impl FetchManyResponse {
     /// Decodes and splits every entry's batches (zero-copy).
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
-        let n = r.u32("entry_count")? as usize;
-        if n > FETCH_MANY_QUEUES_MAX {
-            return Err(DecodeError::BadValue {
-                field: "entry_count",
-                value: n as u64,
-            });
-        }
+        let n = bounded_count(&mut r, "entry_count", FETCH_MANY_QUEUES_MAX)?;
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
             let queue = r.u32("queue")?;
