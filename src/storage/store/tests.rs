@@ -219,3 +219,33 @@ fn retention_removes_segments_and_trims_indexes() {
     assert_eq!(r.segments.len(), 2);
     assert_eq!(r.batches.last().unwrap().base_offset + 2, 400);
 }
+
+#[test]
+fn unawaited_appends_are_written_without_anyone_asking() {
+    // Memory-level appends wait for company before they are written, but
+    // not forever: with no waiter, no close and no more appends, they still
+    // reach the disk.
+    let dir = tempdir();
+    let path = dir.path().to_owned();
+    run(move || async move {
+        crate::runtime::probe_direct_io(&path).await.unwrap();
+        let (store, _) = QueueStore::open(cfg(&path), 1 << 20).await.unwrap();
+        store.log().start(glommio::executor().current_task_queue());
+        store.ensure_queue(1);
+        let (b, h) = produced("m", 2, 50);
+        let r = store.append(1, &b, &h).unwrap();
+        let t0 = std::time::Instant::now();
+        while store.log().written_position() < r.end_position {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "an unawaited append was never written"
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // And a waiter gets its write without the delay's help.
+        let r2 = store.append(1, &b, &h).unwrap();
+        store.wait_durable(&r2, Durability::Written).await.unwrap();
+        assert!(store.log().written_position() >= r2.end_position);
+        store.close().await.unwrap();
+    });
+}
