@@ -469,6 +469,12 @@ impl BatchBuilder {
 
     /// Appends one record. The caller checks it with [`Record::check`].
     pub fn push(&mut self, r: &Record) {
+        self.push_at(r, r.timestamp_ms);
+    }
+
+    /// Appends one record with `timestamp_ms` in place of its own (a
+    /// producer stamping records at send time without copying them).
+    pub fn push_at(&mut self, r: &Record, timestamp_ms: i64) {
         let len = r.encoded_len() - 4;
         let b = &mut self.buf;
         b.reserve(len + 4);
@@ -478,7 +484,7 @@ impl BatchBuilder {
         b.put_u8(flags);
         b.put_u8(r.priority);
         b.put_u16_le(r.properties.len() as u16);
-        b.put_i64_le(r.timestamp_ms);
+        b.put_i64_le(timestamp_ms);
         b.put_i64_le(r.deliver_at_ms);
         if let Some(k) = &r.key {
             b.put_u16_le(k.len() as u16);
@@ -497,10 +503,10 @@ impl BatchBuilder {
         b.put_u32_le(r.payload.len() as u32);
         b.put_slice(&r.payload);
         if self.count == 0 {
-            self.first_ts = r.timestamp_ms;
-            self.max_ts = r.timestamp_ms;
+            self.first_ts = timestamp_ms;
+            self.max_ts = timestamp_ms;
         }
-        self.max_ts = self.max_ts.max(r.timestamp_ms);
+        self.max_ts = self.max_ts.max(timestamp_ms);
         self.count += 1;
     }
 

@@ -600,15 +600,15 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
     // Resolve every queue once: its id here, or why it cannot be served.
     let resolved: Vec<(u32, Result<u32, ErrorCode>, u64)> = {
         let meta = shard.metadata.borrow();
-        meta.queue_count(&req.topic)?;
+        let queues = meta.queues(&req.topic)?;
         req.queues
             .iter()
             .map(|&(q, offset)| {
-                let id = match meta.route(&req.topic, q) {
-                    Ok(r) if r.shard == shard.id => Ok(r.queue_id),
+                let id = match queues.get(q as usize) {
+                    Some(&(id, owner)) if owner == shard.id => Ok(id),
                     // The client sends one request per owning shard.
-                    Ok(_) => Err(ErrorCode::InvalidArgument),
-                    Err(e) => Err(HandlerError::from(e).code),
+                    Some(_) => Err(ErrorCode::InvalidArgument),
+                    None => Err(ErrorCode::UnknownQueue),
                 };
                 (q, id, offset)
             })

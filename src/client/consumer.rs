@@ -50,7 +50,7 @@ pub struct Consumer {
     topic: String,
     /// `topic`, shared by every message handed out.
     topic_shared: std::sync::Arc<str>,
-    cursors: BTreeMap<u32, Cursor>,
+    cursors: crate::ids::IdMap<Cursor>,
     groups: Vec<FetchGroup>,
     /// fetch request id → group
     fetches: HashMap<u64, usize>,
@@ -73,7 +73,7 @@ impl Consumer {
             conn,
             topic: String::new(),
             topic_shared: "".into(),
-            cursors: BTreeMap::new(),
+            cursors: Default::default(),
             groups: Vec::new(),
             fetches: HashMap::new(),
             ready: VecDeque::new(),

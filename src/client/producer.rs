@@ -115,13 +115,12 @@ impl Producer {
         for r in records {
             r.check()
                 .map_err(|e| ClientError::InvalidArgument(e.into()))?;
-            if r.timestamp_ms == 0 {
-                let mut r = r.clone();
-                r.timestamp_ms = now;
-                b.push(&r);
+            let ts = if r.timestamp_ms == 0 {
+                now
             } else {
-                b.push(r);
-            }
+                r.timestamp_ms
+            };
+            b.push_at(r, ts);
         }
         if b.encoded_len() > self.batch_bytes_max() {
             return Err(ClientError::InvalidArgument(format!(

@@ -226,6 +226,14 @@ impl Metadata {
         })
     }
 
+    /// Queue `i` of a topic: (broker-wide queue id, owning shard).
+    pub fn queues(&self, topic: &str) -> Result<&[(u32, u16)], MetadataError> {
+        self.topics
+            .get(topic)
+            .map(|t| t.queues.as_slice())
+            .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))
+    }
+
     /// Number of queues of a topic.
     pub fn queue_count(&self, topic: &str) -> Result<u32, MetadataError> {
         self.topics

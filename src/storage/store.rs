@@ -5,8 +5,6 @@
 
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -42,27 +40,7 @@ pub enum StoreError {
     Recovery(String),
 }
 
-/// Queue ids are small broker-assigned integers, not attacker-chosen keys:
-/// a multiplicative hash beats SipHash on the fetch path (a fetch over ten
-/// thousand queues looks each one up).
-#[derive(Default)]
-struct QueueIdHasher(u64);
-
-impl Hasher for QueueIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type QueueMap<V> = HashMap<u32, V, BuildHasherDefault<QueueIdHasher>>;
+type QueueMap<V> = crate::ids::IdMap<V>;
 
 struct QueueState {
     consume: ConsumeIndex,
