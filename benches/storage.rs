@@ -86,6 +86,7 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                     dir: dir.path().to_owned(),
                     segment_bytes_max: 256 << 20,
                     write_bytes_max: 1 << 20,
+                    unawaited_write_delay: Duration::from_millis(1),
                 };
                 let (store, _) = QueueStore::open(cfg, 64 << 20).await.unwrap();
                 let tq = glommio::executor().current_task_queue();

@@ -73,6 +73,8 @@ pub struct StorageConfig {
     pub retention_bytes: u64,
     pub retention_check_interval_ms: u64,
     pub checkpoint_interval_ms: u64,
+    /// Longest a memory-level append waits to share a write (0: at once).
+    pub memory_write_delay_us: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -110,6 +112,7 @@ impl Default for Config {
                 retention_bytes: 0,
                 retention_check_interval_ms: 10_000,
                 checkpoint_interval_ms: 1_000,
+                memory_write_delay_us: 1_000,
             },
             runtime: RuntimeConfig {
                 spin_before_park_us: 200,
@@ -162,6 +165,7 @@ struct FileStorage {
     retention_bytes: Option<u64>,
     retention_check_interval_ms: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
+    memory_write_delay_us: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -220,6 +224,7 @@ impl Config {
                 self.storage.checkpoint_interval_ms,
                 s.checkpoint_interval_ms
             );
+            set!(self.storage.memory_write_delay_us, s.memory_write_delay_us);
         }
         if let Some(r) = f.runtime {
             set!(self.runtime.spin_before_park_us, r.spin_before_park_us);
@@ -301,6 +306,12 @@ impl Config {
                 "intervals must be at least 1 ms".into(),
             );
         }
+        if s.memory_write_delay_us > 100_000 {
+            return bad(
+                "storage.memory_write_delay_us",
+                "must be at most 100000 (100 ms)".into(),
+            );
+        }
         if self.runtime.ring_depth < 8 {
             return bad("runtime.ring_depth", "must be at least 8".into());
         }
@@ -366,6 +377,14 @@ mod tests {
             .unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("storage.segment_bytes_max"), "{err}");
+        let mut c = Config::default();
+        c.apply_toml("[storage]\nmemory_write_delay_us = 0\n", "x")
+            .unwrap();
+        c.validate().unwrap();
+        c.apply_toml("[storage]\nmemory_write_delay_us = 100001\n", "x")
+            .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.memory_write_delay_us"), "{err}");
     }
 
     #[test]

@@ -152,6 +152,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         dir: dir.clone(),
         segment_bytes_max: cfg.storage.segment_bytes_max,
         write_bytes_max: u64::from(cfg.storage.write_bytes_max),
+        unawaited_write_delay: Duration::from_micros(cfg.storage.memory_write_delay_us),
     };
     runtime::blocking({
         let d = dir.clone();

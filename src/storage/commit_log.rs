@@ -10,7 +10,7 @@
 //!   completes. It writes at once when someone waits (`wait_written`,
 //!   `wait_synced`), when a full write is queued, or on close; appends
 //!   nobody waits on (durability `memory`) wait up to
-//!   [`UNAWAITED_WRITE_DELAY`] to share a write, which keeps the VM exit of
+//!   `unawaited_write_delay` (`storage.memory_write_delay_us`) to share a write, which keeps the VM exit of
 //!   a disk submission off the request-reply path.
 //! - One syncer task runs fdatasync when someone waits for durability:
 //!   every append that arrived while the previous fdatasync ran is covered
@@ -36,6 +36,9 @@ pub struct LogConfig {
     pub dir: PathBuf,
     pub segment_bytes_max: u64,
     pub write_bytes_max: u64,
+    /// Longest an append nobody waits on (durability `memory`) waits to
+    /// share a write; zero writes at once.
+    pub unawaited_write_delay: Duration,
 }
 
 /// Why a log operation failed.
@@ -79,10 +82,6 @@ struct State {
     /// A zero write in flight: the flusher must not write into it.
     zeroing: Option<(u64, u64)>,
 }
-
-/// Longest an append that nobody waits on (durability `memory`) waits for
-/// company before it is written.
-pub const UNAWAITED_WRITE_DELAY: Duration = Duration::from_millis(1);
 
 /// How far ahead of the append position the zeroer prepares the segment.
 pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
@@ -511,13 +510,14 @@ impl CommitLog {
     /// Whether the pending batches should be written now: someone waits for
     /// them, a full write is queued, or the log is closing. Otherwise they
     /// are only "in memory" (nobody waits) and may wait up to
-    /// [`UNAWAITED_WRITE_DELAY`] to share a write.
+    /// `unawaited_write_delay` to share a write.
     fn write_due(&self) -> bool {
         let s = self.state.borrow();
         let Some(&(first, _)) = s.pending.front() else {
             return false;
         };
         s.closing
+            || self.cfg.unawaited_write_delay.is_zero()
             || s.write_wanted > self.written.get()
             || s.append_pos - first >= self.cfg.write_bytes_max
     }
@@ -540,7 +540,7 @@ impl CommitLog {
                     }
                 };
                 let timer = async {
-                    runtime::sleep(UNAWAITED_WRITE_DELAY).await;
+                    runtime::sleep(self.cfg.unawaited_write_delay).await;
                 };
                 futures_lite::future::or(due, timer).await;
             }

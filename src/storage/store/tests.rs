@@ -44,6 +44,7 @@ fn cfg(dir: &std::path::Path) -> LogConfig {
         dir: dir.to_owned(),
         segment_bytes_max: SEGMENT,
         write_bytes_max: 16 * 1024,
+        unawaited_write_delay: std::time::Duration::from_millis(1),
     }
 }
 
