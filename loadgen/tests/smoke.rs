@@ -3,28 +3,33 @@
 
 use std::process::Command;
 
-#[test]
-fn spawn_run_reports_json_with_nothing_lost() {
-    // The broker binary sits beside the loadgen's in the target dir.
+/// Runs the loadgen with `args` (plus `--json`), checks it succeeded, and
+/// returns its JSON report.
+fn loadgen_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
-        .args([
-            "--spawn",
-            "--rate",
-            "2000",
-            "--size",
-            "100",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--json",
-        ])
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "loadgen failed: {stderr}");
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"))
+}
+
+#[test]
+fn spawn_run_reports_json_with_nothing_lost() {
+    // The broker binary sits beside the loadgen's in the target dir.
+    let v = loadgen_json(&[
+        "--spawn",
+        "--rate",
+        "2000",
+        "--size",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+    ]);
     for key in [
         "sent",
         "acked",
@@ -65,13 +70,7 @@ fn an_omb_workload_file_runs() {
         "name: smoke omb\ntopics: 1\npartitionsPerTopic: 4\nmessageSize: 64\nsubscriptionsPerTopic: 1\nconsumerPerSubscription: 2\nproducerRate: 2000\ntestDurationMinutes: 0.03\nwarmupDurationMinutes: 0.01\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
-        .args(["--spawn", "--workload", w.to_str().unwrap(), "--json"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "loadgen failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = loadgen_json(&["--spawn", "--workload", w.to_str().unwrap()]);
     assert_eq!(v["lost"], 0);
     assert_eq!(v["workload"], "smoke omb");
     assert_eq!(v["sent"], 4800, "(1.8 s + 0.6 s) at 2000/s");
@@ -80,30 +79,23 @@ fn an_omb_workload_file_runs() {
 
 #[test]
 fn blocking_clients_run_a_thread_each_and_lose_nothing() {
-    let out = Command::new(env!("CARGO_BIN_EXE_keelmq-loadgen"))
-        .args([
-            "--spawn",
-            "--client-mode",
-            "blocking",
-            "--queues",
-            "2",
-            "--producers",
-            "2",
-            "--consumers",
-            "2",
-            "--rate",
-            "2000",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "loadgen failed: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = loadgen_json(&[
+        "--spawn",
+        "--client-mode",
+        "blocking",
+        "--queues",
+        "2",
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--rate",
+        "2000",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+    ]);
     assert_eq!(v["mode"], "blocking");
     assert_eq!(v["lost"], 0);
     assert_eq!(v["errors"], 0);

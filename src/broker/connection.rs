@@ -259,7 +259,7 @@ async fn read_loop(
             // buffer, so big batches arrive in few reads.
             buf.resize(len + frame_rest.min(1 << 20), 0);
             let r = rd.read(&mut buf[len..]).await;
-            buf.truncate(len + *r.as_ref().unwrap_or(&0));
+            buf.truncate(len + r.as_ref().map_or(0, |n| *n));
             r
         } else {
             // Small reads go through a scratch chunk, so each read copies

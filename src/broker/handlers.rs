@@ -186,12 +186,12 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, u32), HandlerError
             owner(&req.topic, req.queue)
         }
         Op::FetchMany => {
-            let req = FetchManyRequest::decode(body.clone())?;
-            let &(queue, _) = req
-                .queues
-                .first()
+            // Only the topic and the first queue decide the shard; the
+            // (possibly long) queue list is decoded once, by the handler.
+            let (topic, first) = FetchManyRequest::decode_route(body.clone())?;
+            let queue = first
                 .ok_or_else(|| herr(ErrorCode::InvalidArgument, "fetch_many names no queue"))?;
-            owner(&req.topic, queue)
+            owner(&topic, queue)
         }
         Op::ListOffsets => {
             let req = ListOffsetsRequest::decode(body.clone())?;
@@ -575,18 +575,21 @@ async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let mut m = shard.metrics.borrow_mut();
     m.fetch_requests += 1;
     m.bytes_out += total as u64;
-    m.messages_out += batches
-        .iter()
-        .filter_map(|b| batch::BatchHeader::parse(b).ok())
-        .map(|h| {
-            h.next_offset()
-                .saturating_sub(req.offset.max(h.base_offset))
-        })
-        .sum::<u64>();
+    m.messages_out += messages_from(&batches, req.offset);
     let mut out = Vec::with_capacity(batches.len() + 1);
     out.push(head.freeze());
     out.extend(batches);
     Ok(out)
+}
+
+/// Messages a fetch from `offset` hands out in `batches` (the first batch
+/// may start before `offset`).
+fn messages_from(batches: &[Bytes], offset: u64) -> u64 {
+    batches
+        .iter()
+        .filter_map(|b| batch::BatchHeader::parse(b).ok())
+        .map(|h| h.next_offset().saturating_sub(offset.max(h.base_offset)))
+        .sum()
 }
 
 /// Fetch over many queues of this shard: one scan in request order, one
@@ -659,12 +662,8 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
                 .await
             {
                 Ok((o, batches)) => {
-                    for b in &batches {
-                        bytes += b.len() as u64;
-                        if let Ok(h) = batch::BatchHeader::parse(b) {
-                            messages += h.next_offset().saturating_sub(offset.max(h.base_offset));
-                        }
-                    }
+                    bytes += batches.iter().map(|b| b.len() as u64).sum::<u64>();
+                    messages += messages_from(&batches, offset);
                     if !batches.is_empty() {
                         entries.push(entry(queue, ErrorCode::Ok, o, batches));
                     }

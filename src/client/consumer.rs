@@ -31,6 +31,8 @@ struct Cursor {
     next: u64,
     shard: u16,
     group: usize,
+    /// Index of the queue in its group's `queues`.
+    slot: usize,
 }
 
 /// Queues fetched together.
@@ -47,9 +49,8 @@ struct FetchGroup {
 /// A consumer over one connection.
 pub struct Consumer {
     conn: Connection,
-    topic: String,
-    /// `topic`, shared by every message handed out.
-    topic_shared: std::sync::Arc<str>,
+    /// Shared by every message handed out.
+    topic: std::sync::Arc<str>,
     cursors: crate::ids::IdMap<Cursor>,
     groups: Vec<FetchGroup>,
     /// fetch request id → group
@@ -71,8 +72,7 @@ impl Consumer {
     fn over(conn: Connection) -> Consumer {
         Consumer {
             conn,
-            topic: String::new(),
-            topic_shared: "".into(),
+            topic: "".into(),
             cursors: Default::default(),
             groups: Vec::new(),
             fetches: HashMap::new(),
@@ -126,8 +126,7 @@ impl Consumer {
     /// offset until [`Consumer::seek`] says otherwise.
     pub fn assign(&mut self, topic: &str, queues: &[u32]) -> Result<(), ClientError> {
         let info = self.topic_info(topic)?;
-        self.topic = topic.to_owned();
-        self.topic_shared = topic.into();
+        self.topic = topic.into();
         self.cursors.clear();
         self.groups.clear();
         self.fetches.clear();
@@ -153,14 +152,16 @@ impl Consumer {
                     next: 0,
                     shard: qi.shard,
                     group: 0,
+                    slot: 0,
                 },
             );
             by_shard.entry(qi.shard).or_default().push(q);
         }
         for queues in by_shard.values() {
             for chunk in queues.chunks(FETCH_GROUP_QUEUES_MAX) {
-                for q in chunk {
-                    self.cursors.get_mut(q).expect("cursor").group = self.groups.len();
+                for (slot, q) in chunk.iter().enumerate() {
+                    let c = self.cursors.get_mut(q).expect("cursor");
+                    (c.group, c.slot) = (self.groups.len(), slot);
                 }
                 self.groups.push(FetchGroup {
                     queues: chunk.to_vec(),
@@ -211,7 +212,7 @@ impl Consumer {
     fn list_offset(&mut self, queue: u32, spec: OffsetSpec) -> Result<u64, ClientError> {
         let mut b = BytesMut::new();
         ListOffsetsRequest {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             queue,
             spec,
         }
@@ -258,7 +259,7 @@ impl Consumer {
             let (tail, head) = group.queues.split_at(group.start);
             let mut b = BytesMut::new();
             FetchManyRequest {
-                topic: self.topic.clone(),
+                topic: self.topic.to_string(),
                 max_bytes: self.fetch_bytes_max,
                 wait_ms,
                 queues: head
@@ -306,18 +307,19 @@ impl Consumer {
             }
             let (shard, mut next) = (cursor.shard, cursor.next);
             for b in &e.batches {
-                for m in decode_batch(&self.topic_shared, e.queue, shard, b, next)? {
+                for m in decode_batch(&self.topic, e.queue, shard, b, next)? {
                     next = m.offset + 1;
                     self.ready.push_back(m);
                 }
             }
-            self.cursors.get_mut(&e.queue).expect("cursor").next = next;
-            last_served = Some(e.queue);
+            let cursor = self.cursors.get_mut(&e.queue).expect("cursor");
+            cursor.next = next;
+            last_served = Some(cursor.slot);
         }
         // Start the next request after the last queue served.
-        let g = &mut self.groups[group];
-        if let Some(i) = last_served.and_then(|l| g.queues.iter().position(|q| *q == l)) {
-            g.start = (i + 1) % g.queues.len();
+        if let Some(slot) = last_served {
+            let g = &mut self.groups[group];
+            g.start = (slot + 1) % g.queues.len();
         }
         Ok(())
     }
@@ -328,7 +330,7 @@ impl Consumer {
             let mut b = BytesMut::new();
             GroupOffsetRequest {
                 group: group.to_owned(),
-                topic: self.topic.clone(),
+                topic: self.topic.to_string(),
                 queue: q,
                 offset: Some(next),
             }
@@ -345,7 +347,7 @@ impl Consumer {
             let mut b = BytesMut::new();
             GroupOffsetRequest {
                 group: group.to_owned(),
-                topic: self.topic.clone(),
+                topic: self.topic.to_string(),
                 queue: q,
                 offset: None,
             }

@@ -556,6 +556,17 @@ impl FetchManyRequest {
             w.u32(q).u64(o);
         }
     }
+    /// The topic and the first queue named (which pick the serving shard),
+    /// without decoding the rest.
+    pub fn decode_route(body: Bytes) -> Result<(String, Option<u32>), DecodeError> {
+        let mut r = Reader::new(body);
+        let topic = r.str("topic")?;
+        r.u32("max_bytes")?;
+        r.u32("wait_ms")?;
+        let n = bounded_count(&mut r, "queue_count", FETCH_MANY_QUEUES_MAX)?;
+        let first = if n > 0 { Some(r.u32("queue")?) } else { None };
+        Ok((topic, first))
+    }
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
         let topic = r.str("topic")?;
@@ -1001,14 +1012,18 @@ mod tests {
         round(Some(5u64), |v, b| encode_opt_u64(b, *v), decode_opt_u64);
     }
 
-    #[test]
-    fn fetch_many_response_round_trips_and_rejects_bad_counts() {
-        let mut b1 = crate::batch::BatchBuilder::new();
-        b1.push(&crate::batch::Record {
+    fn one_record_batch() -> Bytes {
+        let mut b = crate::batch::BatchBuilder::new();
+        b.push(&crate::batch::Record {
             payload: Bytes::from_static(b"a"),
             ..Default::default()
         });
-        let b1 = b1.finish();
+        b.finish()
+    }
+
+    #[test]
+    fn fetch_many_response_round_trips_and_rejects_bad_counts() {
+        let b1 = one_record_batch();
         let resp = FetchManyResponse {
             entries: vec![
                 FetchManyEntry {
@@ -1045,12 +1060,7 @@ mod tests {
 
     #[test]
     fn fetch_response_splits_batches_by_length() {
-        let mut b1 = crate::batch::BatchBuilder::new();
-        b1.push(&crate::batch::Record {
-            payload: Bytes::from_static(b"a"),
-            ..Default::default()
-        });
-        let b1 = b1.finish();
+        let b1 = one_record_batch();
         let resp = FetchResponse {
             offsets: QueueOffsets {
                 earliest: 0,

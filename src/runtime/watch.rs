@@ -70,6 +70,21 @@ impl Watch {
         self.0.closed.get()
     }
 
+    /// Waits until the value is at least `target`, the watch closes, or
+    /// `limit` passes, whichever comes first (a long poll).
+    pub async fn wait_for_within(&self, target: u64, limit: std::time::Duration) {
+        if self.get() >= target || limit.is_zero() {
+            return;
+        }
+        let reached = async {
+            let _ = self.wait_for(target).await;
+        };
+        let timer = async {
+            super::sleep(limit).await;
+        };
+        futures_lite::future::or(reached, timer).await;
+    }
+
     /// Resolves once the value is at least `target`.
     pub fn wait_for(&self, target: u64) -> WaitFor {
         WaitFor {

@@ -10,8 +10,9 @@
 //!   completes. It writes at once when someone waits (`wait_written`,
 //!   `wait_synced`), when a full write is queued, or on close; appends
 //!   nobody waits on (durability `memory`) wait up to
-//!   `unawaited_write_delay` (`storage.memory_write_delay_us`) to share a write, which keeps the VM exit of
-//!   a disk submission off the request-reply path.
+//!   `unawaited_write_delay` (`storage.memory_write_delay_us`) to share a
+//!   write, which keeps the VM exit of a disk submission off the
+//!   request-reply path.
 //! - One syncer task runs fdatasync when someone waits for durability:
 //!   every append that arrived while the previous fdatasync ran is covered
 //!   by the next one (group commit). `synced` advances when it returns.

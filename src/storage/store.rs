@@ -18,6 +18,7 @@ use super::time_index::TimeIndex;
 #[cfg(test)]
 use crate::batch::RecordIter;
 use crate::batch::{self, BatchHeader, BATCH_HEADER_BYTES};
+use crate::ids::IdMap;
 use crate::protocol::{Durability, QueueOffsets};
 use crate::runtime::{self, Watch};
 
@@ -39,8 +40,6 @@ pub enum StoreError {
     #[error("recovery failed: {0}")]
     Recovery(String),
 }
-
-type QueueMap<V> = crate::ids::IdMap<V>;
 
 struct QueueState {
     consume: ConsumeIndex,
@@ -85,7 +84,7 @@ pub struct AppendReceipt {
 /// One shard's queues over its commit log.
 pub struct QueueStore {
     log: Rc<CommitLog>,
-    queues: RefCell<QueueMap<QueueState>>,
+    queues: RefCell<IdMap<QueueState>>,
     tail: RefCell<TailCache>,
     last_append_ms: Cell<i64>,
     dir: std::path::PathBuf,
@@ -111,7 +110,7 @@ impl QueueStore {
             recovered.tail_page,
         )
         .await?;
-        let mut queues: QueueMap<QueueState> = QueueMap::default();
+        let mut queues: IdMap<QueueState> = IdMap::default();
         let mut last_ms = 0;
         for b in &recovered.batches {
             let q = queues
@@ -277,16 +276,7 @@ impl QueueStore {
     /// Waits (up to `wait`) until something is published after `seen`
     /// (a value of [`QueueStore::published`]).
     pub async fn wait_published(&self, seen: u64, wait: Duration) {
-        if wait.is_zero() || self.published.get() > seen {
-            return;
-        }
-        let wait_for = async {
-            let _ = self.published.wait_for(seen + 1).await;
-        };
-        let timer = async {
-            runtime::sleep(wait).await;
-        };
-        futures_lite::future::or(wait_for, timer).await;
+        self.published.wait_for_within(seen + 1, wait).await;
     }
 
     /// Waits (up to `wait`) until `offset` is visible in the queue.
@@ -306,12 +296,7 @@ impl QueueStore {
             }
             q.visible.clone()
         };
-        let wait_for = watch.wait_for(offset + 1);
-        let timer = async {
-            runtime::sleep(wait).await;
-            Ok(())
-        };
-        let _ = futures_lite::future::or(wait_for, timer).await;
+        watch.wait_for_within(offset + 1, wait).await;
         Ok(())
     }
 

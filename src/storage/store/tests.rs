@@ -48,15 +48,27 @@ fn cfg(dir: &std::path::Path) -> LogConfig {
     }
 }
 
+/// Opens the store in `path` (after the direct-I/O probe) and starts its
+/// flusher and syncer.
+async fn open_started(
+    path: &std::path::Path,
+    tail_cache_bytes_max: u64,
+) -> (Rc<QueueStore>, RecoveryReport) {
+    crate::runtime::probe_direct_io(path).await.unwrap();
+    let (store, report) = QueueStore::open(cfg(path), tail_cache_bytes_max)
+        .await
+        .unwrap();
+    store.log().start(glommio::executor().current_task_queue());
+    (store, report)
+}
+
 #[test]
 fn appends_roll_segments_and_recover_exactly() {
     let dir = tempdir();
     let path = dir.path().to_owned();
     run(move || async move {
-        crate::runtime::probe_direct_io(&path).await.unwrap();
-        let (store, report) = QueueStore::open(cfg(&path), 8 * 1024).await.unwrap();
+        let (store, report) = open_started(&path, 8 * 1024).await;
         assert_eq!(report.batches, 0);
-        store.log().start(glommio::executor().current_task_queue());
         store
             .log()
             .start_zeroer(glommio::executor().current_task_queue());
@@ -128,9 +140,7 @@ fn visibility_waits_for_the_durability_level() {
     let dir = tempdir();
     let path = dir.path().to_owned();
     run(move || async move {
-        crate::runtime::probe_direct_io(&path).await.unwrap();
-        let (store, _) = QueueStore::open(cfg(&path), 1 << 20).await.unwrap();
-        store.log().start(glommio::executor().current_task_queue());
+        let (store, _) = open_started(&path, 1 << 20).await;
         store.ensure_queue(7);
         let (b, h) = produced("v", 2, 10);
         let r = store.append(7, &b, &h).unwrap();
@@ -170,9 +180,7 @@ fn retention_removes_segments_and_trims_indexes() {
     let dir = tempdir();
     let path = dir.path().to_owned();
     run(move || async move {
-        crate::runtime::probe_direct_io(&path).await.unwrap();
-        let (store, _) = QueueStore::open(cfg(&path), 4096).await.unwrap();
-        store.log().start(glommio::executor().current_task_queue());
+        let (store, _) = open_started(&path, 4096).await;
         store.ensure_queue(1);
         let mut last = None;
         for i in 0..200 {
@@ -229,9 +237,7 @@ fn unawaited_appends_are_written_without_anyone_asking() {
     let dir = tempdir();
     let path = dir.path().to_owned();
     run(move || async move {
-        crate::runtime::probe_direct_io(&path).await.unwrap();
-        let (store, _) = QueueStore::open(cfg(&path), 1 << 20).await.unwrap();
-        store.log().start(glommio::executor().current_task_queue());
+        let (store, _) = open_started(&path, 1 << 20).await;
         store.ensure_queue(1);
         let (b, h) = produced("m", 2, 50);
         let r = store.append(1, &b, &h).unwrap();
