@@ -196,10 +196,18 @@ fn block_stop_signals() -> libc::sigset_t {
 }
 
 /// Runs the broker until SIGTERM / Ctrl-C. Returns after a clean stop.
-pub fn run(config: Config) -> Result<(), StartError> {
+pub fn run(mut config: Config) -> Result<(), StartError> {
     config.validate()?;
+    let _lock = lock_data_dir(&config.broker.data_dir)?;
+    // Resolved once, here: every later path (segments, checkpoints, the
+    // directory syncs io_uring does) is absolute, whatever the working
+    // directory or the form of --data-dir.
+    config.broker.data_dir =
+        std::fs::canonicalize(&config.broker.data_dir).map_err(|e| StartError::DataDir {
+            path: config.broker.data_dir.clone(),
+            reason: format!("cannot resolve it: {e}"),
+        })?;
     let data_dir = config.broker.data_dir.clone();
-    let _lock = lock_data_dir(&data_dir)?;
     let cores = shard_cores(&config);
     let shard_count = cores.len() as u16;
     let metadata = match Metadata::load(&data_dir).map_err(StartError::Metadata)? {

@@ -34,8 +34,13 @@ where
 }
 
 /// Syncs a directory so a file created or renamed in it survives a crash.
+///
+/// glommio opens directories with `openat(-1, path)`, which fails with
+/// EBADF for a relative path (it is not `AT_FDCWD`), so the path is made
+/// absolute first.
 pub async fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
-    let dir = glommio::io::Directory::open(path)
+    let path = std::path::absolute(path)?;
+    let dir = glommio::io::Directory::open(&path)
         .await
         .map_err(std::io::Error::from)?;
     dir.sync().await.map_err(std::io::Error::from)?;

@@ -5,6 +5,7 @@ mod bad_input;
 mod config;
 mod durability;
 mod produce;
+mod readme;
 mod retention;
 mod seek;
 mod tidy;
