@@ -4,7 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use keelmq::batch::{check_stored, stamp, validate_produced, BatchBuilder, Record};
+use keelmq::batch::{check_stored, stamp, validate_produced, BatchBuilder, Record, SegmentKey};
 use keelmq::protocol::frame::{encode_frame, FrameDecoder};
 
 fn batch_of(n: usize, size: usize) -> Bytes {
@@ -52,17 +52,17 @@ fn codec(c: &mut Criterion) {
             |b, batch| {
                 b.iter(|| {
                     let mut m = BytesMut::from(&batch[..]);
-                    stamp(&mut m, 1, 2, 3, 4);
+                    stamp(&mut m, 1, 2, 3, 4, &SegmentKey([7; 16]));
                     black_box(m.freeze())
                 })
             },
         );
         let mut stored = batch.to_vec();
-        stamp(&mut stored, 1, 2, 3, 4);
+        stamp(&mut stored, 1, 2, 3, 4, &SegmentKey([7; 16]));
         g.bench_with_input(
             BenchmarkId::new("check_stored", format!("{n}x{size}B")),
             &stored,
-            |b, s| b.iter(|| black_box(check_stored(s).unwrap())),
+            |b, s| b.iter(|| black_box(check_stored(s, &SegmentKey([7; 16])).unwrap())),
         );
     }
     g.finish();

@@ -14,7 +14,7 @@ use keelmq::batch::{validate_produced, BatchBuilder, Record};
 use keelmq::protocol::Durability;
 use keelmq::shard::mesh::{build_mesh, Mesh, MeshMsg, NO_QUEUE};
 use keelmq::storage::consume_index::{ConsumeIndex, IndexEntry};
-use keelmq::storage::{LogConfig, QueueStore};
+use keelmq::storage::{LogConfig, QueueStore, StoreConfig, UringIo};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -82,23 +82,40 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                 std::fs::create_dir_all(base).unwrap();
                 let dir = tempfile::tempdir_in(base).unwrap();
                 keelmq::runtime::probe_direct_io(dir.path()).await.unwrap();
-                let cfg = LogConfig {
-                    dir: dir.path().to_owned(),
-                    segment_bytes_max: 256 << 20,
-                    write_bytes_max: 1 << 20,
-                    unawaited_write_delay: Duration::from_millis(1),
+                let cfg = StoreConfig {
+                    log: LogConfig {
+                        dir: dir.path().to_owned(),
+                        shard: 0,
+                        segment_bytes: 256 << 20,
+                        write_bytes_max: 1 << 20,
+                        unawaited_write_delay: Duration::from_millis(1),
+                        pending_bytes_max: 64 << 20,
+                        unsynced_bytes_max: 32 << 20,
+                    },
+                    tail_cache_bytes_max: 64 << 20,
+                    checkpoint_interval: Duration::from_secs(1),
+                    zero_ahead: true,
                 };
-                let (store, _) = QueueStore::open(cfg, 64 << 20).await.unwrap();
                 let tq = glommio::executor().current_task_queue();
-                store.log().start(tq);
-                store.log().start_zeroer(tq);
+                let io = UringIo::new(keelmq::runtime::TaskQueues {
+                    data: tq,
+                    background: tq,
+                });
+                let (store, _) = QueueStore::open(io, cfg).await.unwrap();
+                store.start();
                 store.ensure_queue(1);
                 let (batch, header) = produced(records, 100);
                 while let Ok(iters) = jobs.recv() {
                     let t = Instant::now();
                     let mut last = None;
                     for _ in 0..iters {
-                        let r = store.append(1, &batch, &header).unwrap();
+                        store
+                            .wait_appendable(batch.len() as u64, Duration::from_secs(10))
+                            .await
+                            .unwrap();
+                        let r = store
+                            .append(1, &batch, &header, Durability::Written)
+                            .unwrap();
                         if wait_each {
                             store.wait_durable(&r, Durability::Written).await.unwrap();
                         }

@@ -2,14 +2,24 @@
 //! commit log and is served back to consumers, byte for byte.
 //!
 //! A producer encodes a batch ([`BatchBuilder`]) with its body CRC. The
-//! broker checks it ([`validate_produced`]), stamps the broker-owned header
-//! fields (queue id, base offset, append time) and the header CRC
-//! ([`stamp`]), and appends it unchanged otherwise. Recovery and readers
-//! check both CRCs ([`check_stored`]). The byte layout is documented in
-//! `docs/PROTOCOL.md`; all integers are little-endian.
+//! broker checks it ([`validate_produced`]: lengths, CRC, framing, reserved
+//! fields zero), stamps the broker-owned header fields (queue id, base
+//! offset, append time, log position) and the header MAC ([`stamp`]), and
+//! appends it unchanged otherwise. The broker's readers and recovery check
+//! both the MAC and the body CRC ([`check_stored`]); clients, which do not
+//! hold the key, check the body CRC ([`check_fetched`]).
+//!
+//! The header MAC is SipHash-1-3 keyed with the segment's secret
+//! [`SegmentKey`] over bytes 4..52 (every stamped field and the body CRC),
+//! truncated to 32 bits. A producer can put any bytes in a payload, even a
+//! perfect copy of a stored batch, but cannot compute a MAC without the key,
+//! so its bytes are never taken for a stored batch (by recovery looking for
+//! the next batch after damaged bytes, or by a reader given a forged
+//! position). The byte layout is documented in `docs/PROTOCOL.md`; all
+//! integers are little-endian.
 //!
 //! ```text
-//! 0   u32 header_crc     CRC32 of bytes 4..48 (broker-stamped part)
+//! 0   u32 header_mac     SipHash-1-3(segment key, bytes 4..52), low 32 bits
 //! 4   u32 batch_len      whole batch, header included
 //! 8   u16 magic          0x4B51 ("KQ")
 //! 10  u8  version        1
@@ -20,7 +30,7 @@
 //! 32  u64 log_position   stamped: where the batch sits in the shard's log
 //! 40  u64 term           replication term (0 until replication)
 //! 48  u32 body_crc       CRC32 of bytes 52..batch_len, by the producer
-//! 52  u16 attributes     batch flags (transactional, trace, ...)
+//! 52  u16 attributes     batch flags (none defined yet: 0)
 //! 54  u16 reserved       0
 //! 56  u32 record_count
 //! 60  u32 reserved       0
@@ -30,6 +40,7 @@
 //! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::hash::Hasher;
 use thiserror::Error;
 
 /// Size of the fixed batch header.
@@ -41,13 +52,36 @@ pub const BATCH_VERSION: u8 = 1;
 /// Fixed bytes of a record before its variable fields (length included).
 pub const RECORD_FIXED_BYTES: usize = 4 + 1 + 1 + 2 + 8 + 8;
 
-const HEADER_CRC_RANGE: std::ops::Range<usize> = 4..48;
+/// Bytes the header MAC covers: every stamped field and the body CRC.
+const HEADER_MAC_RANGE: std::ops::Range<usize> = 4..52;
 const BODY_CRC_START: usize = 52;
+
+/// The secret key of one segment file: stamps and checks the header MAC of
+/// every batch stored in it. Kept in the segment's header page, never sent
+/// to a client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SegmentKey(pub [u8; 16]);
+
+impl std::fmt::Debug for SegmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SegmentKey(..)")
+    }
+}
+
+/// The header MAC of a batch under `key` (bytes 4..52; `b` holds at least
+/// 52 bytes).
+pub fn header_mac(b: &[u8], key: &SegmentKey) -> u32 {
+    let mut h = siphasher::sip::SipHasher13::new_with_key(&key.0);
+    h.write(&b[HEADER_MAC_RANGE]);
+    h.finish() as u32
+}
 
 /// Record flag: a key is present.
 pub const RECORD_FLAG_KEY: u8 = 1;
 /// Record flag: a tag is present.
 pub const RECORD_FLAG_TAG: u8 = 2;
+/// Record flag bits with a meaning; the others must be zero.
+const RECORD_FLAGS_KNOWN: u8 = RECORD_FLAG_KEY | RECORD_FLAG_TAG;
 
 /// Why a batch was rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -64,8 +98,13 @@ pub enum BatchError {
     BadVersion(u8),
     #[error("batch body CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     BodyCrc { stored: u32, computed: u32 },
-    #[error("batch header CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
-    HeaderCrc { stored: u32, computed: u32 },
+    /// The header MAC does not match: damaged bytes, or bytes the broker
+    /// never stamped (a producer's payload). The computed value is not
+    /// shown, since it would let a caller forge one.
+    #[error("batch header MAC does not match")]
+    HeaderMac,
+    #[error("reserved field {0} is not zero")]
+    ReservedNotZero(&'static str),
     #[error("batch has no records")]
     Empty,
     #[error("record {index}: {reason}")]
@@ -77,7 +116,7 @@ pub enum BatchError {
 /// The decoded fixed header of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchHeader {
-    pub header_crc: u32,
+    pub header_mac: u32,
     pub batch_len: u32,
     pub queue_id: u32,
     pub base_offset: u64,
@@ -118,7 +157,7 @@ impl BatchHeader {
             return Err(BatchError::BadVersion(b[10]));
         }
         Ok(BatchHeader {
-            header_crc: u32_at(b, 0),
+            header_mac: u32_at(b, 0),
             batch_len: u32_at(b, 4),
             queue_id: u32_at(b, 12),
             base_offset: u64_at(b, 16),
@@ -157,13 +196,8 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
             actual: b.len(),
         });
     }
-    let computed = crc32fast::hash(&b[BODY_CRC_START..]);
-    if computed != header.body_crc {
-        return Err(BatchError::BodyCrc {
-            stored: header.body_crc,
-            computed,
-        });
-    }
+    check_body_crc(b, &header)?;
+    check_reserved(b)?;
     if header.record_count == 0 {
         return Err(BatchError::Empty);
     }
@@ -181,35 +215,7 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
     Ok(header)
 }
 
-/// Writes the broker-owned fields and the header CRC into a batch that
-/// passed [`validate_produced`].
-pub fn stamp(
-    b: &mut [u8],
-    queue_id: u32,
-    base_offset: u64,
-    append_time_ms: i64,
-    log_position: u64,
-) {
-    assert!(b.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
-    b[12..16].copy_from_slice(&queue_id.to_le_bytes());
-    b[16..24].copy_from_slice(&base_offset.to_le_bytes());
-    b[24..32].copy_from_slice(&append_time_ms.to_le_bytes());
-    b[32..40].copy_from_slice(&log_position.to_le_bytes());
-    b[40..48].copy_from_slice(&0u64.to_le_bytes());
-    let crc = crc32fast::hash(&b[HEADER_CRC_RANGE]);
-    b[0..4].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// Checks a stored batch (both CRCs, length) as recovery and readers do.
-/// `b` must hold exactly `batch_len` bytes.
-pub fn check_stored(b: &[u8]) -> Result<BatchHeader, BatchError> {
-    let header = check_stored_header(b)?;
-    if header.batch_len as usize != b.len() {
-        return Err(BatchError::LengthMismatch {
-            declared: header.batch_len,
-            actual: b.len(),
-        });
-    }
+fn check_body_crc(b: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
     let computed = crc32fast::hash(&b[BODY_CRC_START..]);
     if computed != header.body_crc {
         return Err(BatchError::BodyCrc {
@@ -217,23 +223,89 @@ pub fn check_stored(b: &[u8]) -> Result<BatchHeader, BatchError> {
             computed,
         });
     }
+    Ok(())
+}
+
+/// Reserved header fields must be zero, so a later version can give them a
+/// meaning without old data being misread.
+fn check_reserved(b: &[u8]) -> Result<(), BatchError> {
+    if b[11] != 0 {
+        return Err(BatchError::ReservedNotZero("header byte 11"));
+    }
+    if u16_at(b, 52) != 0 {
+        return Err(BatchError::ReservedNotZero("attributes"));
+    }
+    if u16_at(b, 54) != 0 {
+        return Err(BatchError::ReservedNotZero("header bytes 54..56"));
+    }
+    if u32_at(b, 60) != 0 {
+        return Err(BatchError::ReservedNotZero("header bytes 60..64"));
+    }
+    Ok(())
+}
+
+/// Writes the broker-owned fields and the header MAC into a batch that
+/// passed [`validate_produced`].
+pub fn stamp(
+    b: &mut [u8],
+    queue_id: u32,
+    base_offset: u64,
+    append_time_ms: i64,
+    log_position: u64,
+    key: &SegmentKey,
+) {
+    assert!(b.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
+    b[12..16].copy_from_slice(&queue_id.to_le_bytes());
+    b[16..24].copy_from_slice(&base_offset.to_le_bytes());
+    b[24..32].copy_from_slice(&append_time_ms.to_le_bytes());
+    b[32..40].copy_from_slice(&log_position.to_le_bytes());
+    b[40..48].copy_from_slice(&0u64.to_le_bytes());
+    let mac = header_mac(b, key);
+    b[0..4].copy_from_slice(&mac.to_le_bytes());
+}
+
+/// Checks a stored batch as the broker's readers and recovery do: header
+/// MAC under the segment's key, length, body CRC, reserved fields. `b` must
+/// hold exactly `batch_len` bytes.
+pub fn check_stored(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, BatchError> {
+    let header = check_stored_header(b, key)?;
+    if header.batch_len as usize != b.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: header.batch_len,
+            actual: b.len(),
+        });
+    }
+    check_body_crc(b, &header)?;
+    check_reserved(b)?;
     Ok(header)
 }
 
-/// Checks only the header of a stored batch (magic, version, header CRC,
-/// a sane length). `b` needs only the first [`BATCH_HEADER_BYTES`] bytes.
-pub fn check_stored_header(b: &[u8]) -> Result<BatchHeader, BatchError> {
+/// Checks only the header of a stored batch (magic, version, MAC, a sane
+/// length). `b` needs only the first [`BATCH_HEADER_BYTES`] bytes.
+pub fn check_stored_header(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, BatchError> {
     let header = BatchHeader::parse(b)?;
-    let computed = crc32fast::hash(&b[HEADER_CRC_RANGE]);
-    if computed != header.header_crc {
-        return Err(BatchError::HeaderCrc {
-            stored: header.header_crc,
-            computed,
-        });
+    if header_mac(b, key) != header.header_mac {
+        return Err(BatchError::HeaderMac);
     }
     if (header.batch_len as usize) < BATCH_HEADER_BYTES {
         return Err(BatchError::TooShort(header.batch_len as usize));
     }
+    Ok(header)
+}
+
+/// Checks a batch a client fetched: lengths, magic, version, body CRC and
+/// reserved fields (a client does not hold the segment key, so the header
+/// MAC is the broker's to check).
+pub fn check_fetched(b: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse(b)?;
+    if header.batch_len as usize != b.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: header.batch_len,
+            actual: b.len(),
+        });
+    }
+    check_body_crc(b, &header)?;
+    check_reserved(b)?;
     Ok(header)
 }
 
@@ -304,6 +376,9 @@ impl<'a> Cursor<'a> {
 fn parse_record(rec: &[u8], base: usize) -> Result<RecordView<'_>, &'static str> {
     let mut c = Cursor { b: rec, at: 0 };
     let flags = c.take(1).ok_or("truncated")?[0];
+    if flags & !RECORD_FLAGS_KNOWN != 0 {
+        return Err("reserved record flag bits are set");
+    }
     let priority = c.take(1).ok_or("truncated")?[0];
     let n_props = c.u16().ok_or("truncated")?;
     let timestamp_ms = c.i64().ok_or("truncated")?;
@@ -551,6 +626,8 @@ mod tests {
         b.finish()
     }
 
+    const KEY: SegmentKey = SegmentKey([7; 16]);
+
     #[test]
     fn encode_validate_stamp_check_round_trip() {
         let batch = build(&[record("hello"), record("world!")]);
@@ -558,12 +635,13 @@ mod tests {
         assert_eq!(header.record_count, 2);
         assert_eq!(header.batch_len as usize, batch.len());
         let mut stored = batch.to_vec();
-        stamp(&mut stored, 9, 100, 42, 8192);
-        let h = check_stored(&stored).unwrap();
+        stamp(&mut stored, 9, 100, 42, 8192, &KEY);
+        let h = check_stored(&stored, &KEY).unwrap();
         assert_eq!(
             (h.queue_id, h.base_offset, h.append_time_ms, h.log_position),
             (9, 100, 42, 8192)
         );
+        assert_eq!(check_fetched(&stored).unwrap(), h);
         assert_eq!(h.next_offset(), 102);
         let recs: Vec<_> = RecordIter::new(&stored).map(|r| r.unwrap()).collect();
         assert_eq!(recs[0].payload, b"hello");
@@ -578,27 +656,64 @@ mod tests {
     #[test]
     fn unstamped_batch_fails_the_stored_header_check() {
         let batch = build(&[record("x")]);
-        // header_crc of a produced batch is 0; only a stamp makes it valid.
-        assert!(matches!(
-            check_stored(&batch),
-            Err(BatchError::HeaderCrc { .. })
-        ));
+        // A produced batch carries no MAC; only a stamp makes it valid.
+        assert_eq!(check_stored(&batch, &KEY), Err(BatchError::HeaderMac));
+    }
+
+    #[test]
+    fn a_batch_stamped_under_another_key_is_not_stored_here() {
+        // A perfect batch inside a producer's payload, even one the broker
+        // once stamped for another segment, fails under this segment's key.
+        let mut stored = build(&[record("x")]).to_vec();
+        stamp(&mut stored, 1, 0, 5, 4096, &SegmentKey([8; 16]));
+        assert!(check_stored(&stored, &SegmentKey([8; 16])).is_ok());
+        assert_eq!(check_stored(&stored, &KEY), Err(BatchError::HeaderMac));
     }
 
     #[test]
     fn every_single_bit_flip_is_caught() {
         let batch = build(&[record("payload bytes here")]);
         let mut stored = batch.to_vec();
-        stamp(&mut stored, 1, 0, 5, 0);
+        stamp(&mut stored, 1, 0, 5, 0, &KEY);
         for byte in 0..stored.len() {
-            // Bytes 48..52 hold the body CRC itself; 0..4 the header CRC.
-            let mut bad = stored.clone();
-            bad[byte] ^= 0x10;
-            assert!(
-                check_stored(&bad).is_err(),
-                "flip at byte {byte} undetected"
+            for bit in [0x01, 0x10, 0x80] {
+                let mut bad = stored.clone();
+                bad[byte] ^= bit;
+                assert!(
+                    check_stored(&bad, &KEY).is_err(),
+                    "flip {bit:#x} at byte {byte} undetected"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reserved_fields_must_be_zero() {
+        let batch = build(&[record("x")]);
+        for (at, what) in [
+            (11, "header byte 11"),
+            (52, "attributes"),
+            (54, "header bytes 54..56"),
+            (61, "header bytes 60..64"),
+        ] {
+            let mut bad = batch.to_vec();
+            bad[at] = 1;
+            let crc = crc32fast::hash(&bad[52..]);
+            bad[48..52].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(
+                validate_produced(&bad, 1 << 20),
+                Err(BatchError::ReservedNotZero(what))
             );
         }
+        // Record flag bits beyond key and tag.
+        let mut bad = batch.to_vec();
+        bad[BATCH_HEADER_BYTES + 4] |= 0x80;
+        let crc = crc32fast::hash(&bad[52..]);
+        bad[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            validate_produced(&bad, 1 << 20),
+            Err(BatchError::BadRecord { index: 0, .. })
+        ));
     }
 
     #[test]
@@ -676,7 +791,8 @@ mod tests {
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = validate_produced(&data, 1 << 20);
-            let _ = check_stored(&data);
+            let _ = check_stored(&data, &KEY);
+            let _ = check_fetched(&data);
             for r in RecordIter::new(&data) { let _ = r; }
         }
     }

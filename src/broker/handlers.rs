@@ -97,7 +97,11 @@ impl From<StoreError> for HandlerError {
             StoreError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             StoreError::Log(LogError::NotFound(_)) => ErrorCode::MessageNotFound,
             StoreError::Log(LogError::Closing) => ErrorCode::ShuttingDown,
-            _ => ErrorCode::StorageError,
+            StoreError::Log(LogError::Full(_)) => ErrorCode::StorageFull,
+            StoreError::Log(LogError::Busy(_)) => ErrorCode::Busy,
+            StoreError::Log(LogError::Failed(_) | LogError::Read(_))
+            | StoreError::Corrupt { .. }
+            | StoreError::Recovery(_) => ErrorCode::StorageError,
         };
         herr(code, e.to_string())
     }
@@ -161,7 +165,7 @@ pub async fn submit(shard: &Rc<Shard>, op_code: u16, version: u16, body: Bytes) 
     match route(shard, op, &body) {
         Err(e) => ready(Err(e)),
         Ok((owner, queue)) if owner == shard.id => {
-            execute_local(shard, op_code, queue, body, false)
+            execute_local(shard, op_code, queue, body, false).await
         }
         Ok((owner, queue)) => forward(shard, owner, op_code, queue, body).await,
     }
@@ -255,8 +259,10 @@ async fn forward(shard: &Rc<Shard>, owner: u16, op: u16, queue: u32, body: Bytes
 
 /// Executes a request on the shard that owns its data. `queue` is the
 /// resolved produce queue (or `NO_QUEUE`); internal operations are accepted
-/// only `from_mesh`.
-pub fn execute_local(
+/// only `from_mesh`. Resolves once the request's synchronous part is done
+/// (for produce: admitted and appended, so requests run in arrival order);
+/// at once except when a produce waits for the disk.
+pub async fn execute_local(
     shard: &Rc<Shard>,
     op: u16,
     queue: u32,
@@ -270,7 +276,7 @@ pub fn execute_local(
         (Some(Op::CreateTopic), _) => later(async move { create_topic(&s, body).await }),
         (Some(Op::DeleteTopic), _) => later(async move { delete_topic(&s, body).await }),
         (Some(Op::DescribeTopic), _) => later(async move { describe_topic(&s, body).await }),
-        (Some(Op::Produce), _) => produce(shard, queue, body),
+        (Some(Op::Produce), _) => produce(shard, queue, body).await,
         (Some(Op::Fetch), _) => later(async move { fetch(&s, body).await }),
         (Some(Op::FetchMany), _) => later(async move { fetch_many(&s, body).await }),
         (Some(Op::ListOffsets), _) => ready(list_offsets(shard, body)),
@@ -489,8 +495,8 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
     Ok(body_of(|b| resp.encode(b)))
 }
 
-fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
-    match produce_append(shard, queue, body) {
+async fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
+    match produce_append(shard, queue, body).await {
         Err(e) => {
             shard.metrics.borrow_mut().errors += 1;
             ready(Err(e))
@@ -519,8 +525,10 @@ fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
     }
 }
 
-/// The synchronous half of produce: validate, stamp, append.
-fn produce_append(
+/// The in-order half of produce: validate, wait for the log to take the
+/// batch (the disk behind, or the next segment being prepared: at most
+/// `storage.memory_pending_wait_ms`, then `busy`), stamp, append.
+async fn produce_append(
     shard: &Shard,
     queue: u32,
     body: Bytes,
@@ -541,7 +549,14 @@ fn produce_append(
     }
     let header: BatchHeader =
         batch::validate_produced(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
-    let receipt = shard.store.append(route.queue_id, &req.batch, &header)?;
+    let wait = Duration::from_millis(shard.config.storage.memory_pending_wait_ms);
+    shard
+        .store
+        .wait_appendable(req.batch.len() as u64, wait)
+        .await?;
+    let receipt = shard
+        .store
+        .append(route.queue_id, &req.batch, &header, route.durability)?;
     let mut m = shard.metrics.borrow_mut();
     m.produce_requests += 1;
     m.messages_in += u64::from(header.record_count);
@@ -628,11 +643,18 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
         earliest: 0,
         latest: 0,
     };
+    // A long poll is woken only by publishes on its own queues, and then
+    // looks only at those.
+    let waiter = (!wait.is_zero()).then(|| {
+        let ids: Vec<u32> = resolved.iter().filter_map(|(_, id, _)| id.ok()).collect();
+        shard.store.watch_queues(&ids)
+    });
+    let mut look_at: Vec<usize> = (0..resolved.len()).collect();
     loop {
-        let seen = shard.store.published();
         let mut entries = Vec::new();
         let (mut bytes, mut messages) = (0u64, 0u64);
-        for &(queue, id, offset) in &resolved {
+        for &i in &look_at {
+            let (queue, id, offset) = resolved[i];
             if bytes >= max_bytes {
                 break;
             }
@@ -680,7 +702,10 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             }
         }
         let now = Instant::now();
-        if !entries.is_empty() || now >= deadline {
+        let Some(waiter) = waiter
+            .as_ref()
+            .filter(|_| entries.is_empty() && now < deadline)
+        else {
             let mut m = shard.metrics.borrow_mut();
             m.fetch_requests += 1;
             m.bytes_out += bytes;
@@ -688,8 +713,12 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             let mut out = Vec::with_capacity(entries.len() * 2 + 1);
             FetchManyResponse { entries }.encode_parts(&mut out);
             return Ok(out);
-        }
-        shard.store.wait_published(seen, deadline - now).await;
+        };
+        shard.store.wait_watched(waiter, deadline - now).await;
+        let woken = waiter.take_woken();
+        look_at = (0..resolved.len())
+            .filter(|&i| resolved[i].1.is_ok_and(|id| woken.contains(&id)))
+            .collect();
     }
 }
 
@@ -785,7 +814,10 @@ pub fn shard_stats(shard: &Shard) -> serde_json::Value {
             "written_position": log.written_position(),
             "synced_position": log.synced_position(),
             "tail_cache_bytes": shard.store.tail_cache_bytes(),
-            "failed": log.failed(),
+            "pending_bytes": log.pending_bytes(),
+            "free_bytes": shard.store.free_bytes(),
+            "full": log.full().map(|f| f.to_string()),
+            "failed": log.failed().map(|f| f.to_string()),
         },
     })
 }

@@ -120,9 +120,14 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, StartError> {
         reason,
     };
     std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create it: {e}")))?;
-    let probe = dir.join(".write-probe");
-    std::fs::write(&probe, b"ok").map_err(|e| bad(format!("not writable: {e}")))?;
-    let _ = std::fs::remove_file(&probe);
+    // access(2), not a probe file: a full disk must not stop a restart.
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| bad("the path holds a NUL byte".into()))?;
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(bad(format!("not writable: {e}")));
+    }
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -182,6 +187,35 @@ fn check_listen(addr: SocketAddr) -> Result<SocketAddr, StartError> {
     Ok(addr)
 }
 
+/// Shrinks `storage.segment_bytes_max` so each shard can hold two new
+/// segments (the active one and the one prepared ahead) in the space the
+/// data dir's filesystem has free, with a warning; never below the
+/// smallest segment a batch fits. Never refuses to start: a restart on a
+/// full disk recovers and serves reads, and appends get `storage_full`
+/// until space is freed.
+fn fit_segments_to_disk(config: &mut Config, shards: u16) {
+    let Ok(free) = crate::runtime::free_bytes(&config.broker.data_dir) else {
+        return;
+    };
+    let configured = config.storage.segment_bytes_max;
+    let fit = crate::storage::align_down(free / (2 * u64::from(shards)));
+    if fit >= configured {
+        return;
+    }
+    let min = config.segment_bytes_min();
+    let size = fit.max(min);
+    tracing::warn!(
+        "storage.segment_bytes_max {configured} does not fit the {free} bytes free on {} for {shards} shards: new segments are {size} bytes{}",
+        config.broker.data_dir.display(),
+        if fit < min {
+            " (the smallest a batch fits; appends get storage_full until space is freed)"
+        } else {
+            ""
+        }
+    );
+    config.storage.segment_bytes_max = size;
+}
+
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain signal-mask calls on a set we own; threads spawned after
     // this inherit the mask, so only the waiting thread sees the signals.
@@ -229,6 +263,7 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
             m
         }
     };
+    fit_segments_to_disk(&mut config, shard_count);
     let io_memory = io_memory_per_shard(&config, shard_count)?;
     let listen = check_listen(config.broker.listen)?;
     let sigset = block_stop_signals();

@@ -141,7 +141,7 @@ pub fn decode_batch(
     batch: &Bytes,
     from_offset: u64,
 ) -> Result<Vec<Message>, ClientError> {
-    let h = crate::batch::check_stored(batch)
+    let h = crate::batch::check_fetched(batch)
         .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
     let mut out = Vec::with_capacity(h.record_count as usize);
     for (i, r) in crate::batch::RecordIter::new(batch).enumerate() {

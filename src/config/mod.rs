@@ -60,6 +60,20 @@ pub struct LimitsConfig {
     pub in_flight_requests_max: u32,
     pub topic_queues_max: u32,
     pub connections_max: u32,
+    /// Topics per broker.
+    pub topics_max: u32,
+    /// Queues per broker, over every topic.
+    pub queues_max: u32,
+    /// A connection with nothing in flight and nothing read for this long
+    /// is closed (0: never).
+    pub connection_idle_ms_max: u64,
+    /// A connection must complete its first frame within this time.
+    pub connection_first_frame_ms_max: u64,
+    /// Reply bytes one connection may have owed (queued or being produced)
+    /// before the broker stops reading its requests.
+    pub connection_reply_bytes_max: u64,
+    /// Committed group offsets per shard.
+    pub group_offsets_max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +89,13 @@ pub struct StorageConfig {
     pub checkpoint_interval_ms: u64,
     /// Longest a memory-level append waits to share a write (0: at once).
     pub memory_write_delay_us: u64,
+    /// Per shard: most bytes appended but not yet written (producers wait).
+    pub memory_pending_bytes_max: u64,
+    /// How long a producer waits for the disk to catch up before `busy`.
+    pub memory_pending_wait_ms: u64,
+    /// Per shard: most bytes written but not synced (0: derived, see
+    /// [`Config::unsynced_bytes_max`]).
+    pub unsynced_bytes_max: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +124,12 @@ impl Default for Config {
                 in_flight_requests_max: 1024,
                 topic_queues_max: 65_536,
                 connections_max: 10_000,
+                topics_max: 10_000,
+                queues_max: 1_000_000,
+                connection_idle_ms_max: 600_000,
+                connection_first_frame_ms_max: 10_000,
+                connection_reply_bytes_max: 64 << 20,
+                group_offsets_max: 1_000_000,
             },
             storage: StorageConfig {
                 segment_bytes_max: 1 << 30,
@@ -113,6 +140,9 @@ impl Default for Config {
                 retention_check_interval_ms: 10_000,
                 checkpoint_interval_ms: 1_000,
                 memory_write_delay_us: 1_000,
+                memory_pending_bytes_max: 64 << 20,
+                memory_pending_wait_ms: 1_000,
+                unsynced_bytes_max: 0,
             },
             runtime: RuntimeConfig {
                 spin_before_park_us: 200,
@@ -153,6 +183,12 @@ struct FileLimits {
     in_flight_requests_max: Option<u32>,
     topic_queues_max: Option<u32>,
     connections_max: Option<u32>,
+    topics_max: Option<u32>,
+    queues_max: Option<u32>,
+    connection_idle_ms_max: Option<u64>,
+    connection_first_frame_ms_max: Option<u64>,
+    connection_reply_bytes_max: Option<u64>,
+    group_offsets_max: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -166,6 +202,9 @@ struct FileStorage {
     retention_check_interval_ms: Option<u64>,
     checkpoint_interval_ms: Option<u64>,
     memory_write_delay_us: Option<u64>,
+    memory_pending_bytes_max: Option<u64>,
+    memory_pending_wait_ms: Option<u64>,
+    unsynced_bytes_max: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -209,6 +248,18 @@ impl Config {
             set!(self.limits.in_flight_requests_max, l.in_flight_requests_max);
             set!(self.limits.topic_queues_max, l.topic_queues_max);
             set!(self.limits.connections_max, l.connections_max);
+            set!(self.limits.topics_max, l.topics_max);
+            set!(self.limits.queues_max, l.queues_max);
+            set!(self.limits.connection_idle_ms_max, l.connection_idle_ms_max);
+            set!(
+                self.limits.connection_first_frame_ms_max,
+                l.connection_first_frame_ms_max
+            );
+            set!(
+                self.limits.connection_reply_bytes_max,
+                l.connection_reply_bytes_max
+            );
+            set!(self.limits.group_offsets_max, l.group_offsets_max);
         }
         if let Some(s) = f.storage {
             set!(self.storage.segment_bytes_max, s.segment_bytes_max);
@@ -225,6 +276,15 @@ impl Config {
                 s.checkpoint_interval_ms
             );
             set!(self.storage.memory_write_delay_us, s.memory_write_delay_us);
+            set!(
+                self.storage.memory_pending_bytes_max,
+                s.memory_pending_bytes_max
+            );
+            set!(
+                self.storage.memory_pending_wait_ms,
+                s.memory_pending_wait_ms
+            );
+            set!(self.storage.unsynced_bytes_max, s.unsynced_bytes_max);
         }
         if let Some(r) = f.runtime {
             set!(self.runtime.spin_before_park_us, r.spin_before_park_us);
@@ -270,10 +330,13 @@ impl Config {
                 ),
             );
         }
-        if u64::from(l.batch_bytes_max) > s.segment_bytes_max {
+        if self.segment_bytes_min() > s.segment_bytes_max {
             return bad(
                 "limits.batch_bytes_max",
-                format!("{} exceeds storage.segment_bytes_max", l.batch_bytes_max),
+                format!(
+                    "{} does not fit storage.segment_bytes_max with the segment's header page",
+                    l.batch_bytes_max
+                ),
             );
         }
         if l.batch_bytes_max < 1024 {
@@ -315,7 +378,83 @@ impl Config {
         if self.runtime.ring_depth < 8 {
             return bad("runtime.ring_depth", "must be at least 8".into());
         }
+        if s.memory_pending_bytes_max < u64::from(l.batch_bytes_max) {
+            return bad(
+                "storage.memory_pending_bytes_max",
+                format!(
+                    "{} must be at least limits.batch_bytes_max",
+                    s.memory_pending_bytes_max
+                ),
+            );
+        }
+        let unsynced_min = self.unsynced_bytes_min();
+        if s.unsynced_bytes_max != 0 && s.unsynced_bytes_max < unsynced_min {
+            return bad(
+                "storage.unsynced_bytes_max",
+                format!(
+                    "{} must be at least {unsynced_min} (4 x the larger of write_bytes_max and batch_bytes_max, plus 64 KiB), or 0 to derive it",
+                    s.unsynced_bytes_max
+                ),
+            );
+        }
+        if l.connection_reply_bytes_max
+            < 2 * u64::from(l.fetch_bytes_max) + u64::from(l.batch_bytes_max)
+        {
+            return bad(
+                "limits.connection_reply_bytes_max",
+                format!(
+                    "{} must hold two fetches and a batch (2 x fetch_bytes_max + batch_bytes_max)",
+                    l.connection_reply_bytes_max
+                ),
+            );
+        }
+        if l.connection_first_frame_ms_max == 0 {
+            return bad(
+                "limits.connection_first_frame_ms_max",
+                "must be at least 1".into(),
+            );
+        }
+        if l.connection_idle_ms_max != 0
+            && l.connection_idle_ms_max <= u64::from(l.fetch_wait_ms_max)
+        {
+            return bad(
+                "limits.connection_idle_ms_max",
+                format!(
+                    "{} must exceed limits.fetch_wait_ms_max (a long poll is not idleness), or be 0",
+                    l.connection_idle_ms_max
+                ),
+            );
+        }
+        if l.topics_max == 0 || l.queues_max == 0 {
+            return bad(
+                "limits.topics_max",
+                "topics_max and queues_max must be at least 1".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The smallest unsynced window that lets a write of either limit start.
+    fn unsynced_bytes_min(&self) -> u64 {
+        let run =
+            u64::from(self.storage.write_bytes_max).max(u64::from(self.limits.batch_bytes_max));
+        4 * run + (64 << 10)
+    }
+
+    /// The unsynced window in effect: the configured one, or the larger of
+    /// 32 MiB and the minimum.
+    pub fn unsynced_bytes_max(&self) -> u64 {
+        match self.storage.unsynced_bytes_max {
+            0 => (32 << 20u64).max(self.unsynced_bytes_min()),
+            v => v,
+        }
+    }
+
+    /// The smallest segment a batch of `batch_bytes_max` fits (with the
+    /// header page), rounded up to 64 KiB.
+    pub fn segment_bytes_min(&self) -> u64 {
+        let need = u64::from(self.limits.batch_bytes_max) + 2 * 4096;
+        need.div_ceil(64 << 10) * (64 << 10)
     }
 }
 

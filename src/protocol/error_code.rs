@@ -25,14 +25,19 @@ pub enum ErrorCode {
     MessageNotFound = 11,
     /// A field had a value outside its allowed range.
     InvalidArgument = 12,
-    /// The shard's storage failed (I/O error, full disk); nothing was acknowledged.
+    /// The shard's storage failed (I/O error): it takes no writes until
+    /// restart; nothing unacknowledged was promised.
     StorageError = 13,
     /// The broker is stopping.
     ShuttingDown = 14,
-    /// Too many requests in flight on this connection.
+    /// The broker could not take the request in time (the disk is behind
+    /// the producers); nothing was stored. Retriable.
     Busy = 15,
     /// An unexpected broker-side failure.
     Internal = 16,
+    /// The shard's disk is full: nothing was stored. Retriable; writes
+    /// resume by themselves once space is freed.
+    StorageFull = 17,
 }
 
 impl ErrorCode {
@@ -56,8 +61,15 @@ impl ErrorCode {
             13 => StorageError,
             14 => ShuttingDown,
             15 => Busy,
+            17 => StorageFull,
             _ => Internal,
         }
+    }
+
+    /// Whether a client may send the same request again later and expect
+    /// it to succeed (nothing was stored).
+    pub fn is_retriable(self) -> bool {
+        matches!(self, ErrorCode::Busy | ErrorCode::StorageFull)
     }
 
     /// A short lowercase name for messages and logs.
@@ -81,6 +93,7 @@ impl ErrorCode {
             ShuttingDown => "shutting_down",
             Busy => "busy",
             Internal => "internal",
+            StorageFull => "storage_full",
         }
     }
 }
@@ -91,7 +104,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for v in 0..=16u16 {
+        for v in 0..=17u16 {
             assert_eq!(ErrorCode::from_u16(v) as u16, v);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);

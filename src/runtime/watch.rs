@@ -71,18 +71,18 @@ impl Watch {
     }
 
     /// Waits until the value is at least `target`, the watch closes, or
-    /// `limit` passes, whichever comes first (a long poll).
-    pub async fn wait_for_within(&self, target: u64, limit: std::time::Duration) {
-        if self.get() >= target || limit.is_zero() {
-            return;
+    /// `timer` resolves, whichever comes first (a long poll). Returns true
+    /// when the target was reached.
+    pub async fn wait_for_within(&self, target: u64, timer: impl Future<Output = ()>) -> bool {
+        if self.get() >= target {
+            return true;
         }
-        let reached = async {
-            let _ = self.wait_for(target).await;
-        };
+        let reached = async { self.wait_for(target).await.is_ok() };
         let timer = async {
-            super::sleep(limit).await;
+            timer.await;
+            false
         };
-        futures_lite::future::or(reached, timer).await;
+        futures_lite::future::or(reached, timer).await
     }
 
     /// Resolves once the value is at least `target`.

@@ -104,8 +104,7 @@ mod tests {
         let snap = g.take_dirty_snapshot().unwrap();
         assert!(g.take_dirty_snapshot().is_none(), "snapshot clears dirty");
         let dir = tempfile::tempdir().unwrap();
-        crate::storage::checkpoint::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes())
-            .unwrap();
+        crate::storage::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes()).unwrap();
         let mut back = GroupOffsets::load(dir.path()).unwrap();
         assert_eq!(back.get("g1", 4), Some(10));
         assert_eq!(back.get("g1", 5), Some(7));

@@ -131,7 +131,7 @@ impl Metadata {
 
     /// Stores atomically and durably (blocking).
     pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
-        crate::storage::checkpoint::write_atomic(data_dir, METADATA_FILE, self.to_json().as_bytes())
+        crate::storage::write_atomic(data_dir, METADATA_FILE, self.to_json().as_bytes())
     }
 
     /// Creates a topic, spreading its queues over the least-loaded shards.

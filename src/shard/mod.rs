@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::runtime::{self, Semaphore, TaskQueues};
 use crate::storage::retention::RetentionPolicy;
-use crate::storage::{LogConfig, QueueStore};
+use crate::storage::{LogConfig, QueueStore, StoreConfig, UringIo};
 use group_offsets::{GroupOffsets, GROUP_OFFSETS_FILE};
 use mesh::{Mesh, MeshEnds, MeshMsg};
 use metadata::Metadata;
@@ -48,7 +48,7 @@ pub struct Shard {
     pub data_dir: PathBuf,
     pub dir: PathBuf,
     pub metadata: RefCell<Metadata>,
-    pub store: Rc<QueueStore>,
+    pub store: Rc<QueueStore<UringIo>>,
     pub mesh: Mesh,
     pub metrics: RefCell<ShardMetrics>,
     pub groups: RefCell<GroupOffsets>,
@@ -82,7 +82,7 @@ impl Shard {
         };
         let dir = self.dir.clone();
         let res = runtime::blocking(move || {
-            crate::storage::checkpoint::write_atomic(&dir, GROUP_OFFSETS_FILE, doc.as_bytes())
+            crate::storage::write_atomic(&dir, GROUP_OFFSETS_FILE, doc.as_bytes())
         })
         .await;
         if let Err(e) = res {
@@ -91,31 +91,24 @@ impl Shard {
         }
     }
 
-    /// Periodic checkpoints, group-offset flushes and retention.
+    /// Periodic group-offset flushes and retention (the store's own keeper
+    /// stores checkpoints and index snapshots).
     async fn background(self: Rc<Self>) {
         let s = &self.config.storage;
-        let checkpoint_every = Duration::from_millis(s.checkpoint_interval_ms);
+        let flush_every = Duration::from_millis(s.checkpoint_interval_ms);
         let retention_every = Duration::from_millis(s.retention_check_interval_ms);
         let policy = RetentionPolicy {
             retention_ms: s.retention_ms,
             retention_bytes: s.retention_bytes,
         };
-        let mut last_checkpoint = self.store.log().synced_position();
         let mut since_retention = Duration::ZERO;
         while !self.stopping.get() {
-            runtime::sleep(checkpoint_every).await;
+            runtime::sleep(flush_every).await;
             if self.stopping.get() {
                 break;
             }
-            let synced = self.store.log().synced_position();
-            if synced != last_checkpoint {
-                match self.store.store_checkpoint().await {
-                    Ok(()) => last_checkpoint = synced,
-                    Err(e) => tracing::warn!(shard = self.id, "checkpoint failed: {e}"),
-                }
-            }
             self.flush_group_offsets().await;
-            since_retention += checkpoint_every;
+            since_retention += flush_every;
             if since_retention >= retention_every {
                 since_retention = Duration::ZERO;
                 match self.store.apply_retention(policy).await {
@@ -148,11 +141,19 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     let cfg = spec.config.clone();
     let data_dir = cfg.broker.data_dir.clone();
     let dir = data_dir.join(format!("shard-{id}"));
-    let log_cfg = LogConfig {
-        dir: dir.clone(),
-        segment_bytes_max: cfg.storage.segment_bytes_max,
-        write_bytes_max: u64::from(cfg.storage.write_bytes_max),
-        unawaited_write_delay: Duration::from_micros(cfg.storage.memory_write_delay_us),
+    let store_cfg = StoreConfig {
+        log: LogConfig {
+            dir: dir.clone(),
+            shard: id,
+            segment_bytes: cfg.storage.segment_bytes_max,
+            write_bytes_max: u64::from(cfg.storage.write_bytes_max),
+            unawaited_write_delay: Duration::from_micros(cfg.storage.memory_write_delay_us),
+            pending_bytes_max: cfg.storage.memory_pending_bytes_max,
+            unsynced_bytes_max: cfg.unsynced_bytes_max(),
+        },
+        tail_cache_bytes_max: cfg.storage.tail_cache_bytes_max,
+        checkpoint_interval: Duration::from_millis(cfg.storage.checkpoint_interval_ms),
+        zero_ahead: true,
     };
     runtime::blocking({
         let d = dir.clone();
@@ -168,7 +169,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         )
     })?;
     tracing::debug!(shard = id, "startup: direct I/O probed");
-    let (store, report) = QueueStore::open(log_cfg, cfg.storage.tail_cache_bytes_max)
+    let (store, report) = QueueStore::open(UringIo::new(tq), store_cfg)
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;
     let recovery_line = format!("shard {id} recovery: {report}");
@@ -180,8 +181,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     tracing::debug!(shard = id, "startup: group offsets loaded");
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
     tracing::debug!(shard = id, "startup: mesh connected");
-    store.log().start(tq.data);
-    store.log().start_zeroer(tq.background);
+    store.start();
     let shard = Rc::new(Shard {
         id,
         shard_count: spec.shard_count,
@@ -250,7 +250,8 @@ async fn mesh_receive_loop(shard: Rc<Shard>, peer: u16, rx: runtime::ConnectedRe
                 debug_assert_eq!(from, peer);
                 // The synchronous part (a produce's append) runs here, in
                 // arrival order; only the wait and the reply are spawned.
-                let pending = crate::broker::handlers::execute_local(&shard, op, queue, body, true);
+                let pending =
+                    crate::broker::handlers::execute_local(&shard, op, queue, body, true).await;
                 let s = shard.clone();
                 runtime::spawn_local_into(
                     async move {

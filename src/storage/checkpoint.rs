@@ -1,129 +1,410 @@
 //! The shard checkpoint: the log position known durable (fdatasync
-//! returned) and each queue's next offset at that position. Recovery uses
-//! it to tell media corruption (below the durable position: skip and report)
-//! from a torn tail (above it: cut), and to keep queue offsets from going
-//! back when retention has deleted every batch of a queue.
+//! returned), where the log ended at a clean stop, and per queue its next
+//! offset at the durable position and its offset reservation.
+//!
+//! - Recovery uses the durable position as one lower bound of what is
+//!   durable (see `recovery` for the other, which needs no checkpoint), and
+//!   the clean end to skip looking for batches past a clean stop.
+//! - The next offsets keep a queue's offsets when retention deleted every
+//!   batch of it.
+//! - The reservations keep offsets from ever going back: a `memory` or
+//!   `written` append is acknowledged only below its queue's reservation as
+//!   last stored, and after a crash a queue resumes at its reservation.
+//!
+//! The file holds two slots of `slot_bytes` each, written in place in turn
+//! (slot `sequence % 2`) and synced: a torn write damages one slot and the
+//! other still holds the previous checkpoint. Writing in place allocates
+//! nothing, so checkpoints are stored on a full disk too. A checkpoint that
+//! outgrows its slot is moved to a larger file (written whole, synced,
+//! renamed over, directory synced), which needs space.
+//!
+//! The boot id (the kernel's, per boot) tells recovery whether the machine
+//! lost power since the checkpoint: a `written` append survives a process
+//! crash, so its queue needs its reservation only after a reboot; a
+//! `memory` append needs it after any crash.
 //!
 //! ```text
-//! u32 magic 0x4B435031 ("KCP1") | u64 synced_position | u32 n
-//! n × (u32 queue_id, u64 next_offset) | u32 crc32 of everything before
+//! slot: u32 magic 0x4B435032 ("KCP2") | u32 slot_bytes | u64 sequence
+//!       | u64 synced_position | u64 clean_end (u64::MAX: not a clean stop)
+//!       | [16] boot_id | u32 n | u32 crc32 (bytes 0..52, then the entries)
+//!       | n × (u32 queue_id, u32 reserve_kind (0 none, 1 written, 2 memory),
+//!              u64 next_offset, u64 offset_reserved) | zeros
 //! ```
-//! Written to `checkpoint.tmp`, synced, renamed over `checkpoint`.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-const MAGIC: u32 = 0x4B43_5031;
+use super::io::{Io, IoBuffer, IoFailure, IoFile, IoKind, IoResult};
+use super::{align_up, DMA_ALIGNMENT_BYTES};
+use crate::runtime::Watch;
+
+const MAGIC: u32 = 0x4B43_5032;
+const SLOT_HEAD_BYTES: usize = 56;
+const ENTRY_BYTES: usize = 24;
 /// File name inside the shard directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint";
 
-/// Decoded checkpoint.
+/// Which crashes can take back a queue's acknowledged offsets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReserveKind {
+    /// Only `fsync` appends: acknowledged means synced.
+    #[default]
+    None = 0,
+    /// `written` appends: a power cut can take them back.
+    Written = 1,
+    /// `memory` appends: any crash can take them back.
+    Memory = 2,
+}
+
+impl ReserveKind {
+    fn from_u32(v: u32) -> Option<ReserveKind> {
+        match v {
+            0 => Some(ReserveKind::None),
+            1 => Some(ReserveKind::Written),
+            2 => Some(ReserveKind::Memory),
+            _ => None,
+        }
+    }
+}
+
+/// One queue's part of a checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCheckpoint {
+    pub reserve: ReserveKind,
+    /// Next offset covering only batches below the durable position.
+    pub next_offset: u64,
+    /// Offsets below this may have been acknowledged or seen before they
+    /// were durable; the queue never hands them out again (0: none taken).
+    pub offset_reserved: u64,
+}
+
+/// A decoded checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Checkpoint {
     pub synced_position: u64,
-    pub next_offsets: BTreeMap<u32, u64>,
+    /// The end of the log at a clean stop (everything written and synced);
+    /// `None` while the broker runs or after a crash.
+    pub clean_end: Option<u64>,
+    /// The kernel boot id when it was stored.
+    pub boot_id: [u8; 16],
+    pub queues: BTreeMap<u32, QueueCheckpoint>,
 }
 
 impl Checkpoint {
-    /// Encodes with a trailing CRC.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(16 + self.next_offsets.len() * 12);
-        b.extend_from_slice(&MAGIC.to_le_bytes());
-        b.extend_from_slice(&self.synced_position.to_le_bytes());
-        b.extend_from_slice(&(self.next_offsets.len() as u32).to_le_bytes());
-        for (q, o) in &self.next_offsets {
-            b.extend_from_slice(&q.to_le_bytes());
-            b.extend_from_slice(&o.to_le_bytes());
+    /// Bytes of one slot holding this checkpoint, with room to grow.
+    fn slot_bytes_needed(&self) -> usize {
+        SLOT_HEAD_BYTES + self.queues.len() * ENTRY_BYTES
+    }
+
+    /// Encodes into a slot of `slot_bytes` (zero-padded).
+    pub fn encode_slot(&self, sequence: u64, slot_bytes: usize) -> Vec<u8> {
+        assert!(
+            self.slot_bytes_needed() <= slot_bytes,
+            "checkpoint does not fit its slot"
+        );
+        let mut b = vec![0u8; slot_bytes];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&(slot_bytes as u32).to_le_bytes());
+        b[8..16].copy_from_slice(&sequence.to_le_bytes());
+        b[16..24].copy_from_slice(&self.synced_position.to_le_bytes());
+        b[24..32].copy_from_slice(&self.clean_end.unwrap_or(u64::MAX).to_le_bytes());
+        b[32..48].copy_from_slice(&self.boot_id);
+        b[48..52].copy_from_slice(&(self.queues.len() as u32).to_le_bytes());
+        let mut at = SLOT_HEAD_BYTES;
+        for (id, q) in &self.queues {
+            b[at..at + 4].copy_from_slice(&id.to_le_bytes());
+            b[at + 4..at + 8].copy_from_slice(&(q.reserve as u32).to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&q.next_offset.to_le_bytes());
+            b[at + 16..at + 24].copy_from_slice(&q.offset_reserved.to_le_bytes());
+            at += ENTRY_BYTES;
         }
-        let crc = crc32fast::hash(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
+        let crc = slot_crc(&b[..52], &b[SLOT_HEAD_BYTES..at]);
+        b[52..56].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    /// Decodes; `None` for a damaged or foreign file.
-    pub fn decode(b: &[u8]) -> Option<Checkpoint> {
-        if b.len() < 20 {
+    /// Decodes a slot: `(sequence, checkpoint)`, or `None` when damaged.
+    pub fn decode_slot(b: &[u8]) -> Option<(u64, Checkpoint)> {
+        if b.len() < SLOT_HEAD_BYTES {
             return None;
         }
-        let (body, crc) = b.split_at(b.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        if u32_at(0) != MAGIC || u32_at(4) as usize != b.len() {
             return None;
         }
-        if u32::from_le_bytes(body[0..4].try_into().ok()?) != MAGIC {
+        let n = u32_at(48) as usize;
+        let end = n
+            .checked_mul(ENTRY_BYTES)
+            .and_then(|e| e.checked_add(SLOT_HEAD_BYTES))
+            .filter(|&e| e <= b.len())?;
+        if slot_crc(&b[..52], &b[SLOT_HEAD_BYTES..end]) != u32_at(52) {
             return None;
         }
-        let synced_position = u64::from_le_bytes(body[4..12].try_into().ok()?);
-        let n = u32::from_le_bytes(body[12..16].try_into().ok()?) as usize;
-        if body.len() != 16 + n * 12 {
-            return None;
+        let mut queues = BTreeMap::new();
+        for c in b[SLOT_HEAD_BYTES..end].chunks_exact(ENTRY_BYTES) {
+            let id = u32::from_le_bytes(c[0..4].try_into().unwrap());
+            let q = QueueCheckpoint {
+                reserve: ReserveKind::from_u32(u32::from_le_bytes(c[4..8].try_into().unwrap()))?,
+                next_offset: u64::from_le_bytes(c[8..16].try_into().unwrap()),
+                offset_reserved: u64::from_le_bytes(c[16..24].try_into().unwrap()),
+            };
+            queues.insert(id, q);
         }
-        let next_offsets = body[16..]
-            .chunks_exact(12)
-            .map(|c| {
-                (
-                    u32::from_le_bytes(c[0..4].try_into().unwrap()),
-                    u64::from_le_bytes(c[4..12].try_into().unwrap()),
-                )
-            })
-            .collect();
-        Some(Checkpoint {
-            synced_position,
-            next_offsets,
-        })
-    }
-
-    /// Reads the checkpoint of `dir`; a missing or damaged file gives the
-    /// empty checkpoint (and the bool says it was damaged).
-    pub fn load(dir: &Path) -> (Checkpoint, bool) {
-        match std::fs::read(dir.join(CHECKPOINT_FILE)) {
-            Ok(b) => match Checkpoint::decode(&b) {
-                Some(c) => (c, false),
-                None => (Checkpoint::default(), true),
+        let clean_end = Some(u64_at(24)).filter(|&e| e != u64::MAX);
+        Some((
+            u64_at(8),
+            Checkpoint {
+                synced_position: u64_at(16),
+                clean_end,
+                boot_id: b[32..48].try_into().unwrap(),
+                queues,
             },
-            Err(_) => (Checkpoint::default(), false),
-        }
-    }
-
-    /// Writes atomically and durably (blocking: run off the executor).
-    pub fn store(&self, dir: &Path) -> std::io::Result<()> {
-        write_atomic(dir, CHECKPOINT_FILE, &self.encode())
+        ))
     }
 }
 
-/// Writes `name` in `dir` via a synced temp file and a rename, then syncs
-/// the directory. Blocking.
-pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_data()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+fn slot_crc(head: &[u8], entries: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(entries);
+    h.finalize()
+}
+
+/// What loading found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointState {
+    /// No checkpoint file (a new shard, or it was removed).
+    Missing,
+    /// A file whose slots are both damaged.
+    Damaged,
+    /// One slot was damaged (a torn write); the other was used.
+    OneSlotDamaged,
+    Ok,
+}
+
+/// Decodes a whole checkpoint file: the newest intact slot.
+pub fn decode_file(b: &[u8]) -> (Option<(u64, Checkpoint, usize)>, CheckpointState) {
+    let slot_bytes = b.len() / 2;
+    if b.len() < 2 * DMA_ALIGNMENT_BYTES as usize || b.len() % 2 != 0 {
+        return (None, CheckpointState::Damaged);
+    }
+    let a = Checkpoint::decode_slot(&b[..slot_bytes]);
+    let c = Checkpoint::decode_slot(&b[slot_bytes..]);
+    let state = match (&a, &c) {
+        (Some(_), Some(_)) => CheckpointState::Ok,
+        (None, None) => CheckpointState::Damaged,
+        _ => CheckpointState::OneSlotDamaged,
+    };
+    let best = [a, c]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(seq, _)| *seq)
+        .map(|(seq, cp)| (seq, cp, slot_bytes));
+    (best, state)
+}
+
+/// The open checkpoint file of one shard. Stores are serialised: one at a
+/// time, the next waits.
+pub struct CheckpointFile<I: Io> {
+    io: I,
+    dir: PathBuf,
+    file: RefCell<Option<Rc<I::File>>>,
+    slot_bytes: Cell<usize>,
+    sequence: Cell<u64>,
+    busy: Cell<bool>,
+    released: Watch,
+}
+
+impl<I: Io> CheckpointFile<I> {
+    /// Opens (without creating) the checkpoint of `dir` and decodes it.
+    pub async fn load(
+        io: &I,
+        dir: &Path,
+    ) -> (CheckpointFile<I>, Option<Checkpoint>, CheckpointState) {
+        let path = dir.join(CHECKPOINT_FILE);
+        let mut cf = CheckpointFile {
+            io: io.clone(),
+            dir: dir.to_owned(),
+            file: RefCell::new(None),
+            slot_bytes: Cell::new(0),
+            sequence: Cell::new(0),
+            busy: Cell::new(false),
+            released: Watch::new(0),
+        };
+        let Ok(file) = io.open(&path).await else {
+            return (cf, None, CheckpointState::Missing);
+        };
+        let whole = match file.size().await {
+            Ok(len) if len <= 1 << 30 => file.read_at(0, len as usize).await.ok(),
+            _ => None,
+        };
+        let (best, state) = match whole {
+            Some(b) => decode_file(&b),
+            None => (None, CheckpointState::Damaged),
+        };
+        match best {
+            Some((seq, cp, slot_bytes)) => {
+                cf.slot_bytes = Cell::new(slot_bytes);
+                cf.sequence = Cell::new(seq);
+                *cf.file.get_mut() = Some(Rc::new(file));
+                (cf, Some(cp), state)
+            }
+            None => (cf, None, state),
+        }
+    }
+
+    /// Stores `cp` durably (in place when it fits its slot).
+    pub async fn store(&self, cp: &Checkpoint) -> IoResult<()> {
+        while self.busy.get() {
+            let seen = self.released.get();
+            let _ = self.released.wait_for(seen + 1).await;
+        }
+        self.busy.set(true);
+        let result = self.store_locked(cp).await;
+        self.busy.set(false);
+        self.released.advance(self.released.get() + 1);
+        result
+    }
+
+    async fn store_locked(&self, cp: &Checkpoint) -> IoResult<()> {
+        let seq = self.sequence.get() + 1;
+        let file = self.file.borrow().clone();
+        match file {
+            Some(file) if cp.slot_bytes_needed() <= self.slot_bytes.get() => {
+                let slot_bytes = self.slot_bytes.get();
+                let mut buf = self.io.buffer(slot_bytes);
+                buf.bytes_mut()
+                    .copy_from_slice(&cp.encode_slot(seq, slot_bytes));
+                let at = (seq % 2) * slot_bytes as u64;
+                let n = file.write_at(buf, at).await?;
+                if n != slot_bytes {
+                    return Err(IoFailure::new(
+                        "write checkpoint",
+                        file.path(),
+                        IoKind::Other,
+                        format!("short write of {n} of {slot_bytes} bytes"),
+                    ));
+                }
+                file.sync().await?;
+            }
+            _ => self.store_grown(cp, seq).await?,
+        }
+        self.sequence.set(seq);
+        Ok(())
+    }
+
+    /// Writes a new, larger file with both slots holding `cp`, then renames
+    /// it over the old one.
+    async fn store_grown(&self, cp: &Checkpoint, seq: u64) -> IoResult<()> {
+        // Room for the queues twice over, so growth is rare.
+        let slot_bytes = align_up((cp.slot_bytes_needed() * 2) as u64) as usize;
+        let tmp = self.dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let file = self.io.create(&tmp).await?;
+        let result = async {
+            file.allocate(2 * slot_bytes as u64).await?;
+            let mut buf = self.io.buffer(2 * slot_bytes);
+            let slot = cp.encode_slot(seq, slot_bytes);
+            buf.bytes_mut()[..slot_bytes].copy_from_slice(&slot);
+            buf.bytes_mut()[slot_bytes..].copy_from_slice(&slot);
+            file.write_at(buf, 0).await?;
+            file.sync().await?;
+            self.io.rename(&tmp, &path).await?;
+            self.io.sync_dir(&self.dir).await
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = self.io.remove(&tmp).await;
+            return Err(e);
+        }
+        *self.file.borrow_mut() = Some(Rc::new(self.io.open(&path).await?));
+        self.slot_bytes.set(slot_bytes);
+        Ok(())
+    }
+
+    /// Whether `cp` fits the current slots (storing it then allocates nothing).
+    pub fn fits(&self, cp: &Checkpoint) -> bool {
+        self.file.borrow().is_some() && cp.slot_bytes_needed() <= self.slot_bytes.get()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_and_damage_detection() {
-        let c = Checkpoint {
+    fn sample() -> Checkpoint {
+        Checkpoint {
             synced_position: 12345,
-            next_offsets: [(1, 10), (7, 99)].into_iter().collect(),
-        };
-        let b = c.encode();
-        assert_eq!(Checkpoint::decode(&b), Some(c.clone()));
-        for i in 0..b.len() {
+            clean_end: Some(12345),
+            boot_id: [3; 16],
+            queues: [
+                (
+                    1,
+                    QueueCheckpoint {
+                        reserve: ReserveKind::None,
+                        next_offset: 10,
+                        offset_reserved: 0,
+                    },
+                ),
+                (
+                    7,
+                    QueueCheckpoint {
+                        reserve: ReserveKind::Memory,
+                        next_offset: 99,
+                        offset_reserved: 1 << 20,
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn slot_round_trip_and_damage_detection() {
+        let c = sample();
+        let b = c.encode_slot(5, 4096);
+        assert_eq!(Checkpoint::decode_slot(&b), Some((5, c.clone())));
+        for i in 0..(SLOT_HEAD_BYTES + 2 * ENTRY_BYTES) {
             let mut bad = b.clone();
             bad[i] ^= 1;
-            assert_eq!(Checkpoint::decode(&bad), None, "flip at {i} undetected");
+            assert_eq!(
+                Checkpoint::decode_slot(&bad),
+                None,
+                "flip at {i} undetected"
+            );
         }
-        let dir = tempfile::tempdir().unwrap();
-        c.store(dir.path()).unwrap();
-        assert_eq!(Checkpoint::load(dir.path()), (c, false));
-        std::fs::write(dir.path().join(CHECKPOINT_FILE), b"junk").unwrap();
-        assert_eq!(Checkpoint::load(dir.path()), (Checkpoint::default(), true));
+        let running = Checkpoint {
+            clean_end: None,
+            ..c
+        };
+        let b = running.encode_slot(1, 4096);
+        assert_eq!(Checkpoint::decode_slot(&b).unwrap().1.clean_end, None);
+    }
+
+    #[test]
+    fn the_newest_intact_slot_wins() {
+        let old = sample();
+        let new = Checkpoint {
+            synced_position: 99_999,
+            ..sample()
+        };
+        let mut file = old.encode_slot(6, 4096);
+        file.extend(new.encode_slot(7, 4096));
+        assert_eq!(
+            decode_file(&file),
+            (Some((7, new, 4096)), CheckpointState::Ok)
+        );
+        // The newer slot torn: the older one stands.
+        file[4096 + 50] ^= 0xff;
+        assert_eq!(
+            decode_file(&file),
+            (Some((6, old, 4096)), CheckpointState::OneSlotDamaged)
+        );
+        file[50] ^= 0xff;
+        assert_eq!(decode_file(&file), (None, CheckpointState::Damaged));
     }
 }

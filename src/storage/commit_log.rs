@@ -1,23 +1,40 @@
 //! The shard's commit log: one append-only sequence of batches across
-//! fixed-size segment files, written with direct I/O through io_uring.
+//! fixed-size segment files, written with direct I/O through the I/O seam.
 //!
 //! Contract (everything runs on the owning shard's executor):
-//! - [`CommitLog::append`] is synchronous: it assigns the batch its log
-//!   position and queues it; the batch is then "in memory".
-//! - One flusher task writes queued batches in position order, one io_uring
-//!   write in flight, rewriting the last partial 4 KiB page each time
-//!   (O_DIRECT needs aligned writes). `written` advances when a write
-//!   completes. It writes at once when someone waits (`wait_written`,
-//!   `wait_synced`), when a full write is queued, or on close; appends
+//! - [`CommitLog::admission`] says whether an append of some length can be
+//!   taken now, must wait ([`CommitLog::wait_admission`]), or is refused
+//!   (disk full, storage failed, closing). [`CommitLog::append`] is
+//!   synchronous: it assigns the batch its log position and queues it.
+//! - Appends wait while more than `pending_bytes_max` bytes are appended
+//!   but not written (the bound on memory when producers outrun the disk),
+//!   and at a segment roll until the next segment is ready. A preparer task
+//!   creates the next segment (create, fallocate, directory sync) when the
+//!   active one is half full, so a roll costs nothing on the append path;
+//!   if the disk is full it removes the half-made file and appends that need
+//!   the new segment are refused with [`LogError::Full`] until space is free
+//!   (it retries every [`FULL_RETRY_MS`] and whenever retention frees space).
+//! - One flusher task writes queued batches in position order, one write in
+//!   flight, rewriting the last partial 4 KiB page each time (O_DIRECT needs
+//!   aligned writes); a segment's header page goes out with its first
+//!   batches. `written` advances when a write completes. It writes at once
+//!   when someone waits, when a full write is queued, or on close; appends
 //!   nobody waits on (durability `memory`) wait up to
-//!   `unawaited_write_delay` (`storage.memory_write_delay_us`) to share a
-//!   write, which keeps the VM exit of a disk submission off the
-//!   request-reply path.
+//!   `unawaited_write_delay` to share a write.
+//! - A write never starts past `synced + unsynced_bytes_max`: the flusher
+//!   asks for a sync first. So after a power cut at any instant only the
+//!   last `unsynced_bytes_max` of the log can be torn or lost, which is how
+//!   recovery tells a torn tail from corruption without any checkpoint.
 //! - One syncer task runs fdatasync when someone waits for durability:
-//!   every append that arrived while the previous fdatasync ran is covered
-//!   by the next one (group commit). `synced` advances when it returns.
-//! - An I/O error fails the log: every waiter and every later append gets
-//!   [`LogError::Failed`]; nothing is acknowledged that was not stored.
+//!   every append whose write completed before the fdatasync started is
+//!   covered (group commit); `synced` advances to what was written then.
+//! - ENOSPC on a write keeps the batches queued, refuses new appends with
+//!   [`LogError::Full`], and retries; nothing is lost or acknowledged early.
+//!   Any other write or fdatasync failure stops the log for writes
+//!   ([`LogError::Failed`]): every waiter and later append gets the error,
+//!   nothing past the last good fdatasync is acknowledged at `fsync`, and a
+//!   failed fdatasync is never retried (its data is not assumed durable).
+//!   Reads go on.
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -27,54 +44,118 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::segment::{segment_path, SegmentInfo};
+use super::io::{Io, IoBuffer, IoFailure, IoFile, IoKind, TaskClass};
+use super::segment::{segment_path, SegmentHeader, SegmentInfo, SEGMENT_HEADER_BYTES};
 use super::{align_down, align_up};
-use crate::runtime::{self, DmaFile, Watch};
+use crate::batch::SegmentKey;
+use crate::runtime::Watch;
 
 /// Settings of one shard's log.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
     pub dir: PathBuf,
-    pub segment_bytes_max: u64,
+    pub shard: u16,
+    /// Capacity of new segments (a multiple of 4 KiB).
+    pub segment_bytes: u64,
     pub write_bytes_max: u64,
     /// Longest an append nobody waits on (durability `memory`) waits to
     /// share a write; zero writes at once.
     pub unawaited_write_delay: Duration,
+    /// Most bytes appended but not yet written; appends beyond it wait.
+    pub pending_bytes_max: u64,
+    /// Most bytes written but not yet synced: a write never starts past
+    /// `synced + unsynced_bytes_max`.
+    pub unsynced_bytes_max: u64,
 }
 
 /// Why a log operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    #[error("storage failed earlier and accepts no writes until restart: {0}")]
-    Failed(String),
-    #[error("{op} {path}: {message}")]
-    Io {
-        op: &'static str,
-        path: String,
-        message: String,
-    },
+    /// The filesystem is full: the append was not taken. Retriable once
+    /// space is freed; the log resumes by itself.
+    #[error("storage full: {0}")]
+    Full(IoFailure),
+    /// The log takes no more writes after an I/O failure (until restart);
+    /// reads go on.
+    #[error("storage failed and takes no writes until restart: {0}")]
+    Failed(IoFailure),
+    /// A read failed (the log itself is unaffected).
+    #[error(transparent)]
+    Read(IoFailure),
+    /// The append could not be taken within the time the caller waited.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     #[error("the log is closing")]
     Closing,
     #[error("position {0} is not in the log")]
     NotFound(u64),
 }
 
-struct Segment {
-    info: SegmentInfo,
-    file: Option<Rc<DmaFile>>,
+/// What [`CommitLog::admission`] says of an append.
+#[derive(Debug)]
+pub enum Admission {
+    Now,
+    /// Try again later (the reason, for the `busy` error).
+    Wait(&'static str),
+    Refused(LogError),
 }
 
-struct State {
-    segments: BTreeMap<u64, Segment>,
+/// How long to wait before retrying a write or a segment creation that met
+/// a full disk.
+pub const FULL_RETRY_MS: u64 = 200;
+/// How long `close` waits for queued batches on a full disk.
+const CLOSE_FULL_WAIT: Duration = Duration::from_secs(5);
+
+/// How far ahead of the append position the zeroer prepares the segment.
+pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
+/// Above this append rate the zeroer pauses.
+pub const ZERO_RATE_BYTES_PER_S_MAX: u64 = 64 << 20;
+/// Size of one zeroing write.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+
+struct Segment<F> {
+    info: SegmentInfo,
+    /// End of the previous segment's data, for the header page.
+    prev_end: u64,
+    file: Rc<F>,
+    /// The header page is on disk (written with the first batches).
+    header_written: bool,
+    /// Takes no more batches.
+    sealed: bool,
+}
+
+/// The next segment, prepared ahead of the roll.
+enum Spare<F> {
+    Missing,
+    Creating,
+    Ready(Segment<F>),
+    /// Creation met a full disk; retried at `retry_at_ms` or when space is
+    /// freed.
+    Full {
+        failure: IoFailure,
+        retry_at_ms: i64,
+    },
+}
+
+struct State<F> {
+    segments: BTreeMap<u64, Segment<F>>,
+    spare: Spare<F>,
+    /// An append waits for the spare: prepare it now.
+    spare_wanted: bool,
     append_pos: u64,
     pending: VecDeque<(u64, Bytes)>,
+    /// Bytes in `pending`.
+    pending_bytes: u64,
     /// Bytes of `[align_down(written), written)` as last written.
     tail_page: Vec<u8>,
-    dirty: Vec<Rc<DmaFile>>,
+    dirty: Vec<Rc<F>>,
     sync_wanted: u64,
     /// Highest position someone waits to see written (or synced).
     write_wanted: u64,
-    failure: Option<String>,
+    /// Writes stopped for good after this failure.
+    failure: Option<IoFailure>,
+    /// A write met ENOSPC and is being retried; appends are refused.
+    write_full: Option<IoFailure>,
     closing: bool,
     /// Positions of the active segment below this are allocated *and
     /// written* (data or zeros), so writes there need no extent conversion
@@ -84,85 +165,106 @@ struct State {
     zeroing: Option<(u64, u64)>,
 }
 
-/// How far ahead of the append position the zeroer prepares the segment.
-pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
-/// Above this append rate the zeroer pauses.
-pub const ZERO_RATE_BYTES_PER_S_MAX: u64 = 64 << 20;
-/// Size of one zeroing write.
-const ZERO_CHUNK_BYTES: u64 = 1 << 20;
+/// A segment recovery handed over, with its open file.
+pub struct OpenSegment<F> {
+    pub info: SegmentInfo,
+    pub file: Rc<F>,
+    /// Takes no more batches (its index snapshot says its data ends, or
+    /// its header is unreadable): the next append rolls.
+    pub sealed: bool,
+}
 
 /// One shard's commit log. See the module docs for the contract.
-pub struct CommitLog {
+pub struct CommitLog<I: Io> {
+    io: I,
     cfg: LogConfig,
-    state: RefCell<State>,
+    state: RefCell<State<I::File>>,
     written: Watch,
     synced: Watch,
-    /// Event counters that wake the flusher and the syncer.
+    /// Event counters that wake the flusher, the syncer and the preparer.
     write_work: Watch,
     sync_work: Watch,
+    prepare_work: Watch,
+    /// Bumped whenever a waiting append may now be taken (or refused).
+    admit_changed: Watch,
     /// Bumped whenever a zero write finishes.
     zero_done: Watch,
     fsync_us: RefCell<Histogram<u64>>,
     write_us: RefCell<Histogram<u64>>,
 }
 
-fn io_err(op: &'static str, path: &std::path::Path, e: impl std::fmt::Display) -> LogError {
-    LogError::Io {
-        op,
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
-}
-
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
 }
 
-impl CommitLog {
-    /// Opens the log over recovered segments (ascending), with the next
-    /// append at `end` and `tail_page` the bytes of the last partial page.
-    /// Recovery synced every segment, so everything before `end` is durable.
-    pub async fn open(
+fn bump(w: &Watch) {
+    w.advance(w.get() + 1);
+}
+
+/// What a failed write leaves to the flusher.
+enum WriteError {
+    /// ENOSPC: the batches go back to the front of the queue.
+    NoSpace(IoFailure, Vec<(u64, Bytes)>, Option<Vec<u8>>),
+    Failed(IoFailure),
+}
+
+impl<I: Io> CommitLog<I> {
+    /// The log over recovered segments (ascending), with the next append at
+    /// `end` and `tail_page` the bytes of the last partial page. Recovery
+    /// synced every segment, so everything before `end` is durable.
+    pub fn open(
+        io: I,
         cfg: LogConfig,
-        segments: &[SegmentInfo],
+        segments: Vec<OpenSegment<I::File>>,
         end: u64,
         tail_page: Vec<u8>,
-    ) -> Result<Rc<CommitLog>, LogError> {
+    ) -> Rc<CommitLog<I>> {
         assert_eq!(
             tail_page.len() as u64,
             end - align_down(end),
             "tail page must cover [align_down(end), end)"
         );
+        assert!(
+            cfg.unsynced_bytes_max >= 2 * cfg.write_bytes_max,
+            "unsynced window smaller than two writes"
+        );
         let mut map = BTreeMap::new();
         for s in segments {
             assert_eq!(
-                s.capacity % super::DMA_ALIGNMENT_BYTES,
+                s.info.capacity % super::DMA_ALIGNMENT_BYTES,
                 0,
                 "segment capacity unaligned"
             );
-            let path = segment_path(&cfg.dir, s.base);
-            let file = runtime::open_dma(&path, false)
-                .await
-                .map_err(|e| io_err("open segment", &path, e))?;
             map.insert(
-                s.base,
+                s.info.base,
                 Segment {
-                    info: *s,
-                    file: Some(Rc::new(file)),
+                    info: s.info,
+                    prev_end: 0,
+                    file: s.file,
+                    header_written: true,
+                    sealed: s.sealed,
                 },
             );
         }
-        let log = Rc::new(CommitLog {
+        if let Some(last) = map.values().next_back() {
+            assert!(end >= last.info.data_start() && end <= last.info.end());
+        }
+        Rc::new(CommitLog {
+            io,
             cfg,
             state: RefCell::new(State {
                 segments: map,
+                spare: Spare::Missing,
+                spare_wanted: false,
                 append_pos: end,
                 pending: VecDeque::new(),
+                pending_bytes: 0,
                 tail_page,
                 dirty: Vec::new(),
                 sync_wanted: 0,
                 write_wanted: 0,
                 failure: None,
+                write_full: None,
                 closing: false,
                 zeroed_upto: align_up(end),
                 zeroing: None,
@@ -171,26 +273,16 @@ impl CommitLog {
             synced: Watch::new(end),
             write_work: Watch::new(0),
             sync_work: Watch::new(0),
+            prepare_work: Watch::new(0),
+            admit_changed: Watch::new(0),
             zero_done: Watch::new(0),
             fsync_us: RefCell::new(histogram()),
             write_us: RefCell::new(histogram()),
-        });
-        Ok(log)
+        })
     }
 
-    /// Starts the flusher and syncer tasks in task queue `tq`.
-    pub fn start(self: &Rc<Self>, tq: runtime::TaskQueueHandle) {
-        let me = self.clone();
-        runtime::spawn_local_into(async move { me.flusher().await }, tq)
-            .expect("task queue exists")
-            .detach();
-        let me = self.clone();
-        runtime::spawn_local_into(async move { me.syncer().await }, tq)
-            .expect("task queue exists")
-            .detach();
-    }
-
-    /// Starts the zeroer in task queue `tq` (a background queue).
+    /// Starts the flusher, syncer and preparer (data queue) and, with
+    /// `zero_ahead`, the zeroer (background queue).
     ///
     /// Segments are created with fallocate, which leaves *unwritten*
     /// extents: the first write to each block then converts its extent at
@@ -198,145 +290,149 @@ impl CommitLog {
     /// milliseconds per append on ext4. The zeroer writes zeros (and syncs
     /// them) a little ahead of the append position, so appends land on
     /// written blocks and an fdatasync flushes data only.
-    pub fn start_zeroer(self: &Rc<Self>, tq: runtime::TaskQueueHandle) {
+    pub fn start(self: &Rc<Self>, zero_ahead: bool) {
         let me = self.clone();
-        runtime::spawn_local_into(async move { me.zeroer().await }, tq)
-            .expect("task queue exists")
-            .detach();
+        self.io
+            .spawn(TaskClass::Data, async move { me.flusher().await });
+        let me = self.clone();
+        self.io
+            .spawn(TaskClass::Data, async move { me.syncer().await });
+        let me = self.clone();
+        self.io
+            .spawn(TaskClass::Data, async move { me.preparer().await });
+        if zero_ahead {
+            let me = self.clone();
+            self.io
+                .spawn(TaskClass::Background, async move { me.zeroer().await });
+        }
     }
 
-    /// The next range to zero, if the active segment needs one now.
-    fn zero_range(&self) -> Option<(u64, Rc<DmaFile>, u64, u64)> {
+    fn needs_roll(s: &State<I::File>, len: u64) -> bool {
+        match s.segments.values().next_back() {
+            Some(active) => active.sealed || s.append_pos + len > active.info.end(),
+            None => true,
+        }
+    }
+
+    /// Whether an append of `len` bytes can be taken now.
+    pub fn admission(&self, len: u64) -> Admission {
         let mut s = self.state.borrow_mut();
-        if s.closing || s.failure.is_some() {
-            return None;
+        if let Some(f) = &s.failure {
+            return Admission::Refused(LogError::Failed(f.clone()));
         }
-
-        let (base, end, file) = {
-            let active = s.segments.values().next_back()?;
-            (active.info.base, active.info.end(), active.file.clone()?)
-        };
-        let from = s.zeroed_upto.max(base).max(align_up(s.append_pos));
-        let target = end.min(align_up(s.append_pos) + ZERO_AHEAD_BYTES);
-        if from >= target {
-            return None;
+        if s.closing {
+            return Admission::Refused(LogError::Closing);
         }
-        let to = target.min(from + ZERO_CHUNK_BYTES);
-        s.zeroing = Some((from, to));
-        Some((base, file, from, to))
-    }
-
-    async fn zeroer(self: Rc<Self>) {
-        let mut window = (Instant::now(), self.append_position());
-        loop {
-            // Under sustained load the zeros would halve the disk's bandwidth
-            // for appends that are large and sequential anyway: pause while
-            // the log grows faster than ZERO_RATE_BYTES_PER_S_MAX.
-            let elapsed = window.0.elapsed();
-            if elapsed >= Duration::from_millis(100) {
-                let grown = self.append_position().saturating_sub(window.1);
-                window = (Instant::now(), self.append_position());
-                if grown as f64 / elapsed.as_secs_f64() > ZERO_RATE_BYTES_PER_S_MAX as f64 {
-                    runtime::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+        if let Some(f) = &s.write_full {
+            return Admission::Refused(LogError::Full(f.clone()));
+        }
+        if s.pending_bytes > 0 && s.pending_bytes + len > self.cfg.pending_bytes_max {
+            return Admission::Wait("memory_pending_bytes_max reached: the disk is behind");
+        }
+        if !Self::needs_roll(&s, len) {
+            return Admission::Now;
+        }
+        match &s.spare {
+            Spare::Ready(seg) => {
+                assert!(
+                    SEGMENT_HEADER_BYTES + len <= seg.info.capacity,
+                    "batch of {len} bytes cannot fit a segment"
+                );
+                Admission::Now
             }
-            let seen = self.write_work.get();
-            let Some((base, file, from, to)) = self.zero_range() else {
-                if self.state.borrow().closing {
-                    return;
+            Spare::Full { failure, .. } => Admission::Refused(LogError::Full(failure.clone())),
+            Spare::Missing | Spare::Creating => {
+                if !s.spare_wanted {
+                    s.spare_wanted = true;
+                    drop(s);
+                    bump(&self.prepare_work);
                 }
-                let _ = self.write_work.wait_for(seen + 1).await;
-                continue;
-            };
-            let mut buf = runtime::dma_buffer((to - from) as usize);
-            buf.as_bytes_mut().fill(0);
-            let res = match file.write_at(buf, from - base).await {
-                Ok(_) => file.fdatasync().await,
-                Err(e) => Err(e),
-            };
-            {
-                let mut s = self.state.borrow_mut();
-                s.zeroing = None;
-                if res.is_ok() {
-                    s.zeroed_upto = s.zeroed_upto.max(to);
-                }
-            }
-            self.zero_done.advance(self.zero_done.get() + 1);
-            if let Err(e) = res {
-                // Only an optimisation failed: appends still work (slower).
-                tracing::warn!("zeroing ahead of the log failed: {e}");
-                return;
+                Admission::Wait("preparing the next segment")
             }
         }
     }
 
-    /// Waits until no zero write overlaps `[from, to)`.
-    async fn wait_zeroing_clear(&self, from: u64, to: u64) {
+    /// Waits (up to `limit`) until an append of `len` bytes can be taken.
+    pub async fn wait_admission(&self, len: u64, limit: Duration) -> Result<(), LogError> {
+        let deadline = Instant::now() + limit;
         loop {
-            let seen = self.zero_done.get();
-            match self.state.borrow().zeroing {
-                Some((a, b)) if a < to && from < b => {}
-                _ => return,
+            let seen = self.admit_changed.get();
+            match self.admission(len) {
+                Admission::Now => return Ok(()),
+                Admission::Refused(e) => return Err(e),
+                Admission::Wait(why) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(LogError::Busy(why));
+                    }
+                    let timer = self.io.sleep(left);
+                    self.admit_changed.wait_for_within(seen + 1, timer).await;
+                }
             }
-            let _ = self.zero_done.wait_for(seen + 1).await;
         }
     }
 
     /// Assigns a batch of `len` bytes the next log position, lets `stamp`
-    /// build the batch for that position, and queues it for writing.
+    /// build the batch for that position under its segment's key, and queues
+    /// it for writing. Fails unless [`CommitLog::admission`] says `Now`.
     pub fn append(
         &self,
         len: u64,
         append_time_ms: i64,
-        stamp: impl FnOnce(u64) -> Bytes,
+        stamp: impl FnOnce(u64, &SegmentKey) -> Bytes,
     ) -> Result<(u64, Bytes), LogError> {
+        match self.admission(len) {
+            Admission::Now => {}
+            Admission::Wait(why) => return Err(LogError::Busy(why)),
+            Admission::Refused(e) => return Err(e),
+        }
         let mut s = self.state.borrow_mut();
-        if let Some(f) = &s.failure {
-            return Err(LogError::Failed(f.clone()));
-        }
-        if s.closing {
-            return Err(LogError::Closing);
-        }
-        assert!(
-            len > 0 && len <= self.cfg.segment_bytes_max,
-            "batch of {len} bytes cannot fit a segment"
-        );
-        let needs_roll = match s.segments.values().next_back() {
-            Some(active) => s.append_pos + len > active.info.end(),
-            None => true,
-        };
-        if needs_roll {
-            let base = match s.segments.values().next_back() {
-                Some(active) => active.info.end(),
-                None => align_up(s.append_pos),
-            };
-            s.segments.insert(
-                base,
-                Segment {
-                    info: SegmentInfo {
-                        base,
-                        capacity: self.cfg.segment_bytes_max,
-                        used: 0,
-                        max_append_time_ms: 0,
-                    },
-                    file: None,
-                },
-            );
-            s.append_pos = base;
-            s.zeroed_upto = base;
+        assert!(len > 0, "empty batch");
+        if Self::needs_roll(&s, len) {
+            self.roll(&mut s);
         }
         let pos = s.append_pos;
-        let batch = stamp(pos);
-        assert_eq!(batch.len() as u64, len, "stamped batch changed length");
-        s.append_pos += len;
         let active = s.segments.values_mut().next_back().expect("active segment");
+        assert!(
+            pos >= active.info.data_start(),
+            "append inside a header page"
+        );
+        assert!(pos + len <= active.info.end(), "append past its segment");
+        let batch = stamp(pos, &active.info.key);
+        assert_eq!(batch.len() as u64, len, "stamped batch changed length");
         active.info.used = pos + len - active.info.base;
         active.info.max_append_time_ms = active.info.max_append_time_ms.max(append_time_ms);
+        let half_full = active.info.used * 2 >= active.info.capacity;
+        s.append_pos += len;
+        s.pending_bytes += len;
         s.pending.push_back((pos, batch.clone()));
+        let spare_missing = matches!(s.spare, Spare::Missing);
         drop(s);
-        self.write_work.advance(self.write_work.get() + 1);
+        bump(&self.write_work);
+        if half_full && spare_missing {
+            bump(&self.prepare_work);
+        }
         Ok((pos, batch))
+    }
+
+    /// Makes the spare the active segment (admission checked it is ready).
+    fn roll(&self, s: &mut State<I::File>) {
+        let Spare::Ready(mut seg) = std::mem::replace(&mut s.spare, Spare::Missing) else {
+            panic!("roll without a ready segment");
+        };
+        seg.prev_end = match s.segments.values().next_back() {
+            Some(_) => s.append_pos,
+            None => seg.info.base,
+        };
+        assert!(
+            seg.prev_end <= seg.info.base,
+            "next segment overlaps the log"
+        );
+        s.append_pos = seg.info.data_start();
+        s.zeroed_upto = seg.info.base;
+        s.spare_wanted = false;
+        s.segments.insert(seg.info.base, seg);
+        bump(&self.prepare_work);
     }
 
     /// Resolves once every byte before `end` is written (io_uring write done).
@@ -345,7 +441,7 @@ impl CommitLog {
             return Ok(());
         }
         self.want_written(end);
-        self.written.wait_for(end).await.map_err(|_| self.failure())
+        self.written.wait_for(end).await.map_err(|_| self.stopped())
     }
 
     /// Someone waits for `end` to be written: the flusher writes now.
@@ -354,7 +450,7 @@ impl CommitLog {
         if end > s.write_wanted {
             s.write_wanted = end;
             drop(s);
-            self.write_work.advance(self.write_work.get() + 1);
+            bump(&self.write_work);
         }
     }
 
@@ -368,11 +464,12 @@ impl CommitLog {
             s.sync_wanted = s.sync_wanted.max(end);
         }
         self.want_written(end);
-        self.sync_work.advance(self.sync_work.get() + 1);
-        self.synced.wait_for(end).await.map_err(|_| self.failure())
+        bump(&self.sync_work);
+        self.synced.wait_for(end).await.map_err(|_| self.stopped())
     }
 
-    fn failure(&self) -> LogError {
+    /// The error for a waiter whose watch closed.
+    fn stopped(&self) -> LogError {
         match &self.state.borrow().failure {
             Some(f) => LogError::Failed(f.clone()),
             None => LogError::Closing,
@@ -391,9 +488,21 @@ impl CommitLog {
     pub fn synced_position(&self) -> u64 {
         self.synced.get()
     }
-    /// The failure that stopped the log, if any.
-    pub fn failed(&self) -> Option<String> {
+    /// Bytes appended but not yet written.
+    pub fn pending_bytes(&self) -> u64 {
+        self.state.borrow().pending_bytes
+    }
+    /// The failure that stopped writes, if any.
+    pub fn failed(&self) -> Option<IoFailure> {
         self.state.borrow().failure.clone()
+    }
+    /// Why appends are refused for lack of space, if they are.
+    pub fn full(&self) -> Option<IoFailure> {
+        let s = self.state.borrow();
+        match (&s.write_full, &s.spare) {
+            (Some(f), _) | (None, Spare::Full { failure: f, .. }) => Some(f.clone()),
+            _ => None,
+        }
     }
 
     /// Segments, ascending.
@@ -404,6 +513,13 @@ impl CommitLog {
             .values()
             .map(|s| s.info)
             .collect()
+    }
+
+    /// The key of the segment holding `position`.
+    pub fn key_at(&self, position: u64) -> Option<SegmentKey> {
+        let s = self.state.borrow();
+        let (_, seg) = s.segments.range(..=position).next_back()?;
+        (position < seg.info.end()).then_some(seg.info.key)
     }
 
     /// Latency histograms (µs) of writes and fdatasyncs.
@@ -424,46 +540,55 @@ impl CommitLog {
                 .range(..=position)
                 .next_back()
                 .ok_or(LogError::NotFound(position))?;
-            if position + len as u64 > seg.info.end() {
+            if position < seg.info.data_start() || position + len as u64 > seg.info.end() {
                 return Err(LogError::NotFound(position));
             }
-            (seg.file.clone().ok_or(LogError::NotFound(position))?, *base)
+            (seg.file.clone(), *base)
         };
-        let rr = file
+        let b = file
             .read_at(position - base, len)
             .await
-            .map_err(|e| io_err("read", &segment_path(&self.cfg.dir, base), e))?;
-        if rr.len() < len {
+            .map_err(LogError::Read)?;
+        if b.len() < len {
             return Err(LogError::NotFound(position));
         }
-        Ok(Bytes::copy_from_slice(&rr[..len]))
+        Ok(b)
     }
 
-    /// Removes whole segments (retention). Never the active one.
-    pub async fn delete_segments(&self, bases: &[u64]) -> Result<(), LogError> {
+    /// Removes whole segments (retention). Never the active one. Space
+    /// freed wakes a preparer that met a full disk.
+    pub async fn delete_segments(&self, bases: &[u64]) -> Result<(), IoFailure> {
         for &base in bases {
             let seg = {
                 let mut s = self.state.borrow_mut();
                 let last = *s.segments.keys().next_back().expect("log has segments");
                 assert_ne!(base, last, "retention must not delete the active segment");
                 let seg = s.segments.remove(&base);
-                // Drop every handle on the file (a written-level log never
-                // syncs, so `dirty` would otherwise keep it open and the
-                // unlinked file's space would never be freed).
-                if let Some(file) = seg.as_ref().and_then(|g| g.file.as_ref()) {
-                    s.dirty.retain(|f| !Rc::ptr_eq(f, file));
+                // Drop every handle on the file (a written-level log syncs
+                // rarely, so `dirty` would otherwise keep it open and the
+                // unlinked file's space would not come back).
+                if let Some(g) = &seg {
+                    s.dirty.retain(|f| !Rc::ptr_eq(f, &g.file));
                 }
                 seg
             };
             if seg.is_some() {
-                let path = segment_path(&self.cfg.dir, base);
-                let p = path.clone();
-                runtime::blocking(move || std::fs::remove_file(p))
-                    .await
-                    .map_err(|e| io_err("remove segment", &path, e))?;
+                self.io.remove(&segment_path(&self.cfg.dir, base)).await?;
             }
         }
+        self.space_freed();
         Ok(())
+    }
+
+    /// Space may be free again (retention, a deleted topic, an operator):
+    /// a segment creation that met a full disk is retried now.
+    pub fn space_freed(&self) {
+        let mut s = self.state.borrow_mut();
+        if let Spare::Full { retry_at_ms, .. } = &mut s.spare {
+            *retry_at_ms = 0;
+            drop(s);
+            bump(&self.prepare_work);
+        }
     }
 
     /// Stops accepting appends, writes and syncs everything appended so far.
@@ -473,16 +598,230 @@ impl CommitLog {
             s.closing = true;
             s.append_pos
         };
-        self.write_work.advance(self.write_work.get() + 1);
-        self.wait_written(end).await?;
+        bump(&self.write_work);
+        bump(&self.prepare_work);
+        bump(&self.admit_changed);
+        let written = async { self.wait_written(end).await.map(|_| true) };
+        let gave_up = async {
+            loop {
+                self.io.sleep(CLOSE_FULL_WAIT).await;
+                if self.state.borrow().write_full.is_some() {
+                    return Ok(false);
+                }
+            }
+        };
+        if !futures_lite::future::or(written, gave_up).await? {
+            let f = self.full().expect("full");
+            return Err(LogError::Full(f));
+        }
         self.wait_synced(end).await
     }
 
-    fn fail(&self, e: LogError) {
-        tracing::error!("commit log failed: {e}");
-        self.state.borrow_mut().failure = Some(e.to_string());
+    /// A failure elsewhere in the shard's storage (the checkpoint) stops
+    /// the log's writes too.
+    pub fn fail_external(&self, e: IoFailure) {
+        self.fail(e);
+    }
+
+    fn fail(&self, e: IoFailure) {
+        tracing::error!(
+            shard = self.cfg.shard,
+            "commit log stops taking writes: {e}"
+        );
+        self.state.borrow_mut().failure.get_or_insert(e);
         self.written.close();
         self.synced.close();
+        bump(&self.admit_changed);
+        bump(&self.prepare_work);
+    }
+
+    /// Creates segment files ahead of the roll.
+    async fn preparer(self: Rc<Self>) {
+        loop {
+            let seen = self.prepare_work.get();
+            let (base, retry_in) = {
+                let s = self.state.borrow();
+                if s.closing || s.failure.is_some() {
+                    return;
+                }
+                let active = s.segments.values().next_back();
+                let wanted = s.spare_wanted
+                    || active.is_none_or(|a| a.sealed || a.info.used * 2 >= a.info.capacity);
+                let base = match active {
+                    Some(a) => a.info.end(),
+                    None => align_up(s.append_pos),
+                };
+                match &s.spare {
+                    Spare::Missing if wanted => (Some(base), None),
+                    Spare::Full { retry_at_ms, .. } => {
+                        let now = self.io.now_ms();
+                        if now >= *retry_at_ms {
+                            (Some(base), None)
+                        } else {
+                            (None, Some((*retry_at_ms - now) as u64))
+                        }
+                    }
+                    _ => (None, None),
+                }
+            };
+            let Some(base) = base else {
+                match retry_in {
+                    Some(ms) => {
+                        let timer = self.io.sleep(Duration::from_millis(ms));
+                        self.prepare_work.wait_for_within(seen + 1, timer).await;
+                    }
+                    None => {
+                        let _ = self.prepare_work.wait_for(seen + 1).await;
+                    }
+                }
+                continue;
+            };
+            self.state.borrow_mut().spare = Spare::Creating;
+            let created = self.create_segment(base).await;
+            let mut s = self.state.borrow_mut();
+            match created {
+                Ok(seg) => {
+                    if matches!(s.spare, Spare::Full { .. } | Spare::Creating) {
+                        tracing::debug!(shard = self.cfg.shard, base, "segment ready");
+                    }
+                    s.spare = Spare::Ready(seg);
+                }
+                Err(f) if f.kind == IoKind::NoSpace => {
+                    if !matches!(s.spare, Spare::Full { .. }) {
+                        tracing::warn!(
+                            shard = self.cfg.shard,
+                            "cannot create the next segment, the disk is full ({f}); appends that need it get storage_full until space is freed"
+                        );
+                    }
+                    s.spare = Spare::Full {
+                        failure: f,
+                        retry_at_ms: self.io.now_ms() + FULL_RETRY_MS as i64,
+                    };
+                }
+                Err(f) => {
+                    s.spare = Spare::Missing;
+                    drop(s);
+                    self.fail(f);
+                    return;
+                }
+            }
+            drop(s);
+            bump(&self.admit_changed);
+        }
+    }
+
+    /// Creates and preallocates a segment file; removes it if that fails.
+    async fn create_segment(&self, base: u64) -> Result<Segment<I::File>, IoFailure> {
+        let capacity = self.cfg.segment_bytes;
+        let path = segment_path(&self.cfg.dir, base);
+        let file = self.io.create(&path).await?;
+        let made = async {
+            file.allocate(capacity).await?;
+            self.io.sync_dir(&self.cfg.dir).await
+        }
+        .await;
+        if let Err(e) = made {
+            drop(file);
+            let _ = self.io.remove(&path).await;
+            let _ = self.io.sync_dir(&self.cfg.dir).await;
+            return Err(e);
+        }
+        tracing::debug!(shard = self.cfg.shard, base, capacity, "created segment");
+        Ok(Segment {
+            info: SegmentInfo {
+                base,
+                capacity,
+                used: SEGMENT_HEADER_BYTES,
+                max_append_time_ms: 0,
+                key: SegmentKey(self.io.random_key()),
+            },
+            prev_end: 0,
+            file: Rc::new(file),
+            header_written: false,
+            sealed: false,
+        })
+    }
+
+    /// The next range to zero, if the active segment needs one now.
+    fn zero_range(&self) -> Option<(u64, Rc<I::File>, u64, u64)> {
+        let mut s = self.state.borrow_mut();
+        if s.closing || s.failure.is_some() {
+            return None;
+        }
+        let (base, end, file) = {
+            let active = s.segments.values().next_back()?;
+            (active.info.base, active.info.end(), active.file.clone())
+        };
+        let from = s
+            .zeroed_upto
+            .max(base + SEGMENT_HEADER_BYTES)
+            .max(align_up(s.append_pos));
+        let target = end.min(align_up(s.append_pos) + ZERO_AHEAD_BYTES);
+        if from >= target {
+            return None;
+        }
+        let to = target.min(from + ZERO_CHUNK_BYTES);
+        s.zeroing = Some((from, to));
+        Some((base, file, from, to))
+    }
+
+    async fn zeroer(self: Rc<Self>) {
+        let mut window = (Instant::now(), self.append_position());
+        loop {
+            // Under sustained load the zeros would halve the disk's bandwidth
+            // for appends that are large and sequential anyway: pause while
+            // the log grows faster than ZERO_RATE_BYTES_PER_S_MAX.
+            let elapsed = window.0.elapsed();
+            if elapsed >= Duration::from_millis(100) {
+                let grown = self.append_position().saturating_sub(window.1);
+                window = (Instant::now(), self.append_position());
+                if grown as f64 / elapsed.as_secs_f64() > ZERO_RATE_BYTES_PER_S_MAX as f64 {
+                    self.io.sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+            let seen = self.write_work.get();
+            let Some((base, file, from, to)) = self.zero_range() else {
+                if self.state.borrow().closing || self.failed().is_some() {
+                    return;
+                }
+                let _ = self.write_work.wait_for(seen + 1).await;
+                continue;
+            };
+            let buf = self.io.buffer((to - from) as usize);
+            let res = match file.write_at(buf, from - base).await {
+                Ok(_) => file.sync().await,
+                Err(e) => Err(e),
+            };
+            {
+                let mut s = self.state.borrow_mut();
+                s.zeroing = None;
+                if res.is_ok() {
+                    s.zeroed_upto = s.zeroed_upto.max(to);
+                }
+            }
+            bump(&self.zero_done);
+            if let Err(e) = res {
+                // Only an optimisation failed: appends still work (slower).
+                tracing::warn!(
+                    shard = self.cfg.shard,
+                    "zeroing ahead of the log failed: {e}"
+                );
+                return;
+            }
+        }
+    }
+
+    /// Waits until no zero write overlaps `[from, to)`.
+    async fn wait_zeroing_clear(&self, from: u64, to: u64) {
+        loop {
+            let seen = self.zero_done.get();
+            match self.state.borrow().zeroing {
+                Some((a, b)) if a < to && from < b => {}
+                _ => return,
+            }
+            let _ = self.zero_done.wait_for(seen + 1).await;
+        }
     }
 
     fn take_run(&self) -> Option<(u64, Vec<(u64, Bytes)>)> {
@@ -521,6 +860,7 @@ impl CommitLog {
             || self.cfg.unawaited_write_delay.is_zero()
             || s.write_wanted > self.written.get()
             || s.append_pos - first >= self.cfg.write_bytes_max
+            || s.pending_bytes * 2 >= self.cfg.pending_bytes_max
     }
 
     async fn flusher(self: Rc<Self>) {
@@ -540,82 +880,142 @@ impl CommitLog {
                         let _ = self.write_work.wait_for(seen + 1).await;
                     }
                 };
-                let timer = async {
-                    runtime::sleep(self.cfg.unawaited_write_delay).await;
-                };
+                let timer = self.io.sleep(self.cfg.unawaited_write_delay);
                 futures_lite::future::or(due, timer).await;
             }
             let seen = self.write_work.get();
-            match self.take_run() {
-                Some((seg_base, run)) => {
-                    if let Err(e) = self.write_run(seg_base, run).await {
-                        self.fail(e);
-                        return;
-                    }
+            let Some((seg_base, run)) = self.take_run() else {
+                if self.state.borrow().closing {
+                    return;
                 }
-                None if self.state.borrow().closing => return,
-                None => {
-                    let _ = self.write_work.wait_for(seen + 1).await;
+                let _ = self.write_work.wait_for(seen + 1).await;
+                continue;
+            };
+            match self.write_run(seg_base, run).await {
+                Ok(()) => self.write_space_back(),
+                Err(WriteError::NoSpace(f, run, prefix)) => {
+                    self.requeue(f, run, prefix);
+                    self.io.sleep(Duration::from_millis(FULL_RETRY_MS)).await;
+                }
+                Err(WriteError::Failed(f)) => {
+                    self.fail(f);
+                    return;
                 }
             }
         }
     }
 
-    async fn segment_file(&self, base: u64) -> Result<Rc<DmaFile>, LogError> {
-        let capacity = {
-            let s = self.state.borrow();
-            let seg = &s.segments[&base];
-            if let Some(f) = &seg.file {
-                return Ok(f.clone());
-            }
-            seg.info.capacity
-        };
-        let path = segment_path(&self.cfg.dir, base);
-        let file = runtime::open_dma(&path, true)
-            .await
-            .map_err(|e| io_err("create segment", &path, e))?;
-        file.pre_allocate(capacity, false)
-            .await
-            .map_err(|e| io_err("preallocate segment (is the disk full?)", &path, e))?;
-        runtime::sync_dir(&self.cfg.dir)
-            .await
-            .map_err(|e| io_err("sync directory", &self.cfg.dir, e))?;
-        let file = Rc::new(file);
-        self.state
-            .borrow_mut()
-            .segments
-            .get_mut(&base)
-            .expect("segment")
-            .file = Some(file.clone());
-        tracing::debug!(base, capacity, "created segment");
-        Ok(file)
+    /// A write met ENOSPC: its batches go back first in line, appends are
+    /// refused until a retry succeeds.
+    fn requeue(&self, f: IoFailure, run: Vec<(u64, Bytes)>, tail_page: Option<Vec<u8>>) {
+        let mut s = self.state.borrow_mut();
+        for b in run.into_iter().rev() {
+            s.pending.push_front(b);
+        }
+        if let Some(t) = tail_page {
+            s.tail_page = t;
+        }
+        if s.write_full.is_none() {
+            tracing::warn!(
+                shard = self.cfg.shard,
+                "a write met a full disk ({f}); appends get storage_full until it succeeds"
+            );
+        }
+        s.write_full = Some(f);
+        drop(s);
+        bump(&self.admit_changed);
     }
 
-    async fn write_run(&self, seg_base: u64, run: Vec<(u64, Bytes)>) -> Result<(), LogError> {
-        let file = self.segment_file(seg_base).await?;
+    fn write_space_back(&self) {
+        let mut s = self.state.borrow_mut();
+        if s.write_full.take().is_some() {
+            tracing::info!(
+                shard = self.cfg.shard,
+                "the disk has space again: writes resumed"
+            );
+            drop(s);
+            bump(&self.admit_changed);
+        }
+    }
+
+    /// Waits until a write ending at `end` may start: at most
+    /// `unsynced_bytes_max` past the synced position.
+    async fn wait_unsynced_window(&self, end: u64) -> Result<(), IoFailure> {
+        while end > self.synced.get() + self.cfg.unsynced_bytes_max {
+            {
+                let mut s = self.state.borrow_mut();
+                s.sync_wanted = s.sync_wanted.max(self.written.get());
+            }
+            bump(&self.sync_work);
+            if self
+                .synced
+                .wait_for(end - self.cfg.unsynced_bytes_max)
+                .await
+                .is_err()
+            {
+                let f = self.failed();
+                return Err(f.unwrap_or_else(|| {
+                    IoFailure::new("write", &self.cfg.dir, IoKind::Other, "log closed")
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_run(&self, seg_base: u64, run: Vec<(u64, Bytes)>) -> Result<(), WriteError> {
+        let (file, header) = {
+            let s = self.state.borrow();
+            let seg = &s.segments[&seg_base];
+            let header = (!seg.header_written).then(|| {
+                SegmentHeader {
+                    shard: self.cfg.shard,
+                    base: seg.info.base,
+                    prev_end: seg.prev_end,
+                    key: seg.info.key,
+                    created_ms: self.io.now_ms(),
+                    unsynced_bytes_max: self.cfg.unsynced_bytes_max,
+                }
+                .encode_page()
+            });
+            (seg.file.clone(), header)
+        };
         let first = run[0].0;
         let written = self.written.get();
-        let prefix = if first == written {
-            std::mem::take(&mut self.state.borrow_mut().tail_page)
-        } else {
-            // The first write into a freshly rolled segment.
-            assert_eq!(first, seg_base, "gap in the log at {written}..{first}");
-            assert!(written <= seg_base, "log went backwards");
-            Vec::new()
+        let mut taken_tail = None;
+        let prefix = match header {
+            Some(page) => {
+                // The first write into a freshly rolled segment.
+                assert_eq!(
+                    first,
+                    seg_base + SEGMENT_HEADER_BYTES,
+                    "a segment's first batch follows its header page"
+                );
+                assert!(written <= seg_base, "log went backwards");
+                page
+            }
+            None => {
+                assert_eq!(first, written, "gap in the log at {written}..{first}");
+                let t = std::mem::take(&mut self.state.borrow_mut().tail_page);
+                taken_tail = Some(t.clone());
+                t
+            }
         };
-        let start = align_down(first);
+        let start = first - prefix.len() as u64;
         assert_eq!(
-            prefix.len() as u64,
-            first - start,
-            "tail page does not match the write position"
+            align_down(start),
+            start,
+            "write does not start on a page boundary"
         );
         let data_len: u64 = run.iter().map(|(_, b)| b.len() as u64).sum();
         let end = first + data_len;
+        if let Err(f) = self.wait_unsynced_window(end).await {
+            return Err(WriteError::Failed(f));
+        }
         self.wait_zeroing_clear(start, align_up(end)).await;
         let size = align_up(end - start) as usize;
-        let mut buf = runtime::dma_buffer(size);
+        let mut buf = self.io.buffer(size);
         {
-            let out = buf.as_bytes_mut();
+            let out = buf.bytes_mut();
             let mut at = prefix.len();
             out[..at].copy_from_slice(&prefix);
             for (pos, b) in &run {
@@ -623,21 +1023,24 @@ impl CommitLog {
                 out[at..at + b.len()].copy_from_slice(b);
                 at += b.len();
             }
-            out[at..].fill(0);
         }
         let page = align_down(end);
-        let new_tail = buf.as_bytes()[(page - start) as usize..(end - start) as usize].to_vec();
+        let new_tail = buf.bytes()[(page - start) as usize..(end - start) as usize].to_vec();
         let t0 = Instant::now();
-        let n = file
-            .write_at(buf, start - seg_base)
-            .await
-            .map_err(|e| io_err("write", &segment_path(&self.cfg.dir, seg_base), e))?;
+        let n = match file.write_at(buf, start - seg_base).await {
+            Ok(n) => n,
+            Err(f) if f.kind == IoKind::NoSpace => {
+                return Err(WriteError::NoSpace(f, run, taken_tail));
+            }
+            Err(f) => return Err(WriteError::Failed(f)),
+        };
         if n != size {
-            return Err(io_err(
+            return Err(WriteError::Failed(IoFailure::new(
                 "write",
-                &segment_path(&self.cfg.dir, seg_base),
+                file.path(),
+                IoKind::Other,
                 format!("short write of {n} of {size} bytes"),
-            ));
+            )));
         }
         let _ = self
             .write_us
@@ -646,14 +1049,19 @@ impl CommitLog {
         let want_sync = {
             let mut s = self.state.borrow_mut();
             s.tail_page = new_tail;
+            s.pending_bytes -= data_len;
+            if let Some(seg) = s.segments.get_mut(&seg_base) {
+                seg.header_written = true;
+            }
             if !s.dirty.iter().any(|f| Rc::ptr_eq(f, &file)) {
                 s.dirty.push(file);
             }
             s.sync_wanted > self.synced.get()
         };
         self.written.advance(end);
+        bump(&self.admit_changed);
         if want_sync {
-            self.sync_work.advance(self.sync_work.get() + 1);
+            bump(&self.sync_work);
         }
         Ok(())
     }
@@ -662,6 +1070,8 @@ impl CommitLog {
         loop {
             let seen = self.sync_work.get();
             let synced = self.synced.get();
+            // What is written now is what this fdatasync covers: a write
+            // completing while it runs waits for the next one.
             let (wanted, written) = (self.state.borrow().sync_wanted, self.written.get());
             if self.written.is_closed() {
                 return;
@@ -670,9 +1080,10 @@ impl CommitLog {
                 let files = std::mem::take(&mut self.state.borrow_mut().dirty);
                 let t0 = Instant::now();
                 for f in files {
-                    if let Err(e) = f.fdatasync().await {
-                        let path = f.path().map(|p| p.to_path_buf()).unwrap_or_default();
-                        self.fail(io_err("fdatasync", &path, e));
+                    if let Err(e) = f.sync().await {
+                        // Never retried: after a failed fdatasync the data
+                        // is not assumed durable, whatever a retry says.
+                        self.fail(e);
                         return;
                     }
                 }

@@ -1,76 +1,72 @@
-//! Recovery: scan a shard's segments after any stop, keep every valid
-//! batch, cut a torn tail, skip (and report) corruption in the durable part
-//! of the log, and hand back what the indexes need.
-//!
-//! The scan reads through the [`ReadAt`] seam, so tests drive it with
-//! in-memory images and injected faults; the broker drives it with real
-//! files, off the executor (blocking preads), before the shard serves.
+//! Recovery: after any stop, find every genuine batch of a shard's log,
+//! cut only a torn tail, skip (and report, with positions) damaged bytes
+//! anywhere else, and hand back what the log and the indexes need.
 //!
 //! Rules:
-//! - A batch is valid when its header CRC, length and body CRC check and its
-//!   base offset continues its queue.
-//! - An all-zero header ends a segment's data. In a non-last segment that is
-//!   the padding left by a roll.
-//! - An invalid batch (or zeros) below the checkpoint's durable position is
-//!   corruption: the scan looks for the next valid batch in the segment,
-//!   skips the damaged bytes and reports them.
-//! - Anything invalid above the durable position is a torn tail: the log is
-//!   cut there, the rest of the segment zeroed, later segments removed.
+//! - A batch is *genuine* when its header MAC checks under its segment's
+//!   key, its stamped log position is where it lies, and its length, body
+//!   CRC and reserved fields check. A producer's payload can hold any bytes
+//!   but never a genuine batch (it cannot compute the MAC), so the search
+//!   for the next batch after damaged bytes cannot be fooled.
+//! - Where the log was torn or damaged, the scan looks for the next genuine
+//!   batch (in the segment, skipping zero pages fast), which makes a *hole*.
+//! - A hole is a torn tail only if it starts in the last
+//!   `unsynced_bytes_max` of the log: the writer never starts a write past
+//!   `synced + unsynced_bytes_max`, so nothing older can have been lost to a
+//!   crash or a power cut. The checkpoint's synced position and the index
+//!   snapshots, when present, raise that bound; they are never needed. The
+//!   first hole at or past the bound cuts the log there (genuine batches
+//!   after it, never acknowledged at a level that promises them, are
+//!   discarded so every queue stays a prefix of what was sent); holes below
+//!   it are corruption: only their bytes are lost, reported with positions.
+//! - Zeros where batches should be are damage like any other: a segment's
+//!   data ends where the next segment's header says (`prev_end`), so roll
+//!   padding is never confused with lost batches.
+//! - After a cut the torn bytes are overwritten with zeros in place (no
+//!   allocation: recovery works on a full disk) and synced, so no stale
+//!   batch can reappear behind a later, shorter rewrite; later segments are
+//!   removed.
+//! - Index snapshots cover the sealed part of the log: their segments are
+//!   not read (only the last listed batch, to check the snapshot against
+//!   the log), so restart time follows what was written since the last
+//!   snapshot, not the retained log.
+//! - Reads that fail a check are read again before the bytes count as
+//!   damaged (a misdirected or flipped read is not damage on disk).
 
-use crate::batch::{
-    check_stored, check_stored_header, BatchHeader, BATCH_HEADER_BYTES, BATCH_MAGIC,
-};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use super::checkpoint::Checkpoint;
-use super::segment::{list_segments, segment_path, SegmentInfo};
-use super::{align_down, DMA_ALIGNMENT_BYTES};
+use super::checkpoint::{Checkpoint, CheckpointFile, CheckpointState};
+use super::commit_log::OpenSegment;
+use super::index_snapshot::{self, Snapshot};
+use super::io::{Io, IoBuffer, IoFailure, IoFile, IoResult};
+use super::segment::{
+    index_path, parse_file_name, segment_path, SegmentHeader, SegmentInfo, SEGMENT_HEADER_BYTES,
+};
+use super::{align_down, align_up, BatchEntry};
+use crate::batch::{
+    check_stored, check_stored_header, SegmentKey, BATCH_HEADER_BYTES, BATCH_MAGIC,
+};
 
-/// Positional reads of one segment's bytes.
-pub trait ReadAt {
-    /// Fills as much of `buf` as the source holds at `pos`; returns bytes read.
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize>;
+/// Bytes read per call while scanning.
+const READ_WINDOW_BYTES: usize = 1 << 20;
+/// How often a read that fails a check is retried before the bytes count
+/// as damaged.
+const READ_RETRIES: u32 = 2;
+
+/// What recovery needs to know of the writer.
+#[derive(Clone, Debug)]
+pub struct RecoveryConfig {
+    pub dir: PathBuf,
+    pub shard: u16,
+    /// The writer's unsynced window now (segment headers say what it was).
+    pub unsynced_bytes_max: u64,
 }
 
-impl ReadAt for [u8] {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        let pos = (pos as usize).min(self.len());
-        let n = buf.len().min(self.len() - pos);
-        buf[..n].copy_from_slice(&self[pos..pos + n]);
-        Ok(n)
-    }
-}
-
-impl ReadAt for std::fs::File {
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let mut done = 0;
-        while done < buf.len() {
-            match FileExt::read_at(self, &mut buf[done..], pos + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
-    }
-}
-
-/// A batch found by recovery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecoveredBatch {
-    pub position: u64,
-    pub len: u32,
-    pub queue_id: u32,
-    pub base_offset: u64,
-    pub count: u32,
-    pub append_time_ms: i64,
-}
-
-/// A skipped damaged range below the durable position.
+/// A damaged range that was skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorruptRange {
     pub start: u64,
@@ -85,225 +81,38 @@ pub struct TornTail {
     pub reason: String,
 }
 
-/// The scan of one segment.
-#[derive(Debug)]
-pub struct SegmentScan {
-    /// Bytes of the segment holding data (relative to its base).
-    pub used: u64,
-    pub torn: Option<TornTail>,
-    pub corrupt: Vec<CorruptRange>,
-    pub max_append_time_ms: i64,
-}
-
-/// Tracks each queue's next expected offset during a scan.
-#[derive(Default)]
-pub struct OffsetTracker {
-    next: HashMap<u32, u64>,
-    /// Offsets skipped because corrupt batches were dropped.
-    pub gaps: u64,
-}
-
-impl OffsetTracker {
-    /// Whether `h` continues its queue; a gap is allowed only in the
-    /// durable region (where it means a corrupt batch was skipped).
-    fn accept(&mut self, h: &BatchHeader, durable: bool) -> Result<(), String> {
-        match self.next.get(&h.queue_id) {
-            Some(&n) if h.base_offset < n => Err(format!(
-                "queue {} offset {} repeats (expected {n})",
-                h.queue_id, h.base_offset
-            )),
-            Some(&n) if h.base_offset > n && !durable => Err(format!(
-                "queue {} offset {} skips from {n}",
-                h.queue_id, h.base_offset
-            )),
-            Some(&n) => {
-                self.gaps += h.base_offset - n;
-                self.next.insert(h.queue_id, h.next_offset());
-                Ok(())
-            }
-            None => {
-                self.next.insert(h.queue_id, h.next_offset());
-                Ok(())
-            }
-        }
-    }
-}
-
-enum Probe {
-    Valid(BatchHeader),
-    Zero,
-    Invalid(String),
-}
-
-fn probe(src: &(impl ReadAt + ?Sized), at: u64, capacity: u64) -> std::io::Result<Probe> {
-    if at + BATCH_HEADER_BYTES as u64 > capacity {
-        return Ok(Probe::Zero);
-    }
-    let mut head = [0u8; BATCH_HEADER_BYTES];
-    let n = src.read_at(at, &mut head)?;
-    if n < BATCH_HEADER_BYTES {
-        return Ok(Probe::Invalid(format!("short read of {n} header bytes")));
-    }
-    if head.iter().all(|&b| b == 0) {
-        return Ok(Probe::Zero);
-    }
-    let h = match check_stored_header(&head) {
-        Ok(h) => h,
-        Err(e) => return Ok(Probe::Invalid(e.to_string())),
-    };
-    if at + u64::from(h.batch_len) > capacity {
-        return Ok(Probe::Invalid(format!(
-            "batch of {} bytes runs past the segment end",
-            h.batch_len
-        )));
-    }
-    let mut whole = vec![0u8; h.batch_len as usize];
-    let n = src.read_at(at, &mut whole)?;
-    if n < whole.len() {
-        return Ok(Probe::Invalid(format!("batch truncated at {n} bytes")));
-    }
-    Ok(match check_stored(&whole) {
-        Ok(h) => Probe::Valid(h),
-        Err(e) => Probe::Invalid(e.to_string()),
-    })
-}
-
-/// Finds the next position after `from` in the segment where a valid batch
-/// starts (looking for the magic, then checking both CRCs).
-fn find_next_valid(
-    src: &(impl ReadAt + ?Sized),
-    from: u64,
-    capacity: u64,
-) -> std::io::Result<Option<u64>> {
-    const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK];
-    let magic = BATCH_MAGIC.to_le_bytes();
-    let mut at = from + 1;
-    while at + (BATCH_HEADER_BYTES as u64) <= capacity {
-        let n = src.read_at(at, &mut buf)?;
-        if n < BATCH_HEADER_BYTES {
-            return Ok(None);
-        }
-        for i in 0..=n - BATCH_HEADER_BYTES {
-            if buf[i + 8..i + 10] == magic {
-                if let Probe::Valid(_) = probe(src, at + i as u64, capacity)? {
-                    return Ok(Some(at + i as u64));
-                }
-            }
-        }
-        at += (n - BATCH_HEADER_BYTES + 1) as u64;
-    }
-    Ok(None)
-}
-
-/// Scans one segment. `durable_end` is the checkpoint's synced position
-/// (absolute); `is_last` says no later segment exists. `found` receives each
-/// valid batch in log order.
-pub fn scan_segment(
-    src: &(impl ReadAt + ?Sized),
-    base: u64,
-    capacity: u64,
-    durable_end: u64,
-    is_last: bool,
-    offsets: &mut OffsetTracker,
-    found: &mut dyn FnMut(RecoveredBatch),
-) -> std::io::Result<SegmentScan> {
-    let mut scan = SegmentScan {
-        used: 0,
-        torn: None,
-        corrupt: Vec::new(),
-        max_append_time_ms: 0,
-    };
-    let mut at = 0u64;
-    loop {
-        let durable = base + at < durable_end;
-        let reason = match probe(src, at, capacity)? {
-            Probe::Valid(h) if h.log_position != base + at => format!(
-                "batch stamped for position {} found at {}",
-                h.log_position,
-                base + at
-            ),
-            Probe::Valid(h) => match offsets.accept(&h, durable) {
-                Ok(()) => {
-                    found(RecoveredBatch {
-                        position: base + at,
-                        len: h.batch_len,
-                        queue_id: h.queue_id,
-                        base_offset: h.base_offset,
-                        count: h.record_count,
-                        append_time_ms: h.append_time_ms,
-                    });
-                    scan.max_append_time_ms = scan.max_append_time_ms.max(h.append_time_ms);
-                    at += u64::from(h.batch_len);
-                    scan.used = at;
-                    continue;
-                }
-                Err(reason) => reason,
-            },
-            Probe::Zero if !durable || !is_last => break,
-            Probe::Zero => "zeroed bytes inside the durable part of the log".to_owned(),
-            Probe::Invalid(reason) => reason,
-        };
-        if durable {
-            if let Some(next) = find_next_valid(src, at, capacity)? {
-                scan.corrupt.push(CorruptRange {
-                    start: base + at,
-                    end: base + next,
-                    reason,
-                });
-                at = next;
-                continue;
-            }
-        }
-        if is_last || !durable {
-            scan.torn = Some(TornTail {
-                position: base + at,
-                reason,
-            });
-        } else {
-            scan.corrupt.push(CorruptRange {
-                start: base + at,
-                end: base + capacity,
-                reason,
-            });
-        }
-        break;
-    }
-    Ok(scan)
-}
-
-/// Everything recovery found in a shard directory.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub segments: Vec<SegmentInfo>,
-    pub batches: Vec<RecoveredBatch>,
-    /// End of valid data: where the next append goes.
-    pub end_position: u64,
-    /// Bytes of the last segment in `[align_down(end), end)`, for the writer.
-    pub tail_page: Vec<u8>,
-    pub checkpoint: Checkpoint,
-    pub report: RecoveryReport,
-}
-
 /// What recovery did, for the one log line.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RecoveryReport {
     pub segments: usize,
     pub batches: u64,
     pub messages: u64,
+    /// Batches taken from index snapshots instead of a scan.
+    pub snapshot_batches: u64,
+    /// Log bytes read by the scan.
+    pub scanned_bytes: u64,
     pub torn: Option<TornTail>,
     pub corrupt: Vec<CorruptRange>,
-    pub removed_segments: Vec<u64>,
+    /// Genuine batches after the cut, dropped so queues stay prefixes.
+    pub discarded_batches: u64,
+    pub removed_segments: Vec<(u64, &'static str)>,
+    /// Segments kept whose header page is damaged (their batches are lost).
+    pub unreadable_segments: Vec<u64>,
     pub offset_gaps: u64,
-    pub checkpoint_damaged: bool,
+    pub checkpoint: Option<CheckpointState>,
+    /// The log ends before the checkpoint's synced position: synced data
+    /// was lost (a device that did not keep what it acknowledged).
+    pub synced_lost: Option<(u64, u64)>,
+    pub snapshots_distrusted: Vec<u64>,
+    pub retried_reads: u64,
 }
 
 impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} segments, {} batches, {} messages",
-            self.segments, self.batches, self.messages
+            "{} segments, {} batches, {} messages ({} from index snapshots, {} bytes scanned)",
+            self.segments, self.batches, self.messages, self.snapshot_batches, self.scanned_bytes
         )?;
         match &self.torn {
             Some(t) => write!(
@@ -312,6 +121,13 @@ impl fmt::Display for RecoveryReport {
                 t.position, t.reason
             )?,
             None => write!(f, "; clean tail")?,
+        }
+        if self.discarded_batches > 0 {
+            write!(
+                f,
+                "; discarded {} unsynced batches after the cut",
+                self.discarded_batches
+            )?;
         }
         for c in &self.corrupt {
             write!(
@@ -323,149 +139,796 @@ impl fmt::Display for RecoveryReport {
         if self.offset_gaps > 0 {
             write!(f, "; {} messages lost to corruption", self.offset_gaps)?;
         }
-        if !self.removed_segments.is_empty() {
+        for (base, why) in &self.removed_segments {
+            write!(f, "; removed segment {base} ({why})")?;
+        }
+        for base in &self.unreadable_segments {
+            write!(f, "; SEGMENT {base} UNREADABLE (header page damaged)")?;
+        }
+        if let Some((end, synced)) = self.synced_lost {
             write!(
                 f,
-                "; removed segments after the tail {:?}",
-                self.removed_segments
+                "; SYNCED DATA LOST: the log ends at {end} but {synced} was synced"
             )?;
         }
-        if self.checkpoint_damaged {
-            write!(f, "; checkpoint damaged, treated whole log as tail")?;
+        for base in &self.snapshots_distrusted {
+            write!(
+                f,
+                "; index snapshot of segment {base} did not match the log, rescanned"
+            )?;
+        }
+        match self.checkpoint {
+            Some(CheckpointState::Missing) => write!(f, "; no checkpoint")?,
+            Some(CheckpointState::Damaged) => write!(f, "; checkpoint damaged (not needed)")?,
+            Some(CheckpointState::OneSlotDamaged) => {
+                write!(f, "; one checkpoint slot damaged, the other used")?
+            }
+            _ => {}
+        }
+        if self.retried_reads > 0 {
+            write!(
+                f,
+                "; {} reads retried after a failed check",
+                self.retried_reads
+            )?;
         }
         Ok(())
     }
 }
 
 /// Why recovery could not run.
-#[derive(Debug, thiserror::Error)]
-#[error("recovery of {path}: {op}: {source}")]
-pub struct RecoveryError {
-    pub path: String,
-    pub op: &'static str,
-    pub source: std::io::Error,
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("recovery: {0}")]
+pub struct RecoveryError(#[from] pub IoFailure);
+
+/// The index snapshot state of one recovered segment, for the writer of
+/// later snapshot blocks.
+pub struct SnapshotState<F> {
+    pub base: u64,
+    /// The open `.idx` file and where its next block goes (`None`: none yet).
+    pub file: Option<(Rc<F>, u64)>,
+    /// Every batch below this is in the snapshot file.
+    pub covered_end: u64,
+    pub sealed: bool,
 }
 
-/// Recovers the shard directory `dir` (blocking I/O: run off the executor).
-pub fn recover_dir(dir: &Path) -> Result<Recovered, RecoveryError> {
-    let err = |op: &'static str, p: &Path| {
-        let path = p.display().to_string();
-        move |source| RecoveryError { path, op, source }
-    };
-    std::fs::create_dir_all(dir).map_err(err("create directory", dir))?;
-    let (checkpoint, damaged) = Checkpoint::load(dir);
-    let bases = list_segments(dir).map_err(err("list segments", dir))?;
-    let mut out = Recovered {
-        checkpoint,
-        ..Recovered::default()
-    };
-    out.report.checkpoint_damaged = damaged;
-    let mut offsets = OffsetTracker::default();
-    let mut cut_at: Option<usize> = None;
-    for (i, &base) in bases.iter().enumerate() {
-        let path = segment_path(dir, base);
-        let file = std::fs::File::open(&path).map_err(err("open segment", &path))?;
-        let capacity = file.metadata().map_err(err("stat segment", &path))?.len();
-        let capacity = align_down(capacity);
-        if capacity == 0 {
-            // Created but never preallocated: a crash during a roll.
-            cut_at = Some(i);
-            break;
-        }
-        let is_last = i + 1 == bases.len();
-        let batches = &mut out.batches;
-        let scan = scan_segment(
-            &file,
-            base,
-            capacity,
-            out.checkpoint.synced_position,
-            is_last,
-            &mut offsets,
-            &mut |b| batches.push(b),
-        )
-        .map_err(err("read segment", &path))?;
-        // Written-level data may sit in the device cache: make all of it
-        // durable before the log reports it as synced.
-        file.sync_data().map_err(err("sync segment", &path))?;
-        out.segments.push(SegmentInfo {
-            base,
-            capacity,
-            used: scan.used,
-            max_append_time_ms: scan.max_append_time_ms,
-        });
-        out.report.corrupt.extend(scan.corrupt);
-        if let Some(torn) = scan.torn {
-            out.report.torn = Some(torn);
-            cut_at = Some(i + 1);
-            break;
-        }
-    }
-    if let Some(keep) = cut_at {
-        for &base in &bases[keep..] {
-            let path = segment_path(dir, base);
-            std::fs::remove_file(&path).map_err(err("remove segment", &path))?;
-            out.report.removed_segments.push(base);
-        }
-    }
-    if let Some(last) = out.segments.last() {
-        let path = segment_path(dir, last.base);
-        out.end_position = last.base + last.used;
-        out.tail_page = zero_after(&path, last.used).map_err(err("zero tail", &path))?;
-    }
-    out.report.segments = out.segments.len();
-    out.report.batches = out.batches.len() as u64;
-    out.report.messages = out.batches.iter().map(|b| u64::from(b.count)).sum();
-    out.report.offset_gaps = offsets.gaps;
-    Ok(out)
+/// Everything recovery found in a shard directory.
+pub struct Recovered<I: Io> {
+    pub segments: Vec<OpenSegment<I::File>>,
+    /// Every genuine batch, in log order.
+    pub batches: Vec<BatchEntry>,
+    /// End of valid data: where the next append goes.
+    pub end_position: u64,
+    /// Bytes of the last segment in `[align_down(end), end)`, for the writer.
+    pub tail_page: Vec<u8>,
+    pub checkpoint: Checkpoint,
+    pub checkpoint_file: CheckpointFile<I>,
+    pub snapshots: Vec<SnapshotState<I::File>>,
+    pub report: RecoveryReport,
 }
 
-/// Zeroes a segment from `used` to its end (so stale or torn bytes are never
-/// read again), syncs it, and returns the bytes of its last partial page.
-fn zero_after(path: &Path, used: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let len = file.metadata()?.len();
-    let page = align_down(used);
-    let mut tail = vec![0u8; (used - page) as usize];
-    ReadAt::read_at(&file, page, &mut tail)?;
-    let zero_from = page + DMA_ALIGNMENT_BYTES;
-    // Zero the rest of the partial page by hand, whole pages by fallocate
-    // (which keeps the blocks allocated, so appends stay in place).
-    if used < len {
-        let partial = zero_from.min(len) - used;
-        file.write_all_at(&vec![0u8; partial as usize], used)?;
+/// Positional reads of one segment through a window, re-reading once a
+/// check failed.
+struct Reader<'a, F: IoFile> {
+    file: &'a F,
+    capacity: u64,
+    window_at: u64,
+    window: Bytes,
+    scanned: u64,
+    retried: u64,
+}
+
+impl<'a, F: IoFile> Reader<'a, F> {
+    fn new(file: &'a F, capacity: u64) -> Self {
+        Reader {
+            file,
+            capacity,
+            window_at: 0,
+            window: Bytes::new(),
+            scanned: 0,
+            retried: 0,
+        }
     }
-    if zero_from < len {
-        // SAFETY: plain fallocate on a file descriptor we own.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_ZERO_RANGE,
-                zero_from as i64,
-                (len - zero_from) as i64,
-            )
+
+    /// Up to `len` bytes at `at` (relative to the segment).
+    async fn get(&mut self, at: u64, len: usize) -> IoResult<Bytes> {
+        let end = (at + len as u64).min(self.capacity);
+        if at >= self.window_at && end <= self.window_at + self.window.len() as u64 {
+            let from = (at - self.window_at) as usize;
+            return Ok(self.window.slice(from..from + (end - at) as usize));
+        }
+        let want = len
+            .max(READ_WINDOW_BYTES)
+            .min((self.capacity - at) as usize);
+        self.window = self.file.read_at(at, want).await?;
+        self.window_at = at;
+        self.scanned += self.window.len() as u64;
+        Ok(self
+            .window
+            .slice(..(self.window.len()).min((end - at) as usize)))
+    }
+
+    fn forget(&mut self) {
+        self.window = Bytes::new();
+        self.retried += 1;
+    }
+}
+
+enum Probe {
+    Genuine(BatchEntry),
+    /// The header bytes are all zero.
+    Zero,
+    Invalid(String),
+}
+
+/// Whether a genuine batch starts at `at` (relative), checked against
+/// `limit` (relative end of where batches may lie).
+async fn probe_once<F: IoFile>(
+    r: &mut Reader<'_, F>,
+    base: u64,
+    key: &SegmentKey,
+    at: u64,
+    limit: u64,
+) -> IoResult<Probe> {
+    if at + BATCH_HEADER_BYTES as u64 > limit {
+        return Ok(Probe::Invalid("no room for a batch header".into()));
+    }
+    let head = r.get(at, BATCH_HEADER_BYTES).await?;
+    if head.len() < BATCH_HEADER_BYTES {
+        return Ok(Probe::Invalid("short read".into()));
+    }
+    if head.iter().all(|&b| b == 0) {
+        return Ok(Probe::Zero);
+    }
+    let h = match check_stored_header(&head, key) {
+        Ok(h) => h,
+        Err(e) => return Ok(Probe::Invalid(e.to_string())),
+    };
+    if h.log_position != base + at {
+        return Ok(Probe::Invalid(format!(
+            "batch stamped for position {} found at {}",
+            h.log_position,
+            base + at
+        )));
+    }
+    if at + u64::from(h.batch_len) > limit {
+        return Ok(Probe::Invalid(format!(
+            "batch of {} bytes runs past the segment's data",
+            h.batch_len
+        )));
+    }
+    let whole = r.get(at, h.batch_len as usize).await?;
+    if whole.len() < h.batch_len as usize {
+        return Ok(Probe::Invalid("short read".into()));
+    }
+    Ok(match check_stored(&whole, key) {
+        Ok(h) => Probe::Genuine(BatchEntry {
+            position: base + at,
+            len: h.batch_len,
+            queue_id: h.queue_id,
+            base_offset: h.base_offset,
+            count: h.record_count,
+            append_time_ms: h.append_time_ms,
+        }),
+        Err(e) => Probe::Invalid(e.to_string()),
+    })
+}
+
+/// [`probe_once`], re-reading before bytes count as damaged.
+async fn probe<F: IoFile>(
+    r: &mut Reader<'_, F>,
+    base: u64,
+    key: &SegmentKey,
+    at: u64,
+    limit: u64,
+) -> IoResult<Probe> {
+    let mut p = probe_once(r, base, key, at, limit).await?;
+    for _ in 0..READ_RETRIES {
+        if !matches!(p, Probe::Invalid(_)) {
+            break;
+        }
+        r.forget();
+        p = probe_once(r, base, key, at, limit).await?;
+    }
+    Ok(p)
+}
+
+/// The next genuine batch after `from` (relative) and below `limit`; also
+/// the end of the last non-zero page seen (torn bytes to clear).
+async fn find_next_genuine<F: IoFile>(
+    r: &mut Reader<'_, F>,
+    base: u64,
+    key: &SegmentKey,
+    from: u64,
+    limit: u64,
+) -> IoResult<(Option<BatchEntry>, u64)> {
+    let magic = BATCH_MAGIC.to_le_bytes();
+    let finder = memchr::memmem::Finder::new(&magic);
+    let mut nonzero_end = 0u64;
+    let mut at = from + 1;
+    while at + BATCH_HEADER_BYTES as u64 <= limit {
+        let chunk = r.get(at, READ_WINDOW_BYTES).await?;
+        if chunk.len() < BATCH_HEADER_BYTES {
+            break;
+        }
+        if let Some(last) = last_nonzero(&chunk) {
+            nonzero_end = at + last as u64 + 1;
+        }
+        let mut i = 0;
+        while let Some(j) = finder.find(&chunk[i..]) {
+            let m = i + j;
+            i = m + 1;
+            // The magic sits at byte 8 of a header.
+            let Some(cand) = (at + m as u64).checked_sub(8).filter(|&c| c > from) else {
+                continue;
+            };
+            // `chunk` holds its bytes even when `probe` moves the window.
+            if let Probe::Genuine(e) = probe(r, base, key, cand, limit).await? {
+                return Ok((Some(e), nonzero_end));
+            }
+        }
+        at += (chunk.len() - BATCH_HEADER_BYTES + 1) as u64;
+    }
+    Ok((None, nonzero_end))
+}
+
+/// Index of the last non-zero byte (word at a time: segments are mostly
+/// zeros past their data).
+fn last_nonzero(b: &[u8]) -> Option<usize> {
+    // SAFETY: every bit pattern is a valid u64.
+    let (head, words, tail) = unsafe { b.align_to::<u64>() };
+    if let Some(i) = tail.iter().rposition(|&x| x != 0) {
+        return Some(head.len() + words.len() * 8 + i);
+    }
+    if let Some(w) = words.iter().rposition(|&x| x != 0) {
+        let at = head.len() + w * 8;
+        return b[at..at + 8].iter().rposition(|&x| x != 0).map(|i| at + i);
+    }
+    head.iter().rposition(|&x| x != 0)
+}
+
+/// One segment's scan.
+#[derive(Default)]
+struct SegmentScan {
+    found: Vec<Found>,
+    /// End of the last bytes that are not zero (absolute).
+    nonzero_end: u64,
+}
+
+enum Found {
+    Batch(BatchEntry),
+    /// Damaged bytes `[start, end)` followed by more genuine batches (or by
+    /// the segment's known data end).
+    Hole {
+        start: u64,
+        end: u64,
+        reason: String,
+    },
+    /// No genuine batch at or after `start`: the end of the segment's data.
+    /// `torn`: the bytes there are not zeros.
+    End {
+        start: u64,
+        torn: Option<String>,
+    },
+}
+
+/// Scans `[from, limit)` of one segment (relative). `known_end`: the data
+/// end is known (next segment's header, sealed snapshot), so zeros before
+/// it are damage; otherwise zeros end the data.
+#[allow(clippy::too_many_arguments)]
+async fn scan_segment<F: IoFile>(
+    r: &mut Reader<'_, F>,
+    base: u64,
+    key: &SegmentKey,
+    from: u64,
+    limit: u64,
+    known_end: bool,
+    is_last: bool,
+    clean_end: Option<u64>,
+) -> IoResult<SegmentScan> {
+    let mut scan = SegmentScan {
+        nonzero_end: base + from,
+        ..SegmentScan::default()
+    };
+    let mut at = from;
+    while at < limit {
+        if limit - at < BATCH_HEADER_BYTES as u64 {
+            // No room for another batch: zeros are the segment's end.
+            let rest = r.get(at, (limit - at) as usize).await?;
+            let zeros = rest.iter().all(|&b| b == 0);
+            scan.found.push(match (zeros, known_end) {
+                (true, false) => Found::End {
+                    start: base + at,
+                    torn: None,
+                },
+                (_, true) => Found::Hole {
+                    start: base + at,
+                    end: base + limit,
+                    reason: "bytes before the segment's known end hold no batch".into(),
+                },
+                (false, false) => Found::End {
+                    start: base + at,
+                    torn: Some("torn bytes after the last batch".into()),
+                },
+            });
+            return Ok(scan);
+        }
+        let reason = match probe(r, base, key, at, limit).await? {
+            Probe::Genuine(e) => {
+                at += u64::from(e.len);
+                scan.nonzero_end = scan.nonzero_end.max(e.end());
+                scan.found.push(Found::Batch(e));
+                continue;
+            }
+            Probe::Zero if clean_end == Some(base + at) => {
+                // A clean stop ended the log exactly here.
+                scan.found.push(Found::End {
+                    start: base + at,
+                    torn: None,
+                });
+                return Ok(scan);
+            }
+            Probe::Zero if !known_end && !is_last => {
+                // Roll padding (the next segment does not say where this
+                // one's data ended).
+                scan.found.push(Found::End {
+                    start: base + at,
+                    torn: None,
+                });
+                return Ok(scan);
+            }
+            Probe::Zero => None,
+            Probe::Invalid(reason) => Some(reason),
         };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            // Some filesystems lack ZERO_RANGE: write zeros instead.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(e);
+        let (next, nonzero) = find_next_genuine(r, base, key, at, limit).await?;
+        scan.nonzero_end = scan.nonzero_end.max(base + nonzero.min(limit));
+        match next {
+            Some(e) => {
+                scan.found.push(Found::Hole {
+                    start: base + at,
+                    end: e.position,
+                    reason: reason.unwrap_or_else(|| "zeros where batches should be".into()),
+                });
+                at = e.position - base;
             }
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = zero_from;
-            while at < len {
-                let n = (len - at).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
+            None if known_end => {
+                scan.found.push(Found::Hole {
+                    start: base + at,
+                    end: base + limit,
+                    reason: reason.unwrap_or_else(|| "zeros where batches should be".into()),
+                });
+                return Ok(scan);
+            }
+            None => {
+                let torn = reason.or_else(|| {
+                    (nonzero > at).then(|| "torn bytes after the last batch".to_owned())
+                });
+                scan.found.push(Found::End {
+                    start: base + at,
+                    torn,
+                });
+                return Ok(scan);
             }
         }
     }
-    file.sync_data()?;
-    Ok(tail)
+    scan.found.push(Found::End {
+        start: base + limit,
+        torn: None,
+    });
+    Ok(scan)
+}
+
+/// A segment file found on disk.
+struct SegmentFile<F> {
+    base: u64,
+    file: Rc<F>,
+    capacity: u64,
+    header: Option<SegmentHeader>,
+    snapshot: Option<(Rc<F>, Snapshot)>,
+}
+
+/// Tracks each queue's next expected offset over batches in log order.
+#[derive(Default)]
+struct OffsetTracker {
+    next: HashMap<u32, u64>,
+    gaps: u64,
+}
+
+impl OffsetTracker {
+    /// Whether `e` continues its queue (a gap is counted as lost messages;
+    /// an offset that repeats is refused).
+    fn accept(&mut self, e: &BatchEntry) -> Result<(), String> {
+        match self.next.get(&e.queue_id) {
+            Some(&n) if e.base_offset < n => Err(format!(
+                "queue {} offset {} repeats (expected {n})",
+                e.queue_id, e.base_offset
+            )),
+            Some(&n) => {
+                self.gaps += e.base_offset - n;
+                self.next.insert(e.queue_id, e.next_offset());
+                Ok(())
+            }
+            None => {
+                self.next.insert(e.queue_id, e.next_offset());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Recovers the shard directory of `cfg`.
+pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>, RecoveryError> {
+    let dir = &cfg.dir;
+    io.create_dir_all(dir).await?;
+    let (checkpoint_file, checkpoint, cp_state) = CheckpointFile::load(io, dir).await;
+    let mut report = RecoveryReport {
+        checkpoint: Some(cp_state),
+        ..RecoveryReport::default()
+    };
+    let mut files = open_segments(io, dir, &mut report).await?;
+    let clean_end = checkpoint.as_ref().and_then(|c| c.clean_end);
+    let synced_claim = checkpoint.as_ref().map_or(0, |c| c.synced_position);
+
+    // Scan every segment (from its snapshot's end when it has one).
+    let mut scans: Vec<SegmentScan> = Vec::with_capacity(files.len());
+    let mut snap_end = 0u64;
+    let mut u = cfg.unsynced_bytes_max;
+    for i in 0..files.len() {
+        let next_prev_end = files
+            .get(i + 1)
+            .and_then(|n| n.header)
+            .map(|h| h.prev_end)
+            .filter(|&p| p > files[i].base && p <= files[i].base + files[i].capacity);
+        let seg = &files[i];
+        let Some(header) = seg.header else {
+            scans.push(SegmentScan::default());
+            continue;
+        };
+        if i + 2 >= files.len() {
+            u = u.max(header.unsynced_bytes_max);
+        }
+        let mut r = Reader::new(&*seg.file, seg.capacity);
+        let mut scan = SegmentScan::default();
+        let mut from = SEGMENT_HEADER_BYTES;
+        let mut known_end = next_prev_end;
+        if let Some((_, snap)) = &seg.snapshot {
+            let trusted = match snap.entries.last() {
+                Some(last) => matches!(
+                    probe(&mut r, seg.base, &header.key, last.position - seg.base, seg.capacity)
+                        .await?,
+                    Probe::Genuine(e) if e == *last
+                ),
+                None => true,
+            };
+            if trusted && snap.covered_end >= seg.base + SEGMENT_HEADER_BYTES {
+                report.snapshot_batches += snap.entries.len() as u64;
+                scan.found
+                    .extend(snap.entries.iter().copied().map(Found::Batch));
+                from = snap.covered_end - seg.base;
+                snap_end = snap_end.max(snap.covered_end);
+                if snap.sealed {
+                    known_end = Some(snap.covered_end);
+                }
+            } else {
+                report.snapshots_distrusted.push(seg.base);
+            }
+        }
+        let limit = known_end.map_or(seg.capacity, |e| e - seg.base);
+        let is_last = i + 1 == files.len();
+        let rest = scan_segment(
+            &mut r,
+            seg.base,
+            &header.key,
+            from,
+            limit,
+            known_end.is_some(),
+            is_last,
+            clean_end,
+        )
+        .await?;
+        scan.found.extend(rest.found);
+        scan.nonzero_end = rest.nonzero_end;
+        report.scanned_bytes += r.scanned;
+        report.retried_reads += r.retried;
+        scans.push(scan);
+    }
+
+    // Where can a crash have torn the log? Only in the last unsynced window.
+    let lve = scans
+        .iter()
+        .flat_map(|s| s.found.iter())
+        .filter_map(|f| match f {
+            Found::Batch(e) => Some(e.end()),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let durable = synced_claim.max(lve.saturating_sub(u)).max(snap_end);
+    if synced_claim > lve && lve > 0 {
+        report.synced_lost = Some((lve, synced_claim));
+    }
+
+    let mut out_batches = Vec::new();
+    let mut offsets = OffsetTracker::default();
+    let mut cut: Option<(usize, u64, String)> = None;
+    'segments: for (i, scan) in scans.iter().enumerate() {
+        for f in &scan.found {
+            match f {
+                Found::Batch(e) => match offsets.accept(e) {
+                    Ok(()) => out_batches.push(*e),
+                    Err(reason) if e.position < durable => report.corrupt.push(CorruptRange {
+                        start: e.position,
+                        end: e.end(),
+                        reason,
+                    }),
+                    Err(reason) => {
+                        cut = Some((i, e.position, reason));
+                        break 'segments;
+                    }
+                },
+                Found::Hole { start, end, reason } if *start < durable => {
+                    report.corrupt.push(CorruptRange {
+                        start: *start,
+                        end: *end,
+                        reason: reason.clone(),
+                    })
+                }
+                Found::Hole { start, reason, .. } => {
+                    cut = Some((i, *start, reason.clone()));
+                    break 'segments;
+                }
+                Found::End {
+                    start,
+                    torn: Some(reason),
+                } if i + 1 < scans.len() && *start < durable => report.corrupt.push(CorruptRange {
+                    start: *start,
+                    end: files[i].base + files[i].capacity,
+                    reason: reason.clone(),
+                }),
+                Found::End {
+                    start,
+                    torn: Some(reason),
+                } => {
+                    cut = Some((i, *start, reason.clone()));
+                    break 'segments;
+                }
+                Found::End { torn: None, .. } => {}
+            }
+        }
+    }
+    report.offset_gaps = offsets.gaps;
+
+    // Apply a cut: later segments go, torn bytes are zeroed in place.
+    let mut keep = files.len();
+    if let Some((i, position, reason)) = cut {
+        report.discarded_batches = scans[i..]
+            .iter()
+            .flat_map(|s| s.found.iter())
+            .filter(|f| matches!(f, Found::Batch(e) if e.position >= position))
+            .count() as u64;
+        let seg = &files[i];
+        let clear_to = scans[i]
+            .nonzero_end
+            .max(position)
+            .min(seg.base + seg.capacity);
+        zero_range(io, &*seg.file, seg.base, position, clear_to).await?;
+        report.torn = Some(TornTail { position, reason });
+        keep = i + 1;
+    }
+    for seg in files.drain(keep..) {
+        remove_segment(io, dir, seg.base).await?;
+        report
+            .removed_segments
+            .push((seg.base, "after the torn tail"));
+    }
+    if keep < scans.len() {
+        scans.truncate(keep);
+    }
+
+    // Every kept segment that was scanned may hold data written but not
+    // synced before the stop: make it durable before it counts as synced.
+    let mut segments = Vec::with_capacity(files.len());
+    let mut snapshots = Vec::new();
+    for (seg, scan) in files.into_iter().zip(&scans) {
+        let Some(header) = seg.header else {
+            report.unreadable_segments.push(seg.base);
+            segments.push(OpenSegment {
+                info: SegmentInfo {
+                    base: seg.base,
+                    capacity: seg.capacity,
+                    used: seg.capacity,
+                    max_append_time_ms: 0,
+                    key: SegmentKey([0; 16]),
+                },
+                file: seg.file,
+                sealed: true,
+            });
+            continue;
+        };
+        let mine =
+            &out_batches[..out_batches.partition_point(|e| e.position < seg.base + seg.capacity)];
+        let mine = &mine[mine.partition_point(|e| e.position < seg.base)..];
+        let used = mine
+            .last()
+            .map_or(SEGMENT_HEADER_BYTES, |e| e.end() - seg.base);
+        let max_ms = mine.iter().map(|e| e.append_time_ms).max().unwrap_or(0);
+        let sealed = seg.snapshot.as_ref().is_some_and(|(_, s)| s.sealed);
+        if !sealed && !scan.found.is_empty() {
+            seg.file.sync().await?;
+        }
+        snapshots.push(match &seg.snapshot {
+            Some((f, s)) if !report.snapshots_distrusted.contains(&seg.base) => SnapshotState {
+                base: seg.base,
+                file: Some((f.clone(), s.file_len)),
+                covered_end: s.covered_end,
+                sealed: s.sealed,
+            },
+            _ => SnapshotState {
+                base: seg.base,
+                file: None,
+                covered_end: seg.base + SEGMENT_HEADER_BYTES,
+                sealed: false,
+            },
+        });
+        segments.push(OpenSegment {
+            info: SegmentInfo {
+                base: seg.base,
+                capacity: seg.capacity,
+                used,
+                max_append_time_ms: max_ms,
+                key: header.key,
+            },
+            file: seg.file,
+            sealed,
+        });
+    }
+    for s in &snapshots {
+        if s.file.is_none() {
+            // A distrusted or missing snapshot starts again from scratch.
+            let _ = io.remove(&index_path(dir, s.base)).await;
+        }
+    }
+
+    let (end_position, tail_page) = match segments.last() {
+        Some(last) => {
+            let end = last.info.data_end();
+            let page = align_down(end);
+            let tail = if end > page {
+                last.file
+                    .read_at(page - last.info.base, (end - page) as usize)
+                    .await?
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
+            if tail.len() as u64 != end - page {
+                return Err(RecoveryError(IoFailure::new(
+                    "read tail page",
+                    &segment_path(dir, last.info.base),
+                    super::io::IoKind::Other,
+                    "short read",
+                )));
+            }
+            (end, tail)
+        }
+        None => (0, Vec::new()),
+    };
+    report.segments = segments.len();
+    report.batches = out_batches.len() as u64;
+    report.messages = out_batches.iter().map(|b| u64::from(b.count)).sum();
+    Ok(Recovered {
+        segments,
+        batches: out_batches,
+        end_position,
+        tail_page,
+        checkpoint: checkpoint.unwrap_or_default(),
+        checkpoint_file,
+        snapshots,
+        report,
+    })
+}
+
+/// Opens every segment of `dir` with its header and snapshot; removes
+/// never-used segment files (an all-zero header page: prepared ahead, or
+/// crashed during creation) at the end, and stray temp files.
+async fn open_segments<I: Io>(
+    io: &I,
+    dir: &Path,
+    report: &mut RecoveryReport,
+) -> Result<Vec<SegmentFile<I::File>>, RecoveryError> {
+    let names = io.list_dir(dir).await?;
+    let mut bases: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_file_name(n, "log"))
+        .collect();
+    bases.sort_unstable();
+    for n in &names {
+        if n.ends_with(".tmp") {
+            let _ = io.remove(&dir.join(n)).await;
+        }
+        if let Some(b) = parse_file_name(n, "idx") {
+            if bases.binary_search(&b).is_err() {
+                let _ = io.remove(&dir.join(n)).await;
+            }
+        }
+    }
+    let mut files = Vec::with_capacity(bases.len());
+    for &base in &bases {
+        let path = segment_path(dir, base);
+        let file = io.open(&path).await?;
+        let capacity = align_down(file.size().await?);
+        let page = if capacity >= SEGMENT_HEADER_BYTES {
+            file.read_at(0, SEGMENT_HEADER_BYTES as usize).await?
+        } else {
+            Bytes::new()
+        };
+        let header = SegmentHeader::decode_page(&page).filter(|h| h.base == base);
+        let snapshot = match header {
+            Some(_) => index_snapshot::load(io, &index_path(dir, base))
+                .await
+                .map(|(f, s)| (Rc::new(f), s))
+                .filter(|(_, s)| s.covered_end <= base + capacity),
+            None => None,
+        };
+        files.push(SegmentFile {
+            base,
+            file: Rc::new(file),
+            capacity,
+            header,
+            snapshot,
+        });
+    }
+    // Never-used files at the end (a prepared next segment, a creation cut
+    // short): no header was ever written, so they hold no data.
+    while let Some(last) = files.last() {
+        let unused = last.capacity < SEGMENT_HEADER_BYTES
+            || (last.header.is_none() && {
+                let page = last.file.read_at(0, SEGMENT_HEADER_BYTES as usize).await?;
+                page.iter().all(|&b| b == 0)
+            });
+        if !unused {
+            break;
+        }
+        let seg = files.pop().expect("last");
+        drop(seg.file);
+        remove_segment(io, dir, seg.base).await?;
+        report
+            .removed_segments
+            .push((seg.base, "prepared, never written"));
+    }
+    Ok(files)
+}
+
+async fn remove_segment<I: Io>(io: &I, dir: &Path, base: u64) -> IoResult<()> {
+    io.remove(&segment_path(dir, base)).await?;
+    let _ = io.remove(&index_path(dir, base)).await;
+    io.sync_dir(dir).await
+}
+
+/// Overwrites `[from, to)` (absolute) of a segment with zeros, keeping the
+/// bytes before `from` in its page, and syncs it. In place: no allocation.
+async fn zero_range<I: Io>(io: &I, file: &I::File, base: u64, from: u64, to: u64) -> IoResult<()> {
+    if to <= from {
+        return Ok(());
+    }
+    let page = align_down(from);
+    let keep = if from > page {
+        file.read_at(page - base, (from - page) as usize).await?
+    } else {
+        Bytes::new()
+    };
+    let end = align_up(to);
+    let mut at = page;
+    while at < end {
+        let n = (end - at).min(READ_WINDOW_BYTES as u64);
+        let mut buf = io.buffer(n as usize);
+        if at == page {
+            buf.bytes_mut()[..keep.len()].copy_from_slice(&keep);
+        }
+        file.write_at(buf, at - base).await?;
+        at += n;
+    }
+    file.sync().await
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ mod tests {
             capacity: 100,
             used: 90,
             max_append_time_ms: t,
+            key: crate::batch::SegmentKey([0; 16]),
         }
     }
 

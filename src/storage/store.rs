@@ -1,26 +1,68 @@
 //! The queue store of one shard: the commit log plus, per queue, the
-//! consume and time indexes, the next offset and the visible offset (high
-//! watermark), and the tail cache. It stamps batches, appends them, makes
-//! them visible once their durability level is reached, and serves reads.
+//! consume and time indexes, the next offset, the visible offset (high
+//! watermark) and the offset reservation; the tail cache; the checkpoint
+//! and the index snapshots. It stamps batches, appends them, makes them
+//! visible once their durability level is reached, and serves reads.
+//!
+//! A keeper task stores the checkpoint and appends index snapshots every
+//! checkpoint interval, and at once when an acknowledgement waits for an
+//! offset reservation.
+//!
+//! **Offsets never go back.** A `fsync` append is acknowledged and visible
+//! only once synced, so recovery finds it. A `memory` or `written` append
+//! can be acknowledged (and seen) before it is synced, so it is
+//! acknowledged only below its queue's *reservation* as last stored in the
+//! checkpoint, and after a crash the queue resumes at its reservation. The
+//! keeper raises reservations ahead of use (by 4× what the queue took in
+//! the last interval, at least [`RESERVE_OFFSETS_MIN`]), so an ack rarely
+//! waits; after a crash the skipped offsets are a gap, never a repeat. A
+//! clean stop stores exact offsets, so it leaves no gap.
 
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, CheckpointFile, QueueCheckpoint, ReserveKind};
 use super::commit_log::{CommitLog, LogConfig, LogError};
 use super::consume_index::{ConsumeIndex, IndexEntry};
-use super::recovery::{recover_dir, RecoveryReport};
+use super::index_snapshot::{self, BLOCK_ENTRIES_MAX};
+use super::io::{Io, IoFailure, IoKind, TaskClass};
+use super::recovery::{recover, RecoveryConfig, RecoveryError, RecoveryReport, SnapshotState};
 use super::retention::{segments_to_delete, RetentionPolicy};
+use super::segment::index_path;
 use super::tail_cache::TailCache;
 use super::time_index::TimeIndex;
-#[cfg(test)]
-use crate::batch::RecordIter;
+use super::BatchEntry;
 use crate::batch::{self, BatchHeader, BATCH_HEADER_BYTES};
 use crate::ids::IdMap;
 use crate::protocol::{Durability, QueueOffsets};
-use crate::runtime::{self, Watch};
+use crate::runtime::Watch;
+
+/// Smallest offset reservation the keeper grants a queue.
+pub const RESERVE_OFFSETS_MIN: u64 = 4096;
+/// Largest offset reservation (bounds the gap a crash leaves).
+pub const RESERVE_OFFSETS_MAX: u64 = 1 << 24;
+/// Most batches appended but not yet in an index snapshot; past it the
+/// snapshot of the oldest segment is given up (recovery then scans it).
+pub const INDEX_PENDING_ENTRIES_MAX: usize = 1 << 20;
+/// A snapshot block is written once this many batches or
+/// [`SNAPSHOT_LAG_BYTES_MAX`] of log wait for one (or the segment seals):
+/// ~40 bytes of index per batch, and a restart scans at most this much.
+pub const SNAPSHOT_BLOCK_ENTRIES_MIN: usize = 101;
+/// See [`SNAPSHOT_BLOCK_ENTRIES_MIN`].
+pub const SNAPSHOT_LAG_BYTES_MAX: u64 = 16 << 20;
+
+/// Settings of one shard's store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub log: LogConfig,
+    pub tail_cache_bytes_max: u64,
+    pub checkpoint_interval: Duration,
+    /// Run the zeroer (off in the simulation, which models no extents).
+    pub zero_ahead: bool,
+}
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,8 +79,23 @@ pub enum StoreError {
     },
     #[error("stored batch at position {position} failed its check: {reason}")]
     Corrupt { position: u64, reason: String },
-    #[error("recovery failed: {0}")]
-    Recovery(String),
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
+}
+
+/// A long poll over many queues: publishes on its queues wake it and say
+/// which queues have news.
+#[derive(Default)]
+pub struct FetchWaiter {
+    woken: RefCell<Vec<u32>>,
+    event: Watch,
+}
+
+impl FetchWaiter {
+    /// Queues that published since the last call.
+    pub fn take_woken(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.woken.borrow_mut())
+    }
 }
 
 struct QueueState {
@@ -48,6 +105,14 @@ struct QueueState {
     /// Offset the next visible message gets; advances once a batch reached
     /// its durability level. Long polls wait on it.
     visible: Watch,
+    /// Offsets below this are reserved in the last stored checkpoint.
+    reserved_stored: u64,
+    /// Which crashes could take back this queue's acknowledged offsets.
+    reserve: ReserveKind,
+    /// Offsets appended since the last checkpoint (sizes the next grant).
+    appended_since_checkpoint: u64,
+    /// Long polls over many queues that watch this one.
+    waiters: Vec<Weak<FetchWaiter>>,
 }
 
 impl QueueState {
@@ -57,6 +122,10 @@ impl QueueState {
             time: TimeIndex::default(),
             next_offset,
             visible: Watch::new(next_offset),
+            reserved_stored: 0,
+            reserve: ReserveKind::None,
+            appended_since_checkpoint: 0,
+            waiters: Vec::new(),
         }
     }
     fn earliest(&self) -> u64 {
@@ -67,6 +136,9 @@ impl QueueState {
             earliest: self.earliest().min(self.visible.get()),
             latest: self.visible.get(),
         }
+    }
+    fn grant(&self) -> u64 {
+        (self.appended_since_checkpoint * 4).clamp(RESERVE_OFFSETS_MIN, RESERVE_OFFSETS_MAX)
     }
 }
 
@@ -81,35 +153,62 @@ pub struct AppendReceipt {
     pub append_time_ms: i64,
 }
 
+impl AppendReceipt {
+    /// Offset after the batch's last record.
+    pub fn end_offset(&self) -> u64 {
+        self.base_offset + u64::from(self.count)
+    }
+}
+
+struct SnapshotSegment<F> {
+    file: Option<(Rc<F>, u64)>,
+    covered_end: u64,
+    sealed: bool,
+}
+
+/// Index snapshots being written.
+struct Snapshots<F> {
+    segments: BTreeMap<u64, SnapshotSegment<F>>,
+    /// Appended batches not yet in a snapshot, in log order.
+    pending: VecDeque<BatchEntry>,
+    /// Segments whose snapshot was given up.
+    broken: BTreeSet<u64>,
+}
+
 /// One shard's queues over its commit log.
-pub struct QueueStore {
-    log: Rc<CommitLog>,
+pub struct QueueStore<I: Io> {
+    io: I,
+    cfg: StoreConfig,
+    log: Rc<CommitLog<I>>,
     queues: RefCell<IdMap<QueueState>>,
     tail: RefCell<TailCache>,
     last_append_ms: Cell<i64>,
-    dir: std::path::PathBuf,
-    /// Counts publishes: wakes long polls over many queues.
-    published: Watch,
+    checkpoint_file: CheckpointFile<I>,
+    /// Bumped after every stored checkpoint (reservation waiters).
+    checkpoint_stored: Watch,
+    /// Bumped to make the keeper work now.
+    keeper_work: Watch,
+    /// The last checkpoint could not grow for lack of space: appends that
+    /// need a new reservation are refused with `Full`.
+    checkpoint_full: RefCell<Option<IoFailure>>,
+    snapshots: RefCell<Snapshots<I::File>>,
+    free_bytes: Cell<Option<u64>>,
+    closing: Cell<bool>,
 }
 
-impl QueueStore {
-    /// Recovers the shard directory and opens the store.
+impl<I: Io> QueueStore<I> {
+    /// Recovers the shard directory and opens the store; call
+    /// [`QueueStore::start`] before appending.
     pub async fn open(
-        cfg: LogConfig,
-        tail_cache_bytes_max: u64,
-    ) -> Result<(Rc<QueueStore>, RecoveryReport), StoreError> {
-        let dir = cfg.dir.clone();
-        let d = dir.clone();
-        let recovered = runtime::blocking(move || recover_dir(&d))
-            .await
-            .map_err(|e| StoreError::Recovery(e.to_string()))?;
-        let log = CommitLog::open(
-            cfg,
-            &recovered.segments,
-            recovered.end_position,
-            recovered.tail_page,
-        )
-        .await?;
+        io: I,
+        cfg: StoreConfig,
+    ) -> Result<(Rc<QueueStore<I>>, RecoveryReport), StoreError> {
+        let rcfg = RecoveryConfig {
+            dir: cfg.log.dir.clone(),
+            shard: cfg.log.shard,
+            unsynced_bytes_max: cfg.log.unsynced_bytes_max,
+        };
+        let recovered = recover(&io, &rcfg).await?;
         let mut queues: IdMap<QueueState> = IdMap::default();
         let mut last_ms = 0;
         for b in &recovered.batches {
@@ -123,29 +222,103 @@ impl QueueStore {
                 count: b.count,
             });
             q.time.push(b.append_time_ms, b.base_offset);
-            q.next_offset = b.base_offset + u64::from(b.count);
+            q.next_offset = b.next_offset();
             last_ms = last_ms.max(b.append_time_ms);
         }
-        for (&id, &next) in &recovered.checkpoint.next_offsets {
-            let q = queues.entry(id).or_insert_with(|| QueueState::new(next));
-            q.next_offset = q.next_offset.max(next);
+        // A power cut since the checkpoint (another boot) can take back
+        // `written` appends; any crash can take back `memory` ones.
+        let rebooted = recovered.checkpoint.boot_id != io.boot_id();
+        for (&id, c) in &recovered.checkpoint.queues {
+            let q = queues
+                .entry(id)
+                .or_insert_with(|| QueueState::new(c.next_offset));
+            let taken_back = match c.reserve {
+                ReserveKind::Memory => true,
+                ReserveKind::Written => rebooted,
+                ReserveKind::None => false,
+            };
+            // Resume past every offset that could have been acknowledged
+            // or seen.
+            q.next_offset = q.next_offset.max(c.next_offset);
+            if taken_back {
+                q.next_offset = q.next_offset.max(c.offset_reserved);
+            }
+            q.reserve = c.reserve;
+            q.reserved_stored = q.next_offset;
         }
         for q in queues.values_mut() {
             q.visible = Watch::new(q.next_offset);
         }
+        let snapshots = Snapshots {
+            pending: recovered
+                .batches
+                .iter()
+                .copied()
+                .filter(|b| {
+                    !recovered
+                        .snapshots
+                        .iter()
+                        .any(|s| b.position >= s.base && b.position < s.covered_end)
+                })
+                .collect(),
+            segments: recovered
+                .snapshots
+                .into_iter()
+                .map(|s: SnapshotState<I::File>| {
+                    (
+                        s.base,
+                        SnapshotSegment {
+                            file: s.file,
+                            covered_end: s.covered_end,
+                            sealed: s.sealed,
+                        },
+                    )
+                })
+                .collect(),
+            broken: BTreeSet::new(),
+        };
+        let log = CommitLog::open(
+            io.clone(),
+            cfg.log.clone(),
+            recovered.segments,
+            recovered.end_position,
+            recovered.tail_page,
+        );
         let store = Rc::new(QueueStore {
+            tail: RefCell::new(TailCache::new(cfg.tail_cache_bytes_max)),
+            io,
+            cfg,
             log,
             queues: RefCell::new(queues),
-            tail: RefCell::new(TailCache::new(tail_cache_bytes_max)),
             last_append_ms: Cell::new(last_ms),
-            published: Watch::new(0),
-            dir,
+            checkpoint_file: recovered.checkpoint_file,
+            checkpoint_stored: Watch::new(0),
+            keeper_work: Watch::new(0),
+            checkpoint_full: RefCell::new(None),
+            snapshots: RefCell::new(snapshots),
+            free_bytes: Cell::new(None),
+            closing: Cell::new(false),
         });
+        // The stored clean end no longer holds once appends start.
+        if let Err(e) = store.store_checkpoint(None).await {
+            tracing::warn!(
+                shard = store.cfg.log.shard,
+                "cannot store the checkpoint at start: {e}"
+            );
+        }
         Ok((store, recovered.report))
     }
 
+    /// Starts the log's tasks and the keeper.
+    pub fn start(self: &Rc<Self>) {
+        self.log.start(self.cfg.zero_ahead);
+        let me = self.clone();
+        self.io
+            .spawn(TaskClass::Background, async move { me.keeper().await });
+    }
+
     /// The commit log.
-    pub fn log(&self) -> &Rc<CommitLog> {
+    pub fn log(&self) -> &Rc<CommitLog<I>> {
         &self.log
     }
 
@@ -162,6 +335,10 @@ impl QueueStore {
     pub fn remove_queue(&self, id: u32) {
         if let Some(q) = self.queues.borrow_mut().remove(&id) {
             q.visible.close();
+            for w in q.waiters.iter().filter_map(Weak::upgrade) {
+                w.woken.borrow_mut().push(id);
+                bump(&w.event);
+            }
         }
     }
 
@@ -175,29 +352,49 @@ impl QueueStore {
         self.queues.borrow().len()
     }
 
-    /// Stamps a validated produced batch for `queue_id` and appends it.
+    /// Waits (up to `limit`) until an append of `len` bytes can be taken.
+    pub async fn wait_appendable(&self, len: u64, limit: Duration) -> Result<(), StoreError> {
+        Ok(self.log.wait_admission(len, limit).await?)
+    }
+
+    /// Stamps a validated produced batch for `queue_id` and appends it, to
+    /// be acknowledged at `level`.
     pub fn append(
         &self,
         queue_id: u32,
         produced: &[u8],
         header: &BatchHeader,
+        level: Durability,
     ) -> Result<AppendReceipt, StoreError> {
         let mut queues = self.queues.borrow_mut();
         let q = queues
             .get_mut(&queue_id)
             .ok_or(StoreError::UnknownQueue(queue_id))?;
-        let now = runtime::now_ms().max(self.last_append_ms.get());
-        self.last_append_ms.set(now);
         let base = q.next_offset;
+        let count = u64::from(header.record_count);
+        let kind = match level {
+            Durability::Memory => ReserveKind::Memory,
+            Durability::Written => ReserveKind::Written,
+            Durability::Fsync => ReserveKind::None,
+        };
+        let needs_reserve = kind != ReserveKind::None;
+        if needs_reserve && base + count > q.reserved_stored {
+            if let Some(f) = self.checkpoint_full.borrow().as_ref() {
+                return Err(LogError::Full(f.clone()).into());
+            }
+        }
+        let now = self.io.now_ms().max(self.last_append_ms.get());
         let len = produced.len() as u64;
-        let (position, stored) = self.log.append(len, now, |position| {
+        let (position, stored) = self.log.append(len, now, |position, key| {
             let mut buf = BytesMut::from(produced);
-            batch::stamp(&mut buf, queue_id, base, now, position);
+            batch::stamp(&mut buf, queue_id, base, now, position, key);
             buf.freeze()
         })?;
+        self.last_append_ms.set(now);
         let mut tail = self.tail.borrow_mut();
         tail.push(position, stored);
         tail.evict(self.log.written_position());
+        drop(tail);
         q.consume.push(IndexEntry {
             base_offset: base,
             position,
@@ -205,7 +402,23 @@ impl QueueStore {
             count: header.record_count,
         });
         q.time.push(now, base);
-        q.next_offset = base + u64::from(header.record_count);
+        q.next_offset = base + count;
+        q.appended_since_checkpoint += count;
+        if needs_reserve {
+            q.reserve = q.reserve.max(kind);
+            // Raise the reservation before it runs out.
+            if q.next_offset + q.grant() / 2 > q.reserved_stored {
+                bump(&self.keeper_work);
+            }
+        }
+        self.snapshots.borrow_mut().pending.push_back(BatchEntry {
+            position,
+            len: len as u32,
+            queue_id,
+            base_offset: base,
+            count: header.record_count,
+            append_time_ms: now,
+        });
         Ok(AppendReceipt {
             queue_id,
             position,
@@ -216,25 +429,85 @@ impl QueueStore {
         })
     }
 
-    /// Resolves once the appended batch reached `level`.
+    /// Resolves once the appended batch reached `level` (and, below
+    /// `fsync`, its offsets are reserved).
     pub async fn wait_durable(
         &self,
         r: &AppendReceipt,
         level: Durability,
     ) -> Result<(), StoreError> {
         match level {
-            Durability::Memory => Ok(()),
-            Durability::Written => Ok(self.log.wait_written(r.end_position).await?),
+            Durability::Memory => self.wait_reserved(r).await,
+            Durability::Written => {
+                self.log.wait_written(r.end_position).await?;
+                self.wait_reserved(r).await
+            }
             Durability::Fsync => Ok(self.log.wait_synced(r.end_position).await?),
+        }
+    }
+
+    /// Waits until a checkpoint reserving the batch's offsets is stored.
+    async fn wait_reserved(&self, r: &AppendReceipt) -> Result<(), StoreError> {
+        loop {
+            let seen = self.checkpoint_stored.get();
+            match self.queues.borrow().get(&r.queue_id) {
+                Some(q) if q.reserved_stored < r.end_offset() => {}
+                _ => return Ok(()),
+            }
+            if let Some(f) = self.log.failed() {
+                return Err(LogError::Failed(f).into());
+            }
+            bump(&self.keeper_work);
+            if self.checkpoint_stored.wait_for(seen + 1).await.is_err() {
+                return Err(LogError::Closing.into());
+            }
         }
     }
 
     /// Makes the appended batch visible to consumers and wakes long polls.
     pub fn publish(&self, r: &AppendReceipt) {
-        if let Some(q) = self.queues.borrow().get(&r.queue_id) {
-            q.visible.advance(r.base_offset + u64::from(r.count));
+        let mut queues = self.queues.borrow_mut();
+        let Some(q) = queues.get_mut(&r.queue_id) else {
+            return;
+        };
+        q.visible.advance(r.end_offset());
+        if !q.waiters.is_empty() {
+            q.waiters.retain(|w| match w.upgrade() {
+                Some(w) => {
+                    w.woken.borrow_mut().push(r.queue_id);
+                    bump(&w.event);
+                    true
+                }
+                None => false,
+            });
         }
-        self.published.advance(self.published.get() + 1);
+    }
+
+    /// A long poll over `queue_ids`: woken by a publish on any of them.
+    /// Dropping it unregisters it (lazily).
+    pub fn watch_queues(&self, queue_ids: &[u32]) -> Rc<FetchWaiter> {
+        let w = Rc::new(FetchWaiter::default());
+        let mut queues = self.queues.borrow_mut();
+        for id in queue_ids {
+            if let Some(q) = queues.get_mut(id) {
+                // Drop waiters that are gone, so an idle queue's list stays
+                // as long as its live long polls.
+                if q.waiters.len() >= 8 && q.waiters.len().is_power_of_two() {
+                    q.waiters.retain(|w| w.strong_count() > 0);
+                }
+                q.waiters.push(Rc::downgrade(&w));
+            }
+        }
+        w
+    }
+
+    /// Waits (up to `wait`) for a publish on the queues `w` watches.
+    pub async fn wait_watched(&self, w: &FetchWaiter, wait: Duration) {
+        let seen = w.event.get();
+        if !w.woken.borrow().is_empty() {
+            return;
+        }
+        w.event.wait_for_within(seen + 1, self.io.sleep(wait)).await;
     }
 
     /// Whether the queue has visible messages at or after `offset` (or the
@@ -268,17 +541,6 @@ impl QueueStore {
         Ok(found.clamp(o.earliest, o.latest))
     }
 
-    /// Publishes so far (a counter, for [`QueueStore::wait_published`]).
-    pub fn published(&self) -> u64 {
-        self.published.get()
-    }
-
-    /// Waits (up to `wait`) until something is published after `seen`
-    /// (a value of [`QueueStore::published`]).
-    pub async fn wait_published(&self, seen: u64, wait: Duration) {
-        self.published.wait_for_within(seen + 1, wait).await;
-    }
-
     /// Waits (up to `wait`) until `offset` is visible in the queue.
     pub async fn wait_visible(
         &self,
@@ -296,7 +558,7 @@ impl QueueStore {
             }
             q.visible.clone()
         };
-        watch.wait_for_within(offset + 1, wait).await;
+        watch.wait_for_within(offset + 1, self.io.sleep(wait)).await;
         Ok(())
     }
 
@@ -344,12 +606,18 @@ impl QueueStore {
         Ok((offsets, out))
     }
 
+    /// The batch an index entry points at: from the tail cache, else read
+    /// and checked (MAC, CRC) against its segment's key.
     async fn batch_at_entry(&self, position: u64, len: usize) -> Result<Bytes, StoreError> {
         if let Some(b) = self.tail.borrow().get(position) {
             return Ok(b);
         }
         let b = self.log.read(position, len).await?;
-        batch::check_stored(&b).map_err(|e| StoreError::Corrupt {
+        let key = self
+            .log
+            .key_at(position)
+            .ok_or(LogError::NotFound(position))?;
+        batch::check_stored(&b, &key).map_err(|e| StoreError::Corrupt {
             position,
             reason: e.to_string(),
         })?;
@@ -357,87 +625,291 @@ impl QueueStore {
     }
 
     /// The visible stored batch starting at `position` (message lookup).
+    ///
+    /// A position is accepted only where the log's own index says a batch
+    /// starts: the 80-byte header there must carry a MAC under the
+    /// segment's key (a producer's bytes never do) and name a queue whose
+    /// index has a batch at exactly this position; only then is the
+    /// batch's length, from the index, read. A forged id costs one header
+    /// read.
     pub async fn batch_at(&self, position: u64) -> Result<Bytes, StoreError> {
         let not_found = || StoreError::Log(LogError::NotFound(position));
         let cached = self.tail.borrow().get(position);
-        let b = match cached {
-            Some(b) => b,
+        let head = match &cached {
+            Some(b) => b.slice(..BATCH_HEADER_BYTES),
             None => {
                 if position >= self.log.written_position() {
                     return Err(not_found());
                 }
+                let key = self.log.key_at(position).ok_or_else(not_found)?;
                 let head = self.log.read(position, BATCH_HEADER_BYTES).await?;
-                let h = batch::check_stored_header(&head).map_err(|_| not_found())?;
-                let b = self.log.read(position, h.batch_len as usize).await?;
-                batch::check_stored(&b).map_err(|_| not_found())?;
-                b
+                batch::check_stored_header(&head, &key).map_err(|_| not_found())?;
+                head
             }
         };
-        let h = batch::BatchHeader::parse(&b).map_err(|_| not_found())?;
-        let queues = self.queues.borrow();
-        let q = queues.get(&h.queue_id).ok_or_else(not_found)?;
-        // Only a batch the index knows at this position and that is visible.
-        let known = q
-            .consume
-            .find(h.base_offset)
-            .and_then(|i| q.consume.get(i))
-            .is_some_and(|e| e.position == position);
-        if !known || h.base_offset >= q.visible.get() {
-            return Err(not_found());
+        let h = BatchHeader::parse(&head).map_err(|_| not_found())?;
+        let entry = {
+            let queues = self.queues.borrow();
+            let q = queues.get(&h.queue_id).ok_or_else(not_found)?;
+            let entry = q
+                .consume
+                .find(h.base_offset)
+                .and_then(|i| q.consume.get(i).copied())
+                .filter(|e| e.position == position && e.base_offset == h.base_offset)
+                .ok_or_else(not_found)?;
+            if entry.base_offset >= q.visible.get() {
+                return Err(not_found());
+            }
+            entry
+        };
+        match cached {
+            Some(b) => Ok(b),
+            None => self.batch_at_entry(position, entry.len as usize).await,
         }
-        Ok(b)
     }
 
-    /// A checkpoint of what is durable now.
-    pub fn checkpoint(&self) -> Checkpoint {
+    /// The checkpoint of what is durable now; with `clean_end`, of a clean
+    /// stop (exact offsets, no reservation ahead).
+    fn checkpoint(&self, clean_end: Option<u64>) -> Checkpoint {
         let synced = self.log.synced_position();
         let queues = self.queues.borrow();
-        let next_offsets = queues
+        let entries = queues
             .iter()
             .map(|(&id, q)| {
-                let n = q
+                let next = q
                     .consume
                     .next_offset_at(synced)
                     .or(q.consume.first_offset())
                     .unwrap_or(q.next_offset);
-                (id, n)
+                let reserved = match (q.reserve, clean_end) {
+                    (ReserveKind::None, _) => 0,
+                    (_, Some(_)) => q.next_offset,
+                    (_, None) => q.reserved_stored.max(q.next_offset + q.grant()),
+                };
+                (
+                    id,
+                    QueueCheckpoint {
+                        reserve: q.reserve,
+                        next_offset: next,
+                        offset_reserved: reserved,
+                    },
+                )
             })
             .collect();
         Checkpoint {
             synced_position: synced,
-            next_offsets,
+            clean_end,
+            boot_id: self.io.boot_id(),
+            queues: entries,
         }
     }
 
-    /// Writes the checkpoint durably (off the executor).
-    pub async fn store_checkpoint(&self) -> Result<(), StoreError> {
-        let c = self.checkpoint();
-        let dir = self.dir.clone();
-        runtime::blocking(move || c.store(&dir)).await.map_err(|e| {
-            StoreError::Log(LogError::Io {
-                op: "write checkpoint",
-                path: self.dir.display().to_string(),
-                message: e.to_string(),
-            })
-        })
+    /// Stores the checkpoint; on success every queue's reservation is what
+    /// it says.
+    async fn store_checkpoint(&self, clean_end: Option<u64>) -> Result<(), StoreError> {
+        let cp = self.checkpoint(clean_end);
+        match self.checkpoint_file.store(&cp).await {
+            Ok(()) => {
+                let mut queues = self.queues.borrow_mut();
+                for (id, c) in &cp.queues {
+                    if let Some(q) = queues.get_mut(id) {
+                        q.reserved_stored = q.reserved_stored.max(c.offset_reserved);
+                        q.appended_since_checkpoint = 0;
+                    }
+                }
+                drop(queues);
+                *self.checkpoint_full.borrow_mut() = None;
+                bump(&self.checkpoint_stored);
+                Ok(())
+            }
+            Err(f) if f.kind == IoKind::NoSpace => {
+                *self.checkpoint_full.borrow_mut() = Some(f.clone());
+                Err(LogError::Full(f).into())
+            }
+            Err(f) => Err(LogError::Failed(f).into()),
+        }
+    }
+
+    /// Checkpoints and index snapshots, every interval or when asked.
+    async fn keeper(self: Rc<Self>) {
+        loop {
+            let seen = self.keeper_work.get();
+            let timer = self.io.sleep(self.cfg.checkpoint_interval);
+            self.keeper_work.wait_for_within(seen + 1, timer).await;
+            if self.closing.get() {
+                return;
+            }
+            self.write_snapshots(false).await;
+            match self.store_checkpoint(None).await {
+                Ok(()) => {}
+                Err(StoreError::Log(LogError::Full(f))) => tracing::warn!(
+                    shard = self.cfg.log.shard,
+                    "cannot grow the checkpoint, the disk is full: {f}"
+                ),
+                Err(StoreError::Log(LogError::Failed(f))) => {
+                    // The device failed: the shard stops taking writes, and
+                    // waiters for a reservation get the failure.
+                    self.log.fail_external(f);
+                    bump(&self.checkpoint_stored);
+                    return;
+                }
+                Err(e) => tracing::error!(shard = self.cfg.log.shard, "checkpoint failed: {e}"),
+            }
+            if let Ok(free) = self.io.free_bytes(&self.cfg.log.dir).await {
+                self.free_bytes.set(Some(free));
+            }
+        }
+    }
+
+    /// Appends index snapshot blocks for batches now synced (when enough
+    /// wait, or `all`); seals segments the log has left behind.
+    async fn write_snapshots(&self, all: bool) {
+        let synced = self.log.synced_position();
+        let segments = self.log.segments();
+        for (i, seg) in segments.iter().enumerate() {
+            let is_active = i + 1 == segments.len();
+            let (entries, covered, sealed, file) = {
+                let mut snaps = self.snapshots.borrow_mut();
+                let snaps = &mut *snaps;
+                if snaps.broken.contains(&seg.base) {
+                    continue;
+                }
+                let state = snaps
+                    .segments
+                    .entry(seg.base)
+                    .or_insert_with(|| SnapshotSegment {
+                        file: None,
+                        covered_end: seg.data_start(),
+                        sealed: false,
+                    });
+                if state.sealed {
+                    continue;
+                }
+                let sealed = !is_active && synced >= seg.data_end();
+                let covered = if sealed {
+                    seg.data_end()
+                } else {
+                    synced.clamp(seg.data_start(), seg.data_end())
+                };
+                let n = snaps
+                    .pending
+                    .iter()
+                    .take_while(|e| e.position < seg.end() && e.end() <= covered)
+                    .count();
+                let due = sealed
+                    || n >= SNAPSHOT_BLOCK_ENTRIES_MIN
+                    || covered >= state.covered_end + SNAPSHOT_LAG_BYTES_MAX
+                    || (all && covered > state.covered_end);
+                if !due {
+                    continue;
+                }
+                let entries: Vec<BatchEntry> = snaps.pending.iter().take(n).copied().collect();
+                (entries, covered, sealed, state.file.clone())
+            };
+            match self
+                .append_snapshot(seg.base, file, &entries, covered, sealed)
+                .await
+            {
+                Ok(file) => {
+                    let mut snaps = self.snapshots.borrow_mut();
+                    snaps.pending.drain(..entries.len());
+                    let state = snaps.segments.get_mut(&seg.base).expect("snapshot state");
+                    state.file = Some(file);
+                    state.covered_end = covered;
+                    state.sealed = sealed;
+                }
+                Err(f) if f.kind == IoKind::NoSpace => break,
+                Err(f) => {
+                    tracing::warn!(
+                        shard = self.cfg.log.shard,
+                        "index snapshot of segment {} given up: {f}",
+                        seg.base
+                    );
+                    self.give_up_snapshot(seg.base).await;
+                }
+            }
+        }
+        let overflow = self.snapshots.borrow().pending.len() > INDEX_PENDING_ENTRIES_MAX;
+        if overflow {
+            let oldest = self.snapshots.borrow().pending.front().map(|e| e.position);
+            if let Some(base) = oldest.and_then(|p| {
+                segments
+                    .iter()
+                    .find(|s| p >= s.base && p < s.end())
+                    .map(|s| s.base)
+            }) {
+                self.give_up_snapshot(base).await;
+            }
+        }
+    }
+
+    async fn append_snapshot(
+        &self,
+        base: u64,
+        file: Option<(Rc<I::File>, u64)>,
+        entries: &[BatchEntry],
+        covered: u64,
+        sealed: bool,
+    ) -> Result<(Rc<I::File>, u64), IoFailure> {
+        let (file, mut at) = match file {
+            Some(f) => f,
+            None => {
+                let path = index_path(&self.cfg.log.dir, base);
+                let f = Rc::new(self.io.create(&path).await?);
+                self.io.sync_dir(&self.cfg.log.dir).await?;
+                (f, 0)
+            }
+        };
+        let chunks: Vec<&[BatchEntry]> = entries.chunks(BLOCK_ENTRIES_MAX).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let (cov, seal) = if last {
+                (covered, sealed)
+            } else {
+                (chunk.last().expect("non-empty").end(), false)
+            };
+            at = index_snapshot::append(&self.io, &*file, at, chunk, cov, seal).await?;
+        }
+        if chunks.is_empty() {
+            at = index_snapshot::append(&self.io, &*file, at, &[], covered, sealed).await?;
+        }
+        Ok((file, at))
+    }
+
+    /// Stops snapshotting a segment: its file goes, recovery scans it.
+    async fn give_up_snapshot(&self, base: u64) {
+        {
+            let mut snaps = self.snapshots.borrow_mut();
+            snaps.broken.insert(base);
+            snaps.segments.remove(&base);
+            let seg_end = self
+                .log
+                .segments()
+                .iter()
+                .find(|s| s.base == base)
+                .map_or(u64::MAX, |s| s.end());
+            snaps
+                .pending
+                .retain(|e| e.position < base || e.position >= seg_end);
+        }
+        let _ = self.io.remove(&index_path(&self.cfg.log.dir, base)).await;
     }
 
     /// Applies retention: checkpoints, then deletes whole old segments and
-    /// trims the indexes. Returns the number of segments deleted.
+    /// their snapshots and trims the indexes. Returns the number deleted.
     pub async fn apply_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
-        let bases = segments_to_delete(&self.log.segments(), policy, runtime::now_ms());
+        let segments = self.log.segments();
+        let bases = segments_to_delete(&segments, policy, self.io.now_ms());
         let Some(&last) = bases.last() else {
             return Ok(0);
         };
-        let cutoff = self
-            .log
-            .segments()
+        let cutoff = segments
             .iter()
             .find(|s| s.base == last)
             .map(|s| s.end())
             .expect("segment to delete exists");
         // Offsets of queues whose every batch goes must survive a restart.
-        self.store_checkpoint().await?;
+        self.store_checkpoint(None).await?;
         {
             let mut queues = self.queues.borrow_mut();
             for q in queues.values_mut() {
@@ -445,8 +917,20 @@ impl QueueStore {
                 let earliest = q.earliest();
                 q.time.trim_before(earliest);
             }
+            let mut snaps = self.snapshots.borrow_mut();
+            snaps.pending.retain(|e| e.position >= cutoff);
+            for b in &bases {
+                snaps.segments.remove(b);
+                snaps.broken.remove(b);
+            }
         }
-        self.log.delete_segments(&bases).await?;
+        self.log
+            .delete_segments(&bases)
+            .await
+            .map_err(LogError::Failed)?;
+        for &b in &bases {
+            let _ = self.io.remove(&index_path(&self.cfg.log.dir, b)).await;
+        }
         Ok(bases.len())
     }
 
@@ -455,11 +939,43 @@ impl QueueStore {
         self.tail.borrow().bytes()
     }
 
-    /// Stops appends and makes everything appended durable, then checkpoints.
-    pub async fn close(&self) -> Result<(), StoreError> {
-        self.log.close().await?;
-        self.store_checkpoint().await
+    /// Free bytes on the data dir's filesystem, as the keeper last saw it.
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.free_bytes.get()
     }
+
+    /// Stops appends and makes everything appended durable, then stores
+    /// the snapshots and a clean-stop checkpoint.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.closing.set(true);
+        bump(&self.keeper_work);
+        self.log.close().await?;
+        self.write_snapshots(true).await;
+        self.store_checkpoint(Some(self.log.append_position()))
+            .await
+    }
+
+    /// The index entries of a queue (tests check them against the log).
+    #[cfg(test)]
+    pub(crate) fn entries(&self, queue_id: u32) -> Vec<IndexEntry> {
+        let queues = self.queues.borrow();
+        let Some(q) = queues.get(&queue_id) else {
+            return Vec::new();
+        };
+        (0..q.consume.len())
+            .filter_map(|i| q.consume.get(i).copied())
+            .collect()
+    }
+
+    /// Reads the batch of an index entry, checked (tests).
+    #[cfg(test)]
+    pub(crate) async fn read_entry(&self, e: &IndexEntry) -> Result<Bytes, StoreError> {
+        self.batch_at_entry(e.position, e.len as usize).await
+    }
+}
+
+fn bump(w: &Watch) {
+    w.advance(w.get() + 1);
 }
 
 #[cfg(test)]

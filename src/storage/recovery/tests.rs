@@ -1,206 +1,455 @@
-//! Recovery under injected faults: torn last batch, zeroed tail, bad CRC in
-//! the middle (inside and outside the durable part), stale bytes after a cut.
+//! Recovery over simulated disks holding hand-built logs: torn tails,
+//! damage inside and outside the unsynced window (with and without a
+//! checkpoint), zeros where batches should be, roll padding, forged batches
+//! in payloads, tearing at every 512-byte boundary, index snapshots.
 
 use super::*;
 use crate::batch::{stamp, BatchBuilder, Record};
-use crate::storage::checkpoint::Checkpoint;
-use crate::storage::segment::segment_path;
-use bytes::Bytes;
+use crate::storage::checkpoint::CHECKPOINT_FILE;
+use crate::storage::index_snapshot::encode_block;
+use crate::storage::sim::{block_on, sim_io, SimDisk, SimIo};
+use std::path::PathBuf;
 
 const CAP: u64 = 64 * 1024;
 
-/// Builds a segment image holding `n` batches alternating over two queues,
-/// each batch of 3 records. Returns the image and each batch's position.
-fn image(n: usize) -> (Vec<u8>, Vec<u64>) {
-    let mut img = vec![0u8; CAP as usize];
-    let mut at = 0usize;
-    let mut next = [0u64; 2];
-    let mut positions = vec![];
-    for i in 0..n {
-        let q = i % 2;
-        let mut b = BatchBuilder::new();
-        for j in 0..3 {
-            b.push(&Record {
-                payload: Bytes::from(format!("batch {i} record {j}")),
-                ..Record::default()
-            });
-        }
-        let mut batch = b.finish().to_vec();
-        stamp(&mut batch, q as u32, next[q], 1000 + i as i64, at as u64);
-        next[q] += 3;
-        img[at..at + batch.len()].copy_from_slice(&batch);
-        positions.push(at as u64);
-        at += batch.len();
+fn dir() -> PathBuf {
+    PathBuf::from("/sim/shard-0")
+}
+
+fn key(base: u64) -> SegmentKey {
+    SegmentKey([(base / CAP) as u8 ^ 0x5a; 16])
+}
+
+fn produced(payloads: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    for p in payloads {
+        b.push(&Record {
+            payload: Bytes::from(p.clone()),
+            ..Record::default()
+        });
     }
-    (img, positions)
+    b.finish().to_vec()
 }
 
-fn scan(img: &[u8], durable_end: u64, is_last: bool) -> (SegmentScan, Vec<RecoveredBatch>, u64) {
-    let mut found = vec![];
-    let mut offsets = OffsetTracker::default();
-    let s = scan_segment(img, 0, CAP, durable_end, is_last, &mut offsets, &mut |b| {
-        found.push(b)
-    })
-    .unwrap();
-    (s, found, offsets.gaps)
+/// A log being built: segments of `CAP` bytes, batches alternating over
+/// two queues, three records each.
+struct LogImage {
+    segments: Vec<(u64, Vec<u8>)>,
+    batches: Vec<BatchEntry>,
+    next: [u64; 2],
+    at: u64,
+}
+
+impl LogImage {
+    fn new() -> Self {
+        let mut img = LogImage {
+            segments: Vec::new(),
+            batches: Vec::new(),
+            next: [0; 2],
+            at: 0,
+        };
+        img.roll();
+        img
+    }
+
+    fn base(&self) -> u64 {
+        self.segments.last().unwrap().0
+    }
+
+    fn roll(&mut self) {
+        let base = self.segments.last().map_or(0, |(b, _)| b + CAP);
+        let prev_end = if self.segments.is_empty() {
+            base
+        } else {
+            self.at
+        };
+        let mut bytes = SegmentHeader {
+            shard: 0,
+            base,
+            prev_end,
+            key: key(base),
+            created_ms: 0,
+            unsynced_bytes_max: 8192,
+        }
+        .encode_page();
+        bytes.resize(CAP as usize, 0);
+        self.segments.push((base, bytes));
+        self.at = base + SEGMENT_HEADER_BYTES;
+    }
+
+    /// Appends a batch with these payloads to queue `q`.
+    fn push(&mut self, q: usize, payloads: &[Vec<u8>]) -> BatchEntry {
+        let mut b = produced(payloads);
+        if self.at + b.len() as u64 > self.base() + CAP {
+            self.roll();
+        }
+        let base = self.base();
+        stamp(
+            &mut b,
+            q as u32,
+            self.next[q],
+            1000 + self.batches.len() as i64,
+            self.at,
+            &key(base),
+        );
+        let e = BatchEntry {
+            position: self.at,
+            len: b.len() as u32,
+            queue_id: q as u32,
+            base_offset: self.next[q],
+            count: payloads.len() as u32,
+            append_time_ms: 1000 + self.batches.len() as i64,
+        };
+        let seg = &mut self.segments.last_mut().unwrap().1;
+        let rel = (self.at - base) as usize;
+        seg[rel..rel + b.len()].copy_from_slice(&b);
+        self.next[q] += payloads.len() as u64;
+        self.at += b.len() as u64;
+        self.batches.push(e);
+        e
+    }
+
+    fn push_n(&mut self, n: usize) {
+        for _ in 0..n {
+            let i = self.batches.len();
+            let payloads: Vec<Vec<u8>> = (0..3)
+                .map(|j| format!("batch {i} record {j} {}", "x".repeat(i % 7)).into_bytes())
+                .collect();
+            self.push(i % 2, &payloads);
+        }
+    }
+
+    /// The byte at absolute position `pos`.
+    fn byte(&mut self, pos: u64) -> &mut u8 {
+        let (base, seg) = self
+            .segments
+            .iter_mut()
+            .rev()
+            .find(|(b, _)| *b <= pos)
+            .unwrap();
+        &mut seg[(pos - *base) as usize]
+    }
+
+    fn zero(&mut self, from: u64, to: u64) {
+        for p in from..to {
+            *self.byte(p) = 0;
+        }
+    }
+
+    fn disk(&self) -> SimDisk {
+        let disk = SimDisk::new(1 << 30);
+        for (base, bytes) in &self.segments {
+            disk.put(&segment_path(&dir(), *base), bytes.clone());
+        }
+        disk
+    }
+}
+
+fn recover_disk(disk: &SimDisk, u: u64) -> (Recovered<SimIo>, SimIo) {
+    let io = SimIo {
+        disk: disk.clone(),
+        ..sim_io(9, 0)
+    };
+    let cfg = RecoveryConfig {
+        dir: dir(),
+        shard: 0,
+        unsynced_bytes_max: u,
+    };
+    let i = io.clone();
+    let r = block_on(&io, async move { recover(&i, &cfg).await.unwrap() });
+    (r, io)
 }
 
 #[test]
-fn clean_segment_keeps_every_batch() {
-    let (img, pos) = image(10);
-    let (s, found, gaps) = scan(&img, 0, true);
-    assert_eq!(found.len(), 10);
-    assert!(s.torn.is_none());
-    assert!(s.corrupt.is_empty());
-    assert_eq!(gaps, 0);
-    assert_eq!(found[9].position, pos[9]);
-    assert_eq!(s.used, pos[9] + u64::from(found[9].len));
-    assert_eq!(found[9].base_offset, 12);
-    assert_eq!(s.max_append_time_ms, 1009);
+fn clean_log_keeps_every_batch() {
+    let mut img = LogImage::new();
+    img.push_n(10);
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert_eq!(r.batches, img.batches);
+    assert!(r.report.torn.is_none());
+    assert!(r.report.corrupt.is_empty());
+    assert_eq!(r.end_position, img.at);
+    assert_eq!(r.segments[0].info.data_end(), img.at);
+    assert_eq!(r.report.checkpoint, Some(CheckpointState::Missing));
 }
 
 #[test]
-fn torn_last_batch_is_cut() {
-    let (mut img, pos) = image(10);
-    let end = pos[9] as usize + 40;
-    img[end..end + 30].fill(0); // half the last batch never reached the disk
-    let (s, found, _) = scan(&img, 0, true);
-    assert_eq!(found.len(), 9);
-    assert_eq!(s.used, pos[9]);
-    let torn = s.torn.expect("torn tail reported");
-    assert_eq!(torn.position, pos[9]);
-    assert!(torn.reason.contains("CRC"), "{}", torn.reason);
-}
-
-#[test]
-fn zeroed_tail_ends_the_log_cleanly() {
-    let (mut img, pos) = image(10);
-    img[pos[7] as usize..].fill(0);
-    let (s, found, _) = scan(&img, 0, true);
-    assert_eq!(found.len(), 7);
-    assert_eq!(s.used, pos[7]);
-    assert!(
-        s.torn.is_none(),
-        "zeros past the durable point are a normal end"
-    );
-}
-
-#[test]
-fn bad_crc_in_the_middle_of_the_durable_log_is_skipped_and_reported() {
-    let (mut img, pos) = image(10);
-    img[pos[4] as usize + 100] ^= 0xff; // bit rot inside batch 4's body
-    let (s, found, gaps) = scan(&img, pos[9] + 1, true);
-    assert_eq!(found.len(), 9, "every other batch survives");
-    assert!(found.iter().all(|b| b.position != pos[4]));
-    assert_eq!(s.corrupt.len(), 1);
-    assert_eq!(s.corrupt[0].start, pos[4]);
-    assert_eq!(s.corrupt[0].end, pos[5]);
-    assert_eq!(gaps, 3, "batch 4's three records are reported lost");
-    assert!(s.torn.is_none());
-}
-
-#[test]
-fn bad_header_in_the_middle_resyncs_on_the_next_batch() {
-    let (mut img, pos) = image(10);
-    img[pos[4] as usize + 5] ^= 0xff; // the length field itself is damaged
-    let (s, found, _) = scan(&img, CAP, true);
-    assert_eq!(found.len(), 9);
-    assert_eq!(s.corrupt[0].end, pos[5]);
-}
-
-#[test]
-fn bad_crc_past_the_durable_point_cuts_the_tail() {
-    let (mut img, pos) = image(10);
-    img[pos[4] as usize + 100] ^= 0xff;
-    let (s, found, _) = scan(&img, pos[2], true);
-    assert_eq!(found.len(), 4, "nothing after an undurable hole is kept");
-    assert_eq!(s.torn.unwrap().position, pos[4]);
-}
-
-#[test]
-fn an_offset_gap_past_the_durable_point_is_a_torn_tail() {
-    // Batches 0..10, but batch 2 (queue 0, offsets 3..6) is missing: its bytes
-    // are replaced by a valid copy of batch 4 (queue 0, offsets 6..9)... so
-    // queue 0 would skip from 3 to 6. Simulated by re-stamping batch 2.
-    let (mut img, pos) = image(10);
-    let range = pos[2] as usize..pos[3] as usize;
-    let mut b = img[range.clone()].to_vec();
-    stamp(&mut b, 0, 30, 1002, pos[2]);
-    img[range].copy_from_slice(&b);
-    let (s, found, _) = scan(&img, 0, true);
-    assert_eq!(found.len(), 2);
-    assert!(s.torn.unwrap().reason.contains("skips"));
-}
-
-#[test]
-fn padding_after_a_roll_ends_a_non_last_segment() {
-    let (img, pos) = image(3);
-    let (s, found, _) = scan(&img, CAP * 4, false);
-    assert_eq!(found.len(), 3);
-    assert!(s.torn.is_none());
-    assert!(s.corrupt.is_empty());
-    assert_eq!(s.used, pos[2] + u64::from(found[2].len));
-}
-
-#[test]
-fn recover_dir_cuts_zeroes_and_removes_later_segments() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut img, pos) = image(10);
-    let stale = img[pos[8] as usize..pos[9] as usize].to_vec();
-    img[pos[6] as usize + 90] ^= 0x55; // torn: batch 6 damaged, 7..9 intact
-    std::fs::write(segment_path(dir.path(), 0), &img).unwrap();
-    // A later segment that cannot hold acknowledged data once 0 is torn.
-    std::fs::write(segment_path(dir.path(), CAP), vec![0u8; CAP as usize]).unwrap();
-
-    let r = recover_dir(dir.path()).unwrap();
-    assert_eq!(r.batches.len(), 6);
-    assert_eq!(r.end_position, pos[6]);
-    assert_eq!(r.report.removed_segments, vec![CAP]);
-    assert!(!segment_path(dir.path(), CAP).exists());
-    let line = r.report.to_string();
-    assert!(line.contains("cut torn tail at position"), "{line}");
-
-    let after = std::fs::read(segment_path(dir.path(), 0)).unwrap();
+fn torn_last_batch_is_cut_and_its_bytes_zeroed() {
+    let mut img = LogImage::new();
+    img.push_n(10);
+    let last = img.batches[9];
+    img.zero(last.position + 40, last.position + 70);
+    let disk = img.disk();
+    let (r, _) = recover_disk(&disk, 8192);
+    assert_eq!(r.batches, img.batches[..9]);
+    let torn = r.report.torn.clone().expect("torn tail reported");
+    assert_eq!(torn.position, last.position);
+    assert_eq!(r.end_position, last.position);
+    let after = disk.contents(&segment_path(&dir(), 0)).unwrap();
+    assert!(after[last.position as usize..].iter().all(|&b| b == 0));
     assert_eq!(after.len(), CAP as usize, "segment keeps its capacity");
-    assert_eq!(&after[..pos[6] as usize], &img[..pos[6] as usize]);
-    assert!(
-        after[pos[6] as usize..].iter().all(|&b| b == 0),
-        "tail not zeroed"
-    );
-    assert_eq!(r.tail_page, img[(pos[6] & !4095) as usize..pos[6] as usize]);
-    // The stale valid batches 7..9 are gone, so a shorter rewrite at the cut
-    // can never be followed by them on the next recovery.
-    assert!(!after.windows(stale.len()).any(|w| w == stale));
-
-    // Recovering again is a no-op with a clean tail.
-    let again = recover_dir(dir.path()).unwrap();
+    // Recovering again finds a clean tail.
+    let (again, _) = recover_disk(&disk, 8192);
     assert_eq!(again.batches, r.batches);
     assert!(again.report.torn.is_none());
 }
 
 #[test]
-fn recover_dir_uses_the_checkpoint_to_skip_durable_corruption() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut img, pos) = image(10);
-    img[pos[3] as usize + 80] ^= 0x01;
-    std::fs::write(segment_path(dir.path(), 0), &img).unwrap();
-    Checkpoint {
-        synced_position: pos[9] + 10,
-        next_offsets: Default::default(),
-    }
-    .store(dir.path())
-    .unwrap();
-    let r = recover_dir(dir.path()).unwrap();
-    assert_eq!(r.batches.len(), 9);
-    assert_eq!(r.report.corrupt.len(), 1);
-    assert!(r.report.to_string().contains("SKIPPED CORRUPT"));
-    assert_eq!(r.report.offset_gaps, 3);
+fn zeroed_tail_ends_the_log_cleanly() {
+    let mut img = LogImage::new();
+    img.push_n(10);
+    let cut = img.batches[7].position;
+    img.zero(cut, CAP);
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert_eq!(r.batches, img.batches[..7]);
+    assert!(r.report.torn.is_none(), "{}", r.report);
 }
 
 #[test]
-fn empty_directory_recovers_to_an_empty_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = recover_dir(dir.path()).unwrap();
+fn damage_older_than_the_window_costs_only_that_batch_without_a_checkpoint() {
+    for checkpoint in ["missing", "damaged"] {
+        let mut img = LogImage::new();
+        img.push_n(250);
+        let hit = img.batches[20];
+        *img.byte(hit.position + 100) ^= 0xff;
+        let disk = img.disk();
+        if checkpoint == "damaged" {
+            disk.put(&dir().join(CHECKPOINT_FILE), vec![0xAB; 8192]);
+        }
+        // The window (8 KiB) is far smaller than the log: batch 20 is older.
+        let (r, _) = recover_disk(&disk, 8192);
+        let expected: Vec<BatchEntry> = img.batches.iter().copied().filter(|b| *b != hit).collect();
+        assert_eq!(r.batches, expected, "checkpoint {checkpoint}: {}", r.report);
+        assert_eq!(
+            r.report.corrupt,
+            vec![CorruptRange {
+                start: hit.position,
+                end: hit.end(),
+                reason: r.report.corrupt[0].reason.clone(),
+            }]
+        );
+        assert_eq!(r.report.offset_gaps, 3, "batch 20's three records are lost");
+        assert!(r.report.torn.is_none());
+        let line = r.report.to_string();
+        assert!(line.contains("SKIPPED CORRUPT bytes"), "{line}");
+    }
+}
+
+#[test]
+fn damage_in_the_unsynced_window_is_a_torn_tail() {
+    let mut img = LogImage::new();
+    img.push_n(250);
+    let hit = img.batches[245];
+    *img.byte(hit.position + 90) ^= 0x01;
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert_eq!(r.batches, img.batches[..245], "{}", r.report);
+    assert_eq!(r.report.torn.as_ref().unwrap().position, hit.position);
+    assert_eq!(
+        r.report.discarded_batches, 4,
+        "valid batches after the cut go"
+    );
+    assert!(r.report.corrupt.is_empty());
+}
+
+#[test]
+fn the_checkpoint_raises_the_durable_bound() {
+    // The same damage inside the window, but the checkpoint says it was
+    // synced: corruption, not a tail.
+    let mut img = LogImage::new();
+    img.push_n(250);
+    let hit = img.batches[245];
+    *img.byte(hit.position + 90) ^= 0x01;
+    let disk = img.disk();
+    let cp = Checkpoint {
+        synced_position: img.at,
+        clean_end: None,
+        boot_id: [0; 16],
+        queues: Default::default(),
+    };
+    let mut file = cp.encode_slot(1, 4096);
+    file.extend(cp.encode_slot(2, 4096));
+    disk.put(&dir().join(CHECKPOINT_FILE), file);
+    let (r, _) = recover_disk(&disk, 8192);
+    assert_eq!(r.batches.len(), 249);
+    assert_eq!(r.report.corrupt.len(), 1);
+    assert!(r.report.torn.is_none());
+}
+
+#[test]
+fn a_damaged_length_field_resyncs_on_the_next_batch() {
+    let mut img = LogImage::new();
+    img.push_n(250);
+    let hit = img.batches[30];
+    *img.byte(hit.position + 5) ^= 0xff; // the length field itself
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert_eq!(r.batches.len(), 249);
+    assert_eq!(r.report.corrupt[0].start, hit.position);
+    assert_eq!(r.report.corrupt[0].end, hit.end());
+}
+
+#[test]
+fn zeros_where_batches_should_be_in_an_older_segment_are_corruption() {
+    let mut img = LogImage::new();
+    img.push_n(900); // several segments
+    assert!(img.segments.len() >= 3, "{}", img.segments.len());
+    // A lost write in the first segment: 10 batches of zeros, and its end.
+    let seg1 = img.segments[1].0;
+    let in_first: Vec<BatchEntry> = img
+        .batches
+        .iter()
+        .copied()
+        .filter(|b| b.position < seg1)
+        .collect();
+    let lost = &in_first[in_first.len() - 10..];
+    img.zero(lost[0].position, lost[9].end());
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    let expected: Vec<BatchEntry> = img
+        .batches
+        .iter()
+        .copied()
+        .filter(|b| !lost.contains(b))
+        .collect();
+    assert_eq!(r.batches, expected, "{}", r.report);
+    assert_eq!(r.report.corrupt.len(), 1);
+    assert_eq!(r.report.corrupt[0].start, lost[0].position);
+    assert!(
+        r.report.corrupt[0].reason.contains("zeros"),
+        "{:?}",
+        r.report.corrupt
+    );
+    assert!(r.report.torn.is_none());
+    assert_eq!(r.segments.len(), img.segments.len());
+}
+
+#[test]
+fn roll_padding_is_not_reported() {
+    let mut img = LogImage::new();
+    img.push_n(900);
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert_eq!(r.batches, img.batches);
+    assert!(r.report.corrupt.is_empty(), "{}", r.report);
+}
+
+#[test]
+fn a_perfect_fake_batch_in_a_payload_is_never_taken() {
+    let mut img = LogImage::new();
+    img.push_n(100);
+    // The payload of the next batch holds a whole batch stamped for the
+    // very position it will lie at, for queue 0's next offset, under a key
+    // the producer chose (it cannot know the segment's).
+    let fake_records = produced(&[b"INVENTED".to_vec()]);
+    let real_len = produced(&[vec![0u8; fake_records.len()]]).len();
+    let real_at = img.at;
+    let fake_at = real_at + real_len as u64 - fake_records.len() as u64;
+    let mut fake = fake_records.clone();
+    stamp(&mut fake, 0, img.next[0], 5, fake_at, &SegmentKey([1; 16]));
+    let holder = img.push(1, &[fake.clone()]);
+    assert_eq!(
+        holder.end(),
+        fake_at + fake.len() as u64,
+        "fake sits at the payload's end"
+    );
+    img.push_n(100);
+    // Damage the holder's header: the scan looks for the next batch and
+    // passes the fake's magic on the way.
+    *img.byte(holder.position + 20) ^= 0xff;
+    let (r, _) = recover_disk(&img.disk(), 8192);
+    assert!(
+        r.batches.iter().all(|b| b.position != fake_at),
+        "fake taken"
+    );
+    assert_eq!(r.batches.len(), 200, "{}", r.report);
+    assert_eq!(r.report.corrupt[0].start, holder.position);
+    assert_eq!(r.report.corrupt[0].end, holder.end());
+}
+
+#[test]
+fn a_torn_write_at_every_512_byte_boundary_keeps_exactly_the_whole_batches() {
+    let mut img = LogImage::new();
+    img.push_n(60);
+    let write_start = align_down(img.batches[40].position);
+    let end = img.at;
+    let mut b = write_start;
+    while b < end {
+        // Sectors after `b` never reached the disk.
+        let mut torn = LogImage {
+            segments: img.segments.clone(),
+            batches: Vec::new(),
+            next: img.next,
+            at: img.at,
+        };
+        torn.zero(b, CAP);
+        let (r, _) = recover_disk(&torn.disk(), 8192);
+        let expected: Vec<BatchEntry> = img
+            .batches
+            .iter()
+            .copied()
+            .filter(|e| e.end() <= b)
+            .collect();
+        assert_eq!(r.batches, expected, "tear at {b}: {}", r.report);
+        assert_eq!(r.end_position, expected.last().unwrap().end());
+        // And only sector `b` lost (a torn multi-sector write).
+        let mut hole = LogImage {
+            segments: img.segments.clone(),
+            batches: Vec::new(),
+            next: img.next,
+            at: img.at,
+        };
+        hole.zero(b, (b + 512).min(end));
+        let (r, _) = recover_disk(&hole.disk(), 1 << 20);
+        let expected: Vec<BatchEntry> = img
+            .batches
+            .iter()
+            .copied()
+            .take_while(|e| e.end() <= b)
+            .collect();
+        assert_eq!(r.batches, expected, "sector at {b}: {}", r.report);
+        b += 512;
+    }
+}
+
+#[test]
+fn index_snapshots_spare_the_scan_and_a_mismatched_one_is_distrusted() {
+    let mut img = LogImage::new();
+    img.push_n(200);
+    let disk = img.disk();
+    let covered = img.batches[149].end();
+    let block = encode_block(&img.batches[..150], covered, false);
+    disk.put(&index_path(&dir(), 0), block);
+    let (r, _) = recover_disk(&disk, 8192);
+    assert_eq!(r.batches, img.batches);
+    assert_eq!(r.report.snapshot_batches, 150);
+    assert!(r.report.scanned_bytes < CAP, "{}", r.report.scanned_bytes);
+    // A snapshot that lists a batch the log does not hold is not trusted.
+    let mut wrong = img.batches[..150].to_vec();
+    wrong[149].base_offset += 1;
+    disk.put(&index_path(&dir(), 0), encode_block(&wrong, covered, false));
+    let (r, _) = recover_disk(&disk, 8192);
+    assert_eq!(r.batches, img.batches);
+    assert_eq!(r.report.snapshots_distrusted, vec![0]);
+    assert_eq!(r.report.snapshot_batches, 0);
+}
+
+#[test]
+fn a_never_written_last_segment_is_removed() {
+    let mut img = LogImage::new();
+    img.push_n(10);
+    let disk = img.disk();
+    disk.put(&segment_path(&dir(), CAP), vec![0u8; CAP as usize]);
+    let (r, _) = recover_disk(&disk, 8192);
+    assert_eq!(r.segments.len(), 1);
+    assert_eq!(
+        r.report.removed_segments,
+        vec![(CAP, "prepared, never written")]
+    );
+    assert!(!disk.names().contains(&segment_path(&dir(), CAP)));
+    assert_eq!(r.batches, img.batches);
+}
+
+#[test]
+fn an_empty_directory_recovers_to_an_empty_log() {
+    let disk = SimDisk::new(1 << 20);
+    let (r, _) = recover_disk(&disk, 8192);
     assert!(r.segments.is_empty());
     assert_eq!(r.end_position, 0);
     assert!(r.report.torn.is_none());

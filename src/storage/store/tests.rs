@@ -4,8 +4,9 @@
 //! exactly what was written.
 
 use super::*;
-use crate::batch::{BatchBuilder, Record};
-use crate::storage::recovery::recover_dir;
+use crate::batch::{BatchBuilder, Record, RecordIter};
+use crate::storage::recovery::{recover, RecoveryConfig};
+use crate::storage::UringIo;
 use glommio::LocalExecutorBuilder;
 
 const SEGMENT: u64 = 64 * 1024;
@@ -39,27 +40,81 @@ fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Se
         .unwrap();
 }
 
-fn cfg(dir: &std::path::Path) -> LogConfig {
-    LogConfig {
-        dir: dir.to_owned(),
-        segment_bytes_max: SEGMENT,
-        write_bytes_max: 16 * 1024,
-        unawaited_write_delay: std::time::Duration::from_millis(1),
+fn cfg(dir: &std::path::Path, tail_cache_bytes_max: u64) -> StoreConfig {
+    StoreConfig {
+        log: LogConfig {
+            dir: dir.to_owned(),
+            shard: 0,
+            segment_bytes: SEGMENT,
+            write_bytes_max: 16 * 1024,
+            unawaited_write_delay: std::time::Duration::from_millis(1),
+            pending_bytes_max: 1 << 20,
+            unsynced_bytes_max: 128 * 1024,
+        },
+        tail_cache_bytes_max,
+        checkpoint_interval: std::time::Duration::from_millis(20),
+        zero_ahead: true,
     }
 }
 
-/// Opens the store in `path` (after the direct-I/O probe) and starts its
-/// flusher and syncer.
+fn io() -> UringIo {
+    let tq = glommio::executor().current_task_queue();
+    UringIo::new(crate::runtime::TaskQueues {
+        data: tq,
+        background: tq,
+    })
+}
+
+/// Opens the store in `path` (after the direct-I/O probe) and starts it.
 async fn open_started(
     path: &std::path::Path,
     tail_cache_bytes_max: u64,
-) -> (Rc<QueueStore>, RecoveryReport) {
+) -> (Rc<QueueStore<UringIo>>, RecoveryReport) {
     crate::runtime::probe_direct_io(path).await.unwrap();
-    let (store, report) = QueueStore::open(cfg(path), tail_cache_bytes_max)
+    let (store, report) = QueueStore::open(io(), cfg(path, tail_cache_bytes_max))
         .await
         .unwrap();
-    store.log().start(glommio::executor().current_task_queue());
+    store.start();
     (store, report)
+}
+
+/// Waits until the store takes the batch, then appends it.
+async fn append_now(
+    store: &QueueStore<UringIo>,
+    queue: u32,
+    b: &Bytes,
+    h: &BatchHeader,
+    level: Durability,
+) -> AppendReceipt {
+    store
+        .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    store.append(queue, b, h, level).unwrap()
+}
+
+/// Recovers `path` again (the store closed) on a fresh executor.
+fn recover_again(
+    path: &std::path::Path,
+) -> (Vec<crate::storage::BatchEntry>, RecoveryReport, Checkpoint) {
+    let p = path.to_owned();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let o = out.clone();
+    run(move || async move {
+        let r = recover(
+            &io(),
+            &RecoveryConfig {
+                dir: p,
+                shard: 0,
+                unsynced_bytes_max: 128 * 1024,
+            },
+        )
+        .await
+        .unwrap();
+        *o.lock().unwrap() = Some((r.batches, r.report, r.checkpoint));
+    });
+    let v = out.lock().unwrap().take().unwrap();
+    v
 }
 
 #[test]
@@ -69,19 +124,20 @@ fn appends_roll_segments_and_recover_exactly() {
     run(move || async move {
         let (store, report) = open_started(&path, 8 * 1024).await;
         assert_eq!(report.batches, 0);
-        store
-            .log()
-            .start_zeroer(glommio::executor().current_task_queue());
         store.ensure_queue(1);
         store.ensure_queue(2);
         let mut last = None;
         for i in 0..120 {
             let q = 1 + (i % 2);
             let (b, h) = produced(&format!("b{i}"), 3, 300);
-            let r = store.append(q, &b, &h).unwrap();
-            assert_eq!(r.base_offset, (i / 2) as u64 * 3);
             let level =
                 [Durability::Memory, Durability::Written, Durability::Fsync][i as usize % 3];
+            store
+                .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+            let r = store.append(q, &b, &h, level).unwrap();
+            assert_eq!(r.base_offset, (i / 2) as u64 * 3);
             store.wait_durable(&r, level).await.unwrap();
             store.publish(&r);
             last = Some(r);
@@ -96,6 +152,7 @@ fn appends_roll_segments_and_recover_exactly() {
                 .all(|w| w[1].base == w[0].base + SEGMENT),
             "{segments:?}"
         );
+        assert!(segments.iter().all(|s| s.capacity == SEGMENT));
         assert_eq!(
             store.offsets(1).unwrap(),
             QueueOffsets {
@@ -126,13 +183,18 @@ fn appends_roll_segments_and_recover_exactly() {
         ));
         store.close().await.unwrap();
     });
-    let r = recover_dir(dir.path()).unwrap();
-    assert_eq!(r.batches.len(), 120);
-    assert!(r.report.torn.is_none());
-    assert!(r.report.corrupt.is_empty());
-    assert_eq!(r.checkpoint.next_offsets.get(&2), Some(&180));
+    let (batches, report, checkpoint) = recover_again(dir.path());
+    assert_eq!(batches.len(), 120);
+    assert!(report.torn.is_none());
+    assert!(report.corrupt.is_empty());
+    assert!(
+        report.snapshot_batches > 0,
+        "sealed segments come from snapshots: {report}"
+    );
+    assert_eq!(checkpoint.queues.get(&2).map(|q| q.next_offset), Some(180));
+    assert_eq!(checkpoint.clean_end, Some(batches.last().unwrap().end()));
     // Every batch sits where its header says.
-    assert!(r.batches.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(batches.windows(2).all(|w| w[0].end() <= w[1].position));
 }
 
 #[test]
@@ -143,7 +205,11 @@ fn visibility_waits_for_the_durability_level() {
         let (store, _) = open_started(&path, 1 << 20).await;
         store.ensure_queue(7);
         let (b, h) = produced("v", 2, 10);
-        let r = store.append(7, &b, &h).unwrap();
+        store
+            .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let r = store.append(7, &b, &h, Durability::Fsync).unwrap();
         // Appended but not published: consumers see nothing yet.
         assert_eq!(store.offsets(7).unwrap().latest, 0);
         let (_, none) = store.read(7, 0, 1 << 20).await.unwrap();
@@ -161,15 +227,15 @@ fn visibility_waits_for_the_durability_level() {
             s.offsets(7).unwrap().latest
         });
         let (b, h) = produced("w", 1, 10);
-        let r = store.append(7, &b, &h).unwrap();
-        store.wait_durable(&r, Durability::Written).await.unwrap();
+        let r = store.append(7, &b, &h, Durability::Fsync).unwrap();
+        store.wait_durable(&r, Durability::Fsync).await.unwrap();
         store.publish(&r);
         assert_eq!(waiter.await, 3);
         assert_eq!(store.offset_for_time(7, 0).unwrap(), 0);
         assert_eq!(store.offset_for_time(7, i64::MAX).unwrap(), 3);
         store.close().await.unwrap();
         assert!(
-            store.append(7, &b, &h).is_err(),
+            store.append(7, &b, &h, Durability::Fsync).is_err(),
             "a closed store takes no appends"
         );
     });
@@ -185,7 +251,11 @@ fn retention_removes_segments_and_trims_indexes() {
         let mut last = None;
         for i in 0..200 {
             let (b, h) = produced(&format!("r{i}"), 2, 400);
-            let r = store.append(1, &b, &h).unwrap();
+            store
+                .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
+                .await
+                .unwrap();
+            let r = store.append(1, &b, &h, Durability::Written).unwrap();
             store.wait_durable(&r, Durability::Written).await.unwrap();
             store.publish(&r);
             last = Some(r);
@@ -221,12 +291,12 @@ fn retention_removes_segments_and_trims_indexes() {
             .filter(|p| p.starts_with(&*path.to_string_lossy()) && p.ends_with("(deleted)"))
             .collect();
         assert!(held.is_empty(), "deleted segments still open: {held:?}");
-        store.wait_durable(&last, Durability::Fsync).await.unwrap();
         store.close().await.unwrap();
+        let _ = last;
     });
-    let r = recover_dir(dir.path()).unwrap();
-    assert_eq!(r.segments.len(), 2);
-    assert_eq!(r.batches.last().unwrap().base_offset + 2, 400);
+    let (batches, report, _) = recover_again(dir.path());
+    assert_eq!(report.segments, 2);
+    assert_eq!(batches.last().unwrap().base_offset + 2, 400);
 }
 
 #[test]
@@ -240,7 +310,11 @@ fn unawaited_appends_are_written_without_anyone_asking() {
         let (store, _) = open_started(&path, 1 << 20).await;
         store.ensure_queue(1);
         let (b, h) = produced("m", 2, 50);
-        let r = store.append(1, &b, &h).unwrap();
+        store
+            .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let r = store.append(1, &b, &h, Durability::Memory).unwrap();
         let t0 = std::time::Instant::now();
         while store.log().written_position() < r.end_position {
             assert!(
@@ -250,9 +324,85 @@ fn unawaited_appends_are_written_without_anyone_asking() {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         // And a waiter gets its write without the delay's help.
-        let r2 = store.append(1, &b, &h).unwrap();
+        let r2 = store.append(1, &b, &h, Durability::Written).unwrap();
         store.wait_durable(&r2, Durability::Written).await.unwrap();
         assert!(store.log().written_position() >= r2.end_position);
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn producers_that_outrun_the_disk_wait_within_the_pending_bound() {
+    // Memory-level appends nobody waits on, far faster than the disk: the
+    // log never holds more than `pending_bytes_max` unwritten.
+    let dir = tempdir();
+    let path = dir.path().to_owned();
+    run(move || async move {
+        let (store, _) = open_started(&path, 64 * 1024).await;
+        store.ensure_queue(1);
+        let (b, h) = produced("p", 20, 1000); // ~20 KiB
+        let mut waited = 0;
+        let mut max_pending = 0;
+        for _ in 0..400 {
+            if !matches!(
+                store.log().admission(b.len() as u64),
+                crate::storage::commit_log::Admission::Now
+            ) {
+                waited += 1;
+            }
+            store
+                .wait_appendable(b.len() as u64, std::time::Duration::from_secs(10))
+                .await
+                .unwrap();
+            store.append(1, &b, &h, Durability::Memory).unwrap();
+            max_pending = max_pending.max(store.log().pending_bytes());
+        }
+        assert!(
+            max_pending <= 1 << 20,
+            "pending {max_pending} over the bound"
+        );
+        assert!(waited > 0, "the producer never had to wait");
+        assert!(store.tail_cache_bytes() <= (1 << 20) + 64 * 1024 + b.len() as u64);
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_forged_position_is_refused_after_one_header_read() {
+    // A payload holding a perfect-looking batch header that claims 512 MiB:
+    // `batch_at` on its position reads the 80-byte header, fails the MAC,
+    // and never reads (or allocates) the claimed length.
+    let dir = tempdir();
+    let path = dir.path().to_owned();
+    run(move || async move {
+        let (store, _) = open_started(&path, 4096).await;
+        store.ensure_queue(1);
+        let mut fake = vec![0u8; 80];
+        fake[4..8].copy_from_slice(&(512u32 << 20).to_le_bytes());
+        fake[8..10].copy_from_slice(&crate::batch::BATCH_MAGIC.to_le_bytes());
+        fake[10] = 1;
+        let mut bb = BatchBuilder::new();
+        bb.push(&Record::new(Bytes::from(fake)));
+        let b = bb.finish();
+        let h = batch::validate_produced(&b, 1 << 20).unwrap();
+        let r = append_now(&store, 1, &b, &h, Durability::Fsync).await;
+        store.wait_durable(&r, Durability::Fsync).await.unwrap();
+        store.publish(&r);
+        // Push the batch out of the 4 KiB tail cache.
+        for i in 0..20 {
+            let (b, h) = produced(&format!("f{i}"), 3, 300);
+            let r = append_now(&store, 1, &b, &h, Durability::Fsync).await;
+            store.wait_durable(&r, Durability::Fsync).await.unwrap();
+            store.publish(&r);
+        }
+        let forged = r.end_position - 80;
+        let t0 = std::time::Instant::now();
+        assert!(matches!(
+            store.batch_at(forged).await,
+            Err(StoreError::Log(LogError::NotFound(_)))
+        ));
+        assert!(t0.elapsed() < std::time::Duration::from_millis(100));
+        assert_eq!(store.batch_at(r.position).await.unwrap().len(), b.len());
         store.close().await.unwrap();
     });
 }

@@ -1,0 +1,203 @@
+//! Index snapshots: per segment, `<base>.idx` lists the segment's batches
+//! (position, length, queue, offsets, append time), so a restart rebuilds
+//! the indexes from these files and scans only the log written since the
+//! last snapshot instead of the whole retained log.
+//!
+//! A snapshot only ever lists batches below the synced position, so it
+//! never names a batch a crash could take back. The file is append-only, in
+//! blocks: each append writes one block (at a page boundary, padded to
+//! whole pages) and syncs it. A torn last block fails its CRC and is
+//! dropped; the blocks before it stand. A segment whose batches are all
+//! listed and synced gets a last block flagged *sealed*: its data end is
+//! then known and recovery reads nothing of the segment but the header
+//! page and the last batch (to check the snapshot against the log).
+//!
+//! ```text
+//! block: u32 magic 0x4B495831 ("KIX1") | u32 n | u64 covered_end
+//!        | u32 flags (bit 0: sealed) | u32 crc32 (bytes 0..20, then the entries)
+//!        | u64 reserved 0
+//!        | n × (u64 position, u64 base_offset, i64 append_time_ms,
+//!             u32 queue_id, u32 len, u32 count, u32 reserved 0)
+//!        | zeros to the next page
+//! ```
+//! `covered_end`: every batch of the segment that starts below it is
+//! listed in this block or an earlier one.
+
+use std::path::Path;
+
+use super::io::{Io, IoBuffer, IoFile, IoResult};
+use super::{align_up, BatchEntry};
+
+const MAGIC: u32 = 0x4B49_5831;
+const BLOCK_HEAD_BYTES: usize = 32;
+const ENTRY_BYTES: usize = 40;
+const FLAG_SEALED: u32 = 1;
+/// Most entries one block holds (a block stays a few MiB at most).
+pub const BLOCK_ENTRIES_MAX: usize = 65_536;
+
+/// What a snapshot file holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub entries: Vec<BatchEntry>,
+    /// Every batch starting below this is in `entries`.
+    pub covered_end: u64,
+    /// `covered_end` is the end of the segment's data.
+    pub sealed: bool,
+    /// Bytes of intact blocks: where the next block goes.
+    pub file_len: u64,
+}
+
+/// Encodes one block (page-padded).
+pub fn encode_block(entries: &[BatchEntry], covered_end: u64, sealed: bool) -> Vec<u8> {
+    assert!(entries.len() <= BLOCK_ENTRIES_MAX, "index block too large");
+    let body = BLOCK_HEAD_BYTES + entries.len() * ENTRY_BYTES;
+    let mut b = vec![0u8; align_up(body as u64) as usize];
+    b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    b[8..16].copy_from_slice(&covered_end.to_le_bytes());
+    let flags = if sealed { FLAG_SEALED } else { 0 };
+    b[16..20].copy_from_slice(&flags.to_le_bytes());
+    let mut at = BLOCK_HEAD_BYTES;
+    for e in entries {
+        b[at..at + 8].copy_from_slice(&e.position.to_le_bytes());
+        b[at + 8..at + 16].copy_from_slice(&e.base_offset.to_le_bytes());
+        b[at + 16..at + 24].copy_from_slice(&e.append_time_ms.to_le_bytes());
+        b[at + 24..at + 28].copy_from_slice(&e.queue_id.to_le_bytes());
+        b[at + 28..at + 32].copy_from_slice(&e.len.to_le_bytes());
+        b[at + 32..at + 36].copy_from_slice(&e.count.to_le_bytes());
+        at += ENTRY_BYTES;
+    }
+    let crc = block_crc(&b[..20], &b[BLOCK_HEAD_BYTES..body]);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn block_crc(head: &[u8], entries: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head);
+    h.update(entries);
+    h.finalize()
+}
+
+/// Decodes a whole file: every intact block up to the first damaged one.
+pub fn decode_file(b: &[u8]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let mut at = 0usize;
+    while at + BLOCK_HEAD_BYTES <= b.len() {
+        let u32_at = |i: usize| u32::from_le_bytes(b[at + i..at + i + 4].try_into().unwrap());
+        let n = u32_at(4) as usize;
+        if u32_at(0) != MAGIC || n > BLOCK_ENTRIES_MAX {
+            break;
+        }
+        let body = BLOCK_HEAD_BYTES + n * ENTRY_BYTES;
+        let len = align_up(body as u64) as usize;
+        if at + len > b.len()
+            || block_crc(&b[at..at + 20], &b[at + BLOCK_HEAD_BYTES..at + body]) != u32_at(20)
+        {
+            break;
+        }
+        let covered_end = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
+        let entries = b[at + BLOCK_HEAD_BYTES..at + body].chunks_exact(ENTRY_BYTES);
+        let decoded: Vec<BatchEntry> = entries
+            .map(|c| BatchEntry {
+                position: u64::from_le_bytes(c[0..8].try_into().unwrap()),
+                base_offset: u64::from_le_bytes(c[8..16].try_into().unwrap()),
+                append_time_ms: i64::from_le_bytes(c[16..24].try_into().unwrap()),
+                queue_id: u32::from_le_bytes(c[24..28].try_into().unwrap()),
+                len: u32::from_le_bytes(c[28..32].try_into().unwrap()),
+                count: u32::from_le_bytes(c[32..36].try_into().unwrap()),
+            })
+            .collect();
+        // Blocks only ever extend the list, in log order.
+        let ordered = decoded
+            .first()
+            .is_none_or(|e| e.position >= snap.covered_end)
+            && decoded.windows(2).all(|w| w[0].end() <= w[1].position)
+            && decoded.last().is_none_or(|e| e.end() <= covered_end)
+            && covered_end >= snap.covered_end;
+        if !ordered {
+            break;
+        }
+        snap.entries.extend(decoded);
+        snap.covered_end = covered_end;
+        snap.sealed = u32_at(16) & FLAG_SEALED != 0;
+        at += len;
+        snap.file_len = at as u64;
+        if snap.sealed {
+            break;
+        }
+    }
+    snap
+}
+
+/// Reads the snapshot at `path`; `None` when there is none.
+pub async fn load<I: Io>(io: &I, path: &Path) -> Option<(I::File, Snapshot)> {
+    let file = io.open(path).await.ok()?;
+    let len = file.size().await.ok()?;
+    let bytes = file.read_at(0, len as usize).await.ok()?;
+    Some((file, decode_file(&bytes)))
+}
+
+/// Appends one block at `at` and syncs it.
+pub async fn append<I: Io>(
+    io: &I,
+    file: &I::File,
+    at: u64,
+    entries: &[BatchEntry],
+    covered_end: u64,
+    sealed: bool,
+) -> IoResult<u64> {
+    let block = encode_block(entries, covered_end, sealed);
+    let mut buf = io.buffer(block.len());
+    buf.bytes_mut().copy_from_slice(&block);
+    file.write_at(buf, at).await?;
+    file.sync().await?;
+    Ok(at + block.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(position: u64, len: u32, queue_id: u32, base_offset: u64) -> BatchEntry {
+        BatchEntry {
+            position,
+            len,
+            queue_id,
+            base_offset,
+            count: 3,
+            append_time_ms: 1000 + position as i64,
+        }
+    }
+
+    #[test]
+    fn blocks_round_trip_and_a_torn_last_block_is_dropped() {
+        let a = encode_block(&[e(4096, 100, 1, 0), e(4196, 50, 2, 0)], 4246, false);
+        let b = encode_block(&[e(4246, 70, 1, 3)], 4316, false);
+        let c = encode_block(&[], 4316, true);
+        let mut file = [a.clone(), b.clone(), c.clone()].concat();
+        let s = decode_file(&file);
+        assert_eq!(s.entries.len(), 3);
+        assert_eq!((s.covered_end, s.sealed), (4316, true));
+        assert_eq!(s.file_len as usize, file.len());
+        // The sealed block torn: the first two stand, unsealed.
+        let at = a.len() + b.len() + 10;
+        file[at] ^= 1;
+        let s = decode_file(&file);
+        assert_eq!((s.entries.len(), s.covered_end, s.sealed), (3, 4316, false));
+        assert_eq!(s.file_len as usize, a.len() + b.len());
+        // Damage in the first block: nothing is trusted after it.
+        let mut file = [a.clone(), b].concat();
+        file[40] ^= 1;
+        assert_eq!(decode_file(&file), Snapshot::default());
+    }
+
+    #[test]
+    fn out_of_order_blocks_are_refused() {
+        let a = encode_block(&[e(5000, 100, 1, 0)], 5100, false);
+        let b = encode_block(&[e(4096, 100, 1, 3)], 4196, false);
+        let s = decode_file(&[a, b].concat());
+        assert_eq!(s.entries.len(), 1);
+        assert_eq!(s.covered_end, 5100);
+    }
+}
