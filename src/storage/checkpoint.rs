@@ -23,10 +23,15 @@
 //! crash, so its queue needs its reservation only after a reboot; a
 //! `memory` append needs it after any crash.
 //!
+//! A log that stopped after an I/O failure marks it (`storage_failed`):
+//! the device may have lost completed writes, so recovery treats that like
+//! a power cut too.
+//!
 //! ```text
 //! slot: u32 magic 0x4B435032 ("KCP2") | u32 slot_bytes | u64 sequence
 //!       | u64 synced_position | u64 clean_end (u64::MAX: not a clean stop)
-//!       | [16] boot_id | u32 n | u32 crc32 (bytes 0..52, then the entries)
+//!       | [16] boot_id | u32 n | u32 flags (bit 0: storage_failed)
+//!       | u32 crc32 (bytes 0..56, then the entries) | u32 reserved 0
 //!       | n × (u32 queue_id, u32 reserve_kind (0 none, 1 written, 2 memory),
 //!              u64 next_offset, u64 offset_reserved) | zeros
 //! ```
@@ -41,10 +46,13 @@ use super::{align_up, DMA_ALIGNMENT_BYTES};
 use crate::runtime::Watch;
 
 const MAGIC: u32 = 0x4B43_5032;
-const SLOT_HEAD_BYTES: usize = 56;
+const SLOT_HEAD_BYTES: usize = 64;
+const FLAG_STORAGE_FAILED: u32 = 1;
 const ENTRY_BYTES: usize = 24;
 /// File name inside the shard directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint";
+/// Reads of a checkpoint that fails its check before it counts as damaged.
+const LOAD_READS: usize = 4;
 
 /// Which crashes can take back a queue's acknowledged offsets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -89,6 +97,8 @@ pub struct Checkpoint {
     pub clean_end: Option<u64>,
     /// The kernel boot id when it was stored.
     pub boot_id: [u8; 16],
+    /// The log stopped after an I/O failure.
+    pub storage_failed: bool,
     pub queues: BTreeMap<u32, QueueCheckpoint>,
 }
 
@@ -112,6 +122,8 @@ impl Checkpoint {
         b[24..32].copy_from_slice(&self.clean_end.unwrap_or(u64::MAX).to_le_bytes());
         b[32..48].copy_from_slice(&self.boot_id);
         b[48..52].copy_from_slice(&(self.queues.len() as u32).to_le_bytes());
+        let flags = if self.storage_failed { FLAG_STORAGE_FAILED } else { 0 };
+        b[52..56].copy_from_slice(&flags.to_le_bytes());
         let mut at = SLOT_HEAD_BYTES;
         for (id, q) in &self.queues {
             b[at..at + 4].copy_from_slice(&id.to_le_bytes());
@@ -120,8 +132,8 @@ impl Checkpoint {
             b[at + 16..at + 24].copy_from_slice(&q.offset_reserved.to_le_bytes());
             at += ENTRY_BYTES;
         }
-        let crc = slot_crc(&b[..52], &b[SLOT_HEAD_BYTES..at]);
-        b[52..56].copy_from_slice(&crc.to_le_bytes());
+        let crc = slot_crc(&b[..56], &b[SLOT_HEAD_BYTES..at]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -140,7 +152,7 @@ impl Checkpoint {
             .checked_mul(ENTRY_BYTES)
             .and_then(|e| e.checked_add(SLOT_HEAD_BYTES))
             .filter(|&e| e <= b.len())?;
-        if slot_crc(&b[..52], &b[SLOT_HEAD_BYTES..end]) != u32_at(52) {
+        if slot_crc(&b[..56], &b[SLOT_HEAD_BYTES..end]) != u32_at(56) {
             return None;
         }
         let mut queues = BTreeMap::new();
@@ -160,6 +172,7 @@ impl Checkpoint {
                 synced_position: u64_at(16),
                 clean_end,
                 boot_id: b[32..48].try_into().unwrap(),
+                storage_failed: u32_at(52) & FLAG_STORAGE_FAILED != 0,
                 queues,
             },
         ))
@@ -237,14 +250,23 @@ impl<I: Io> CheckpointFile<I> {
         let Ok(file) = io.open(&path).await else {
             return (cf, None, CheckpointState::Missing);
         };
-        let whole = match file.size().await {
-            Ok(len) if len <= 1 << 30 => file.read_at(0, len as usize).await.ok(),
-            _ => None,
-        };
-        let (best, state) = match whole {
-            Some(b) => decode_file(&b),
-            None => (None, CheckpointState::Damaged),
-        };
+        // A read that fails its check is read again: a misdirected or
+        // flipped read is not a damaged file.
+        let mut decoded = (None, CheckpointState::Damaged);
+        for _ in 0..LOAD_READS {
+            let whole = match file.size().await {
+                Ok(len) if len <= 1 << 30 => file.read_at(0, len as usize).await.ok(),
+                _ => None,
+            };
+            decoded = match whole {
+                Some(b) => decode_file(&b),
+                None => (None, CheckpointState::Damaged),
+            };
+            if decoded.1 == CheckpointState::Ok {
+                break;
+            }
+        }
+        let (best, state) = decoded;
         match best {
             Some((seq, cp, slot_bytes)) => {
                 cf.slot_bytes = Cell::new(slot_bytes);
@@ -340,6 +362,7 @@ mod tests {
             synced_position: 12345,
             clean_end: Some(12345),
             boot_id: [3; 16],
+            storage_failed: true,
             queues: [
                 (
                     1,

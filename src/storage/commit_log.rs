@@ -354,18 +354,18 @@ impl<I: Io> CommitLog<I> {
 
     /// Waits (up to `limit`) until an append of `len` bytes can be taken.
     pub async fn wait_admission(&self, len: u64, limit: Duration) -> Result<(), LogError> {
-        let deadline = Instant::now() + limit;
+        let deadline_ms = self.io.now_ms() + limit.as_millis() as i64;
         loop {
             let seen = self.admit_changed.get();
             match self.admission(len) {
                 Admission::Now => return Ok(()),
                 Admission::Refused(e) => return Err(e),
                 Admission::Wait(why) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
+                    let left_ms = deadline_ms - self.io.now_ms();
+                    if left_ms <= 0 {
                         return Err(LogError::Busy(why));
                     }
-                    let timer = self.io.sleep(left);
+                    let timer = self.io.sleep(Duration::from_millis(left_ms as u64));
                     self.admit_changed.wait_for_within(seen + 1, timer).await;
                 }
             }

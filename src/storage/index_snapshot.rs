@@ -14,14 +14,17 @@
 //!
 //! ```text
 //! block: u32 magic 0x4B495831 ("KIX1") | u32 n | u64 covered_end
-//!        | u32 flags (bit 0: sealed) | u32 crc32 (bytes 0..20, then the entries)
-//!        | u64 reserved 0
+//!        | u32 flags (bit 0: sealed) | u32 crc32 (bytes 0..20 and 24..32,
+//!        then the entries) | u64 from
 //!        | n × (u64 position, u64 base_offset, i64 append_time_ms,
 //!             u32 queue_id, u32 len, u32 count, u32 reserved 0)
 //!        | zeros to the next page
 //! ```
-//! `covered_end`: every batch of the segment that starts below it is
-//! listed in this block or an earlier one.
+//! A block lists every batch of the segment starting in `[from,
+//! covered_end)`; the first block's `from` is the segment's first batch
+//! position and each next block's is the previous `covered_end`, so a read
+//! that returns the blocks of another place (a misdirected read) never
+//! decodes as this file.
 
 use std::path::Path;
 
@@ -47,8 +50,9 @@ pub struct Snapshot {
     pub file_len: u64,
 }
 
-/// Encodes one block (page-padded).
-pub fn encode_block(entries: &[BatchEntry], covered_end: u64, sealed: bool) -> Vec<u8> {
+/// Encodes one block (page-padded) listing the batches in
+/// `[from, covered_end)`.
+pub fn encode_block(entries: &[BatchEntry], from: u64, covered_end: u64, sealed: bool) -> Vec<u8> {
     assert!(entries.len() <= BLOCK_ENTRIES_MAX, "index block too large");
     let body = BLOCK_HEAD_BYTES + entries.len() * ENTRY_BYTES;
     let mut b = vec![0u8; align_up(body as u64) as usize];
@@ -57,6 +61,7 @@ pub fn encode_block(entries: &[BatchEntry], covered_end: u64, sealed: bool) -> V
     b[8..16].copy_from_slice(&covered_end.to_le_bytes());
     let flags = if sealed { FLAG_SEALED } else { 0 };
     b[16..20].copy_from_slice(&flags.to_le_bytes());
+    b[24..32].copy_from_slice(&from.to_le_bytes());
     let mut at = BLOCK_HEAD_BYTES;
     for e in entries {
         b[at..at + 8].copy_from_slice(&e.position.to_le_bytes());
@@ -67,21 +72,27 @@ pub fn encode_block(entries: &[BatchEntry], covered_end: u64, sealed: bool) -> V
         b[at + 32..at + 36].copy_from_slice(&e.count.to_le_bytes());
         at += ENTRY_BYTES;
     }
-    let crc = block_crc(&b[..20], &b[BLOCK_HEAD_BYTES..body]);
+    let crc = block_crc(&b[..BLOCK_HEAD_BYTES], &b[BLOCK_HEAD_BYTES..body]);
     b[20..24].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
 fn block_crc(head: &[u8], entries: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(head);
+    h.update(&head[..20]);
+    h.update(&head[24..32]);
     h.update(entries);
     h.finalize()
 }
 
-/// Decodes a whole file: every intact block up to the first damaged one.
-pub fn decode_file(b: &[u8]) -> Snapshot {
-    let mut snap = Snapshot::default();
+/// Decodes a whole file of the segment whose first batch position is
+/// `data_start`: every intact block of the chain up to the first damaged
+/// one.
+pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
+    let mut snap = Snapshot {
+        covered_end: data_start,
+        ..Snapshot::default()
+    };
     let mut at = 0usize;
     while at + BLOCK_HEAD_BYTES <= b.len() {
         let u32_at = |i: usize| u32::from_le_bytes(b[at + i..at + i + 4].try_into().unwrap());
@@ -92,11 +103,16 @@ pub fn decode_file(b: &[u8]) -> Snapshot {
         let body = BLOCK_HEAD_BYTES + n * ENTRY_BYTES;
         let len = align_up(body as u64) as usize;
         if at + len > b.len()
-            || block_crc(&b[at..at + 20], &b[at + BLOCK_HEAD_BYTES..at + body]) != u32_at(20)
+            || block_crc(&b[at..at + BLOCK_HEAD_BYTES], &b[at + BLOCK_HEAD_BYTES..at + body])
+                != u32_at(20)
         {
             break;
         }
         let covered_end = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap());
+        let from = u64::from_le_bytes(b[at + 24..at + 32].try_into().unwrap());
+        if from != snap.covered_end {
+            break;
+        }
         let entries = b[at + BLOCK_HEAD_BYTES..at + body].chunks_exact(ENTRY_BYTES);
         let decoded: Vec<BatchEntry> = entries
             .map(|c| BatchEntry {
@@ -130,24 +146,45 @@ pub fn decode_file(b: &[u8]) -> Snapshot {
     snap
 }
 
-/// Reads the snapshot at `path`; `None` when there is none.
-pub async fn load<I: Io>(io: &I, path: &Path) -> Option<(I::File, Snapshot)> {
+/// Reads the snapshot at `path` of the segment whose first batch position
+/// is `data_start`; `None` when there is none. A read whose blocks stop
+/// short of the file's end is read again (a misdirected or flipped read is
+/// not a damaged file); the longest decode wins.
+pub async fn load<I: Io>(io: &I, path: &Path, data_start: u64) -> Option<(I::File, Snapshot)> {
     let file = io.open(path).await.ok()?;
     let len = file.size().await.ok()?;
-    let bytes = file.read_at(0, len as usize).await.ok()?;
-    Some((file, decode_file(&bytes)))
+    let mut best = Snapshot {
+        covered_end: data_start,
+        ..Snapshot::default()
+    };
+    for _ in 0..4 {
+        let Ok(bytes) = file.read_at(0, len as usize).await else {
+            continue;
+        };
+        let s = decode_file(&bytes, data_start);
+        let whole = s.sealed || s.file_len >= len;
+        if s.file_len >= best.file_len {
+            best = s;
+        }
+        if whole {
+            break;
+        }
+    }
+    Some((file, best))
 }
 
-/// Appends one block at `at` and syncs it.
+/// Appends one block at `at` (listing `[from, covered_end)`) and syncs it.
+#[allow(clippy::too_many_arguments)]
 pub async fn append<I: Io>(
     io: &I,
     file: &I::File,
     at: u64,
     entries: &[BatchEntry],
+    from: u64,
     covered_end: u64,
     sealed: bool,
 ) -> IoResult<u64> {
-    let block = encode_block(entries, covered_end, sealed);
+    let block = encode_block(entries, from, covered_end, sealed);
     let mut buf = io.buffer(block.len());
     buf.bytes_mut().copy_from_slice(&block);
     file.write_at(buf, at).await?;
@@ -172,31 +209,36 @@ mod tests {
 
     #[test]
     fn blocks_round_trip_and_a_torn_last_block_is_dropped() {
-        let a = encode_block(&[e(4096, 100, 1, 0), e(4196, 50, 2, 0)], 4246, false);
-        let b = encode_block(&[e(4246, 70, 1, 3)], 4316, false);
-        let c = encode_block(&[], 4316, true);
+        let a = encode_block(&[e(4096, 100, 1, 0), e(4196, 50, 2, 0)], 4096, 4246, false);
+        let b = encode_block(&[e(4246, 70, 1, 3)], 4246, 4316, false);
+        let c = encode_block(&[], 4316, 4316, true);
         let mut file = [a.clone(), b.clone(), c.clone()].concat();
-        let s = decode_file(&file);
+        let s = decode_file(&file, 4096);
         assert_eq!(s.entries.len(), 3);
         assert_eq!((s.covered_end, s.sealed), (4316, true));
         assert_eq!(s.file_len as usize, file.len());
         // The sealed block torn: the first two stand, unsealed.
         let at = a.len() + b.len() + 10;
         file[at] ^= 1;
-        let s = decode_file(&file);
+        let s = decode_file(&file, 4096);
         assert_eq!((s.entries.len(), s.covered_end, s.sealed), (3, 4316, false));
         assert_eq!(s.file_len as usize, a.len() + b.len());
         // Damage in the first block: nothing is trusted after it.
-        let mut file = [a.clone(), b].concat();
+        let mut file = [a.clone(), b.clone()].concat();
         file[40] ^= 1;
-        assert_eq!(decode_file(&file), Snapshot::default());
+        assert_eq!(decode_file(&file, 4096).entries.len(), 0);
+        // A read that starts at the second block (misdirected) is not this
+        // file, though every block in it checks.
+        let shifted = [b, c].concat();
+        let s = decode_file(&shifted, 4096);
+        assert_eq!((s.entries.len(), s.sealed, s.file_len), (0, false, 0));
     }
 
     #[test]
     fn out_of_order_blocks_are_refused() {
-        let a = encode_block(&[e(5000, 100, 1, 0)], 5100, false);
-        let b = encode_block(&[e(4096, 100, 1, 3)], 4196, false);
-        let s = decode_file(&[a, b].concat());
+        let a = encode_block(&[e(5000, 100, 1, 0)], 4096, 5100, false);
+        let b = encode_block(&[e(4096, 100, 1, 3)], 5100, 4196, false);
+        let s = decode_file(&[a, b].concat(), 4096);
         assert_eq!(s.entries.len(), 1);
         assert_eq!(s.covered_end, 5100);
     }

@@ -55,7 +55,7 @@ use crate::batch::{
 const READ_WINDOW_BYTES: usize = 1 << 20;
 /// How often a read that fails a check is retried before the bytes count
 /// as damaged.
-const READ_RETRIES: u32 = 2;
+const READ_RETRIES: u32 = 3;
 
 /// What recovery needs to know of the writer.
 #[derive(Clone, Debug)]
@@ -314,7 +314,8 @@ async fn probe_once<F: IoFile>(
     })
 }
 
-/// [`probe_once`], re-reading before bytes count as damaged.
+/// [`probe_once`], re-reading before bytes count as damaged or as zeros
+/// (a misdirected read can return either).
 async fn probe<F: IoFile>(
     r: &mut Reader<'_, F>,
     base: u64,
@@ -324,13 +325,30 @@ async fn probe<F: IoFile>(
 ) -> IoResult<Probe> {
     let mut p = probe_once(r, base, key, at, limit).await?;
     for _ in 0..READ_RETRIES {
-        if !matches!(p, Probe::Invalid(_)) {
+        if matches!(p, Probe::Genuine(_)) {
             break;
         }
         r.forget();
         p = probe_once(r, base, key, at, limit).await?;
     }
     Ok(p)
+}
+
+/// `len` bytes at `at` read fresh until two reads agree (at most a few
+/// tries): what a search concludes "holds no batch" must not rest on one
+/// read that may have been misdirected.
+async fn agreed_chunk<F: IoFile>(r: &mut Reader<'_, F>, at: u64, len: usize) -> IoResult<Bytes> {
+    r.forget();
+    let mut last = r.get(at, len).await?;
+    for _ in 0..READ_RETRIES {
+        r.forget();
+        let again = r.get(at, len).await?;
+        if again == last {
+            return Ok(again);
+        }
+        last = again;
+    }
+    Ok(last)
 }
 
 /// The next genuine batch after `from` (relative) and below `limit`; also
@@ -347,7 +365,7 @@ async fn find_next_genuine<F: IoFile>(
     let mut nonzero_end = 0u64;
     let mut at = from + 1;
     while at + BATCH_HEADER_BYTES as u64 <= limit {
-        let chunk = r.get(at, READ_WINDOW_BYTES).await?;
+        let chunk = agreed_chunk(r, at, READ_WINDOW_BYTES).await?;
         if chunk.len() < BATCH_HEADER_BYTES {
             break;
         }
@@ -385,6 +403,61 @@ fn last_nonzero(b: &[u8]) -> Option<usize> {
         return b[at..at + 8].iter().rposition(|&x| x != 0).map(|i| at + i);
     }
     head.iter().rposition(|&x| x != 0)
+}
+
+/// The bytes of `[from, to)` (absolute) of a segment as its genuine
+/// batches hold them, each batch read back and checked (zeros where no
+/// batch lies). What the writer will rewrite (the last partial page) must
+/// never come from an unchecked read: a misdirected or flipped read
+/// written back would damage a good batch.
+async fn verified_bytes<F: IoFile>(
+    file: &F,
+    seg: &SegmentInfo,
+    batches: &[BatchEntry],
+    from: u64,
+    to: u64,
+) -> IoResult<Vec<u8>> {
+    let mut out = vec![0u8; (to - from) as usize];
+    let mut r = Reader::new(file, seg.capacity);
+    for b in batches.iter().filter(|b| b.position < to && b.end() > from) {
+        let at = b.position - seg.base;
+        let mut ok = false;
+        for _ in 0..=READ_RETRIES + 2 {
+            r.forget();
+            if let Probe::Genuine(e) = probe(&mut r, seg.base, &seg.key, at, seg.capacity).await? {
+                ok = e == *b;
+                break;
+            }
+        }
+        if !ok {
+            return Err(IoFailure::new(
+                "read back",
+                file.path(),
+                super::io::IoKind::Other,
+                format!("the batch at {} no longer checks", b.position),
+            ));
+        }
+        let bytes = r.get(at, b.len as usize).await?;
+        let lo = b.position.max(from);
+        let hi = b.end().min(to);
+        out[(lo - from) as usize..(hi - from) as usize]
+            .copy_from_slice(&bytes[(lo - b.position) as usize..(hi - b.position) as usize]);
+    }
+    Ok(out)
+}
+
+/// `len` bytes at `pos` of `file`, read until two reads agree (at most a
+/// few tries).
+async fn agreed_read<F: IoFile>(file: &F, pos: u64, len: usize) -> IoResult<Bytes> {
+    let mut last = file.read_at(pos, len).await?;
+    for _ in 0..READ_RETRIES {
+        let again = file.read_at(pos, len).await?;
+        if again == last {
+            return Ok(again);
+        }
+        last = again;
+    }
+    Ok(last)
 }
 
 /// One segment's scan.
@@ -453,7 +526,8 @@ async fn scan_segment<F: IoFile>(
             });
             return Ok(scan);
         }
-        let reason = match probe(r, base, key, at, limit).await? {
+        let p = probe(r, base, key, at, limit).await?;
+        let reason = match p {
             Probe::Genuine(e) => {
                 at += u64::from(e.len);
                 scan.nonzero_end = scan.nonzero_end.max(e.end());
@@ -524,35 +598,45 @@ struct SegmentFile<F> {
     file: Rc<F>,
     capacity: u64,
     header: Option<SegmentHeader>,
+    /// The header page reads as zeros: never written.
+    zero_page: bool,
     snapshot: Option<(Rc<F>, Snapshot)>,
 }
 
 /// Tracks each queue's next expected offset over batches in log order.
 #[derive(Default)]
 struct OffsetTracker {
-    next: HashMap<u32, u64>,
+    /// queue → (next offset, damaged ranges seen before its last batch)
+    next: HashMap<u32, (u64, usize)>,
+    /// Damaged ranges seen so far.
+    damage: usize,
     gaps: u64,
 }
 
 impl OffsetTracker {
-    /// Whether `e` continues its queue (a gap is counted as lost messages;
-    /// an offset that repeats is refused).
+    /// Whether `e` continues its queue (an offset that repeats is
+    /// refused). A gap after damage counts as lost messages; a gap with no
+    /// damage between is a queue resuming past its reservation after a
+    /// crash.
     fn accept(&mut self, e: &BatchEntry) -> Result<(), String> {
-        match self.next.get(&e.queue_id) {
-            Some(&n) if e.base_offset < n => Err(format!(
-                "queue {} offset {} repeats (expected {n})",
-                e.queue_id, e.base_offset
-            )),
-            Some(&n) => {
-                self.gaps += e.base_offset - n;
-                self.next.insert(e.queue_id, e.next_offset());
-                Ok(())
+        if let Some(&(n, damage)) = self.next.get(&e.queue_id) {
+            if e.base_offset < n {
+                return Err(format!(
+                    "queue {} offset {} repeats (expected {n})",
+                    e.queue_id, e.base_offset
+                ));
             }
-            None => {
-                self.next.insert(e.queue_id, e.next_offset());
-                Ok(())
+            if damage != self.damage {
+                self.gaps += e.base_offset - n;
             }
         }
+        self.next
+            .insert(e.queue_id, (e.next_offset(), self.damage));
+        Ok(())
+    }
+
+    fn damaged(&mut self) {
+        self.damage += 1;
     }
 }
 
@@ -615,6 +699,14 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
         }
         let limit = known_end.map_or(seg.capacity, |e| e - seg.base);
         let is_last = i + 1 == files.len();
+        if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
+            eprintln!(
+                "recovery: segment {} cap {} from {from} limit {limit} known_end {known_end:?} snapshot {:?} clean_end {clean_end:?}",
+                seg.base,
+                seg.capacity,
+                seg.snapshot.as_ref().map(|(_, s)| (s.entries.len(), s.covered_end, s.sealed, s.file_len))
+            );
+        }
         let rest = scan_segment(
             &mut r,
             seg.base,
@@ -656,17 +748,21 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
             match f {
                 Found::Batch(e) => match offsets.accept(e) {
                     Ok(()) => out_batches.push(*e),
-                    Err(reason) if e.position < durable => report.corrupt.push(CorruptRange {
-                        start: e.position,
-                        end: e.end(),
-                        reason,
-                    }),
+                    Err(reason) if e.position < durable => {
+                        offsets.damaged();
+                        report.corrupt.push(CorruptRange {
+                            start: e.position,
+                            end: e.end(),
+                            reason,
+                        })
+                    }
                     Err(reason) => {
                         cut = Some((i, e.position, reason));
                         break 'segments;
                     }
                 },
                 Found::Hole { start, end, reason } if *start < durable => {
+                    offsets.damaged();
                     report.corrupt.push(CorruptRange {
                         start: *start,
                         end: *end,
@@ -711,7 +807,21 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
             .nonzero_end
             .max(position)
             .min(seg.base + seg.capacity);
-        zero_range(io, &*seg.file, seg.base, position, clear_to).await?;
+        let keep_bytes = match &seg.header {
+            Some(h) => {
+                let info = SegmentInfo {
+                    base: seg.base,
+                    capacity: seg.capacity,
+                    used: 0,
+                    max_append_time_ms: 0,
+                    key: h.key,
+                };
+                verified_bytes(&*seg.file, &info, &out_batches, align_down(position), position)
+                    .await?
+            }
+            None => vec![0; (position - align_down(position)) as usize],
+        };
+        zero_range(io, &*seg.file, seg.base, position, clear_to, &keep_bytes).await?;
         report.torn = Some(TornTail { position, reason });
         keep = i + 1;
     }
@@ -792,23 +902,12 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
     let (end_position, tail_page) = match segments.last() {
         Some(last) => {
             let end = last.info.data_end();
-            let page = align_down(end);
-            let tail = if end > page {
-                last.file
-                    .read_at(page - last.info.base, (end - page) as usize)
-                    .await?
-                    .to_vec()
+            let page = align_down(end).max(last.info.base);
+            let tail = if end > page && !last.sealed {
+                verified_bytes(&*last.file, &last.info, &out_batches, page, end).await?
             } else {
-                Vec::new()
+                vec![0; (end - page) as usize]
             };
-            if tail.len() as u64 != end - page {
-                return Err(RecoveryError(IoFailure::new(
-                    "read tail page",
-                    &segment_path(dir, last.info.base),
-                    super::io::IoKind::Other,
-                    "short read",
-                )));
-            }
             (end, tail)
         }
         None => (0, Vec::new()),
@@ -857,14 +956,21 @@ async fn open_segments<I: Io>(
         let path = segment_path(dir, base);
         let file = io.open(&path).await?;
         let capacity = align_down(file.size().await?);
-        let page = if capacity >= SEGMENT_HEADER_BYTES {
-            file.read_at(0, SEGMENT_HEADER_BYTES as usize).await?
-        } else {
-            Bytes::new()
-        };
-        let header = SegmentHeader::decode_page(&page).filter(|h| h.base == base);
+        let mut header = None;
+        let mut zero_page = true;
+        if capacity >= SEGMENT_HEADER_BYTES {
+            for _ in 0..=READ_RETRIES {
+                let page = agreed_read(&file, 0, SEGMENT_HEADER_BYTES as usize).await?;
+                header = SegmentHeader::decode_page(&page).filter(|h| h.base == base);
+                zero_page = page.iter().all(|&b| b == 0);
+                if header.is_some() {
+                    break;
+                }
+                report.retried_reads += 1;
+            }
+        }
         let snapshot = match header {
-            Some(_) => index_snapshot::load(io, &index_path(dir, base))
+            Some(_) => index_snapshot::load(io, &index_path(dir, base), base + SEGMENT_HEADER_BYTES)
                 .await
                 .map(|(f, s)| (Rc::new(f), s))
                 .filter(|(_, s)| s.covered_end <= base + capacity),
@@ -875,17 +981,14 @@ async fn open_segments<I: Io>(
             file: Rc::new(file),
             capacity,
             header,
+            zero_page,
             snapshot,
         });
     }
     // Never-used files at the end (a prepared next segment, a creation cut
     // short): no header was ever written, so they hold no data.
     while let Some(last) = files.last() {
-        let unused = last.capacity < SEGMENT_HEADER_BYTES
-            || (last.header.is_none() && {
-                let page = last.file.read_at(0, SEGMENT_HEADER_BYTES as usize).await?;
-                page.iter().all(|&b| b == 0)
-            });
+        let unused = last.capacity < SEGMENT_HEADER_BYTES || (last.header.is_none() && last.zero_page);
         if !unused {
             break;
         }
@@ -905,25 +1008,29 @@ async fn remove_segment<I: Io>(io: &I, dir: &Path, base: u64) -> IoResult<()> {
     io.sync_dir(dir).await
 }
 
-/// Overwrites `[from, to)` (absolute) of a segment with zeros, keeping the
-/// bytes before `from` in its page, and syncs it. In place: no allocation.
-async fn zero_range<I: Io>(io: &I, file: &I::File, base: u64, from: u64, to: u64) -> IoResult<()> {
+/// Overwrites `[from, to)` (absolute) of a segment with zeros, keeping
+/// `keep` (the checked bytes of `[align_down(from), from)`), and syncs it.
+/// In place: no allocation.
+async fn zero_range<I: Io>(
+    io: &I,
+    file: &I::File,
+    base: u64,
+    from: u64,
+    to: u64,
+    keep: &[u8],
+) -> IoResult<()> {
     if to <= from {
         return Ok(());
     }
     let page = align_down(from);
-    let keep = if from > page {
-        file.read_at(page - base, (from - page) as usize).await?
-    } else {
-        Bytes::new()
-    };
+    assert_eq!(keep.len() as u64, from - page, "kept bytes cover the page start");
     let end = align_up(to);
     let mut at = page;
     while at < end {
         let n = (end - at).min(READ_WINDOW_BYTES as u64);
         let mut buf = io.buffer(n as usize);
         if at == page {
-            buf.bytes_mut()[..keep.len()].copy_from_slice(&keep);
+            buf.bytes_mut()[..keep.len()].copy_from_slice(keep);
         }
         file.write_at(buf, at - base).await?;
         at += n;

@@ -194,6 +194,8 @@ pub struct QueueStore<I: Io> {
     snapshots: RefCell<Snapshots<I::File>>,
     free_bytes: Cell<Option<u64>>,
     closing: Cell<bool>,
+    /// The keeper tried to mark a storage failure in the checkpoint.
+    failure_marked: Cell<bool>,
 }
 
 impl<I: Io> QueueStore<I> {
@@ -227,7 +229,8 @@ impl<I: Io> QueueStore<I> {
         }
         // A power cut since the checkpoint (another boot) can take back
         // `written` appends; any crash can take back `memory` ones.
-        let rebooted = recovered.checkpoint.boot_id != io.boot_id();
+        let rebooted =
+            recovered.checkpoint.boot_id != io.boot_id() || recovered.checkpoint.storage_failed;
         for (&id, c) in &recovered.checkpoint.queues {
             let q = queues
                 .entry(id)
@@ -298,6 +301,7 @@ impl<I: Io> QueueStore<I> {
             snapshots: RefCell::new(snapshots),
             free_bytes: Cell::new(None),
             closing: Cell::new(false),
+            failure_marked: Cell::new(false),
         });
         // The stored clean end no longer holds once appends start.
         if let Err(e) = store.store_checkpoint(None).await {
@@ -700,6 +704,7 @@ impl<I: Io> QueueStore<I> {
             synced_position: synced,
             clean_end,
             boot_id: self.io.boot_id(),
+            storage_failed: self.log.failed().is_some(),
             queues: entries,
         }
     }
@@ -739,6 +744,19 @@ impl<I: Io> QueueStore<I> {
             if self.closing.get() {
                 return;
             }
+            if self.log.failed().is_some() {
+                // Mark the failure for recovery (the device may have lost
+                // completed writes), once, and stop.
+                if let Err(e) = self.store_checkpoint(None).await {
+                    tracing::error!(
+                        shard = self.cfg.log.shard,
+                        "cannot mark the storage failure in the checkpoint: {e}"
+                    );
+                }
+                self.failure_marked.set(true);
+                bump(&self.checkpoint_stored);
+                return;
+            }
             self.write_snapshots(false).await;
             match self.store_checkpoint(None).await {
                 Ok(()) => {}
@@ -768,7 +786,7 @@ impl<I: Io> QueueStore<I> {
         let segments = self.log.segments();
         for (i, seg) in segments.iter().enumerate() {
             let is_active = i + 1 == segments.len();
-            let (entries, covered, sealed, file) = {
+            let (entries, from, covered, sealed, file) = {
                 let mut snaps = self.snapshots.borrow_mut();
                 let snaps = &mut *snaps;
                 if snaps.broken.contains(&seg.base) {
@@ -785,8 +803,19 @@ impl<I: Io> QueueStore<I> {
                 if state.sealed {
                     continue;
                 }
-                let sealed = !is_active && synced >= seg.data_end();
-                let covered = if sealed {
+                // Pending entries are in log order: while an earlier
+                // segment's wait at the front, this one gets nothing (it
+                // may not claim coverage of batches it does not list).
+                if snaps.pending.front().is_some_and(|e| e.position < seg.base) {
+                    continue;
+                }
+                let in_seg = snaps
+                    .pending
+                    .iter()
+                    .take_while(|e| e.position < seg.end())
+                    .count();
+                let sealed_now = !is_active && synced >= seg.data_end();
+                let covered = if sealed_now {
                     seg.data_end()
                 } else {
                     synced.clamp(seg.data_start(), seg.data_end())
@@ -794,8 +823,14 @@ impl<I: Io> QueueStore<I> {
                 let n = snaps
                     .pending
                     .iter()
-                    .take_while(|e| e.position < seg.end() && e.end() <= covered)
+                    .take(in_seg)
+                    .take_while(|e| e.end() <= covered)
                     .count();
+                let sealed = sealed_now && n == in_seg;
+                let covered = match snaps.pending.get(n) {
+                    Some(e) if n < in_seg => covered.min(e.position),
+                    _ => covered,
+                };
                 let due = sealed
                     || n >= SNAPSHOT_BLOCK_ENTRIES_MIN
                     || covered >= state.covered_end + SNAPSHOT_LAG_BYTES_MAX
@@ -804,19 +839,28 @@ impl<I: Io> QueueStore<I> {
                     continue;
                 }
                 let entries: Vec<BatchEntry> = snaps.pending.iter().take(n).copied().collect();
-                (entries, covered, sealed, state.file.clone())
+                (entries, state.covered_end, covered, sealed, state.file.clone())
             };
             match self
-                .append_snapshot(seg.base, file, &entries, covered, sealed)
+                .append_snapshot(seg.base, file, &entries, from, covered, sealed)
                 .await
             {
                 Ok(file) => {
                     let mut snaps = self.snapshots.borrow_mut();
-                    snaps.pending.drain(..entries.len());
-                    let state = snaps.segments.get_mut(&seg.base).expect("snapshot state");
+                    // Retention may have removed the segment meanwhile.
+                    let Some(state) = snaps.segments.get_mut(&seg.base) else {
+                        continue;
+                    };
                     state.file = Some(file);
                     state.covered_end = covered;
                     state.sealed = sealed;
+                    let n = snaps
+                        .pending
+                        .iter()
+                        .take(entries.len())
+                        .take_while(|e| e.position >= seg.base && e.position < seg.end())
+                        .count();
+                    snaps.pending.drain(..n);
                 }
                 Err(f) if f.kind == IoKind::NoSpace => break,
                 Err(f) => {
@@ -848,6 +892,7 @@ impl<I: Io> QueueStore<I> {
         base: u64,
         file: Option<(Rc<I::File>, u64)>,
         entries: &[BatchEntry],
+        mut from: u64,
         covered: u64,
         sealed: bool,
     ) -> Result<(Rc<I::File>, u64), IoFailure> {
@@ -868,10 +913,11 @@ impl<I: Io> QueueStore<I> {
             } else {
                 (chunk.last().expect("non-empty").end(), false)
             };
-            at = index_snapshot::append(&self.io, &*file, at, chunk, cov, seal).await?;
+            at = index_snapshot::append(&self.io, &*file, at, chunk, from, cov, seal).await?;
+            from = cov;
         }
         if chunks.is_empty() {
-            at = index_snapshot::append(&self.io, &*file, at, &[], covered, sealed).await?;
+            at = index_snapshot::append(&self.io, &*file, at, &[], from, covered, sealed).await?;
         }
         Ok((file, at))
     }

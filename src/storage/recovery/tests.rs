@@ -264,6 +264,7 @@ fn the_checkpoint_raises_the_durable_bound() {
         synced_position: img.at,
         clean_end: None,
         boot_id: [0; 16],
+        storage_failed: false,
         queues: Default::default(),
     };
     let mut file = cp.encode_slot(1, 4096);
@@ -414,7 +415,7 @@ fn index_snapshots_spare_the_scan_and_a_mismatched_one_is_distrusted() {
     img.push_n(200);
     let disk = img.disk();
     let covered = img.batches[149].end();
-    let block = encode_block(&img.batches[..150], covered, false);
+    let block = encode_block(&img.batches[..150], SEGMENT_HEADER_BYTES, covered, false);
     disk.put(&index_path(&dir(), 0), block);
     let (r, _) = recover_disk(&disk, 8192);
     assert_eq!(r.batches, img.batches);
@@ -423,7 +424,10 @@ fn index_snapshots_spare_the_scan_and_a_mismatched_one_is_distrusted() {
     // A snapshot that lists a batch the log does not hold is not trusted.
     let mut wrong = img.batches[..150].to_vec();
     wrong[149].base_offset += 1;
-    disk.put(&index_path(&dir(), 0), encode_block(&wrong, covered, false));
+    disk.put(
+        &index_path(&dir(), 0),
+        encode_block(&wrong, SEGMENT_HEADER_BYTES, covered, false),
+    );
     let (r, _) = recover_disk(&disk, 8192);
     assert_eq!(r.batches, img.batches);
     assert_eq!(r.report.snapshots_distrusted, vec![0]);

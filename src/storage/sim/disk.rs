@@ -13,9 +13,12 @@
 //!   commits metadata in order).
 //!
 //! Faults, at rates the scenario sets: EIO on any call; a failed sync
-//! *dooms* the writes it covered: no later sync makes them durable (the
-//! fsyncgate lesson); ENOSPC when allocations exceed the capacity;
-//! transient misdirected and bit-flipped reads.
+//! leaves each sector it covered either persisted or lost, and a lost one
+//! reads back as it was before (direct I/O: reads show the medium, there is
+//! no page cache to keep the new bytes), so a log that retried the sync
+//! and acknowledged would lose what it acknowledged; ENOSPC when
+//! allocations exceed the capacity; transient misdirected and bit-flipped
+//! reads.
 
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -49,8 +52,6 @@ struct PendingWrite {
     seq: u64,
     pos: usize,
     data: Vec<u8>,
-    /// Covered by a sync that failed: never made durable.
-    doomed: bool,
 }
 
 #[derive(Default)]
@@ -87,6 +88,8 @@ pub struct DiskState {
     pub failed_calls: u64,
     /// Power cuts so far: the simulated kernel's boot id.
     pub boots: u64,
+    /// Failed syncs that lost sectors of completed writes.
+    pub lossy_syncs: u64,
 }
 
 impl DiskState {
@@ -175,7 +178,7 @@ impl SimDisk {
                     all.extend(in_flight);
                     all.sort_by_key(|w| w.seq);
                     let mut image = inode.durable.clone();
-                    for w in all.iter().filter(|w| !w.doomed) {
+                    for w in &all {
                         tear(rng, &mut image, w);
                     }
                     // A file keeps its allocated size (fallocate was synced
@@ -229,6 +232,25 @@ impl SimDisk {
             }
         }
         true
+    }
+
+    /// Debug view: each name's inode and how many of its bytes are
+    /// non-zero now and durably.
+    pub fn debug_names(&self) -> Vec<(PathBuf, u64, usize, usize, usize)> {
+        let d = self.0.borrow();
+        d.names
+            .iter()
+            .map(|(p, i)| {
+                let n = &d.inodes[i];
+                (
+                    p.clone(),
+                    *i,
+                    n.data.iter().filter(|&&b| b != 0).count(),
+                    n.durable.iter().filter(|&&b| b != 0).count(),
+                    n.pending.len(),
+                )
+            })
+            .collect()
     }
 
     /// Names in the namespace now.
@@ -336,7 +358,6 @@ impl IoFile for SimFile {
                     seq,
                     pos: pos as usize,
                     data: buf.0.clone(),
-                    doomed: false,
                 },
             );
             (seq, eio)
@@ -409,28 +430,44 @@ impl IoFile for SimFile {
         let failed = self.io.fault(eio);
         let mut d = self.io.disk.0.borrow_mut();
         let inode = d.inodes.get_mut(&self.inode).expect("inode");
-        if failed {
-            for w in inode
-                .pending
-                .iter_mut()
-                .filter(|w| covered.contains(&w.seq))
-            {
-                w.doomed = true;
-            }
-            drop(d);
-            return Err(self.io.eio("fdatasync", &self.path));
-        }
         let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut inode.pending)
             .into_iter()
-            .partition(|w| covered.contains(&w.seq) && !w.doomed);
+            .partition(|w| covered.contains(&w.seq));
         inode.pending = rest;
         if inode.durable.len() < inode.data.len() {
             inode.durable.resize(inode.data.len(), 0);
         }
-        for w in done {
-            inode.durable[w.pos..w.pos + w.data.len()].copy_from_slice(&w.data);
+        if !failed {
+            for w in done {
+                inode.durable[w.pos..w.pos + w.data.len()].copy_from_slice(&w.data);
+            }
+            return Ok(());
         }
-        Ok(())
+        // Each sector made it to the medium or did not; reads now show which.
+        let mut rng = self.io.sim.rng();
+        let lossy = !done.is_empty();
+        for w in done {
+            for (i, sector) in w.data.chunks(SECTOR_BYTES).enumerate() {
+                let at = w.pos + i * SECTOR_BYTES;
+                let range = at..at + sector.len();
+                if rng.chance(500) {
+                    inode.durable[range].copy_from_slice(sector);
+                } else {
+                    let old = inode.durable[range.clone()].to_vec();
+                    inode.data[range].copy_from_slice(&old);
+                }
+            }
+        }
+        // Writes completed after the sync started still show.
+        for w in &inode.pending {
+            inode.data[w.pos..w.pos + w.data.len()].copy_from_slice(&w.data);
+        }
+        drop(rng);
+        if lossy {
+            d.lossy_syncs += 1;
+        }
+        drop(d);
+        Err(self.io.eio("fdatasync", &self.path))
     }
 
     async fn allocate(&self, len: u64) -> IoResult<()> {

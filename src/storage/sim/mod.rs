@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod executor;
+mod vopr;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 pub use disk::{CrashKind, Faults, SimDisk, SimIo};
-pub use executor::{Rng, RunOutcome, Sim};
+pub use executor::{Rng, Sim};
 
 /// Virtual time 0 of every simulation, in Unix milliseconds.
 pub const SIM_EPOCH_MS: i64 = 1_750_000_000_000;
