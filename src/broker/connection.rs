@@ -7,14 +7,29 @@
 //! closed (its length cannot be trusted to find the next frame); an unknown
 //! operation or a malformed body gets an error reply and the connection
 //! carries on. A client vanishing mid-frame just ends its tasks.
+//!
+//! Nothing a client does grows without bound:
+//! - a connection counts against `connections_max` from its accept, across
+//!   a hand-off (the target shard checks its own limit), until it closes;
+//! - its first frame must arrive within `connection_first_frame_ms_max`,
+//!   and a connection owing nothing that sends nothing for
+//!   `connection_idle_ms_max` is closed, as is one whose replies cannot be
+//!   written for that long (a client that never reads);
+//! - a request holds one of `in_flight_requests_max` permits and a share of
+//!   `connection_reply_bytes_max` (the most its reply can take) until its
+//!   reply is *written*, so a client that pipelines without reading stops
+//!   being read, and the broker holds at most that much for it;
+//! - read buffers start at 4 KiB and grow only as bytes arrive.
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::handlers::{submit, Reply};
+use crate::config::LimitsConfig;
 use crate::protocol::frame::{frame_header, FrameDecoder, FrameError, FRAME_LEN_MIN};
 use crate::protocol::{
     encode_error, ErrorCode, HandshakeRequest, Op, ANY_SHARD, FRAME_HEADER_BYTES,
@@ -23,10 +38,47 @@ use crate::runtime::{self, split, ReadHalf, Semaphore, TcpListener, TcpStream, W
 use crate::shard::Shard;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 
-/// Bytes asked of each socket read when no larger frame is pending.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// First size of a connection's read chunk; doubles while reads fill it.
+const READ_CHUNK_BYTES_MIN: usize = 4 * 1024;
+/// Largest read chunk through the scratch buffer.
+const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
+/// Largest direct read into a large frame's buffer.
+const FRAME_READ_BYTES_MAX: usize = 1 << 20;
 /// Replies smaller than this are copied into one write buffer.
 const COALESCE_BYTES_MAX: usize = 16 * 1024;
+/// Reply share of requests whose reply is small or bounded by the request.
+const REPLY_BYTES_SMALL: u64 = 4 * 1024;
+/// Reply share of requests that list topics or queues.
+const REPLY_BYTES_LISTING: u64 = 2 << 20;
+
+/// One open connection's place in its shard's `connections_max`: counted
+/// while it lives, released when dropped.
+pub struct ConnectionSlot {
+    shard: Rc<Shard>,
+}
+
+impl ConnectionSlot {
+    /// Takes a place on `shard`, or `None` when it is full.
+    fn take(shard: &Rc<Shard>) -> Option<ConnectionSlot> {
+        let mut m = shard.metrics.borrow_mut();
+        if m.connections_open >= u64::from(shard.config.limits.connections_max) {
+            m.connections_refused += 1;
+            return None;
+        }
+        m.connections_open += 1;
+        m.connections_total += 1;
+        drop(m);
+        Some(ConnectionSlot {
+            shard: shard.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.shard.metrics.borrow_mut().connections_open -= 1;
+    }
+}
 
 /// Accepts connections on this shard's listener (SO_REUSEPORT: every shard
 /// listens on the broker's port and the kernel spreads connections).
@@ -39,23 +91,25 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                     return;
                 }
                 tracing::warn!(shard = shard.id, "accept failed: {e}");
-                runtime::sleep(std::time::Duration::from_millis(10)).await;
+                runtime::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         if shard.stopping.get() {
             return;
         }
-        let open = shard.metrics.borrow().connections_open;
-        if open >= u64::from(shard.config.limits.connections_max) {
-            tracing::warn!(
-                shard = shard.id,
-                "refusing connection: connections_max reached"
-            );
+        let Some(slot) = ConnectionSlot::take(&shard) else {
+            let refused = shard.metrics.borrow().connections_refused;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    shard = shard.id,
+                    "refusing connections: connections_max reached ({refused} refused so far)"
+                );
+            }
             continue;
-        }
+        };
         let s = shard.clone();
-        runtime::spawn_local_into(route_connection(s, stream), shard.tq.data)
+        runtime::spawn_local_into(route_connection(s, stream, slot), shard.tq.data)
             .expect("data queue")
             .detach();
     }
@@ -64,29 +118,43 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 /// Serves a new connection here, or hands it to the shard its handshake
 /// asks for. Only the first frame is looked at; it stays in the buffer and
 /// is answered by whichever shard serves the connection.
-async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let target = loop {
-        match requested_shard(&buf, shard.config.limits.frame_bytes_max) {
-            Some(t) => break t,
-            None => {
-                let len = buf.len();
-                buf.resize(len + READ_CHUNK_BYTES, 0);
-                match stream.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.truncate(len + n),
+async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream, slot: ConnectionSlot) {
+    let limits = &shard.config.limits;
+    let first = async {
+        let mut buf = BytesMut::new();
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES_MIN];
+        loop {
+            if let Some(t) = requested_shard(&buf, limits.frame_bytes_max) {
+                return Some((t, buf));
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if n == chunk.len() && chunk.len() < READ_CHUNK_BYTES_MAX {
+                        chunk.resize(chunk.len() * 2, 0);
+                    }
                 }
             }
         }
     };
+    let deadline = async {
+        runtime::sleep(Duration::from_millis(limits.connection_first_frame_ms_max)).await;
+        None
+    };
+    let Some((target, buf)) = futures_lite::future::or(first, deadline).await else {
+        shard.metrics.borrow_mut().connections_timed_out += 1;
+        return;
+    };
     if target == shard.id || target >= shard.shard_count {
-        serve(shard, stream, buf).await;
+        serve(shard, stream, buf, slot).await;
         return;
     }
     // Keep the socket alive past this stream: duplicate, then drop ours.
     // SAFETY: dup of a descriptor we own; the copy goes to the target shard.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     drop(stream);
+    drop(slot); // the target shard counts it from here
     if fd < 0 {
         tracing::warn!(
             shard = shard.id,
@@ -110,65 +178,97 @@ fn requested_shard(buf: &[u8], frame_bytes_max: u32) -> Option<u16> {
     if !(FRAME_LEN_MIN..=frame_bytes_max).contains(&len) {
         return Some(ANY_SHARD);
     }
-    if buf.len() < 4 + len as usize {
+    if buf.len() < 6 {
         return None;
     }
     let op = u16::from_le_bytes([buf[4], buf[5]]);
     if op != Op::Handshake as u16 {
         return Some(ANY_SHARD);
     }
+    if buf.len() < 4 + len as usize {
+        return None;
+    }
     let body = Bytes::copy_from_slice(&buf[FRAME_HEADER_BYTES..4 + len as usize]);
     Some(HandshakeRequest::decode(body).map_or(ANY_SHARD, |h| h.shard))
 }
 
-/// Takes over a connection another shard handed to this one.
+/// Takes over a connection another shard handed to this one (refused when
+/// this shard is at `connections_max`).
 pub fn adopt(shard: &Rc<Shard>, fd: i32, buffered: Bytes) {
     // SAFETY: the descriptor was duplicated for this hand-off and is owned
     // by this message alone.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let Some(slot) = ConnectionSlot::take(shard) else {
+        tracing::debug!(
+            shard = shard.id,
+            "refusing a handed-over connection: connections_max reached"
+        );
+        return;
+    };
     let s = shard.clone();
     runtime::spawn_local_into(
-        serve(s, stream, BytesMut::from(&buffered[..])),
+        serve(s, stream, BytesMut::from(&buffered[..]), slot),
         shard.tq.data,
     )
     .expect("data queue")
     .detach();
 }
 
+/// What a request holds until its reply is written.
+struct Held {
+    _request: runtime::StaticPermit,
+    _reply_bytes: runtime::StaticPermit,
+}
+
 /// Replies waiting to be written, shared by the reader's reply tasks and
 /// the writer.
 struct Outbox {
-    frames: RefCell<VecDeque<Bytes>>,
+    /// Frame chunks; a reply's last chunk carries what its request holds.
+    frames: RefCell<VecDeque<(Bytes, Option<Held>)>>,
     /// Event counter: bumped on every push and on close.
     event: Watch,
     reader_done: Cell<bool>,
+    /// Requests submitted whose reply is not queued yet.
     in_flight: Cell<usize>,
+    /// The write side failed or stalled: the connection closes.
     broken: Cell<bool>,
+    /// Bumped to 1 when broken (wakes a reader blocked in a read).
+    closed: Watch,
 }
 
 impl Outbox {
-    fn push_reply(&self, op: u16, request_id: u64, reply: Reply) {
+    fn push_reply(&self, op: u16, request_id: u64, reply: Reply, held: Option<Held>) {
         let len: usize = reply.body.iter().map(Bytes::len).sum();
         let head = frame_header(op, reply.code as u16, request_id, len);
         let mut frames = self.frames.borrow_mut();
-        frames.push_back(Bytes::copy_from_slice(&head));
-        frames.extend(reply.body);
+        frames.push_back((Bytes::copy_from_slice(&head), None));
+        let n = reply.body.len();
+        for (i, chunk) in reply.body.into_iter().enumerate() {
+            frames.push_back((chunk, None));
+            if i + 1 == n {
+                frames.back_mut().expect("just pushed").1 = None;
+            }
+        }
+        frames.back_mut().expect("a frame header at least").1 = held;
         drop(frames);
         self.event.advance(self.event.get() + 1);
     }
     fn bump(&self) {
         self.event.advance(self.event.get() + 1);
     }
+    fn owes_nothing(&self) -> bool {
+        self.in_flight.get() == 0 && self.frames.borrow().is_empty()
+    }
+    fn break_off(&self) {
+        self.broken.set(true);
+        self.closed.advance(1);
+        self.bump();
+    }
 }
 
-async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut) {
+async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut, slot: ConnectionSlot) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    {
-        let mut m = shard.metrics.borrow_mut();
-        m.connections_open += 1;
-        m.connections_total += 1;
-    }
     let (rd, wr) = split(stream);
     let outbox = Rc::new(Outbox {
         frames: RefCell::new(VecDeque::new()),
@@ -176,8 +276,10 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut) {
         reader_done: Cell::new(false),
         in_flight: Cell::new(0),
         broken: Cell::new(false),
+        closed: Watch::new(0),
     });
-    let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone()), shard.tq.data)
+    let idle = idle_limit(&shard.config.limits);
+    let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone(), idle), shard.tq.data)
         .expect("data queue");
     if let Err(reason) = read_loop(&shard, rd, &outbox, buf).await {
         tracing::debug!(shard = shard.id, ?peer, "closing connection: {reason}");
@@ -185,7 +287,37 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut) {
     outbox.reader_done.set(true);
     outbox.bump();
     writer.await;
-    shard.metrics.borrow_mut().connections_open -= 1;
+    drop(slot);
+}
+
+fn idle_limit(limits: &LimitsConfig) -> Option<Duration> {
+    (limits.connection_idle_ms_max > 0)
+        .then(|| Duration::from_millis(limits.connection_idle_ms_max))
+}
+
+/// The most bytes the reply to this request can take: its share of
+/// `connection_reply_bytes_max` while it is owed.
+fn reply_bytes_bound(op: u16, body: &[u8], limits: &LimitsConfig) -> u64 {
+    let fetch = |max_bytes_at: Option<usize>| {
+        let asked = max_bytes_at
+            .and_then(|at| body.get(at..at + 4))
+            .map_or(limits.fetch_bytes_max, |b| {
+                u32::from_le_bytes(b.try_into().unwrap())
+            });
+        u64::from(asked.clamp(1, limits.fetch_bytes_max)) + u64::from(limits.batch_bytes_max) + 1024
+    };
+    // Both fetch bodies start with the topic as a `string`.
+    let topic_end = body
+        .get(0..2)
+        .map(|b| 2 + u16::from_le_bytes([b[0], b[1]]) as usize);
+    let bound = match Op::from_u16(op) {
+        Some(Op::Fetch) => fetch(topic_end.map(|t| t + 4 + 8)),
+        Some(Op::FetchMany) => fetch(topic_end),
+        Some(Op::GetMessage) => u64::from(limits.batch_bytes_max) + 1024,
+        Some(Op::Metadata | Op::DescribeTopic | Op::Stats | Op::CreateTopic) => REPLY_BYTES_LISTING,
+        _ => REPLY_BYTES_SMALL,
+    };
+    bound.min(limits.connection_reply_bytes_max)
 }
 
 async fn read_loop(
@@ -194,20 +326,28 @@ async fn read_loop(
     outbox: &Rc<Outbox>,
     mut buf: BytesMut,
 ) -> Result<(), String> {
-    let decoder = FrameDecoder::new(shard.config.limits.frame_bytes_max);
-    let mut scratch = vec![0u8; READ_CHUNK_BYTES];
-    let permits = Rc::new(Semaphore::new(u64::from(
-        shard.config.limits.in_flight_requests_max,
-    )));
+    let limits = &shard.config.limits;
+    let decoder = FrameDecoder::new(limits.frame_bytes_max);
+    let mut scratch = vec![0u8; READ_CHUNK_BYTES_MIN];
+    let requests = Rc::new(Semaphore::new(u64::from(limits.in_flight_requests_max)));
+    let reply_bytes = Rc::new(Semaphore::new(limits.connection_reply_bytes_max));
+    let idle = idle_limit(limits);
     loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(((op, version, request_id), body))) => {
-                    let permit = permits
-                        .clone()
-                        .acquire_static_permit(1)
+                    // Owed replies hold their permits until written: a client
+                    // that does not read stops being read here.
+                    let request = or_closed(outbox, requests.clone().acquire_static_permit(1))
                         .await
+                        .ok_or("write side closed")?
                         .map_err(|e| format!("permits closed: {e}"))?;
+                    let share = reply_bytes_bound(op, &body, limits);
+                    let reply_share =
+                        or_closed(outbox, reply_bytes.clone().acquire_static_permit(share))
+                            .await
+                            .ok_or("write side closed")?
+                            .map_err(|e| format!("permits closed: {e}"))?;
                     let pending = submit(shard, op, version, body).await;
                     outbox.in_flight.set(outbox.in_flight.get() + 1);
                     let ob = outbox.clone();
@@ -215,8 +355,11 @@ async fn read_loop(
                         async move {
                             let reply = pending.resolve().await;
                             ob.in_flight.set(ob.in_flight.get() - 1);
-                            ob.push_reply(op, request_id, reply);
-                            drop(permit);
+                            let held = Held {
+                                _request: request,
+                                _reply_bytes: reply_share,
+                            };
+                            ob.push_reply(op, request_id, reply, Some(held));
                         },
                         shard.tq.data,
                     )
@@ -239,6 +382,7 @@ async fn read_loop(
                             code,
                             body: vec![b.freeze()],
                         },
+                        None,
                     );
                     shard.metrics.borrow_mut().errors += 1;
                     return Err(e.to_string());
@@ -254,23 +398,39 @@ async fn read_loop(
         } else {
             0
         };
-        let read = if frame_rest > READ_CHUNK_BYTES {
-            // A large frame is pending: read up to 1 MiB straight into the
-            // buffer, so big batches arrive in few reads.
-            buf.resize(len + frame_rest.min(1 << 20), 0);
-            let r = rd.read(&mut buf[len..]).await;
-            buf.truncate(len + r.as_ref().map_or(0, |n| *n));
-            r
-        } else {
-            // Small reads go through a scratch chunk, so each read copies
-            // the bytes that came instead of zeroing a whole chunk of `buf`.
-            let r = rd.read(&mut scratch).await;
-            if let Ok(n) = r {
-                buf.extend_from_slice(&scratch[..n]);
+        let read = async {
+            if frame_rest > scratch.len() && len >= READ_CHUNK_BYTES_MAX {
+                // A large frame that has been arriving fast: read straight
+                // into the buffer, at most what has arrived so far again
+                // (so memory follows the bytes actually sent).
+                let n = frame_rest.min(len).min(FRAME_READ_BYTES_MAX);
+                buf.resize(len + n, 0);
+                let r = rd.read(&mut buf[len..]).await;
+                buf.truncate(len + r.as_ref().map_or(0, |n| *n));
+                r
+            } else {
+                // Through a scratch chunk that grows while reads fill it, so
+                // each read copies the bytes that came and an idle
+                // connection keeps 4 KiB.
+                let r = rd.read(&mut scratch).await;
+                if let Ok(n) = r {
+                    buf.extend_from_slice(&scratch[..n]);
+                }
+                r
             }
-            r
         };
-        let n = read.map_err(|e| format!("read failed: {e}"))?;
+        let idle_now = idle.filter(|_| outbox.owes_nothing());
+        let n = match with_limit(outbox, read, idle_now).await {
+            Some(r) => r.map_err(|e| format!("read failed: {e}"))?,
+            None if outbox.broken.get() => return Err("write side failed".into()),
+            None => {
+                shard.metrics.borrow_mut().connections_timed_out += 1;
+                return Err("idle for connection_idle_ms_max".into());
+            }
+        };
+        if n == scratch.len() && scratch.len() < READ_CHUNK_BYTES_MAX {
+            scratch.resize(scratch.len() * 2, 0);
+        }
         if n == 0 {
             return if len == 0 {
                 Ok(())
@@ -281,45 +441,165 @@ async fn read_loop(
     }
 }
 
-async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>) {
+/// `f`, unless the connection breaks first (`None`).
+async fn or_closed<T>(outbox: &Outbox, f: impl std::future::Future<Output = T>) -> Option<T> {
+    let done = async { Some(f.await) };
+    let closed = async {
+        let _ = outbox.closed.wait_for(1).await;
+        None
+    };
+    futures_lite::future::or(done, closed).await
+}
+
+/// `f`, unless `limit` passes or the connection breaks first (`None`).
+async fn with_limit<T>(
+    outbox: &Outbox,
+    f: impl std::future::Future<Output = T>,
+    limit: Option<Duration>,
+) -> Option<T> {
+    match limit {
+        None => or_closed(outbox, f).await,
+        Some(d) => {
+            let timer = async {
+                runtime::sleep(d).await;
+                None
+            };
+            futures_lite::future::or(or_closed(outbox, f), timer).await
+        }
+    }
+}
+
+async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>, stall: Option<Duration>) {
     let mut coalesced = BytesMut::with_capacity(COALESCE_BYTES_MAX);
+    // What the frames in `coalesced` hold: released once they are written.
+    let mut held: Vec<Held> = Vec::new();
     loop {
         let seen = outbox.event.get();
-        let frames: Vec<Bytes> = outbox.frames.borrow_mut().drain(..).collect();
+        let frames: Vec<(Bytes, Option<Held>)> = outbox.frames.borrow_mut().drain(..).collect();
         if frames.is_empty() {
-            if outbox.reader_done.get() && outbox.in_flight.get() == 0 {
+            if outbox.reader_done.get() && outbox.in_flight.get() == 0 || outbox.broken.get() {
                 break;
             }
             let _ = outbox.event.wait_for(seen + 1).await;
             continue;
         }
-        for f in frames {
+        for (f, h) in frames {
             if f.len() < COALESCE_BYTES_MAX {
                 coalesced.extend_from_slice(&f);
-                if coalesced.len() < COALESCE_BYTES_MAX {
-                    continue;
+                held.extend(h);
+                if coalesced.len() >= COALESCE_BYTES_MAX {
+                    if !write_within(&mut wr, &coalesced, stall, &outbox).await {
+                        return;
+                    }
+                    coalesced.clear();
+                    held.clear();
                 }
+                continue;
             }
+            // A large chunk goes as it is, after what was gathered before it.
             if !coalesced.is_empty() {
-                if wr.write_all(&coalesced).await.is_err() {
-                    outbox.broken.set(true);
+                if !write_within(&mut wr, &coalesced, stall, &outbox).await {
                     return;
                 }
                 coalesced.clear();
+                held.clear();
             }
-            if f.len() >= COALESCE_BYTES_MAX && wr.write_all(&f).await.is_err() {
-                outbox.broken.set(true);
+            if !write_within(&mut wr, &f, stall, &outbox).await {
                 return;
             }
+            drop(h);
         }
         if !coalesced.is_empty() {
-            if wr.write_all(&coalesced).await.is_err() {
-                outbox.broken.set(true);
+            if !write_within(&mut wr, &coalesced, stall, &outbox).await {
                 return;
             }
             coalesced.clear();
+            held.clear();
         }
     }
     let _ = wr.flush().await;
     let _ = wr.close().await;
+}
+
+/// Writes `b`; false (and the connection broken) when the write fails or
+/// makes no progress within `stall`.
+async fn write_within(
+    wr: &mut WriteHalf,
+    b: &[u8],
+    stall: Option<Duration>,
+    outbox: &Outbox,
+) -> bool {
+    let write = async { wr.write_all(b).await.is_ok() };
+    let ok = match stall {
+        None => write.await,
+        Some(d) => {
+            let timer = async {
+                runtime::sleep(d).await;
+                false
+            };
+            futures_lite::future::or(write, timer).await
+        }
+    };
+    if !ok {
+        outbox.break_off();
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn a_reply_share_follows_what_the_request_can_get_back() {
+        let l = Config::default().limits;
+        let fetch = |max_bytes: u32| {
+            let mut b = BytesMut::new();
+            crate::protocol::FetchRequest {
+                topic: "orders".into(),
+                queue: 1,
+                offset: 0,
+                max_bytes,
+                wait_ms: 0,
+            }
+            .encode(&mut b);
+            b
+        };
+        let small = reply_bytes_bound(Op::Fetch as u16, &fetch(1000), &l);
+        assert_eq!(small, 1000 + u64::from(l.batch_bytes_max) + 1024);
+        let huge = reply_bytes_bound(Op::Fetch as u16, &fetch(u32::MAX), &l);
+        assert_eq!(
+            huge,
+            u64::from(l.fetch_bytes_max + l.batch_bytes_max) + 1024
+        );
+        // A truncated body claims the most a fetch can get.
+        assert_eq!(reply_bytes_bound(Op::Fetch as u16, b"\x06", &l), huge);
+        assert_eq!(
+            reply_bytes_bound(Op::Produce as u16, b"", &l),
+            REPLY_BYTES_SMALL
+        );
+        assert!(
+            reply_bytes_bound(Op::FetchMany as u16, &[0xff; 3], &l) <= l.connection_reply_bytes_max
+        );
+    }
+
+    #[test]
+    fn a_handshake_is_routed_only_once_whole() {
+        let mut f = BytesMut::new();
+        let mut body = BytesMut::new();
+        HandshakeRequest {
+            client: "c".into(),
+            shard: 1,
+        }
+        .encode(&mut body);
+        crate::protocol::frame::encode_frame(&mut f, Op::Handshake as u16, 1, 1, &body);
+        assert_eq!(requested_shard(&f[..3], 1 << 20), None);
+        assert_eq!(requested_shard(&f[..f.len() - 1], 1 << 20), None);
+        assert_eq!(requested_shard(&f, 1 << 20), Some(1));
+        // Another op's first frame is answered where it arrived, at once.
+        let mut p = BytesMut::new();
+        crate::protocol::frame::encode_frame(&mut p, Op::Produce as u16, 1, 1, &[0u8; 100]);
+        assert_eq!(requested_shard(&p[..6], 1 << 20), Some(ANY_SHARD));
+    }
 }

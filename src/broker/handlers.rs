@@ -83,6 +83,9 @@ impl From<MetadataError> for HandlerError {
                 ErrorCode::InvalidArgument
             }
             MetadataError::Exists(_) => ErrorCode::TopicExists,
+            MetadataError::TooManyTopics(_)
+            | MetadataError::TooManyQueues { .. }
+            | MetadataError::QueueIdsExhausted => ErrorCode::InvalidArgument,
             MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             MetadataError::UnknownQueue { .. } => ErrorCode::UnknownQueue,
         };
@@ -397,12 +400,17 @@ async fn create_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
         .durability
         .unwrap_or(shard.config.broker.durability_default);
     let limits = &shard.config.limits;
+    let topic_limits = crate::shard::metadata::TopicLimits {
+        topic_queues_max: limits.topic_queues_max,
+        topics_max: limits.topics_max,
+        queues_max: limits.queues_max,
+    };
     let info = change_metadata(shard, |m| {
         m.create_topic(
             &req.name,
             req.queues,
             durability,
-            limits.topic_queues_max,
+            topic_limits,
             crate::runtime::now_ms(),
         )
     })
@@ -745,7 +753,13 @@ fn group_offset(shard: &Shard, body: Bytes, commit: bool) -> HResult {
             shard
                 .groups
                 .borrow_mut()
-                .commit(&req.group, route.queue_id, o);
+                .commit(
+                    &req.group,
+                    route.queue_id,
+                    o,
+                    shard.config.limits.group_offsets_max,
+                )
+                .map_err(|e| herr(ErrorCode::InvalidArgument, e.to_string()))?;
             Ok(Vec::new())
         }
         None => {

@@ -74,7 +74,9 @@ impl FrameDecoder {
         }
         let total = 4 + len as usize;
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            // Nothing reserved for the claimed length: the reader grows the
+            // buffer as bytes arrive, so a frame that claims 8 MiB and
+            // sends 4 bytes costs 4 bytes.
             return Ok(None);
         }
         let mut frame = buf.split_to(total);

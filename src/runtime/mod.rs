@@ -15,7 +15,7 @@ pub use glommio::channels::shared_channel::{
 };
 pub use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 pub use glommio::net::{TcpListener, TcpStream};
-pub use glommio::sync::Semaphore;
+pub use glommio::sync::{Semaphore, StaticPermit};
 pub use glommio::timer::{sleep, Timer};
 pub use glommio::GlommioError;
 pub use glommio::TaskQueueHandle;

@@ -11,6 +11,17 @@ use std::path::Path;
 
 /// File name inside the shard directory.
 pub const GROUP_OFFSETS_FILE: &str = "group-offsets.json";
+/// Longest group name in bytes.
+pub const GROUP_NAME_BYTES_MAX: usize = 200;
+
+/// Why a commit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupOffsetError {
+    #[error("group name of {0} bytes is empty or over {GROUP_NAME_BYTES_MAX}")]
+    BadName(usize),
+    #[error("this shard holds {0} committed offsets, limits.group_offsets_max")]
+    Full(u32),
+}
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -48,10 +59,24 @@ impl GroupOffsets {
         })
     }
 
-    /// Records a commit.
-    pub fn commit(&mut self, group: &str, queue_id: u32, offset: u64) {
-        self.offsets.insert((group.to_owned(), queue_id), offset);
+    /// Records a commit; a new (group, queue) is refused past `max`.
+    pub fn commit(
+        &mut self,
+        group: &str,
+        queue_id: u32,
+        offset: u64,
+        max: u32,
+    ) -> Result<(), GroupOffsetError> {
+        if group.is_empty() || group.len() > GROUP_NAME_BYTES_MAX {
+            return Err(GroupOffsetError::BadName(group.len()));
+        }
+        let key = (group.to_owned(), queue_id);
+        if !self.offsets.contains_key(&key) && self.offsets.len() >= max as usize {
+            return Err(GroupOffsetError::Full(max));
+        }
+        self.offsets.insert(key, offset);
         self.dirty = true;
+        Ok(())
     }
 
     /// The committed offset, if any.
@@ -98,16 +123,20 @@ mod tests {
     fn commit_snapshot_load_round_trip() {
         let mut g = GroupOffsets::default();
         assert!(g.take_dirty_snapshot().is_none());
-        g.commit("g1", 4, 10);
-        g.commit("g2", 4, 3);
-        g.commit("g1", 5, 7);
+        g.commit("g1", 4, 10, 3).unwrap();
+        g.commit("g2", 4, 3, 3).unwrap();
+        g.commit("g1", 5, 7, 3).unwrap();
+        assert_eq!(g.commit("g3", 5, 7, 3), Err(GroupOffsetError::Full(3)));
+        g.commit("g1", 5, 8, 3).unwrap();
+        assert_eq!(g.commit("", 5, 7, 3), Err(GroupOffsetError::BadName(0)));
+        assert!(g.commit(&"x".repeat(201), 5, 7, 9).is_err());
         let snap = g.take_dirty_snapshot().unwrap();
         assert!(g.take_dirty_snapshot().is_none(), "snapshot clears dirty");
         let dir = tempfile::tempdir().unwrap();
         crate::storage::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes()).unwrap();
         let mut back = GroupOffsets::load(dir.path()).unwrap();
         assert_eq!(back.get("g1", 4), Some(10));
-        assert_eq!(back.get("g1", 5), Some(7));
+        assert_eq!(back.get("g1", 5), Some(8));
         assert_eq!(back.get("g3", 4), None);
         back.remove_queue(4);
         assert_eq!(back.get("g2", 4), None);

@@ -31,6 +31,20 @@ pub enum MetadataError {
     },
     #[error("queue count {0} is outside 1..={1}")]
     QueueCount(u32, u32),
+    #[error("the broker holds {0} topics, limits.topics_max")]
+    TooManyTopics(u32),
+    #[error("{queues} more queues would exceed limits.queues_max ({max}) for the broker")]
+    TooManyQueues { queues: u32, max: u32 },
+    #[error("queue ids are exhausted: the broker hands out each id once (4,294,967,295 in all)")]
+    QueueIdsExhausted,
+}
+
+/// Limits a topic creation is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct TopicLimits {
+    pub topic_queues_max: u32,
+    pub topics_max: u32,
+    pub queues_max: u32,
 }
 
 /// A topic's stored definition.
@@ -135,12 +149,14 @@ impl Metadata {
     }
 
     /// Creates a topic, spreading its queues over the least-loaded shards.
+    /// Queue ids are handed out once, never wrapping: when the `u32` space
+    /// is used up, creation is refused.
     pub fn create_topic(
         &mut self,
         name: &str,
         queues: u32,
         durability: Durability,
-        topic_queues_max: u32,
+        limits: TopicLimits,
         now_ms: i64,
     ) -> Result<TopicInfo, MetadataError> {
         if !valid_name(name) {
@@ -149,8 +165,21 @@ impl Metadata {
         if self.topics.contains_key(name) {
             return Err(MetadataError::Exists(name.to_owned()));
         }
-        if queues == 0 || queues > topic_queues_max {
-            return Err(MetadataError::QueueCount(queues, topic_queues_max));
+        if queues == 0 || queues > limits.topic_queues_max {
+            return Err(MetadataError::QueueCount(queues, limits.topic_queues_max));
+        }
+        if self.topics.len() as u64 >= u64::from(limits.topics_max) {
+            return Err(MetadataError::TooManyTopics(limits.topics_max));
+        }
+        let held: u64 = self.topics.values().map(|t| t.queues.len() as u64).sum();
+        if held + u64::from(queues) > u64::from(limits.queues_max) {
+            return Err(MetadataError::TooManyQueues {
+                queues,
+                max: limits.queues_max,
+            });
+        }
+        if self.next_queue_id.checked_add(queues).is_none() {
+            return Err(MetadataError::QueueIdsExhausted);
         }
         let mut load = vec![0u64; self.shard_count as usize];
         for t in self.topics.values() {
@@ -268,18 +297,108 @@ pub fn queue_for_key(key: &[u8], queue_count: u32) -> u32 {
 mod tests {
     use super::*;
 
+    const L: TopicLimits = TopicLimits {
+        topic_queues_max: 100,
+        topics_max: 100,
+        queues_max: 1000,
+    };
+
+    #[test]
+    fn queue_ids_never_wrap_and_the_broker_limits_hold() {
+        let mut m = Metadata::new(1);
+        m.next_queue_id = u32::MAX - 3;
+        m.create_topic("a", 2, Durability::Fsync, L, 0).unwrap();
+        assert_eq!(
+            m.create_topic("b", 2, Durability::Fsync, L, 0),
+            Err(MetadataError::QueueIdsExhausted),
+            "ids would wrap to 0 and alias old batches"
+        );
+        m.create_topic("c", 1, Durability::Fsync, L, 0).unwrap();
+        let small = TopicLimits {
+            topic_queues_max: 10,
+            topics_max: 3,
+            queues_max: 5,
+        };
+        let mut m = Metadata::new(1);
+        m.create_topic("a", 4, Durability::Fsync, small, 0).unwrap();
+        assert!(matches!(
+            m.create_topic("b", 2, Durability::Fsync, small, 0),
+            Err(MetadataError::TooManyQueues { .. })
+        ));
+        m.create_topic("b", 1, Durability::Fsync, small, 0).unwrap();
+        assert!(matches!(
+            m.create_topic(
+                "c",
+                1,
+                Durability::Fsync,
+                TopicLimits {
+                    queues_max: 100,
+                    ..small
+                },
+                0
+            ),
+            Ok(_)
+        ));
+        assert_eq!(
+            m.create_topic(
+                "d",
+                1,
+                Durability::Fsync,
+                TopicLimits {
+                    queues_max: 100,
+                    ..small
+                },
+                0
+            ),
+            Err(MetadataError::TooManyTopics(3))
+        );
+    }
+
     #[test]
     fn queues_spread_evenly_and_ids_are_never_reused() {
         let mut m = Metadata::new(2);
-        let t = m.create_topic("a", 3, Durability::Fsync, 100, 0).unwrap();
+        let t = m
+            .create_topic(
+                "a",
+                3,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 100,
+                    ..L
+                },
+                0,
+            )
+            .unwrap();
         let shards: Vec<u16> = t.queues.iter().map(|q| q.shard).collect();
         assert_eq!(shards, vec![0, 1, 0]);
-        let t2 = m.create_topic("b", 3, Durability::Memory, 100, 0).unwrap();
+        let t2 = m
+            .create_topic(
+                "b",
+                3,
+                Durability::Memory,
+                TopicLimits {
+                    topic_queues_max: 100,
+                    ..L
+                },
+                0,
+            )
+            .unwrap();
         let shards: Vec<u16> = t2.queues.iter().map(|q| q.shard).collect();
         assert_eq!(shards, vec![1, 0, 1], "the lighter shard is filled first");
         let ids_a: Vec<u32> = t.queues.iter().map(|q| q.queue_id).collect();
         m.delete_topic("a").unwrap();
-        let t3 = m.create_topic("a", 3, Durability::Fsync, 100, 0).unwrap();
+        let t3 = m
+            .create_topic(
+                "a",
+                3,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 100,
+                    ..L
+                },
+                0,
+            )
+            .unwrap();
         assert!(t3.queues.iter().all(|q| !ids_a.contains(&q.queue_id)));
         assert_eq!(m.locate(t3.queues[2].queue_id), Some(&("a".to_owned(), 2)));
         assert_eq!(m.locate(ids_a[0]), None);
@@ -289,24 +408,79 @@ mod tests {
     fn refusals_name_the_problem() {
         let mut m = Metadata::new(1);
         assert!(matches!(
-            m.create_topic("bad name", 1, Durability::Fsync, 10, 0),
+            m.create_topic(
+                "bad name",
+                1,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 10,
+                    ..L
+                },
+                0
+            ),
             Err(MetadataError::InvalidName(_))
         ));
         assert!(matches!(
-            m.create_topic("", 1, Durability::Fsync, 10, 0),
+            m.create_topic(
+                "",
+                1,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 10,
+                    ..L
+                },
+                0
+            ),
             Err(MetadataError::InvalidName(_))
         ));
         assert_eq!(
-            m.create_topic("t", 0, Durability::Fsync, 10, 0),
+            m.create_topic(
+                "t",
+                0,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 10,
+                    ..L
+                },
+                0
+            ),
             Err(MetadataError::QueueCount(0, 10))
         );
         assert_eq!(
-            m.create_topic("t", 11, Durability::Fsync, 10, 0),
+            m.create_topic(
+                "t",
+                11,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 10,
+                    ..L
+                },
+                0
+            ),
             Err(MetadataError::QueueCount(11, 10))
         );
-        m.create_topic("t", 2, Durability::Fsync, 10, 0).unwrap();
+        m.create_topic(
+            "t",
+            2,
+            Durability::Fsync,
+            TopicLimits {
+                topic_queues_max: 10,
+                ..L
+            },
+            0,
+        )
+        .unwrap();
         assert_eq!(
-            m.create_topic("t", 2, Durability::Fsync, 10, 0),
+            m.create_topic(
+                "t",
+                2,
+                Durability::Fsync,
+                TopicLimits {
+                    topic_queues_max: 10,
+                    ..L
+                },
+                0
+            ),
             Err(MetadataError::Exists("t".into()))
         );
         assert!(matches!(
@@ -323,7 +497,17 @@ mod tests {
     #[test]
     fn json_round_trip_rebuilds_the_queue_index() {
         let mut m = Metadata::new(2);
-        m.create_topic("x", 4, Durability::Written, 10, 5).unwrap();
+        m.create_topic(
+            "x",
+            4,
+            Durability::Written,
+            TopicLimits {
+                topic_queues_max: 10,
+                ..L
+            },
+            5,
+        )
+        .unwrap();
         let back = Metadata::from_json(&m.to_json()).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.locate(3), Some(&("x".to_owned(), 2)));

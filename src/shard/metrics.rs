@@ -16,6 +16,10 @@ pub struct ShardMetrics {
     pub errors: u64,
     pub connections_open: u64,
     pub connections_total: u64,
+    /// Connections refused at `connections_max`.
+    pub connections_refused: u64,
+    /// Connections closed for a missed first-frame deadline or idleness.
+    pub connections_timed_out: u64,
     /// Produce receipt → durability level reached, µs.
     pub append_us: Histogram<u64>,
 }
@@ -33,6 +37,8 @@ impl Default for ShardMetrics {
             errors: 0,
             connections_open: 0,
             connections_total: 0,
+            connections_refused: 0,
+            connections_timed_out: 0,
             append_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
         }
     }
@@ -63,6 +69,8 @@ impl ShardMetrics {
             "errors": self.errors,
             "connections_open": self.connections_open,
             "connections_total": self.connections_total,
+            "connections_refused": self.connections_refused,
+            "connections_timed_out": self.connections_timed_out,
         })
     }
 }

@@ -31,7 +31,7 @@
 //! slot: u32 magic 0x4B435032 ("KCP2") | u32 slot_bytes | u64 sequence
 //!       | u64 synced_position | u64 clean_end (u64::MAX: not a clean stop)
 //!       | [16] boot_id | u32 n | u32 flags (bit 0: storage_failed)
-//!       | u32 crc32 (bytes 0..56, then the entries) | u32 reserved 0
+//!       | u32 crc32 (bytes 0..56, then 60 to the entries' end) | u32 reserved 0
 //!       | n × (u32 queue_id, u32 reserve_kind (0 none, 1 written, 2 memory),
 //!              u64 next_offset, u64 offset_reserved) | zeros
 //! ```
@@ -122,7 +122,11 @@ impl Checkpoint {
         b[24..32].copy_from_slice(&self.clean_end.unwrap_or(u64::MAX).to_le_bytes());
         b[32..48].copy_from_slice(&self.boot_id);
         b[48..52].copy_from_slice(&(self.queues.len() as u32).to_le_bytes());
-        let flags = if self.storage_failed { FLAG_STORAGE_FAILED } else { 0 };
+        let flags = if self.storage_failed {
+            FLAG_STORAGE_FAILED
+        } else {
+            0
+        };
         b[52..56].copy_from_slice(&flags.to_le_bytes());
         let mut at = SLOT_HEAD_BYTES;
         for (id, q) in &self.queues {
@@ -132,7 +136,7 @@ impl Checkpoint {
             b[at + 16..at + 24].copy_from_slice(&q.offset_reserved.to_le_bytes());
             at += ENTRY_BYTES;
         }
-        let crc = slot_crc(&b[..56], &b[SLOT_HEAD_BYTES..at]);
+        let crc = slot_crc(&b[..56], &b[60..at]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -152,7 +156,7 @@ impl Checkpoint {
             .checked_mul(ENTRY_BYTES)
             .and_then(|e| e.checked_add(SLOT_HEAD_BYTES))
             .filter(|&e| e <= b.len())?;
-        if slot_crc(&b[..56], &b[SLOT_HEAD_BYTES..end]) != u32_at(56) {
+        if slot_crc(&b[..56], &b[60..end]) != u32_at(56) {
             return None;
         }
         let mut queues = BTreeMap::new();

@@ -103,8 +103,10 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
         let body = BLOCK_HEAD_BYTES + n * ENTRY_BYTES;
         let len = align_up(body as u64) as usize;
         if at + len > b.len()
-            || block_crc(&b[at..at + BLOCK_HEAD_BYTES], &b[at + BLOCK_HEAD_BYTES..at + body])
-                != u32_at(20)
+            || block_crc(
+                &b[at..at + BLOCK_HEAD_BYTES],
+                &b[at + BLOCK_HEAD_BYTES..at + body],
+            ) != u32_at(20)
         {
             break;
         }

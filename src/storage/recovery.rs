@@ -527,6 +527,20 @@ async fn scan_segment<F: IoFile>(
             return Ok(scan);
         }
         let p = probe(r, base, key, at, limit).await?;
+        if std::env::var("KEELMQ_PROBE_DEBUG").is_ok() {
+            eprintln!(
+                "  probe {} -> {}",
+                base + at,
+                match &p {
+                    Probe::Genuine(e) => format!(
+                        "genuine len {} q {} off {}",
+                        e.len, e.queue_id, e.base_offset
+                    ),
+                    Probe::Zero => "zero".into(),
+                    Probe::Invalid(r) => format!("invalid {r}"),
+                }
+            );
+        }
         let reason = match p {
             Probe::Genuine(e) => {
                 at += u64::from(e.len);
@@ -630,8 +644,7 @@ impl OffsetTracker {
                 self.gaps += e.base_offset - n;
             }
         }
-        self.next
-            .insert(e.queue_id, (e.next_offset(), self.damage));
+        self.next.insert(e.queue_id, (e.next_offset(), self.damage));
         Ok(())
     }
 
@@ -816,8 +829,14 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
                     max_append_time_ms: 0,
                     key: h.key,
                 };
-                verified_bytes(&*seg.file, &info, &out_batches, align_down(position), position)
-                    .await?
+                verified_bytes(
+                    &*seg.file,
+                    &info,
+                    &out_batches,
+                    align_down(position),
+                    position,
+                )
+                .await?
             }
             None => vec![0; (position - align_down(position)) as usize],
         };
@@ -970,10 +989,12 @@ async fn open_segments<I: Io>(
             }
         }
         let snapshot = match header {
-            Some(_) => index_snapshot::load(io, &index_path(dir, base), base + SEGMENT_HEADER_BYTES)
-                .await
-                .map(|(f, s)| (Rc::new(f), s))
-                .filter(|(_, s)| s.covered_end <= base + capacity),
+            Some(_) => {
+                index_snapshot::load(io, &index_path(dir, base), base + SEGMENT_HEADER_BYTES)
+                    .await
+                    .map(|(f, s)| (Rc::new(f), s))
+                    .filter(|(_, s)| s.covered_end <= base + capacity)
+            }
             None => None,
         };
         files.push(SegmentFile {
@@ -988,7 +1009,8 @@ async fn open_segments<I: Io>(
     // Never-used files at the end (a prepared next segment, a creation cut
     // short): no header was ever written, so they hold no data.
     while let Some(last) = files.last() {
-        let unused = last.capacity < SEGMENT_HEADER_BYTES || (last.header.is_none() && last.zero_page);
+        let unused =
+            last.capacity < SEGMENT_HEADER_BYTES || (last.header.is_none() && last.zero_page);
         if !unused {
             break;
         }
@@ -1023,7 +1045,11 @@ async fn zero_range<I: Io>(
         return Ok(());
     }
     let page = align_down(from);
-    assert_eq!(keep.len() as u64, from - page, "kept bytes cover the page start");
+    assert_eq!(
+        keep.len() as u64,
+        from - page,
+        "kept bytes cover the page start"
+    );
     let end = align_up(to);
     let mut at = page;
     while at < end {

@@ -786,6 +786,10 @@ impl<I: Io> QueueStore<I> {
         let segments = self.log.segments();
         for (i, seg) in segments.iter().enumerate() {
             let is_active = i + 1 == segments.len();
+            if self.log.key_at(seg.base).is_none() {
+                // Retention deleted it while an earlier block was written.
+                continue;
+            }
             let (entries, from, covered, sealed, file) = {
                 let mut snaps = self.snapshots.borrow_mut();
                 let snaps = &mut *snaps;
@@ -839,7 +843,13 @@ impl<I: Io> QueueStore<I> {
                     continue;
                 }
                 let entries: Vec<BatchEntry> = snaps.pending.iter().take(n).copied().collect();
-                (entries, state.covered_end, covered, sealed, state.file.clone())
+                (
+                    entries,
+                    state.covered_end,
+                    covered,
+                    sealed,
+                    state.file.clone(),
+                )
             };
             match self
                 .append_snapshot(seg.base, file, &entries, from, covered, sealed)
@@ -869,20 +879,17 @@ impl<I: Io> QueueStore<I> {
                         "index snapshot of segment {} given up: {f}",
                         seg.base
                     );
-                    self.give_up_snapshot(seg.base).await;
+                    self.give_up_snapshot(seg.base, seg.end()).await;
                 }
             }
         }
         let overflow = self.snapshots.borrow().pending.len() > INDEX_PENDING_ENTRIES_MAX;
         if overflow {
             let oldest = self.snapshots.borrow().pending.front().map(|e| e.position);
-            if let Some(base) = oldest.and_then(|p| {
-                segments
-                    .iter()
-                    .find(|s| p >= s.base && p < s.end())
-                    .map(|s| s.base)
-            }) {
-                self.give_up_snapshot(base).await;
+            if let Some(seg) =
+                oldest.and_then(|p| segments.iter().find(|s| p >= s.base && p < s.end()))
+            {
+                self.give_up_snapshot(seg.base, seg.end()).await;
             }
         }
     }
@@ -922,21 +929,16 @@ impl<I: Io> QueueStore<I> {
         Ok((file, at))
     }
 
-    /// Stops snapshotting a segment: its file goes, recovery scans it.
-    async fn give_up_snapshot(&self, base: u64) {
+    /// Stops snapshotting the segment `[base, end)`: its file goes,
+    /// recovery scans it.
+    async fn give_up_snapshot(&self, base: u64, end: u64) {
         {
             let mut snaps = self.snapshots.borrow_mut();
             snaps.broken.insert(base);
             snaps.segments.remove(&base);
-            let seg_end = self
-                .log
-                .segments()
-                .iter()
-                .find(|s| s.base == base)
-                .map_or(u64::MAX, |s| s.end());
             snaps
                 .pending
-                .retain(|e| e.position < base || e.position >= seg_end);
+                .retain(|e| e.position < base || e.position >= end);
         }
         let _ = self.io.remove(&index_path(&self.cfg.log.dir, base)).await;
     }

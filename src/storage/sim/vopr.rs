@@ -85,7 +85,11 @@ type M = Rc<RefCell<Model>>;
 impl Model {
     /// Marks the messages of queue `q` in `[from, to)` as excused.
     fn excuse(&mut self, q: u32, from: u64, to: u64) {
-        let ids: Vec<u64> = self.by_offset.range((q, from)..(q, to)).map(|(_, id)| *id).collect();
+        let ids: Vec<u64> = self
+            .by_offset
+            .range((q, from)..(q, to))
+            .map(|(_, id)| *id)
+            .collect();
         for id in ids {
             if let Some(r) = self.recs.get_mut(&id) {
                 r.excused = true;
@@ -212,7 +216,14 @@ async fn producer(
     done.set(done.get() + 1);
 }
 
-async fn producer_run(store: Rc<QueueStore<SimIo>>, io: SimIo, m: M, p: u32, sc: Rc<Scenario>, seed: u64) {
+async fn producer_run(
+    store: Rc<QueueStore<SimIo>>,
+    io: SimIo,
+    m: M,
+    p: u32,
+    sc: Rc<Scenario>,
+    seed: u64,
+) {
     let mut rng = Rng::new(seed);
     let mut seq = 0u64;
     for _ in 0..sc.appends_per_producer {
@@ -251,7 +262,8 @@ async fn producer_run(store: Rc<QueueStore<SimIo>>, io: SimIo, m: M, p: u32, sc:
             let mut m = m.borrow_mut();
             m.appends += 1;
             for i in 0..n {
-                m.by_offset.insert((queue, receipt.base_offset + i), first_id + i);
+                m.by_offset
+                    .insert((queue, receipt.base_offset + i), first_id + i);
                 m.recs.insert(
                     first_id + i,
                     Rec {
@@ -272,7 +284,11 @@ async fn producer_run(store: Rc<QueueStore<SimIo>>, io: SimIo, m: M, p: u32, sc:
         io.sim.spawn(async move {
             let res = s.wait_durable(&receipt, level).await;
             let mut m = mm.borrow_mut();
-            let state = if res.is_ok() { State::Acked } else { State::Failed };
+            let state = if res.is_ok() {
+                State::Acked
+            } else {
+                State::Failed
+            };
             for i in 0..n {
                 if let Some(r) = m.recs.get_mut(&(first_id + i)) {
                     r.state = state;
@@ -303,11 +319,16 @@ async fn reader(store: Rc<QueueStore<SimIo>>, io: SimIo, m: M, seed: u64) {
             match store.read(q, from, 8 * 1024).await {
                 Ok((_, batches)) => {
                     for b in batches {
-                        check_batch(&b, q, &m.borrow(), "read").expect("a read returned wrong data");
+                        check_batch(&b, q, &m.borrow(), "read")
+                            .expect("a read returned wrong data");
                     }
                 }
                 // A damaged read is an error, never wrong data.
-                Err(StoreError::Corrupt { .. } | StoreError::Log(_) | StoreError::OffsetOutOfRange { .. }) => {}
+                Err(
+                    StoreError::Corrupt { .. }
+                    | StoreError::Log(_)
+                    | StoreError::OffsetOutOfRange { .. },
+                ) => {}
                 Err(e) => panic!("unexpected read error {e}"),
             }
         }
@@ -324,10 +345,15 @@ fn check_batch(b: &[u8], queue: u32, m: &Model, what: &str) -> Result<Vec<(u64, 
         let (id, q, p, seq) = parse_payload(r.payload)?;
         let offset = h.base_offset + i as u64;
         let Some(rec) = m.recs.get(&id) else {
-            return Err(format!("{what}: message {id} was never produced (invented)"));
+            return Err(format!(
+                "{what}: message {id} was never produced (invented)"
+            ));
         };
         if q != queue || rec.queue != queue || rec.producer != p || rec.seq != seq {
-            return Err(format!("{what}: message {id} in queue {queue}, produced to {}", rec.queue));
+            return Err(format!(
+                "{what}: message {id} in queue {queue}, produced to {}",
+                rec.queue
+            ));
         }
         if rec.offset != offset {
             return Err(format!(
@@ -363,7 +389,8 @@ async fn check_recovered(
     for (qi, q) in QUEUES.into_iter().enumerate() {
         let o = store.offsets(q).unwrap_or_default();
         let seen = m.borrow().seen_end.get(&q).copied().unwrap_or(0);
-        let excused = device.lost_writes && levels[qi] == Durability::Written && !device.failure_marked;
+        let excused =
+            device.lost_writes && levels[qi] == Durability::Written && !device.failure_marked;
         if o.latest < seen && !excused {
             return Err(format!(
                 "queue {q} offsets went back: resumes at {} but {seen} was acknowledged",
@@ -391,7 +418,10 @@ async fn check_recovered(
                     if excused {
                         continue;
                     }
-                    return Err(format!("queue {q} batch at {} unreadable: {err}", e.position));
+                    return Err(format!(
+                        "queue {q} batch at {} unreadable: {err}",
+                        e.position
+                    ));
                 }
             };
             for (offset, id) in check_batch(&b, q, &m.borrow(), "recovered")? {
@@ -477,7 +507,11 @@ fn rot(store: &QueueStore<SimIo>, disk: &SimDisk, m: &M, rng: &mut Rng) {
         return;
     };
     let at = e.position + rng.below(u64::from(e.len));
-    if disk.rot(&segment_path(&dir(), seg.base), (at - seg.base) as usize, rng.below(8) as u8) {
+    if disk.rot(
+        &segment_path(&dir(), seg.base),
+        (at - seg.base) as usize,
+        rng.below(8) as u8,
+    ) {
         m.borrow_mut().excuse(q, e.base_offset, e.next_offset());
     }
 }
@@ -527,8 +561,10 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
         if let Some(s) = stop {
             let st = store.clone();
             let mm = m.clone();
-            block_on(&io, async move { check_recovered(&st, &mm, s, levels, device).await })
-                .map_err(|e| format!("after {s:?} (epoch {epoch}): {e}; recovery said: {report}"))?;
+            block_on(&io, async move {
+                check_recovered(&st, &mm, s, levels, device).await
+            })
+            .map_err(|e| format!("after {s:?} (epoch {epoch}): {e}; recovery said: {report}"))?;
         }
         lossy_at_start = io.disk.0.borrow().lossy_syncs;
         for q in QUEUES {
@@ -547,7 +583,8 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                 done.clone(),
             ));
         }
-        io.sim.spawn(reader(store.clone(), io.clone(), m.clone(), rng.next_u64()));
+        io.sim
+            .spawn(reader(store.clone(), io.clone(), m.clone(), rng.next_u64()));
         if sc.retention_bytes > 0 {
             let (s, i, mm) = (store.clone(), io.clone(), m.clone());
             let policy = RetentionPolicy {
@@ -586,6 +623,13 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                             }
                         }
                     }
+                    if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
+                        eprintln!(
+                            "retention at {}: deletes {bases:?} cutoff {cutoff}; queue 3 entries {:?}",
+                            i.sim.now_us(),
+                            s.entries(3).iter().map(|e| (e.base_offset, e.position)).collect::<Vec<_>>()
+                        );
+                    }
                     let _ = s.apply_retention(policy).await;
                 }
             });
@@ -622,7 +666,11 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                 rot(&store, &io.disk, &m, &mut rng);
             }
             if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
-                eprintln!("before {kind:?}: synced {} names {:?}", store.log().synced_position(), io.disk.debug_names());
+                eprintln!(
+                    "before {kind:?}: synced {} names {:?}",
+                    store.log().synced_position(),
+                    io.disk.debug_names()
+                );
             }
             io.sim.crash();
             io.disk.crash(kind, &mut rng);
@@ -659,8 +707,10 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     let s = stop.expect("ran an epoch");
     let st = store.clone();
     let mm = m.clone();
-    block_on(&io, async move { check_recovered(&st, &mm, s, levels, device).await })
-        .map_err(|e| format!("after {s:?} (last): {e}; recovery said: {report}"))?;
+    block_on(&io, async move {
+        check_recovered(&st, &mm, s, levels, device).await
+    })
+    .map_err(|e| format!("after {s:?} (last): {e}; recovery said: {report}"))?;
     let mm = m.borrow();
     Ok(format!(
         "seed {seed}: {} appends, {} acks, {} refused, stops {stops:?}, {} failed calls",
