@@ -95,6 +95,7 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                     tail_cache_bytes_max: 64 << 20,
                     checkpoint_interval: Duration::from_secs(1),
                     zero_ahead: true,
+                    reserve_offsets_min: keelmq::storage::store::RESERVE_OFFSETS_MIN,
                 };
                 let tq = glommio::executor().current_task_queue();
                 let io = UringIo::new(keelmq::runtime::TaskQueues {

@@ -154,6 +154,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         tail_cache_bytes_max: cfg.storage.tail_cache_bytes_max,
         checkpoint_interval: Duration::from_millis(cfg.storage.checkpoint_interval_ms),
         zero_ahead: true,
+        reserve_offsets_min: crate::storage::store::RESERVE_OFFSETS_MIN,
     };
     runtime::blocking({
         let d = dir.clone();

@@ -62,6 +62,10 @@ pub struct StoreConfig {
     pub checkpoint_interval: Duration,
     /// Run the zeroer (off in the simulation, which models no extents).
     pub zero_ahead: bool,
+    /// Smallest offset reservation the keeper grants a queue (the broker
+    /// uses [`RESERVE_OFFSETS_MIN`]; the simulation a few, so reservations
+    /// run out all the time).
+    pub reserve_offsets_min: u64,
 }
 
 /// Why a store operation failed.
@@ -137,8 +141,8 @@ impl QueueState {
             latest: self.visible.get(),
         }
     }
-    fn grant(&self) -> u64 {
-        (self.appended_since_checkpoint * 4).clamp(RESERVE_OFFSETS_MIN, RESERVE_OFFSETS_MAX)
+    fn grant(&self, min: u64) -> u64 {
+        (self.appended_since_checkpoint * 4).clamp(min, RESERVE_OFFSETS_MAX)
     }
 }
 
@@ -411,7 +415,7 @@ impl<I: Io> QueueStore<I> {
         if needs_reserve {
             q.reserve = q.reserve.max(kind);
             // Raise the reservation before it runs out.
-            if q.next_offset + q.grant() / 2 > q.reserved_stored {
+            if q.next_offset + q.grant(self.cfg.reserve_offsets_min) / 2 > q.reserved_stored {
                 bump(&self.keeper_work);
             }
         }
@@ -688,7 +692,9 @@ impl<I: Io> QueueStore<I> {
                 let reserved = match (q.reserve, clean_end) {
                     (ReserveKind::None, _) => 0,
                     (_, Some(_)) => q.next_offset,
-                    (_, None) => q.reserved_stored.max(q.next_offset + q.grant()),
+                    (_, None) => q
+                        .reserved_stored
+                        .max(q.next_offset + q.grant(self.cfg.reserve_offsets_min)),
                 };
                 (
                     id,

@@ -54,6 +54,7 @@ fn cfg(dir: &std::path::Path, tail_cache_bytes_max: u64) -> StoreConfig {
         tail_cache_bytes_max,
         checkpoint_interval: std::time::Duration::from_millis(20),
         zero_ahead: true,
+        reserve_offsets_min: crate::storage::store::RESERVE_OFFSETS_MIN,
     }
 }
 
