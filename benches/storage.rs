@@ -87,6 +87,8 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                         dir: dir.path().to_owned(),
                         shard: 0,
                         segment_bytes: 256 << 20,
+                        segment_bytes_min: 1 << 20,
+                        disk_shards: 1,
                         write_bytes_max: 1 << 20,
                         unawaited_write_delay: Duration::from_millis(1),
                         pending_bytes_max: 64 << 20,

@@ -187,13 +187,14 @@ fn check_listen(addr: SocketAddr) -> Result<SocketAddr, StartError> {
     Ok(addr)
 }
 
-/// Shrinks `storage.segment_bytes_max` so each shard can hold two new
-/// segments (the active one and the one prepared ahead) in the space the
-/// data dir's filesystem has free, with a warning; never below the
-/// smallest segment a batch fits. Never refuses to start: a restart on a
-/// full disk recovers and serves reads, and appends get `storage_full`
-/// until space is freed.
-fn fit_segments_to_disk(config: &mut Config, shards: u16) {
+/// Warns when `storage.segment_bytes_max` does not fit the space the data
+/// dir's filesystem has free: each shard creates its next segment at the
+/// size that fits then (so two fit per shard: the active one and the one
+/// prepared ahead), never below the smallest segment a batch fits, and
+/// back at the configured size once space is free. Never refuses to
+/// start: a restart on a full disk recovers and serves reads, and appends
+/// get `storage_full` until space is freed.
+fn fit_segments_to_disk(config: &Config, shards: u16) {
     let Ok(free) = crate::runtime::free_bytes(&config.broker.data_dir) else {
         return;
     };
@@ -205,7 +206,7 @@ fn fit_segments_to_disk(config: &mut Config, shards: u16) {
     let min = config.segment_bytes_min();
     let size = fit.max(min);
     tracing::warn!(
-        "storage.segment_bytes_max {configured} does not fit the {free} bytes free on {} for {shards} shards: new segments are {size} bytes{}",
+        "storage.segment_bytes_max {configured} does not fit the {free} bytes free on {} for {shards} shards: new segments shrink to fit (now {size} bytes){}",
         config.broker.data_dir.display(),
         if fit < min {
             " (the smallest a batch fits; appends get storage_full until space is freed)"
@@ -213,7 +214,6 @@ fn fit_segments_to_disk(config: &mut Config, shards: u16) {
             ""
         }
     );
-    config.storage.segment_bytes_max = size;
 }
 
 fn block_stop_signals() -> libc::sigset_t {
@@ -263,7 +263,7 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
             m
         }
     };
-    fit_segments_to_disk(&mut config, shard_count);
+    fit_segments_to_disk(&config, shard_count);
     let io_memory = io_memory_per_shard(&config, shard_count)?;
     let listen = check_listen(config.broker.listen)?;
     let sigset = block_stop_signals();

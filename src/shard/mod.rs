@@ -146,6 +146,8 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
             dir: dir.clone(),
             shard: id,
             segment_bytes: cfg.storage.segment_bytes_max,
+            segment_bytes_min: cfg.segment_bytes_min(),
+            disk_shards: spec.shard_count,
             write_bytes_max: u64::from(cfg.storage.write_bytes_max),
             unawaited_write_delay: Duration::from_micros(cfg.storage.memory_write_delay_us),
             pending_bytes_max: cfg.storage.memory_pending_bytes_max,

@@ -55,8 +55,14 @@ use crate::runtime::Watch;
 pub struct LogConfig {
     pub dir: PathBuf,
     pub shard: u16,
-    /// Capacity of new segments (a multiple of 4 KiB).
+    /// Capacity of new segments (a multiple of 4 KiB), unless the disk has
+    /// less free: then the size that fits (two segments per shard on the
+    /// disk), at least `segment_bytes_min`.
     pub segment_bytes: u64,
+    /// Smallest segment a batch fits in.
+    pub segment_bytes_min: u64,
+    /// Shards whose logs share the disk.
+    pub disk_shards: u16,
     pub write_bytes_max: u64,
     /// Longest an append nobody waits on (durability `memory`) waits to
     /// share a write; zero writes at once.
@@ -333,12 +339,18 @@ impl<I: Io> CommitLog<I> {
             return Admission::Now;
         }
         match &s.spare {
-            Spare::Ready(seg) => {
-                assert!(
-                    SEGMENT_HEADER_BYTES + len <= seg.info.capacity,
-                    "batch of {len} bytes cannot fit a segment"
-                );
-                Admission::Now
+            Spare::Ready(seg) if SEGMENT_HEADER_BYTES + len <= seg.info.capacity => Admission::Now,
+            Spare::Ready(_) => {
+                // Prepared small (the disk was nearly full) and too small
+                // for this batch: prepare one that fits.
+                let Spare::Ready(small) = std::mem::replace(&mut s.spare, Spare::Missing) else {
+                    unreachable!("matched above");
+                };
+                s.spare_wanted = true;
+                drop(s);
+                drop(small);
+                bump(&self.prepare_work);
+                Admission::Wait("preparing the next segment")
             }
             Spare::Full { failure, .. } => Admission::Refused(LogError::Full(failure.clone())),
             Spare::Missing | Spare::Creating => {
@@ -710,9 +722,20 @@ impl<I: Io> CommitLog<I> {
         }
     }
 
+    /// The size of the next segment: the configured one, or what fits the
+    /// free space (two per shard on the disk), at least the minimum.
+    async fn next_segment_bytes(&self) -> u64 {
+        let configured = self.cfg.segment_bytes;
+        let Ok(free) = self.io.free_bytes(&self.cfg.dir).await else {
+            return configured;
+        };
+        let fit = align_down(free / (2 * u64::from(self.cfg.disk_shards.max(1))));
+        configured.min(fit.max(self.cfg.segment_bytes_min))
+    }
+
     /// Creates and preallocates a segment file; removes it if that fails.
     async fn create_segment(&self, base: u64) -> Result<Segment<I::File>, IoFailure> {
-        let capacity = self.cfg.segment_bytes;
+        let capacity = self.next_segment_bytes().await;
         let path = segment_path(&self.cfg.dir, base);
         let file = self.io.create(&path).await?;
         let made = async {

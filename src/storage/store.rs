@@ -615,7 +615,9 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// The batch an index entry points at: from the tail cache, else read
-    /// and checked (MAC, CRC) against its segment's key.
+    /// and checked: MAC and CRC under its segment's key, and stamped for
+    /// this very position (a misdirected read can return another genuine
+    /// batch).
     async fn batch_at_entry(&self, position: u64, len: usize) -> Result<Bytes, StoreError> {
         if let Some(b) = self.tail.borrow().get(position) {
             return Ok(b);
@@ -625,10 +627,14 @@ impl<I: Io> QueueStore<I> {
             .log
             .key_at(position)
             .ok_or(LogError::NotFound(position))?;
-        batch::check_stored(&b, &key).map_err(|e| StoreError::Corrupt {
-            position,
-            reason: e.to_string(),
-        })?;
+        let corrupt = |reason: String| StoreError::Corrupt { position, reason };
+        let h = batch::check_stored(&b, &key).map_err(|e| corrupt(e.to_string()))?;
+        if h.log_position != position {
+            return Err(corrupt(format!(
+                "read back the batch stamped for position {}",
+                h.log_position
+            )));
+        }
         Ok(b)
     }
 
@@ -651,7 +657,10 @@ impl<I: Io> QueueStore<I> {
                 }
                 let key = self.log.key_at(position).ok_or_else(not_found)?;
                 let head = self.log.read(position, BATCH_HEADER_BYTES).await?;
-                batch::check_stored_header(&head, &key).map_err(|_| not_found())?;
+                let h = batch::check_stored_header(&head, &key).map_err(|_| not_found())?;
+                if h.log_position != position {
+                    return Err(not_found());
+                }
                 head
             }
         };

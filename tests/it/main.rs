@@ -3,7 +3,11 @@
 
 mod bad_input;
 mod config;
+mod disk_full;
 mod durability;
+mod forged;
+mod limits;
+mod net_fuzz;
 mod produce;
 mod readme;
 mod retention;
@@ -18,9 +22,11 @@ use std::time::{Duration, Instant};
 
 use keelmq::client::Admin;
 
-/// Path of the broker binary cargo built for these tests.
-pub fn keelmq_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_keelmq")
+/// Path of the broker binary cargo built for these tests
+/// (`KEELMQ_TEST_BIN` runs them against another build, such as an older
+/// one, to see a test fail on the behaviour it guards against).
+pub fn keelmq_bin() -> String {
+    std::env::var("KEELMQ_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_keelmq").to_owned())
 }
 
 /// A port nobody listens on right now, below the kernel's ephemeral range
@@ -55,6 +61,8 @@ pub struct Broker {
     pub addr: String,
     pub shards: u16,
     pub config: Option<PathBuf>,
+    /// Where the data lives (default: `dir/data`).
+    data: Option<PathBuf>,
     child: Option<Child>,
     starts: u32,
 }
@@ -62,6 +70,15 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker with `shards` shards and an optional TOML config.
     pub fn start(shards: u16, config_toml: Option<&str>) -> Broker {
+        Broker::start_with_data(shards, config_toml, None)
+    }
+
+    /// Starts a broker whose data directory is `data` (else in its temp dir).
+    pub fn start_with_data(
+        shards: u16,
+        config_toml: Option<&str>,
+        data: Option<PathBuf>,
+    ) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let config = config_toml.map(|text| {
             let p = dir.path().join("test.toml");
@@ -73,6 +90,7 @@ impl Broker {
             dir,
             shards,
             config,
+            data,
             child: None,
             starts: 0,
         };
@@ -81,7 +99,20 @@ impl Broker {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// The broker's resident memory in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().expect("broker running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     pub fn log_path(&self) -> PathBuf {

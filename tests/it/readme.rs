@@ -32,7 +32,8 @@ fn quick_start_lines() -> Vec<String> {
 
 /// Runs one README line with `keelmq` on the PATH, in `cwd`.
 fn sh(cwd: &std::path::Path, line: &str) -> std::process::Output {
-    let bin_dir = std::path::Path::new(keelmq_bin()).parent().unwrap();
+    let bin = keelmq_bin();
+    let bin_dir = std::path::Path::new(&bin).parent().unwrap();
     let path = format!(
         "{}:{}",
         bin_dir.display(),

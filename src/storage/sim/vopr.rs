@@ -168,6 +168,8 @@ fn store_config() -> StoreConfig {
             dir: dir(),
             shard: 0,
             segment_bytes: SEGMENT_BYTES,
+            segment_bytes_min: SEGMENT_BYTES,
+            disk_shards: 1,
             write_bytes_max: 8 * 1024,
             unawaited_write_delay: Duration::from_millis(1),
             pending_bytes_max: 32 * 1024,

@@ -46,6 +46,8 @@ fn cfg(dir: &std::path::Path, tail_cache_bytes_max: u64) -> StoreConfig {
             dir: dir.to_owned(),
             shard: 0,
             segment_bytes: SEGMENT,
+            segment_bytes_min: 64 * 1024,
+            disk_shards: 1,
             write_bytes_max: 16 * 1024,
             unawaited_write_delay: std::time::Duration::from_millis(1),
             pending_bytes_max: 1 << 20,
