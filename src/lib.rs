@@ -13,3 +13,6 @@ pub mod protocol;
 pub mod runtime;
 pub mod shard;
 pub mod storage;
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -525,14 +525,26 @@ fn stats(broker: &str, json: bool) -> Result<()> {
         s["shard_count"],
         s["topics"]
     );
-    println!("shard  queues  msgs_in  bytes_in  msgs_out  bytes_out  append_p50/p99/p999_us  fsync_p50/p99_us  conns");
+    println!("shard  queues  msgs_in  bytes_in  msgs_out  bytes_out  append_p50/p99/p999_us  fsync_p50/p99_us  conns  disk_free");
     for sh in s["shards"].as_array().into_iter().flatten() {
         let c = &sh["counters"];
         let a = &sh["append_latency"];
         let f = &sh["fsync_latency"];
         let t = |v: &serde_json::Value| v.to_string();
+        let log = &sh["log"];
+        let disk = match log["free_bytes"].as_u64() {
+            Some(b) => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+            None => "?".into(),
+        };
+        let state = if !log["failed"].is_null() {
+            " FAILED"
+        } else if !log["full"].is_null() {
+            " FULL"
+        } else {
+            ""
+        };
         println!(
-            "{:<6} {:<7} {:<8} {:<9} {:<9} {:<10} {:<23} {:<17} {}",
+            "{:<6} {:<7} {:<8} {:<9} {:<9} {:<10} {:<23} {:<17} {:<6} {disk}{state}",
             t(&sh["shard"]),
             t(&sh["queues"]),
             t(&c["messages_in"]),
@@ -543,6 +555,17 @@ fn stats(broker: &str, json: bool) -> Result<()> {
             format!("{}/{}", f["p50_us"], f["p99_us"]),
             t(&c["connections_open"])
         );
+    }
+    for sh in s["shards"].as_array().into_iter().flatten() {
+        let log = &sh["log"];
+        for (what, v) in [
+            ("storage failed", &log["failed"]),
+            ("disk full", &log["full"]),
+        ] {
+            if let Some(why) = v.as_str() {
+                println!("shard {}: {what}: {why}", sh["shard"]);
+            }
+        }
     }
     Ok(())
 }

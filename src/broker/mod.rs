@@ -216,6 +216,33 @@ fn fit_segments_to_disk(config: &Config, shards: u16) {
     );
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard one (connections are files),
+/// and warns when even that cannot hold `connections_max` on every shard.
+fn raise_open_files_limit(config: &Config, shards: u16) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    let wanted = u64::from(config.limits.connections_max) * u64::from(shards) + 1024;
+    if r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur < wanted {
+        tracing::warn!(
+            "RLIMIT_NOFILE is {} but {shards} shards x limits.connections_max {} need about {wanted}: connections past it are refused (raise `ulimit -n`)",
+            r.rlim_cur,
+            config.limits.connections_max
+        );
+    }
+}
+
 fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain signal-mask calls on a set we own; threads spawned after
     // this inherit the mask, so only the waiting thread sees the signals.
@@ -264,6 +291,7 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
         }
     };
     fit_segments_to_disk(&config, shard_count);
+    raise_open_files_limit(&config, shard_count);
     let io_memory = io_memory_per_shard(&config, shard_count)?;
     let listen = check_listen(config.broker.listen)?;
     let sigset = block_stop_signals();

@@ -162,6 +162,16 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_claiming_megabytes_costs_nothing_until_they_arrive() {
+        let d = FrameDecoder::new(8 << 20);
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(&(8u32 << 20).to_le_bytes());
+        buf.extend_from_slice(&[6, 0, 1, 0]);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        assert!(buf.capacity() < 1024, "reserved {} bytes", buf.capacity());
+    }
+
+    #[test]
     fn header_helper_matches_encode_frame() {
         let mut a = BytesMut::new();
         encode_frame(&mut a, 1, 2, 3, b"xyz");

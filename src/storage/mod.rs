@@ -18,7 +18,7 @@ pub mod recovery;
 pub mod retention;
 pub mod segment;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod store;
 pub mod tail_cache;
 pub mod time_index;

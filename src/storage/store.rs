@@ -307,6 +307,9 @@ impl<I: Io> QueueStore<I> {
             closing: Cell::new(false),
             failure_marked: Cell::new(false),
         });
+        if let Ok(free) = store.io.free_bytes(&store.cfg.log.dir).await {
+            store.free_bytes.set(Some(free));
+        }
         // The stored clean end no longer holds once appends start.
         if let Err(e) = store.store_checkpoint(None).await {
             tracing::warn!(

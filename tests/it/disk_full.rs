@@ -146,6 +146,12 @@ fn a_full_disk_refuses_then_resumes_and_loses_nothing() {
     let log = &stats["shards"][0]["log"];
     assert!(log["full"].is_string(), "stats say the disk is full: {log}");
     assert!(log["free_bytes"].as_u64().unwrap() < 8 << 20, "{log}");
+    let text = ok_stdout(&b.cli(&["stats"]));
+    assert!(
+        text.contains("disk_free") && text.contains("FULL"),
+        "{text}"
+    );
+    assert!(text.contains("disk full: "), "{text}");
     // No half-made segment: every segment file has whole pages, the
     // preallocated ones at the size they were made with, and the failed
     // preallocation left no file behind.
