@@ -11,8 +11,9 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use glommio::LocalExecutorBuilder;
 use keelmq::batch::{validate_produced, BatchBuilder, Record};
+use keelmq::ids::QueueId;
 use keelmq::protocol::Durability;
-use keelmq::shard::mesh::{build_mesh, Mesh, MeshMsg, NO_QUEUE};
+use keelmq::shard::mesh::{build_mesh, Mesh, MeshMsg};
 use keelmq::storage::consume_index::{ConsumeIndex, IndexEntry};
 use keelmq::storage::{LogConfig, QueueStore, StoreConfig, UringIo};
 use std::sync::mpsc;
@@ -106,7 +107,7 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                 });
                 let (store, _) = QueueStore::open(io, cfg).await.unwrap();
                 store.start();
-                store.ensure_queue(1);
+                store.ensure_queue(QueueId(1));
                 let (batch, header) = produced(records, 100);
                 while let Ok(iters) = jobs.recv() {
                     let t = Instant::now();
@@ -117,7 +118,7 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                             .await
                             .unwrap();
                         let r = store
-                            .append(1, &batch, &header, Durability::Written)
+                            .append(QueueId(1), &batch, &header, Durability::Written)
                             .unwrap();
                         if wait_each {
                             store.wait_durable(&r, Durability::Written).await.unwrap();
@@ -208,7 +209,7 @@ fn mesh_driver() -> Driver {
             while let Ok(iters) = jobs.recv() {
                 let t = Instant::now();
                 for _ in 0..iters {
-                    let reply = mesh.request(1, 0, NO_QUEUE, body.clone()).await.unwrap();
+                    let reply = mesh.request(1, 0, None, body.clone()).await.unwrap();
                     black_box(reply.await.unwrap());
                 }
                 if done.send(t.elapsed()).is_err() {

@@ -15,6 +15,11 @@ pub struct ShardId(pub u16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueId(pub u32);
 
+/// Index of a queue within its topic: queue `i` of `orders` (what clients
+/// name). Not a [`QueueId`]: metadata maps one to the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueIndex(pub u32);
+
 /// Byte position in a shard's commit log (spans segments: segment base +
 /// offset inside the segment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -23,6 +28,32 @@ pub struct LogPosition(pub u64);
 /// Logical offset of a message inside its queue: 0, 1, 2, ... with no gaps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct QueueOffset(pub u64);
+
+impl QueueOffset {
+    /// The offset `n` records later.
+    pub fn plus(self, n: u64) -> QueueOffset {
+        QueueOffset(self.0 + n)
+    }
+}
+
+impl LogPosition {
+    /// The position `n` bytes later.
+    pub fn plus(self, n: u64) -> LogPosition {
+        LogPosition(self.0 + n)
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for QueueIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// A broker-assigned message id: enough to locate the message again, as
 /// RocketMQ's id is broker + commit-log offset. Printed as 28 hex digits:

@@ -15,10 +15,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::batch::{self, BatchError, BatchHeader};
-use crate::ids::MessageId;
+use crate::ids::{MessageId, QueueId, QueueIndex, QueueOffset, ShardId};
 use crate::protocol::codec::{Reader, Writer};
 use crate::protocol::*;
-use crate::shard::mesh::NO_QUEUE;
 use crate::shard::metadata::{queue_for_key, Metadata, MetadataError};
 use crate::shard::metrics::histogram_json;
 use crate::shard::Shard;
@@ -175,18 +174,18 @@ pub async fn submit(shard: &Rc<Shard>, op_code: u16, version: u16, body: Bytes) 
 }
 
 /// Which shard serves a request, and (for produce) the resolved queue.
-fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, u32), HandlerError> {
+fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, Option<QueueIndex>), HandlerError> {
     let meta = shard.metadata.borrow();
-    let owner = |topic: &str, queue: u32| -> Result<(u16, u32), HandlerError> {
-        Ok((meta.route(topic, queue)?.shard, queue))
+    let owner = |topic: &str, queue: u32| -> Result<(u16, Option<QueueIndex>), HandlerError> {
+        Ok((meta.route(topic, QueueIndex(queue))?.shard, None))
     };
     match op {
-        Op::Handshake | Op::Metadata | Op::DescribeTopic | Op::Stats => Ok((shard.id, NO_QUEUE)),
-        Op::CreateTopic | Op::DeleteTopic => Ok((0, NO_QUEUE)),
+        Op::Handshake | Op::Metadata | Op::DescribeTopic | Op::Stats => Ok((shard.id, None)),
+        Op::CreateTopic | Op::DeleteTopic => Ok((0, None)),
         Op::Produce => {
             let req = ProduceRequest::decode(body.clone())?;
             let queue = resolve_produce_queue(shard, &meta, &req)?;
-            owner(&req.topic, queue)
+            Ok((meta.route(&req.topic, queue)?.shard, Some(queue)))
         }
         Op::Fetch => {
             let req = FetchRequest::decode(body.clone())?;
@@ -216,7 +215,7 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, u32), HandlerError
                     format!("no shard {} for message {id}", id.shard.0),
                 ));
             }
-            Ok((id.shard.0, NO_QUEUE))
+            Ok((id.shard.0, None))
         }
     }
 }
@@ -225,9 +224,9 @@ fn resolve_produce_queue(
     shard: &Shard,
     meta: &Metadata,
     req: &ProduceRequest,
-) -> Result<u32, HandlerError> {
+) -> Result<QueueIndex, HandlerError> {
     if req.queue != QUEUE_BY_KEY {
-        return Ok(req.queue);
+        return Ok(QueueIndex(req.queue));
     }
     let n = meta.queue_count(&req.topic)?;
     if req.routing_key.is_empty() {
@@ -235,13 +234,19 @@ fn resolve_produce_queue(
         shard
             .round_robin
             .set(shard.round_robin.get().wrapping_add(1));
-        Ok(q)
+        Ok(QueueIndex(q))
     } else {
         Ok(queue_for_key(&req.routing_key, n))
     }
 }
 
-async fn forward(shard: &Rc<Shard>, owner: u16, op: u16, queue: u32, body: Bytes) -> Pending {
+async fn forward(
+    shard: &Rc<Shard>,
+    owner: u16,
+    op: u16,
+    queue: Option<QueueIndex>,
+    body: Bytes,
+) -> Pending {
     shard.metrics.borrow_mut().forwarded_requests += 1;
     match shard.mesh.request(owner, op, queue, body).await {
         Err(e) => ready(Err(herr(ErrorCode::ShuttingDown, e.to_string()))),
@@ -261,14 +266,14 @@ async fn forward(shard: &Rc<Shard>, owner: u16, op: u16, queue: u32, body: Bytes
 }
 
 /// Executes a request on the shard that owns its data. `queue` is the
-/// resolved produce queue (or `NO_QUEUE`); internal operations are accepted
+/// resolved produce queue (if it was resolved); internal operations are accepted
 /// only `from_mesh`. Resolves once the request's synchronous part is done
 /// (for produce: admitted and appended, so requests run in arrival order);
 /// at once except when a produce waits for the disk.
 pub async fn execute_local(
     shard: &Rc<Shard>,
     op: u16,
-    queue: u32,
+    queue: Option<QueueIndex>,
     body: Bytes,
     from_mesh: bool,
 ) -> Pending {
@@ -357,7 +362,7 @@ async fn publish_metadata(shard: &Rc<Shard>, new: Metadata) -> Result<(), Handle
     for peer in 1..shard.shard_count {
         let rx = shard
             .mesh
-            .request(peer, OP_INTERNAL_APPLY_METADATA, NO_QUEUE, json.clone())
+            .request(peer, OP_INTERNAL_APPLY_METADATA, None, json.clone())
             .await
             .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
         waits.push(rx);
@@ -441,7 +446,7 @@ fn queue_offsets(shard: &Shard, body: Bytes) -> HResult {
     let mut w = Writer(&mut out);
     for _ in 0..n {
         let id = r.u32("queue_id")?;
-        let o = shard.store.offsets(id).unwrap_or_default();
+        let o = shard.store.offsets(QueueId(id)).unwrap_or_default();
         w.u64(o.earliest).u64(o.latest);
     }
     r.finish()?;
@@ -467,7 +472,7 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
             for &i in &idx {
                 offsets[i] = shard
                     .store
-                    .offsets(info.queues[i].queue_id)
+                    .offsets(QueueId(info.queues[i].queue_id))
                     .unwrap_or_default();
             }
             continue;
@@ -479,7 +484,7 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
         }
         let rx = shard
             .mesh
-            .request(owner, OP_INTERNAL_OFFSETS, NO_QUEUE, b.freeze())
+            .request(owner, OP_INTERNAL_OFFSETS, None, b.freeze())
             .await
             .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
         let Some((0, chunks)) = rx.await else {
@@ -503,7 +508,7 @@ async fn describe_topic(shard: &Rc<Shard>, body: Bytes) -> HResult {
     Ok(body_of(|b| resp.encode(b)))
 }
 
-async fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
+async fn produce(shard: &Rc<Shard>, queue: Option<QueueIndex>, body: Bytes) -> Pending {
     match produce_append(shard, queue, body).await {
         Err(e) => {
             shard.metrics.borrow_mut().errors += 1;
@@ -520,11 +525,11 @@ async fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
                     .append_us
                     .record(t0.elapsed().as_micros() as u64);
                 let resp = ProduceResponse {
-                    queue,
-                    base_offset: receipt.base_offset,
+                    queue: queue.0,
+                    base_offset: receipt.base_offset.0,
                     count: receipt.count,
                     shard: s.id,
-                    position: receipt.position,
+                    position: receipt.position.0,
                     append_time_ms: receipt.append_time_ms,
                 };
                 Ok(body_of(|b| resp.encode(b)))
@@ -538,15 +543,22 @@ async fn produce(shard: &Rc<Shard>, queue: u32, body: Bytes) -> Pending {
 /// `storage.memory_pending_wait_ms`, then `busy`), stamp, append.
 async fn produce_append(
     shard: &Shard,
-    queue: u32,
+    queue: Option<QueueIndex>,
     body: Bytes,
-) -> Result<(crate::storage::AppendReceipt, Durability, u32, Instant), HandlerError> {
+) -> Result<
+    (
+        crate::storage::AppendReceipt,
+        Durability,
+        QueueIndex,
+        Instant,
+    ),
+    HandlerError,
+> {
     let t0 = Instant::now();
     let req = ProduceRequest::decode(body)?;
-    let queue = if queue == NO_QUEUE {
-        resolve_produce_queue(shard, &shard.metadata.borrow(), &req)?
-    } else {
-        queue
+    let queue = match queue {
+        Some(q) => q,
+        None => resolve_produce_queue(shard, &shard.metadata.borrow(), &req)?,
     };
     let route = shard.metadata.borrow().route(&req.topic, queue)?;
     if route.shard != shard.id {
@@ -574,7 +586,11 @@ async fn produce_append(
 
 async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = FetchRequest::decode(body)?;
-    let route = shard.metadata.borrow().route(&req.topic, req.queue)?;
+    let route = shard
+        .metadata
+        .borrow()
+        .route(&req.topic, QueueIndex(req.queue))?;
+    let offset = QueueOffset(req.offset);
     let limits = &shard.config.limits;
     let max_bytes = req.max_bytes.clamp(1, limits.fetch_bytes_max);
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
@@ -582,13 +598,10 @@ async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     if req.offset == o.latest {
         shard
             .store
-            .wait_visible(route.queue_id, req.offset, wait)
+            .wait_visible(route.queue_id, offset, wait)
             .await?;
     }
-    let (offsets, batches) = shard
-        .store
-        .read(route.queue_id, req.offset, max_bytes)
-        .await?;
+    let (offsets, batches) = shard.store.read(route.queue_id, offset, max_bytes).await?;
     let total: usize = batches.iter().map(Bytes::len).sum();
     let mut head = BytesMut::with_capacity(20);
     Writer(&mut head)
@@ -624,14 +637,14 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
     let deadline = Instant::now() + wait;
     // Resolve every queue once: its id here, or why it cannot be served.
-    let resolved: Vec<(u32, Result<u32, ErrorCode>, u64)> = {
+    let resolved: Vec<(u32, Result<QueueId, ErrorCode>, u64)> = {
         let meta = shard.metadata.borrow();
         let queues = meta.queues(&req.topic)?;
         req.queues
             .iter()
             .map(|&(q, offset)| {
                 let id = match queues.get(q as usize) {
-                    Some(&(id, owner)) if owner == shard.id => Ok(id),
+                    Some(&(id, owner)) if owner == ShardId(shard.id) => Ok(id),
                     // The client sends one request per owning shard.
                     Some(_) => Err(ErrorCode::InvalidArgument),
                     None => Err(ErrorCode::UnknownQueue),
@@ -654,7 +667,7 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
     // A long poll is woken only by publishes on its own queues, and then
     // looks only at those.
     let waiter = (!wait.is_zero()).then(|| {
-        let ids: Vec<u32> = resolved.iter().filter_map(|(_, id, _)| id.ok()).collect();
+        let ids: Vec<QueueId> = resolved.iter().filter_map(|(_, id, _)| id.ok()).collect();
         shard.store.watch_queues(&ids)
     });
     let mut look_at: Vec<usize> = (0..resolved.len()).collect();
@@ -673,7 +686,7 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
                     continue;
                 }
             };
-            match shard.store.has_news(id, offset) {
+            match shard.store.has_news(id, QueueOffset(offset)) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
@@ -688,7 +701,7 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             }
             match shard
                 .store
-                .read(id, offset, (max_bytes - bytes) as u32)
+                .read(id, QueueOffset(offset), (max_bytes - bytes) as u32)
                 .await
             {
                 Ok((o, batches)) => {
@@ -732,12 +745,15 @@ async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
 
 fn list_offsets(shard: &Shard, body: Bytes) -> HResult {
     let req = ListOffsetsRequest::decode(body)?;
-    let route = shard.metadata.borrow().route(&req.topic, req.queue)?;
+    let route = shard
+        .metadata
+        .borrow()
+        .route(&req.topic, QueueIndex(req.queue))?;
     let o = shard.store.offsets(route.queue_id)?;
     let v = match req.spec {
         OffsetSpec::Earliest => o.earliest,
         OffsetSpec::Latest => o.latest,
-        OffsetSpec::Timestamp(t) => shard.store.offset_for_time(route.queue_id, t)?,
+        OffsetSpec::Timestamp(t) => shard.store.offset_for_time(route.queue_id, t)?.0,
     };
     Ok(body_of(|b| encode_u64(b, v)))
 }
@@ -747,7 +763,10 @@ fn group_offset(shard: &Shard, body: Bytes, commit: bool) -> HResult {
     if req.group.is_empty() {
         return Err(herr(ErrorCode::InvalidArgument, "group name is empty"));
     }
-    let route = shard.metadata.borrow().route(&req.topic, req.queue)?;
+    let route = shard
+        .metadata
+        .borrow()
+        .route(&req.topic, QueueIndex(req.queue))?;
     match req.offset {
         Some(o) => {
             shard
@@ -779,7 +798,7 @@ async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
     };
     let batch = shard
         .store
-        .batch_at(id.position.0)
+        .batch_at(id.position)
         .await
         .map_err(|e| match e {
             StoreError::Log(LogError::NotFound(_)) => not_found(),
@@ -792,12 +811,12 @@ async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let (topic, queue) = shard
         .metadata
         .borrow()
-        .locate(h.queue_id)
-        .cloned()
+        .locate(QueueId(h.queue_id))
+        .map(|(t, q)| (t.to_owned(), q))
         .ok_or_else(not_found)?;
     let resp = GetMessageResponse {
         topic,
-        queue,
+        queue: queue.0,
         index: id.index,
         batch,
     };
@@ -842,7 +861,7 @@ async fn stats(shard: &Rc<Shard>) -> HResult {
     for peer in (0..shard.shard_count).filter(|&p| p != shard.id) {
         let rx = shard
             .mesh
-            .request(peer, OP_INTERNAL_STATS, NO_QUEUE, Bytes::new())
+            .request(peer, OP_INTERNAL_STATS, None, Bytes::new())
             .await
             .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
         if let Some((0, chunks)) = rx.await {

@@ -233,10 +233,10 @@ fn raise_open_files_limit(config: &Config, shards: u16) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
-    let wanted = u64::from(config.limits.connections_max) * u64::from(shards) + 1024;
+    let wanted = u64::from(config.limits.connections_max) * u64::from(shards);
     if r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur < wanted {
         tracing::warn!(
-            "RLIMIT_NOFILE is {} but {shards} shards x limits.connections_max {} need about {wanted}: connections past it are refused (raise `ulimit -n`)",
+            "RLIMIT_NOFILE is {} but {shards} shards x limits.connections_max {} = {wanted}: connections past it are refused (raise `ulimit -n`)",
             r.rlim_cur,
             config.limits.connections_max
         );
@@ -291,8 +291,8 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
         }
     };
     fit_segments_to_disk(&config, shard_count);
-    raise_open_files_limit(&config, shard_count);
     let io_memory = io_memory_per_shard(&config, shard_count)?;
+    raise_open_files_limit(&config, shard_count);
     let listen = check_listen(config.broker.listen)?;
     let sigset = block_stop_signals();
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -5,6 +5,7 @@
 //! consumer-offset flush: after a crash a group may re-read up to one
 //! interval of messages, never skip any.
 
+use crate::ids::QueueId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -63,14 +64,14 @@ impl GroupOffsets {
     pub fn commit(
         &mut self,
         group: &str,
-        queue_id: u32,
+        queue_id: QueueId,
         offset: u64,
         max: u32,
     ) -> Result<(), GroupOffsetError> {
         if group.is_empty() || group.len() > GROUP_NAME_BYTES_MAX {
             return Err(GroupOffsetError::BadName(group.len()));
         }
-        let key = (group.to_owned(), queue_id);
+        let key = (group.to_owned(), queue_id.0);
         if !self.offsets.contains_key(&key) && self.offsets.len() >= max as usize {
             return Err(GroupOffsetError::Full(max));
         }
@@ -80,14 +81,14 @@ impl GroupOffsets {
     }
 
     /// The committed offset, if any.
-    pub fn get(&self, group: &str, queue_id: u32) -> Option<u64> {
-        self.offsets.get(&(group.to_owned(), queue_id)).copied()
+    pub fn get(&self, group: &str, queue_id: QueueId) -> Option<u64> {
+        self.offsets.get(&(group.to_owned(), queue_id.0)).copied()
     }
 
     /// Forgets every group's offset of a removed queue.
-    pub fn remove_queue(&mut self, queue_id: u32) {
+    pub fn remove_queue(&mut self, queue_id: QueueId) {
         let before = self.offsets.len();
-        self.offsets.retain(|(_, q), _| *q != queue_id);
+        self.offsets.retain(|(_, q), _| *q != queue_id.0);
         self.dirty |= before != self.offsets.len();
     }
 
@@ -123,23 +124,29 @@ mod tests {
     fn commit_snapshot_load_round_trip() {
         let mut g = GroupOffsets::default();
         assert!(g.take_dirty_snapshot().is_none());
-        g.commit("g1", 4, 10, 3).unwrap();
-        g.commit("g2", 4, 3, 3).unwrap();
-        g.commit("g1", 5, 7, 3).unwrap();
-        assert_eq!(g.commit("g3", 5, 7, 3), Err(GroupOffsetError::Full(3)));
-        g.commit("g1", 5, 8, 3).unwrap();
-        assert_eq!(g.commit("", 5, 7, 3), Err(GroupOffsetError::BadName(0)));
-        assert!(g.commit(&"x".repeat(201), 5, 7, 9).is_err());
+        g.commit("g1", QueueId(4), 10, 3).unwrap();
+        g.commit("g2", QueueId(4), 3, 3).unwrap();
+        g.commit("g1", QueueId(5), 7, 3).unwrap();
+        assert_eq!(
+            g.commit("g3", QueueId(5), 7, 3),
+            Err(GroupOffsetError::Full(3))
+        );
+        g.commit("g1", QueueId(5), 8, 3).unwrap();
+        assert_eq!(
+            g.commit("", QueueId(5), 7, 3),
+            Err(GroupOffsetError::BadName(0))
+        );
+        assert!(g.commit(&"x".repeat(201), QueueId(5), 7, 9).is_err());
         let snap = g.take_dirty_snapshot().unwrap();
         assert!(g.take_dirty_snapshot().is_none(), "snapshot clears dirty");
         let dir = tempfile::tempdir().unwrap();
         crate::storage::write_atomic(dir.path(), GROUP_OFFSETS_FILE, snap.as_bytes()).unwrap();
         let mut back = GroupOffsets::load(dir.path()).unwrap();
-        assert_eq!(back.get("g1", 4), Some(10));
-        assert_eq!(back.get("g1", 5), Some(8));
-        assert_eq!(back.get("g3", 4), None);
-        back.remove_queue(4);
-        assert_eq!(back.get("g2", 4), None);
+        assert_eq!(back.get("g1", QueueId(4)), Some(10));
+        assert_eq!(back.get("g1", QueueId(5)), Some(8));
+        assert_eq!(back.get("g3", QueueId(4)), None);
+        back.remove_queue(QueueId(4));
+        assert_eq!(back.get("g2", QueueId(4)), None);
         assert!(back.take_dirty_snapshot().is_some());
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+use crate::ids::QueueIndex;
 use crate::runtime::{oneshot, OneshotReceiver, OneshotSender};
 use crate::runtime::{
     shared_channel, spawn_local, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
@@ -17,18 +18,15 @@ use crate::runtime::{
 /// Requests in flight between two shards before senders wait.
 pub const MESH_CHANNEL_DEPTH: usize = 1024;
 
-/// Queue field of a forwarded request that names no queue.
-pub const NO_QUEUE: u32 = u32::MAX;
-
 /// A message between shards.
 pub enum MeshMsg {
     /// A request for the receiving shard; `queue` is the resolved queue
-    /// index for produce (or [`NO_QUEUE`]).
+    /// of a produce.
     Request {
         from: u16,
         id: u64,
         op: u16,
-        queue: u32,
+        queue: Option<QueueIndex>,
         body: Bytes,
     },
     /// The reply to request `id`, as a wire error code and body chunks.
@@ -134,7 +132,7 @@ impl Mesh {
         &self,
         to: u16,
         op: u16,
-        queue: u32,
+        queue: Option<QueueIndex>,
         body: Bytes,
     ) -> Result<OneshotReceiver<(u16, Vec<Bytes>)>, MeshError> {
         let sender = self

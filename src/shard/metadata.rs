@@ -4,6 +4,7 @@
 //! shard holds a copy updated over the mesh. Pure logic, no I/O beyond the
 //! load and store helpers.
 
+use crate::ids::{QueueId, QueueIndex, ShardId};
 use crate::protocol::{Durability, QueueInfo, TopicInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -76,7 +77,7 @@ pub struct Metadata {
 /// Where one queue lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueRoute {
-    pub queue_id: u32,
+    pub queue_id: QueueId,
     pub shard: u16,
     pub durability: Durability,
     pub queue_count: u32,
@@ -234,21 +235,21 @@ impl Metadata {
     }
 
     /// Routes (topic, queue index) to its queue.
-    pub fn route(&self, topic: &str, queue: u32) -> Result<QueueRoute, MetadataError> {
+    pub fn route(&self, topic: &str, queue: QueueIndex) -> Result<QueueRoute, MetadataError> {
         let t = self
             .topics
             .get(topic)
             .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))?;
         let &(queue_id, shard) =
             t.queues
-                .get(queue as usize)
+                .get(queue.0 as usize)
                 .ok_or(MetadataError::UnknownQueue {
                     topic: topic.to_owned(),
-                    queue,
+                    queue: queue.0,
                     queues: t.queues.len() as u32,
                 })?;
         Ok(QueueRoute {
-            queue_id,
+            queue_id: QueueId(queue_id),
             shard,
             durability: t.durability,
             queue_count: t.queues.len() as u32,
@@ -256,10 +257,15 @@ impl Metadata {
     }
 
     /// Queue `i` of a topic: (broker-wide queue id, owning shard).
-    pub fn queues(&self, topic: &str) -> Result<&[(u32, u16)], MetadataError> {
+    pub fn queues(&self, topic: &str) -> Result<Vec<(QueueId, ShardId)>, MetadataError> {
         self.topics
             .get(topic)
-            .map(|t| t.queues.as_slice())
+            .map(|t| {
+                t.queues
+                    .iter()
+                    .map(|&(q, s)| (QueueId(q), ShardId(s)))
+                    .collect()
+            })
             .ok_or_else(|| MetadataError::UnknownTopic(topic.to_owned()))
     }
 
@@ -272,25 +278,27 @@ impl Metadata {
     }
 
     /// (topic, queue index) of a queue id.
-    pub fn locate(&self, queue_id: u32) -> Option<&(String, u32)> {
-        self.by_queue_id.get(&queue_id)
+    pub fn locate(&self, queue_id: QueueId) -> Option<(&str, QueueIndex)> {
+        self.by_queue_id
+            .get(&queue_id.0)
+            .map(|(t, i)| (t.as_str(), QueueIndex(*i)))
     }
 
     /// Queue ids owned by `shard`.
-    pub fn queues_of_shard(&self, shard: u16) -> Vec<u32> {
+    pub fn queues_of_shard(&self, shard: u16) -> Vec<QueueId> {
         self.topics
             .values()
             .flat_map(|t| t.queues.iter())
             .filter(|(_, s)| *s == shard)
-            .map(|(id, _)| *id)
+            .map(|(id, _)| QueueId(*id))
             .collect()
     }
 }
 
 /// The queue a routing key maps to: CRC32 of the key, modulo the count.
 /// Clients may compute it to reach the owning shard directly.
-pub fn queue_for_key(key: &[u8], queue_count: u32) -> u32 {
-    crc32fast::hash(key) % queue_count.max(1)
+pub fn queue_for_key(key: &[u8], queue_count: u32) -> QueueIndex {
+    QueueIndex(crc32fast::hash(key) % queue_count.max(1))
 }
 
 #[cfg(test)]
@@ -398,8 +406,11 @@ mod tests {
             )
             .unwrap();
         assert!(t3.queues.iter().all(|q| !ids_a.contains(&q.queue_id)));
-        assert_eq!(m.locate(t3.queues[2].queue_id), Some(&("a".to_owned(), 2)));
-        assert_eq!(m.locate(ids_a[0]), None);
+        assert_eq!(
+            m.locate(QueueId(t3.queues[2].queue_id)),
+            Some(("a", QueueIndex(2)))
+        );
+        assert_eq!(m.locate(QueueId(ids_a[0])), None);
     }
 
     #[test]
@@ -482,11 +493,11 @@ mod tests {
             Err(MetadataError::Exists("t".into()))
         );
         assert!(matches!(
-            m.route("t", 2),
+            m.route("t", QueueIndex(2)),
             Err(MetadataError::UnknownQueue { .. })
         ));
         assert!(matches!(
-            m.route("u", 0),
+            m.route("u", QueueIndex(0)),
             Err(MetadataError::UnknownTopic(_))
         ));
         assert!(m.delete_topic("u").is_err());
@@ -508,7 +519,7 @@ mod tests {
         .unwrap();
         let back = Metadata::from_json(&m.to_json()).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.locate(3), Some(&("x".to_owned(), 2)));
+        assert_eq!(back.locate(QueueId(3)), Some(("x", QueueIndex(2))));
         let dir = tempfile::tempdir().unwrap();
         m.store(dir.path()).unwrap();
         assert_eq!(Metadata::load(dir.path()).unwrap(), Some(m));
@@ -518,8 +529,8 @@ mod tests {
     fn key_hash_is_stable() {
         assert_eq!(
             queue_for_key(b"order-42", 8),
-            crc32fast::hash(b"order-42") % 8
+            QueueIndex(crc32fast::hash(b"order-42") % 8)
         );
-        assert!(queue_for_key(b"", 3) < 3);
+        assert!(queue_for_key(b"", 3).0 < 3);
     }
 }

@@ -527,20 +527,6 @@ async fn scan_segment<F: IoFile>(
             return Ok(scan);
         }
         let p = probe(r, base, key, at, limit).await?;
-        if std::env::var("KEELMQ_PROBE_DEBUG").is_ok() {
-            eprintln!(
-                "  probe {} -> {}",
-                base + at,
-                match &p {
-                    Probe::Genuine(e) => format!(
-                        "genuine len {} q {} off {}",
-                        e.len, e.queue_id, e.base_offset
-                    ),
-                    Probe::Zero => "zero".into(),
-                    Probe::Invalid(r) => format!("invalid {r}"),
-                }
-            );
-        }
         let reason = match p {
             Probe::Genuine(e) => {
                 at += u64::from(e.len);
@@ -712,14 +698,6 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
         }
         let limit = known_end.map_or(seg.capacity, |e| e - seg.base);
         let is_last = i + 1 == files.len();
-        if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
-            eprintln!(
-                "recovery: segment {} cap {} from {from} limit {limit} known_end {known_end:?} snapshot {:?} clean_end {clean_end:?}",
-                seg.base,
-                seg.capacity,
-                seg.snapshot.as_ref().map(|(_, s)| (s.entries.len(), s.covered_end, s.sealed, s.file_len))
-            );
-        }
         let rest = scan_segment(
             &mut r,
             seg.base,

@@ -36,7 +36,7 @@ use super::tail_cache::TailCache;
 use super::time_index::TimeIndex;
 use super::BatchEntry;
 use crate::batch::{self, BatchHeader, BATCH_HEADER_BYTES};
-use crate::ids::IdMap;
+use crate::ids::{IdMap, LogPosition, QueueId, QueueOffset};
 use crate::protocol::{Durability, QueueOffsets};
 use crate::runtime::Watch;
 
@@ -91,13 +91,13 @@ pub enum StoreError {
 /// which queues have news.
 #[derive(Default)]
 pub struct FetchWaiter {
-    woken: RefCell<Vec<u32>>,
+    woken: RefCell<Vec<QueueId>>,
     event: Watch,
 }
 
 impl FetchWaiter {
     /// Queues that published since the last call.
-    pub fn take_woken(&self) -> Vec<u32> {
+    pub fn take_woken(&self) -> Vec<QueueId> {
         std::mem::take(&mut *self.woken.borrow_mut())
     }
 }
@@ -149,18 +149,18 @@ impl QueueState {
 /// Where an append went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AppendReceipt {
-    pub queue_id: u32,
-    pub position: u64,
-    pub end_position: u64,
-    pub base_offset: u64,
+    pub queue_id: QueueId,
+    pub position: LogPosition,
+    pub end_position: LogPosition,
+    pub base_offset: QueueOffset,
     pub count: u32,
     pub append_time_ms: i64,
 }
 
 impl AppendReceipt {
     /// Offset after the batch's last record.
-    pub fn end_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.count)
+    pub fn end_offset(&self) -> QueueOffset {
+        self.base_offset.plus(u64::from(self.count))
     }
 }
 
@@ -334,17 +334,17 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// Makes sure queue `id` exists (a newly created topic's queue).
-    pub fn ensure_queue(&self, id: u32) {
+    pub fn ensure_queue(&self, id: QueueId) {
         self.queues
             .borrow_mut()
-            .entry(id)
+            .entry(id.0)
             .or_insert_with(|| QueueState::new(0));
     }
 
     /// Forgets queue `id` (its topic was deleted). Its batches stay in the
     /// log until retention removes their segments; long polls end.
-    pub fn remove_queue(&self, id: u32) {
-        if let Some(q) = self.queues.borrow_mut().remove(&id) {
+    pub fn remove_queue(&self, id: QueueId) {
+        if let Some(q) = self.queues.borrow_mut().remove(&id.0) {
             q.visible.close();
             for w in q.waiters.iter().filter_map(Weak::upgrade) {
                 w.woken.borrow_mut().push(id);
@@ -354,8 +354,8 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// Queue ids stored here.
-    pub fn queue_ids(&self) -> Vec<u32> {
-        self.queues.borrow().keys().copied().collect()
+    pub fn queue_ids(&self) -> Vec<QueueId> {
+        self.queues.borrow().keys().map(|&q| QueueId(q)).collect()
     }
 
     /// Number of queues.
@@ -372,11 +372,12 @@ impl<I: Io> QueueStore<I> {
     /// be acknowledged at `level`.
     pub fn append(
         &self,
-        queue_id: u32,
+        queue: QueueId,
         produced: &[u8],
         header: &BatchHeader,
         level: Durability,
     ) -> Result<AppendReceipt, StoreError> {
+        let queue_id = queue.0;
         let mut queues = self.queues.borrow_mut();
         let q = queues
             .get_mut(&queue_id)
@@ -431,10 +432,10 @@ impl<I: Io> QueueStore<I> {
             append_time_ms: now,
         });
         Ok(AppendReceipt {
-            queue_id,
-            position,
-            end_position: position + len,
-            base_offset: base,
+            queue_id: queue,
+            position: LogPosition(position),
+            end_position: LogPosition(position + len),
+            base_offset: QueueOffset(base),
             count: header.record_count,
             append_time_ms: now,
         })
@@ -450,10 +451,10 @@ impl<I: Io> QueueStore<I> {
         match level {
             Durability::Memory => self.wait_reserved(r).await,
             Durability::Written => {
-                self.log.wait_written(r.end_position).await?;
+                self.log.wait_written(r.end_position.0).await?;
                 self.wait_reserved(r).await
             }
-            Durability::Fsync => Ok(self.log.wait_synced(r.end_position).await?),
+            Durability::Fsync => Ok(self.log.wait_synced(r.end_position.0).await?),
         }
     }
 
@@ -461,8 +462,8 @@ impl<I: Io> QueueStore<I> {
     async fn wait_reserved(&self, r: &AppendReceipt) -> Result<(), StoreError> {
         loop {
             let seen = self.checkpoint_stored.get();
-            match self.queues.borrow().get(&r.queue_id) {
-                Some(q) if q.reserved_stored < r.end_offset() => {}
+            match self.queues.borrow().get(&r.queue_id.0) {
+                Some(q) if q.reserved_stored < r.end_offset().0 => {}
                 _ => return Ok(()),
             }
             if let Some(f) = self.log.failed() {
@@ -478,10 +479,10 @@ impl<I: Io> QueueStore<I> {
     /// Makes the appended batch visible to consumers and wakes long polls.
     pub fn publish(&self, r: &AppendReceipt) {
         let mut queues = self.queues.borrow_mut();
-        let Some(q) = queues.get_mut(&r.queue_id) else {
+        let Some(q) = queues.get_mut(&r.queue_id.0) else {
             return;
         };
-        q.visible.advance(r.end_offset());
+        q.visible.advance(r.end_offset().0);
         if !q.waiters.is_empty() {
             q.waiters.retain(|w| match w.upgrade() {
                 Some(w) => {
@@ -496,11 +497,11 @@ impl<I: Io> QueueStore<I> {
 
     /// A long poll over `queue_ids`: woken by a publish on any of them.
     /// Dropping it unregisters it (lazily).
-    pub fn watch_queues(&self, queue_ids: &[u32]) -> Rc<FetchWaiter> {
+    pub fn watch_queues(&self, queue_ids: &[QueueId]) -> Rc<FetchWaiter> {
         let w = Rc::new(FetchWaiter::default());
         let mut queues = self.queues.borrow_mut();
         for id in queue_ids {
-            if let Some(q) = queues.get_mut(id) {
+            if let Some(q) = queues.get_mut(&id.0) {
                 // Drop waiters that are gone, so an idle queue's list stays
                 // as long as its live long polls.
                 if q.waiters.len() >= 8 && q.waiters.len().is_power_of_two() {
@@ -524,41 +525,42 @@ impl<I: Io> QueueStore<I> {
     /// Whether the queue has visible messages at or after `offset` (or the
     /// offset is out of range): the cheap first check of a fetch over many
     /// queues.
-    pub fn has_news(&self, queue_id: u32, offset: u64) -> Result<bool, StoreError> {
+    pub fn has_news(&self, queue: QueueId, offset: QueueOffset) -> Result<bool, StoreError> {
         let queues = self.queues.borrow();
         let q = queues
-            .get(&queue_id)
-            .ok_or(StoreError::UnknownQueue(queue_id))?;
-        Ok(q.visible.get() != offset)
+            .get(&queue.0)
+            .ok_or(StoreError::UnknownQueue(queue.0))?;
+        Ok(q.visible.get() != offset.0)
     }
 
     /// Earliest stored and latest visible offsets of a queue.
-    pub fn offsets(&self, queue_id: u32) -> Result<QueueOffsets, StoreError> {
+    pub fn offsets(&self, queue: QueueId) -> Result<QueueOffsets, StoreError> {
         let queues = self.queues.borrow();
         let q = queues
-            .get(&queue_id)
-            .ok_or(StoreError::UnknownQueue(queue_id))?;
+            .get(&queue.0)
+            .ok_or(StoreError::UnknownQueue(queue.0))?;
         Ok(q.offsets())
     }
 
     /// First offset whose batch was appended at or after `time_ms`.
-    pub fn offset_for_time(&self, queue_id: u32, time_ms: i64) -> Result<u64, StoreError> {
+    pub fn offset_for_time(&self, queue: QueueId, time_ms: i64) -> Result<QueueOffset, StoreError> {
         let queues = self.queues.borrow();
         let q = queues
-            .get(&queue_id)
-            .ok_or(StoreError::UnknownQueue(queue_id))?;
+            .get(&queue.0)
+            .ok_or(StoreError::UnknownQueue(queue.0))?;
         let o = q.offsets();
         let found = q.time.lookup(time_ms).unwrap_or(o.latest);
-        Ok(found.clamp(o.earliest, o.latest))
+        Ok(QueueOffset(found.clamp(o.earliest, o.latest)))
     }
 
     /// Waits (up to `wait`) until `offset` is visible in the queue.
     pub async fn wait_visible(
         &self,
-        queue_id: u32,
-        offset: u64,
+        queue: QueueId,
+        offset: QueueOffset,
         wait: Duration,
     ) -> Result<(), StoreError> {
+        let (queue_id, offset) = (queue.0, offset.0);
         let watch = {
             let queues = self.queues.borrow();
             let q = queues
@@ -577,10 +579,11 @@ impl<I: Io> QueueStore<I> {
     /// one batch when any is visible).
     pub async fn read(
         &self,
-        queue_id: u32,
-        offset: u64,
+        queue: QueueId,
+        offset: QueueOffset,
         max_bytes: u32,
     ) -> Result<(QueueOffsets, Vec<Bytes>), StoreError> {
+        let (queue_id, offset) = (queue.0, offset.0);
         let (offsets, entries) = {
             let queues = self.queues.borrow();
             let q = queues
@@ -649,7 +652,8 @@ impl<I: Io> QueueStore<I> {
     /// index has a batch at exactly this position; only then is the
     /// batch's length, from the index, read. A forged id costs one header
     /// read.
-    pub async fn batch_at(&self, position: u64) -> Result<Bytes, StoreError> {
+    pub async fn batch_at(&self, position: LogPosition) -> Result<Bytes, StoreError> {
+        let position = position.0;
         let not_found = || StoreError::Log(LogError::NotFound(position));
         let cached = self.tail.borrow().get(position);
         let head = match &cached {
@@ -1023,9 +1027,9 @@ impl<I: Io> QueueStore<I> {
 
     /// The index entries of a queue (tests check them against the log).
     #[cfg(test)]
-    pub(crate) fn entries(&self, queue_id: u32) -> Vec<IndexEntry> {
+    pub(crate) fn entries(&self, queue: QueueId) -> Vec<IndexEntry> {
         let queues = self.queues.borrow();
-        let Some(q) = queues.get(&queue_id) else {
+        let Some(q) = queues.get(&queue.0) else {
             return Vec::new();
         };
         (0..q.consume.len())

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use super::{block_on, CrashKind, Faults, Rng, Sim, SimDisk, SimIo, SIM_EPOCH_MS};
 use crate::batch::{validate_produced, BatchBuilder, Record, RecordIter};
+use crate::ids::{QueueId, QueueOffset};
 use crate::protocol::Durability;
 use crate::storage::commit_log::LogConfig;
 use crate::storage::retention::RetentionPolicy;
@@ -257,23 +258,24 @@ async fn producer_run(
         let admitted = store
             .wait_appendable(batch.len() as u64, Duration::from_millis(50))
             .await;
-        let receipt = match admitted.and_then(|_| store.append(queue, &batch, &header, level)) {
-            Ok(r) => r,
-            Err(e) => {
-                if std::env::var("KEELMQ_VOPR_DEBUG").is_ok() {
-                    eprintln!("refused: {e}");
+        let receipt =
+            match admitted.and_then(|_| store.append(QueueId(queue), &batch, &header, level)) {
+                Ok(r) => r,
+                Err(e) => {
+                    if std::env::var("KEELMQ_VOPR_DEBUG").is_ok() {
+                        eprintln!("refused: {e}");
+                    }
+                    m.borrow_mut().refused += 1;
+                    io.sim.sleep(Duration::from_millis(1 + rng.below(5))).await;
+                    continue;
                 }
-                m.borrow_mut().refused += 1;
-                io.sim.sleep(Duration::from_millis(1 + rng.below(5))).await;
-                continue;
-            }
-        };
+            };
         {
             let mut m = m.borrow_mut();
             m.appends += 1;
             for i in 0..n {
                 m.by_offset
-                    .insert((queue, receipt.base_offset + i), first_id + i);
+                    .insert((queue, receipt.base_offset.0 + i), first_id + i);
                 m.recs.insert(
                     first_id + i,
                     Rec {
@@ -281,7 +283,7 @@ async fn producer_run(
                         producer: p,
                         seq: seq + i,
                         level,
-                        offset: receipt.base_offset + i,
+                        offset: receipt.base_offset.0 + i,
                         state: State::Appended,
                         survived: false,
                         excused: false,
@@ -307,7 +309,7 @@ async fn producer_run(
             if res.is_ok() {
                 m.acks += 1;
                 let end = m.seen_end.entry(queue).or_default();
-                *end = (*end).max(receipt.end_offset());
+                *end = (*end).max(receipt.end_offset().0);
                 drop(m);
                 s.publish(&receipt);
             }
@@ -324,9 +326,11 @@ async fn reader(store: Rc<QueueStore<SimIo>>, io: SimIo, m: M, seed: u64) {
     for _ in 0..40 {
         io.sim.sleep(Duration::from_millis(5)).await;
         for q in QUEUES {
-            let Ok(o) = store.offsets(q) else { continue };
+            let Ok(o) = store.offsets(QueueId(q)) else {
+                continue;
+            };
             let from = o.earliest + rng.below(o.latest - o.earliest + 1);
-            match store.read(q, from, 8 * 1024).await {
+            match store.read(QueueId(q), QueueOffset(from), 8 * 1024).await {
                 Ok((_, batches)) => {
                     for b in batches {
                         check_batch(&b, q, &m.borrow(), "read")
@@ -397,7 +401,7 @@ async fn check_recovered(
 ) -> Result<(), String> {
     let mut present = BTreeSet::new();
     for (qi, q) in QUEUES.into_iter().enumerate() {
-        let o = store.offsets(q).unwrap_or_default();
+        let o = store.offsets(QueueId(q)).unwrap_or_default();
         let seen = m.borrow().seen_end.get(&q).copied().unwrap_or(0);
         let excused =
             device.lost_writes && levels[qi] == Durability::Written && !device.failure_marked;
@@ -408,7 +412,7 @@ async fn check_recovered(
             ));
         }
         let mut last_seq: BTreeMap<u32, u64> = BTreeMap::new();
-        for e in store.entries(q) {
+        for e in store.entries(QueueId(q)) {
             let mut got = store.read_entry(&e).await;
             for _ in 0..6 {
                 if got.is_ok() {
@@ -521,7 +525,7 @@ fn rot(store: &QueueStore<SimIo>, disk: &SimDisk, m: &M, rng: &mut Rng) {
     let limit = synced.saturating_sub(UNSYNCED_BYTES + 8192);
     let candidates: Vec<(u32, crate::storage::consume_index::IndexEntry)> = QUEUES
         .iter()
-        .flat_map(|&q| store.entries(q).into_iter().map(move |e| (q, e)))
+        .flat_map(|&q| store.entries(QueueId(q)).into_iter().map(move |e| (q, e)))
         .filter(|(_, e)| e.position + u64::from(e.len) < limit)
         .collect();
     if candidates.is_empty() {
@@ -579,10 +583,10 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
         if verbose {
             eprintln!("seed {seed} epoch {epoch}: recovered: {report}");
             for q in QUEUES {
-                let e = store.entries(q);
+                let e = store.entries(QueueId(q));
                 eprintln!(
                     "  queue {q}: {:?}, {} batches, first {:?}",
-                    store.offsets(q),
+                    store.offsets(QueueId(q)),
                     e.len(),
                     e.first()
                 );
@@ -598,7 +602,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
         }
         lossy_at_start = io.disk.0.borrow().lossy_syncs;
         for q in QUEUES {
-            store.ensure_queue(q);
+            store.ensure_queue(QueueId(q));
         }
         store.start();
         let done = Rc::new(std::cell::Cell::new(0));
@@ -643,7 +647,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                         let mut mm = mm.borrow_mut();
                         for q in QUEUES {
                             let upto = s
-                                .entries(q)
+                                .entries(QueueId(q))
                                 .iter()
                                 .take_while(|e| e.position < cutoff)
                                 .last()
@@ -652,13 +656,6 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                                 mm.excuse(q, 0, upto);
                             }
                         }
-                    }
-                    if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
-                        eprintln!(
-                            "retention at {}: deletes {bases:?} cutoff {cutoff}; queue 3 entries {:?}",
-                            i.sim.now_us(),
-                            s.entries(3).iter().map(|e| (e.base_offset, e.position)).collect::<Vec<_>>()
-                        );
                     }
                     let _ = s.apply_retention(policy).await;
                 }
@@ -725,10 +722,10 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     if verbose {
         eprintln!("seed {seed} last: recovered: {report}");
         for q in QUEUES {
-            let e = store.entries(q);
+            let e = store.entries(QueueId(q));
             eprintln!(
                 "  queue {q}: {:?}, {} batches, first {:?}",
-                store.offsets(q),
+                store.offsets(QueueId(q)),
                 e.len(),
                 &e[..e.len().min(3)]
             );

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::batch::{BatchBuilder, Record, RecordIter};
+use crate::ids::{LogPosition, QueueId, QueueOffset};
 use crate::storage::recovery::{recover, RecoveryConfig};
 use crate::storage::UringIo;
 use glommio::LocalExecutorBuilder;
@@ -93,7 +94,7 @@ async fn append_now(
         .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
         .await
         .unwrap();
-    store.append(queue, b, h, level).unwrap()
+    store.append(QueueId(queue), b, h, level).unwrap()
 }
 
 /// Recovers `path` again (the store closed) on a fresh executor.
@@ -127,8 +128,8 @@ fn appends_roll_segments_and_recover_exactly() {
     run(move || async move {
         let (store, report) = open_started(&path, 8 * 1024).await;
         assert_eq!(report.batches, 0);
-        store.ensure_queue(1);
-        store.ensure_queue(2);
+        store.ensure_queue(QueueId(1));
+        store.ensure_queue(QueueId(2));
         let mut last = None;
         for i in 0..120 {
             let q = 1 + (i % 2);
@@ -139,8 +140,8 @@ fn appends_roll_segments_and_recover_exactly() {
                 .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
                 .await
                 .unwrap();
-            let r = store.append(q, &b, &h, level).unwrap();
-            assert_eq!(r.base_offset, (i / 2) as u64 * 3);
+            let r = store.append(QueueId(q), &b, &h, level).unwrap();
+            assert_eq!(r.base_offset, QueueOffset((i / 2) as u64 * 3));
             store.wait_durable(&r, level).await.unwrap();
             store.publish(&r);
             last = Some(r);
@@ -157,7 +158,7 @@ fn appends_roll_segments_and_recover_exactly() {
         );
         assert!(segments.iter().all(|s| s.capacity == SEGMENT));
         assert_eq!(
-            store.offsets(1).unwrap(),
+            store.offsets(QueueId(1)).unwrap(),
             QueueOffsets {
                 earliest: 0,
                 latest: 180
@@ -165,7 +166,10 @@ fn appends_roll_segments_and_recover_exactly() {
         );
 
         // Old batches come back from disk (the 8 KiB tail cache holds few).
-        let (_, batches) = store.read(1, 0, 1 << 20).await.unwrap();
+        let (_, batches) = store
+            .read(QueueId(1), QueueOffset(0), 1 << 20)
+            .await
+            .unwrap();
         let total: u64 = batches
             .iter()
             .map(|b| u64::from(BatchHeader::parse(b).unwrap().record_count))
@@ -174,14 +178,17 @@ fn appends_roll_segments_and_recover_exactly() {
         let first = RecordIter::new(&batches[0]).next().unwrap().unwrap();
         assert!(first.payload.starts_with(b"b0-0-"));
         let h = BatchHeader::parse(&batches[1]).unwrap();
-        let again = store.batch_at(h.log_position).await.unwrap();
+        let again = store.batch_at(LogPosition(h.log_position)).await.unwrap();
         assert_eq!(again, batches[1]);
         assert!(
-            store.batch_at(h.log_position + 1).await.is_err(),
+            store
+                .batch_at(LogPosition(h.log_position + 1))
+                .await
+                .is_err(),
             "a position inside a batch is no message"
         );
         assert!(matches!(
-            store.read(1, 181, 100).await,
+            store.read(QueueId(1), QueueOffset(181), 100).await,
             Err(StoreError::OffsetOutOfRange { .. })
         ));
         store.close().await.unwrap();
@@ -206,39 +213,52 @@ fn visibility_waits_for_the_durability_level() {
     let path = dir.path().to_owned();
     run(move || async move {
         let (store, _) = open_started(&path, 1 << 20).await;
-        store.ensure_queue(7);
+        store.ensure_queue(QueueId(7));
         let (b, h) = produced("v", 2, 10);
         store
             .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
             .await
             .unwrap();
-        let r = store.append(7, &b, &h, Durability::Fsync).unwrap();
+        let r = store.append(QueueId(7), &b, &h, Durability::Fsync).unwrap();
         // Appended but not published: consumers see nothing yet.
-        assert_eq!(store.offsets(7).unwrap().latest, 0);
-        let (_, none) = store.read(7, 0, 1 << 20).await.unwrap();
+        assert_eq!(store.offsets(QueueId(7)).unwrap().latest, 0);
+        let (_, none) = store
+            .read(QueueId(7), QueueOffset(0), 1 << 20)
+            .await
+            .unwrap();
         assert!(none.is_empty());
         store.wait_durable(&r, Durability::Fsync).await.unwrap();
-        assert!(store.log().synced_position() >= r.end_position);
+        assert!(store.log().synced_position() >= r.end_position.0);
         store.publish(&r);
-        assert_eq!(store.offsets(7).unwrap().latest, 2);
+        assert_eq!(store.offsets(QueueId(7)).unwrap().latest, 2);
         // A long poll at the tail wakes on the next publish.
         let s = store.clone();
         let waiter = glommio::spawn_local(async move {
-            s.wait_visible(7, 2, std::time::Duration::from_secs(10))
-                .await
-                .unwrap();
-            s.offsets(7).unwrap().latest
+            s.wait_visible(
+                QueueId(7),
+                QueueOffset(2),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            s.offsets(QueueId(7)).unwrap().latest
         });
         let (b, h) = produced("w", 1, 10);
-        let r = store.append(7, &b, &h, Durability::Fsync).unwrap();
+        let r = store.append(QueueId(7), &b, &h, Durability::Fsync).unwrap();
         store.wait_durable(&r, Durability::Fsync).await.unwrap();
         store.publish(&r);
         assert_eq!(waiter.await, 3);
-        assert_eq!(store.offset_for_time(7, 0).unwrap(), 0);
-        assert_eq!(store.offset_for_time(7, i64::MAX).unwrap(), 3);
+        assert_eq!(
+            store.offset_for_time(QueueId(7), 0).unwrap(),
+            QueueOffset(0)
+        );
+        assert_eq!(
+            store.offset_for_time(QueueId(7), i64::MAX).unwrap(),
+            QueueOffset(3)
+        );
         store.close().await.unwrap();
         assert!(
-            store.append(7, &b, &h, Durability::Fsync).is_err(),
+            store.append(QueueId(7), &b, &h, Durability::Fsync).is_err(),
             "a closed store takes no appends"
         );
     });
@@ -250,7 +270,7 @@ fn retention_removes_segments_and_trims_indexes() {
     let path = dir.path().to_owned();
     run(move || async move {
         let (store, _) = open_started(&path, 4096).await;
-        store.ensure_queue(1);
+        store.ensure_queue(QueueId(1));
         let mut last = None;
         for i in 0..200 {
             let (b, h) = produced(&format!("r{i}"), 2, 400);
@@ -258,7 +278,9 @@ fn retention_removes_segments_and_trims_indexes() {
                 .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
                 .await
                 .unwrap();
-            let r = store.append(1, &b, &h, Durability::Written).unwrap();
+            let r = store
+                .append(QueueId(1), &b, &h, Durability::Written)
+                .unwrap();
             store.wait_durable(&r, Durability::Written).await.unwrap();
             store.publish(&r);
             last = Some(r);
@@ -272,14 +294,17 @@ fn retention_removes_segments_and_trims_indexes() {
         let deleted = store.apply_retention(policy).await.unwrap();
         assert_eq!(deleted, before - 2);
         assert_eq!(store.log().segments().len(), 2);
-        let o = store.offsets(1).unwrap();
+        let o = store.offsets(QueueId(1)).unwrap();
         assert!(o.earliest > 0);
         assert_eq!(o.latest, 400);
         assert!(matches!(
-            store.read(1, 0, 100).await,
+            store.read(QueueId(1), QueueOffset(0), 100).await,
             Err(StoreError::OffsetOutOfRange { .. })
         ));
-        let (_, batches) = store.read(1, o.earliest, 1 << 20).await.unwrap();
+        let (_, batches) = store
+            .read(QueueId(1), QueueOffset(o.earliest), 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(
             BatchHeader::parse(&batches[0]).unwrap().base_offset,
             o.earliest
@@ -311,15 +336,17 @@ fn unawaited_appends_are_written_without_anyone_asking() {
     let path = dir.path().to_owned();
     run(move || async move {
         let (store, _) = open_started(&path, 1 << 20).await;
-        store.ensure_queue(1);
+        store.ensure_queue(QueueId(1));
         let (b, h) = produced("m", 2, 50);
         store
             .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
             .await
             .unwrap();
-        let r = store.append(1, &b, &h, Durability::Memory).unwrap();
+        let r = store
+            .append(QueueId(1), &b, &h, Durability::Memory)
+            .unwrap();
         let t0 = std::time::Instant::now();
-        while store.log().written_position() < r.end_position {
+        while store.log().written_position() < r.end_position.0 {
             assert!(
                 t0.elapsed() < std::time::Duration::from_secs(10),
                 "an unawaited append was never written"
@@ -327,9 +354,11 @@ fn unawaited_appends_are_written_without_anyone_asking() {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         // And a waiter gets its write without the delay's help.
-        let r2 = store.append(1, &b, &h, Durability::Written).unwrap();
+        let r2 = store
+            .append(QueueId(1), &b, &h, Durability::Written)
+            .unwrap();
         store.wait_durable(&r2, Durability::Written).await.unwrap();
-        assert!(store.log().written_position() >= r2.end_position);
+        assert!(store.log().written_position() >= r2.end_position.0);
         store.close().await.unwrap();
     });
 }
@@ -342,7 +371,7 @@ fn producers_that_outrun_the_disk_wait_within_the_pending_bound() {
     let path = dir.path().to_owned();
     run(move || async move {
         let (store, _) = open_started(&path, 64 * 1024).await;
-        store.ensure_queue(1);
+        store.ensure_queue(QueueId(1));
         let (b, h) = produced("p", 20, 1000); // ~20 KiB
         let mut waited = 0;
         let mut max_pending = 0;
@@ -357,7 +386,9 @@ fn producers_that_outrun_the_disk_wait_within_the_pending_bound() {
                 .wait_appendable(b.len() as u64, std::time::Duration::from_secs(10))
                 .await
                 .unwrap();
-            store.append(1, &b, &h, Durability::Memory).unwrap();
+            store
+                .append(QueueId(1), &b, &h, Durability::Memory)
+                .unwrap();
             max_pending = max_pending.max(store.log().pending_bytes());
         }
         assert!(
@@ -379,7 +410,7 @@ fn a_forged_position_is_refused_after_one_header_read() {
     let path = dir.path().to_owned();
     run(move || async move {
         let (store, _) = open_started(&path, 4096).await;
-        store.ensure_queue(1);
+        store.ensure_queue(QueueId(1));
         let mut fake = vec![0u8; 80];
         fake[4..8].copy_from_slice(&(512u32 << 20).to_le_bytes());
         fake[8..10].copy_from_slice(&crate::batch::BATCH_MAGIC.to_le_bytes());
@@ -398,7 +429,7 @@ fn a_forged_position_is_refused_after_one_header_read() {
             store.wait_durable(&r, Durability::Fsync).await.unwrap();
             store.publish(&r);
         }
-        let forged = r.end_position - 80;
+        let forged = LogPosition(r.end_position.0 - 80);
         let t0 = std::time::Instant::now();
         assert!(matches!(
             store.batch_at(forged).await,
