@@ -1036,7 +1036,7 @@ impl<I: Io> CommitLog<I> {
         }
         self.wait_zeroing_clear(start, align_up(end)).await;
         let size = align_up(end - start) as usize;
-        let mut buf = self.io.buffer(size);
+        let mut buf = self.io.buffer_to_fill(size);
         {
             let out = buf.bytes_mut();
             let mut at = prefix.len();
@@ -1046,6 +1046,8 @@ impl<I: Io> CommitLog<I> {
                 out[at..at + b.len()].copy_from_slice(b);
                 at += b.len();
             }
+            // The file is a prefix of the log followed by zeros.
+            out[at..].fill(0);
         }
         let page = align_down(end);
         let new_tail = buf.bytes()[(page - start) as usize..(end - start) as usize].to_vec();

@@ -148,6 +148,10 @@ pub trait Io: Clone + 'static {
 
     /// An aligned buffer of `len` bytes (a multiple of the alignment), zeroed.
     fn buffer(&self, len: usize) -> Self::Buffer;
+    /// An aligned buffer of `len` bytes whose contents are unspecified: for
+    /// a caller that writes every byte (the flusher; zeroing first would
+    /// double its memory traffic).
+    fn buffer_to_fill(&self, len: usize) -> Self::Buffer;
     /// Creates `path` empty (replacing a leftover of that name).
     async fn create(&self, path: &Path) -> IoResult<Self::File>;
     /// Opens an existing `path` for reading and writing.

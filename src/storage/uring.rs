@@ -118,6 +118,10 @@ impl Io for UringIo {
         b
     }
 
+    fn buffer_to_fill(&self, len: usize) -> DmaBuffer {
+        runtime::dma_buffer(len)
+    }
+
     async fn create(&self, path: &Path) -> IoResult<UringFile> {
         let file = OpenOptions::new()
             .read(true)

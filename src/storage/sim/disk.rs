@@ -502,6 +502,11 @@ impl Io for SimIo {
         SimBuffer(vec![0; len])
     }
 
+    fn buffer_to_fill(&self, len: usize) -> SimBuffer {
+        // Garbage, so a caller that leaves bytes unwritten is caught.
+        SimBuffer(vec![0xA5; len])
+    }
+
     async fn create(&self, path: &Path) -> IoResult<SimFile> {
         self.latency().await;
         if self.fault(self.meta_faults()) {
