@@ -12,6 +12,10 @@ use std::path::Path;
 
 /// File name of the metadata in the data directory.
 pub const METADATA_FILE: &str = "metadata.json";
+/// Format of a data directory (metadata and logs) this version reads and
+/// writes. 2: segment header pages, keyed batch MACs, two-slot checkpoints,
+/// index snapshots.
+pub const DATA_FORMAT: u32 = 2;
 /// Longest topic name in bytes.
 pub const TOPIC_NAME_BYTES_MAX: usize = 200;
 
@@ -95,7 +99,7 @@ impl Metadata {
     /// Empty metadata for a new data directory.
     pub fn new(shard_count: u16) -> Metadata {
         Metadata {
-            format: 1,
+            format: DATA_FORMAT,
             shard_count,
             next_queue_id: 1,
             epoch: 0,
@@ -120,8 +124,11 @@ impl Metadata {
     /// Parses a stored document.
     pub fn from_json(text: &str) -> Result<Metadata, String> {
         let mut m: Metadata = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if m.format != 1 {
-            return Err(format!("unsupported metadata format {}", m.format));
+        if m.format != DATA_FORMAT {
+            return Err(format!(
+                "written in data format {}, and this KeelMQ reads format {DATA_FORMAT} (its logs are not readable here): move the data directory aside or start with an empty --data-dir",
+                m.format
+            ));
         }
         m.reindex();
         Ok(m)
@@ -501,6 +508,15 @@ mod tests {
             Err(MetadataError::UnknownTopic(_))
         ));
         assert!(m.delete_topic("u").is_err());
+    }
+
+    #[test]
+    fn a_data_dir_of_another_format_is_refused_with_what_to_do() {
+        let mut m = Metadata::new(1);
+        m.format = 1;
+        let err = Metadata::from_json(&m.to_json()).unwrap_err();
+        assert!(err.contains("data format 1"), "{err}");
+        assert!(err.contains("empty --data-dir"), "{err}");
     }
 
     #[test]

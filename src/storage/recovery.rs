@@ -250,7 +250,6 @@ impl<'a, F: IoFile> Reader<'a, F> {
 
     fn forget(&mut self) {
         self.window = Bytes::new();
-        self.retried += 1;
     }
 }
 
@@ -324,12 +323,17 @@ async fn probe<F: IoFile>(
     limit: u64,
 ) -> IoResult<Probe> {
     let mut p = probe_once(r, base, key, at, limit).await?;
+    let first_genuine = matches!(p, Probe::Genuine(_));
     for _ in 0..READ_RETRIES {
         if matches!(p, Probe::Genuine(_)) {
             break;
         }
         r.forget();
         p = probe_once(r, base, key, at, limit).await?;
+    }
+    if !first_genuine && matches!(p, Probe::Genuine(_)) {
+        // A read that failed its check was a bad read, not bad bytes.
+        r.retried += 1;
     }
     Ok(p)
 }
