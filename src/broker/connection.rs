@@ -400,10 +400,10 @@ async fn read_loop(
         };
         let read = async {
             if frame_rest > scratch.len() && len >= READ_CHUNK_BYTES_MAX {
-                // A large frame that has been arriving fast: read straight
-                // into the buffer, at most what has arrived so far again
-                // (so memory follows the bytes actually sent).
-                let n = frame_rest.min(len).min(FRAME_READ_BYTES_MAX);
+                // A large frame that has been arriving: read straight into
+                // the buffer, at most twice what has arrived so far (so
+                // memory follows the bytes actually sent).
+                let n = frame_rest.min(2 * len).min(FRAME_READ_BYTES_MAX);
                 buf.resize(len + n, 0);
                 let r = rd.read(&mut buf[len..]).await;
                 buf.truncate(len + r.as_ref().map_or(0, |n| *n));
