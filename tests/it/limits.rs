@@ -235,3 +235,27 @@ fn memory_producers_outrunning_the_disk_keep_broker_memory_flat() {
     let pending = stats["shards"][0]["log"]["pending_bytes"].as_u64().unwrap();
     assert!(pending <= 8 << 20, "{pending}");
 }
+
+#[test]
+fn a_handed_over_connection_counts_against_the_target_shard() {
+    // Shard 1 takes at most 3 connections; handshakes asking for it are
+    // refused past that, whichever shard accepted them.
+    let b = Broker::start(2, Some("[limits]\nconnections_max = 3\n"));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        match keelmq::client::Connection::connect_to_shard(&b.addr, 1) {
+            Ok(c) => held.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(held.len() <= 3, "{} connections on shard 1", held.len());
+    assert!(refused >= 5, "{refused} refused");
+    drop(held);
+    // Once they close, shard 1 takes connections again.
+    wait_until(
+        Duration::from_secs(5),
+        "shard 1 to take connections",
+        || keelmq::client::Connection::connect_to_shard(&b.addr, 1).ok(),
+    );
+}
