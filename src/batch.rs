@@ -189,15 +189,7 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
     if b.len() > batch_bytes_max {
         return Err(BatchError::TooLarge(b.len(), batch_bytes_max));
     }
-    let header = BatchHeader::parse(b)?;
-    if header.batch_len as usize != b.len() {
-        return Err(BatchError::LengthMismatch {
-            declared: header.batch_len,
-            actual: b.len(),
-        });
-    }
-    check_body_crc(b, &header)?;
-    check_reserved(b)?;
+    let header = check_whole(b, BatchHeader::parse(b)?)?;
     if header.record_count == 0 {
         return Err(BatchError::Empty);
     }
@@ -268,16 +260,7 @@ pub fn stamp(
 /// MAC under the segment's key, length, body CRC, reserved fields. `b` must
 /// hold exactly `batch_len` bytes.
 pub fn check_stored(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, BatchError> {
-    let header = check_stored_header(b, key)?;
-    if header.batch_len as usize != b.len() {
-        return Err(BatchError::LengthMismatch {
-            declared: header.batch_len,
-            actual: b.len(),
-        });
-    }
-    check_body_crc(b, &header)?;
-    check_reserved(b)?;
-    Ok(header)
+    check_whole(b, check_stored_header(b, key)?)
 }
 
 /// Checks only the header of a stored batch (magic, version, MAC, a sane
@@ -297,7 +280,12 @@ pub fn check_stored_header(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, Ba
 /// reserved fields (a client does not hold the segment key, so the header
 /// MAC is the broker's to check).
 pub fn check_fetched(b: &[u8]) -> Result<BatchHeader, BatchError> {
-    let header = BatchHeader::parse(b)?;
+    check_whole(b, BatchHeader::parse(b)?)
+}
+
+/// The checks every whole batch passes, on its parsed header: the declared
+/// length is the bytes present, the body CRC holds, reserved fields are 0.
+fn check_whole(b: &[u8], header: BatchHeader) -> Result<BatchHeader, BatchError> {
     if header.batch_len as usize != b.len() {
         return Err(BatchError::LengthMismatch {
             declared: header.batch_len,

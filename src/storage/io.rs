@@ -64,6 +64,22 @@ pub struct IoFailure {
 }
 
 impl IoFailure {
+    /// From an errno (when the OS gave one) and its message.
+    pub fn from_errno(
+        op: &'static str,
+        path: &Path,
+        errno: Option<i32>,
+        message: impl Into<String>,
+    ) -> IoFailure {
+        IoFailure {
+            op,
+            path: path.display().to_string(),
+            kind: IoKind::from_errno(errno),
+            errno,
+            message: message.into(),
+        }
+    }
+
     /// From a std error.
     pub fn from_io(op: &'static str, path: &Path, e: &std::io::Error) -> IoFailure {
         let errno = e.raw_os_error().or(match e.kind() {
@@ -71,13 +87,7 @@ impl IoFailure {
             std::io::ErrorKind::NotFound => Some(libc::ENOENT),
             _ => None,
         });
-        IoFailure {
-            op,
-            path: path.display().to_string(),
-            kind: IoKind::from_errno(errno),
-            errno,
-            message: e.to_string(),
-        }
+        IoFailure::from_errno(op, path, errno, e.to_string())
     }
 
     /// A failure of `kind` described by `message` (short writes, bad data).

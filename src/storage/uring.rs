@@ -9,7 +9,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::io::{Io, IoBuffer, IoFailure, IoFile, IoKind, IoResult, TaskClass};
+use super::io::{Io, IoBuffer, IoFailure, IoFile, IoResult, TaskClass};
 use crate::runtime::{self, DmaBuffer, DmaFile, OpenOptions, TaskQueues};
 
 /// One shard's storage environment on its glommio executor.
@@ -42,14 +42,7 @@ impl IoBuffer for DmaBuffer {
 }
 
 fn failure<T>(op: &'static str, path: &Path, e: runtime::GlommioError<T>) -> IoFailure {
-    let errno = e.raw_os_error();
-    IoFailure {
-        op,
-        path: path.display().to_string(),
-        kind: IoKind::from_errno(errno),
-        errno,
-        message: e.to_string(),
-    }
+    IoFailure::from_errno(op, path, e.raw_os_error(), e.to_string())
 }
 
 impl IoFile for UringFile {

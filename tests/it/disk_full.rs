@@ -93,6 +93,22 @@ fn consume_all(addr: &str, topic: &str) -> Vec<u64> {
     }
 }
 
+/// Produces single messages from `n` on until the disk is full; returns the
+/// next number.
+fn produce_until_full(p: &mut Producer, acked: &mut Vec<u64>, mut n: u64) -> u64 {
+    loop {
+        match p.send_batch("full", QueueSelector::Queue(0), &[message(n)]) {
+            Ok(_) => {
+                acked.push(n);
+                n += 1;
+            }
+            Err(e) if is_full(&e) => return n,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(n < 1_000_000, "the disk never filled");
+    }
+}
+
 fn message(n: u64) -> Record {
     Record::new(format!("{n:<20}{}", "p".repeat(2000)))
 }
@@ -129,16 +145,7 @@ fn a_full_disk_refuses_then_resumes_and_loses_nothing() {
     eprintln!("disk full after {} messages: {first_full}", acked.len());
     // Single messages still fit the active segment (its space is
     // preallocated); then every produce gets storage_full. Reads go on.
-    loop {
-        match p.send_batch("full", QueueSelector::Queue(0), &[message(n)]) {
-            Ok(_) => {
-                acked.push(n);
-                n += 1;
-            }
-            Err(e) if is_full(&e) => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    n = produce_until_full(&mut p, &mut acked, n);
     let again = p.send_batch("full", QueueSelector::Queue(0), &[message(n)]);
     assert!(again.as_ref().is_err_and(is_full), "{again:?}");
     assert_eq!(consume_all(&b.addr, "full"), acked, "reads on a full disk");
@@ -181,17 +188,7 @@ fn a_full_disk_refuses_then_resumes_and_loses_nothing() {
     );
     // What little space is left takes a small segment; then storage_full.
     let mut p = Producer::connect(&b.addr).unwrap();
-    loop {
-        match p.send_batch("full", QueueSelector::Queue(0), &[message(n)]) {
-            Ok(_) => {
-                acked.push(n);
-                n += 1;
-            }
-            Err(e) if is_full(&e) => break,
-            Err(e) => panic!("{e}"),
-        }
-        assert!(n < 1_000_000, "the disk never filled again");
-    }
+    n = produce_until_full(&mut p, &mut acked, n);
 
     // An operator frees space: produce resumes by itself.
     std::fs::remove_file(&filler).unwrap();

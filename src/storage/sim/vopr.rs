@@ -550,6 +550,20 @@ fn rot(store: &QueueStore<SimIo>, disk: &SimDisk, m: &M, rng: &mut Rng) {
     }
 }
 
+/// What a recovery found, queue by queue (`replay` prints it).
+fn print_recovered(store: &QueueStore<SimIo>, what: &str, report: &str) {
+    eprintln!("{what}: recovered: {report}");
+    for q in QUEUES {
+        let e = store.entries(QueueId(q));
+        eprintln!(
+            "  queue {q}: {:?}, {} batches, first {:?}",
+            store.offsets(QueueId(q)),
+            e.len(),
+            &e[..e.len().min(3)]
+        );
+    }
+}
+
 /// Runs one seed; `Err` names the broken invariant.
 fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     let mut rng = Rng::new(seed ^ 0xA5A5_5A5A_0F0F_F0F0);
@@ -581,16 +595,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
         // lost completed writes.
         device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
         if verbose {
-            eprintln!("seed {seed} epoch {epoch}: recovered: {report}");
-            for q in QUEUES {
-                let e = store.entries(QueueId(q));
-                eprintln!(
-                    "  queue {q}: {:?}, {} batches, first {:?}",
-                    store.offsets(QueueId(q)),
-                    e.len(),
-                    e.first()
-                );
-            }
+            print_recovered(&store, &format!("seed {seed} epoch {epoch}"), &report);
         }
         if let Some(s) = stop {
             let st = store.clone();
@@ -720,16 +725,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     let (store, report) = open(&io)?;
     device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
     if verbose {
-        eprintln!("seed {seed} last: recovered: {report}");
-        for q in QUEUES {
-            let e = store.entries(QueueId(q));
-            eprintln!(
-                "  queue {q}: {:?}, {} batches, first {:?}",
-                store.offsets(QueueId(q)),
-                e.len(),
-                &e[..e.len().min(3)]
-            );
-        }
+        print_recovered(&store, &format!("seed {seed} last"), &report);
     }
     let s = stop.expect("ran an epoch");
     let st = store.clone();
