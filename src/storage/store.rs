@@ -111,6 +111,10 @@ struct QueueState {
     visible: Watch,
     /// Offsets below this are reserved in the last stored checkpoint.
     reserved_stored: u64,
+    /// Where the queue resumed at open (past its reservation after a
+    /// crash): no checkpoint may record a next offset below it, or a later
+    /// crash would take back what was shown since.
+    floor: u64,
     /// Which crashes could take back this queue's acknowledged offsets.
     reserve: ReserveKind,
     /// Offsets appended since the last checkpoint (sizes the next grant).
@@ -127,6 +131,7 @@ impl QueueState {
             next_offset,
             visible: Watch::new(next_offset),
             reserved_stored: 0,
+            floor: 0,
             reserve: ReserveKind::None,
             appended_since_checkpoint: 0,
             waiters: Vec::new(),
@@ -255,6 +260,7 @@ impl<I: Io> QueueStore<I> {
         }
         for q in queues.values_mut() {
             q.visible = Watch::new(q.next_offset);
+            q.floor = q.next_offset;
         }
         let snapshots = Snapshots {
             pending: recovered
@@ -704,7 +710,8 @@ impl<I: Io> QueueStore<I> {
                     .consume
                     .next_offset_at(synced)
                     .or(q.consume.first_offset())
-                    .unwrap_or(q.next_offset);
+                    .unwrap_or(q.next_offset)
+                    .max(q.floor);
                 let reserved = match (q.reserve, clean_end) {
                     (ReserveKind::None, _) => 0,
                     (_, Some(_)) => q.next_offset,

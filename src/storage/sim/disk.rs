@@ -38,6 +38,9 @@ pub const SECTOR_BYTES: usize = 512;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     pub write_eio: u32,
+    /// A write fails with ENOSPC, writing nothing (space taken meanwhile by
+    /// another file of the filesystem).
+    pub write_nospace: u32,
     pub sync_eio: u32,
     pub read_eio: u32,
     /// A read returns the bytes of another page.
@@ -346,11 +349,11 @@ impl IoFile for SimFile {
     async fn write_at(&self, buf: SimBuffer, pos: u64) -> IoResult<usize> {
         assert_eq!(pos % 4096, 0, "unaligned write position");
         assert_eq!(buf.0.len() % 4096, 0, "unaligned write length");
-        let (seq, eio) = {
+        let (seq, eio, nospace) = {
             let mut d = self.io.disk.0.borrow_mut();
             let seq = d.next_seq;
             d.next_seq += 1;
-            let eio = d.faults.write_eio;
+            let (eio, nospace) = (d.faults.write_eio, d.faults.write_nospace);
             let inode = d.inodes.get_mut(&self.inode).expect("inode");
             inode.in_flight.insert(
                 seq,
@@ -360,9 +363,21 @@ impl IoFile for SimFile {
                     data: buf.0.clone(),
                 },
             );
-            (seq, eio)
+            (seq, eio, nospace)
         };
         self.io.latency().await;
+        if self.io.fault(nospace) {
+            self.io
+                .disk
+                .0
+                .borrow_mut()
+                .inodes
+                .get_mut(&self.inode)
+                .expect("inode")
+                .in_flight
+                .remove(&seq);
+            return Err(self.io.nospace("write", &self.path));
+        }
         let failed = self.io.fault(eio);
         let mut d = self.io.disk.0.borrow_mut();
         let inode = d.inodes.get_mut(&self.inode).expect("inode");

@@ -141,12 +141,14 @@ impl Scenario {
             6 | 7 => Faults {
                 write_eio: 2,
                 sync_eio: 2,
+                write_nospace: 20,
                 ..Faults::default()
             },
             _ => Faults {
                 meta_eio: 4,
                 read_eio: 3,
                 read_flip: 3,
+                write_nospace: 10,
                 ..Faults::default()
             },
         };
