@@ -26,7 +26,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::handlers::{submit, Reply};
 use crate::config::LimitsConfig;
@@ -109,7 +109,8 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             continue;
         };
         let s = shard.clone();
-        runtime::spawn_local_into(route_connection(s, stream, slot), shard.tq.data)
+        let accepted = Instant::now();
+        runtime::spawn_local_into(route_connection(s, stream, slot, accepted), shard.tq.data)
             .expect("data queue")
             .detach();
     }
@@ -118,8 +119,14 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 /// Serves a new connection here, or hands it to the shard its handshake
 /// asks for. Only the first frame is looked at; it stays in the buffer and
 /// is answered by whichever shard serves the connection.
-async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream, slot: ConnectionSlot) {
+async fn route_connection(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    slot: ConnectionSlot,
+    accepted: Instant,
+) {
     let limits = &shard.config.limits;
+    let first_frame_by = accepted + Duration::from_millis(limits.connection_first_frame_ms_max);
     let first = async {
         let mut buf = BytesMut::new();
         let mut chunk = vec![0u8; READ_CHUNK_BYTES_MIN];
@@ -139,7 +146,7 @@ async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream, slot: Connect
         }
     };
     let deadline = async {
-        runtime::sleep(Duration::from_millis(limits.connection_first_frame_ms_max)).await;
+        runtime::sleep(first_frame_by.saturating_duration_since(Instant::now())).await;
         None
     };
     let Some((target, buf)) = futures_lite::future::or(first, deadline).await else {
@@ -147,14 +154,13 @@ async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream, slot: Connect
         return;
     };
     if target == shard.id || target >= shard.shard_count {
-        serve(shard, stream, buf, slot).await;
+        serve(shard, stream, buf, slot, Some(first_frame_by)).await;
         return;
     }
     // Keep the socket alive past this stream: duplicate, then drop ours.
     // SAFETY: dup of a descriptor we own; the copy goes to the target shard.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     drop(stream);
-    drop(slot); // the target shard counts it from here
     if fd < 0 {
         tracing::warn!(
             shard = shard.id,
@@ -165,6 +171,8 @@ async fn route_connection(shard: Rc<Shard>, mut stream: TcpStream, slot: Connect
     if let Err(e) = shard.mesh.adopt(target, fd, buf.freeze()).await {
         tracing::warn!(shard = shard.id, "cannot hand a connection over: {e}");
     }
+    // Counted here until the target has it (and counts it itself).
+    drop(slot);
 }
 
 /// The shard the first frame asks for: `Some(ANY_SHARD)` when it is not a
@@ -207,7 +215,8 @@ pub fn adopt(shard: &Rc<Shard>, fd: i32, buffered: Bytes) {
     };
     let s = shard.clone();
     runtime::spawn_local_into(
-        serve(s, stream, BytesMut::from(&buffered[..]), slot),
+        // The handshake that routed it here is whole: no first-frame wait.
+        serve(s, stream, BytesMut::from(&buffered[..]), slot, None),
         shard.tq.data,
     )
     .expect("data queue")
@@ -234,6 +243,11 @@ struct Outbox {
     broken: Cell<bool>,
     /// Bumped to 1 when broken (wakes a reader blocked in a read).
     closed: Watch,
+    /// Since when the connection owes nothing (no request in flight, every
+    /// reply written); `None` while it owes something.
+    quiet_since: Cell<Option<Instant>>,
+    /// Bumped whenever `quiet_since` changes.
+    quiet_changed: Watch,
 }
 
 impl Outbox {
@@ -256,8 +270,11 @@ impl Outbox {
     fn bump(&self) {
         self.event.advance(self.event.get() + 1);
     }
-    fn owes_nothing(&self) -> bool {
-        self.in_flight.get() == 0 && self.frames.borrow().is_empty()
+    fn set_quiet(&self, since: Option<Instant>) {
+        if self.quiet_since.get().is_some() != since.is_some() {
+            self.quiet_since.set(since);
+            self.quiet_changed.advance(self.quiet_changed.get() + 1);
+        }
     }
     fn break_off(&self) {
         self.broken.set(true);
@@ -266,7 +283,13 @@ impl Outbox {
     }
 }
 
-async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut, slot: ConnectionSlot) {
+async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    buf: BytesMut,
+    slot: ConnectionSlot,
+    first_frame_by: Option<Instant>,
+) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let (rd, wr) = split(stream);
@@ -277,11 +300,13 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream, buf: BytesMut, slot: Connect
         in_flight: Cell::new(0),
         broken: Cell::new(false),
         closed: Watch::new(0),
+        quiet_since: Cell::new(Some(Instant::now())),
+        quiet_changed: Watch::new(0),
     });
     let idle = idle_limit(&shard.config.limits);
     let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone(), idle), shard.tq.data)
         .expect("data queue");
-    if let Err(reason) = read_loop(&shard, rd, &outbox, buf).await {
+    if let Err(reason) = read_loop(&shard, rd, &outbox, buf, first_frame_by).await {
         tracing::debug!(shard = shard.id, ?peer, "closing connection: {reason}");
     }
     outbox.reader_done.set(true);
@@ -325,6 +350,7 @@ async fn read_loop(
     mut rd: ReadHalf,
     outbox: &Rc<Outbox>,
     mut buf: BytesMut,
+    mut first_frame_by: Option<Instant>,
 ) -> Result<(), String> {
     let limits = &shard.config.limits;
     let decoder = FrameDecoder::new(limits.frame_bytes_max);
@@ -332,10 +358,14 @@ async fn read_loop(
     let requests = Rc::new(Semaphore::new(u64::from(limits.in_flight_requests_max)));
     let reply_bytes = Rc::new(Semaphore::new(limits.connection_reply_bytes_max));
     let idle = idle_limit(limits);
+    // When the first byte of the incomplete frame in `buf` arrived.
+    let mut partial_since: Option<Instant> = None;
     loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(((op, version, request_id), body))) => {
+                    first_frame_by = None;
+                    partial_since = None;
                     // Owed replies hold their permits until written: a client
                     // that does not read stops being read here.
                     let request = or_closed(outbox, requests.clone().acquire_static_permit(1))
@@ -348,8 +378,9 @@ async fn read_loop(
                             .await
                             .ok_or("write side closed")?
                             .map_err(|e| format!("permits closed: {e}"))?;
-                    let pending = submit(shard, op, version, body).await;
                     outbox.in_flight.set(outbox.in_flight.get() + 1);
+                    outbox.set_quiet(None);
+                    let pending = submit(shard, op, version, body).await;
                     let ob = outbox.clone();
                     runtime::spawn_local_into(
                         async move {
@@ -419,13 +450,21 @@ async fn read_loop(
                 r
             }
         };
-        let idle_now = idle.filter(|_| outbox.owes_nothing());
-        let n = match with_limit(outbox, read, idle_now).await {
-            Some(r) => r.map_err(|e| format!("read failed: {e}"))?,
-            None if outbox.broken.get() => return Err("write side failed".into()),
-            None => {
+        if len > 0 && partial_since.is_none() {
+            partial_since = Some(Instant::now());
+        }
+        let limit = read_limit(outbox, first_frame_by, partial_since, idle);
+        let n = match or_closed(
+            outbox,
+            futures_lite::future::or(async { Ok(read.await) }, limit),
+        )
+        .await
+        {
+            Some(Ok(r)) => r.map_err(|e| format!("read failed: {e}"))?,
+            None => return Err("write side failed".into()),
+            Some(Err(reason)) => {
                 shard.metrics.borrow_mut().connections_timed_out += 1;
-                return Err("idle for connection_idle_ms_max".into());
+                return Err(reason.into());
             }
         };
         if n == scratch.len() && scratch.len() < READ_CHUNK_BYTES_MAX {
@@ -451,20 +490,46 @@ async fn or_closed<T>(outbox: &Outbox, f: impl std::future::Future<Output = T>) 
     futures_lite::future::or(done, closed).await
 }
 
-/// `f`, unless `limit` passes or the connection breaks first (`None`).
-async fn with_limit<T>(
+/// Resolves (with the reason) when the connection's read has waited too
+/// long: for its first frame past `first_frame_by`; for the rest of a frame
+/// `idle` after its first byte; owing nothing, `idle` after it last owed
+/// something. Never resolves without a limit.
+async fn read_limit<T>(
     outbox: &Outbox,
-    f: impl std::future::Future<Output = T>,
-    limit: Option<Duration>,
-) -> Option<T> {
-    match limit {
-        None => or_closed(outbox, f).await,
-        Some(d) => {
-            let timer = async {
-                runtime::sleep(d).await;
-                None
-            };
-            futures_lite::future::or(or_closed(outbox, f), timer).await
+    first_frame_by: Option<Instant>,
+    partial_since: Option<Instant>,
+    idle: Option<Duration>,
+) -> Result<T, &'static str> {
+    if let Some(by) = first_frame_by {
+        runtime::sleep(by.saturating_duration_since(Instant::now())).await;
+        return Err("no whole first frame within connection_first_frame_ms_max");
+    }
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    if let Some(t) = partial_since {
+        runtime::sleep((t + idle).saturating_duration_since(Instant::now())).await;
+        return Err("a frame not completed within connection_idle_ms_max");
+    }
+    loop {
+        let seen = outbox.quiet_changed.get();
+        let changed = async {
+            let _ = outbox.quiet_changed.wait_for(seen + 1).await;
+            false
+        };
+        match outbox.quiet_since.get() {
+            None => {
+                changed.await;
+            }
+            Some(t) => {
+                let expired = async {
+                    runtime::sleep((t + idle).saturating_duration_since(Instant::now())).await;
+                    true
+                };
+                if futures_lite::future::or(expired, changed).await {
+                    return Err("idle for connection_idle_ms_max");
+                }
+            }
         }
     }
 }
@@ -479,6 +544,10 @@ async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>, stall: Option<Duratio
         if frames.is_empty() {
             if outbox.reader_done.get() && outbox.in_flight.get() == 0 || outbox.broken.get() {
                 break;
+            }
+            if outbox.in_flight.get() == 0 {
+                // Everything owed is written: the idle clock starts.
+                outbox.set_quiet(Some(Instant::now()));
             }
             let _ = outbox.event.wait_for(seen + 1).await;
             continue;

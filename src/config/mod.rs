@@ -414,17 +414,6 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
-        if l.connection_idle_ms_max != 0
-            && l.connection_idle_ms_max <= u64::from(l.fetch_wait_ms_max)
-        {
-            return bad(
-                "limits.connection_idle_ms_max",
-                format!(
-                    "{} must exceed limits.fetch_wait_ms_max (a long poll is not idleness), or be 0",
-                    l.connection_idle_ms_max
-                ),
-            );
-        }
         if l.topics_max == 0 || l.queues_max == 0 {
             return bad(
                 "limits.topics_max",

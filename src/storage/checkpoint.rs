@@ -224,7 +224,9 @@ pub fn decode_file(b: &[u8]) -> (Option<(u64, Checkpoint, usize)>, CheckpointSta
 }
 
 /// The open checkpoint file of one shard. Stores are serialised: one at a
-/// time, the next waits.
+/// time, the next waits, and each checkpoint is built only once its store
+/// holds the file (so a later store never writes an older state). After a
+/// clean-stop checkpoint nothing else is stored.
 pub struct CheckpointFile<I: Io> {
     io: I,
     dir: PathBuf,
@@ -233,6 +235,8 @@ pub struct CheckpointFile<I: Io> {
     sequence: Cell<u64>,
     busy: Cell<bool>,
     released: Watch,
+    /// A clean-stop checkpoint is stored: it stays the last.
+    clean_stored: Cell<bool>,
 }
 
 impl<I: Io> CheckpointFile<I> {
@@ -250,6 +254,7 @@ impl<I: Io> CheckpointFile<I> {
             sequence: Cell::new(0),
             busy: Cell::new(false),
             released: Watch::new(0),
+            clean_stored: Cell::new(false),
         };
         let Ok(file) = io.open(&path).await else {
             return (cf, None, CheckpointState::Missing);
@@ -282,17 +287,29 @@ impl<I: Io> CheckpointFile<I> {
         }
     }
 
-    /// Stores `cp` durably (in place when it fits its slot).
-    pub async fn store(&self, cp: &Checkpoint) -> IoResult<()> {
+    /// Stores durably (in place when it fits its slot) the checkpoint
+    /// `build` returns once this store has the file, and returns it; `None`
+    /// (nothing stored) after a clean-stop checkpoint.
+    pub async fn store_with(
+        &self,
+        build: impl FnOnce() -> Checkpoint,
+    ) -> IoResult<Option<Checkpoint>> {
         while self.busy.get() {
             let seen = self.released.get();
             let _ = self.released.wait_for(seen + 1).await;
         }
+        if self.clean_stored.get() {
+            return Ok(None);
+        }
         self.busy.set(true);
-        let result = self.store_locked(cp).await;
+        let cp = build();
+        let result = self.store_locked(&cp).await;
+        if result.is_ok() && cp.clean_end.is_some() {
+            self.clean_stored.set(true);
+        }
         self.busy.set(false);
         self.released.advance(self.released.get() + 1);
-        result
+        result.map(|()| Some(cp))
     }
 
     async fn store_locked(&self, cp: &Checkpoint) -> IoResult<()> {

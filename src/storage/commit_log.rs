@@ -195,6 +195,8 @@ pub struct CommitLog<I: Io> {
     admit_changed: Watch,
     /// Bumped whenever a zero write finishes.
     zero_done: Watch,
+    /// Reaches 1 when the log stops for a failure.
+    failed_event: Watch,
     fsync_us: RefCell<Histogram<u64>>,
     write_us: RefCell<Histogram<u64>>,
 }
@@ -282,6 +284,7 @@ impl<I: Io> CommitLog<I> {
             prepare_work: Watch::new(0),
             admit_changed: Watch::new(0),
             zero_done: Watch::new(0),
+            failed_event: Watch::new(0),
             fsync_us: RefCell::new(histogram()),
             write_us: RefCell::new(histogram()),
         })
@@ -645,6 +648,12 @@ impl<I: Io> CommitLog<I> {
         self.synced.close();
         bump(&self.admit_changed);
         bump(&self.prepare_work);
+        self.failed_event.advance(1);
+    }
+
+    /// Resolves once the log stopped for a failure.
+    pub async fn wait_failed(&self) {
+        let _ = self.failed_event.wait_for(1).await;
     }
 
     /// Creates segment files ahead of the roll.
@@ -812,25 +821,38 @@ impl<I: Io> CommitLog<I> {
                 continue;
             };
             let buf = self.io.buffer((to - from) as usize);
-            let res = match file.write_at(buf, from - base).await {
-                Ok(_) => file.sync().await,
-                Err(e) => Err(e),
+            let written = file.write_at(buf, from - base).await;
+            let synced = match &written {
+                Ok(_) => Some(file.sync().await),
+                Err(_) => None,
             };
             {
                 let mut s = self.state.borrow_mut();
                 s.zeroing = None;
-                if res.is_ok() {
+                if matches!(synced, Some(Ok(()))) {
                     s.zeroed_upto = s.zeroed_upto.max(to);
                 }
             }
             bump(&self.zero_done);
-            if let Err(e) = res {
-                // Only an optimisation failed: appends still work (slower).
-                tracing::warn!(
-                    shard = self.cfg.shard,
-                    "zeroing ahead of the log failed: {e}"
-                );
-                return;
+            match (written, synced) {
+                (_, Some(Err(e))) => {
+                    // The zeroer's fdatasync is on the file the batches go
+                    // to: its failure may have lost completed batch writes,
+                    // and the kernel reports it only once, so a later sync
+                    // could pass. Like any failed sync, it stops the log.
+                    self.fail(e);
+                    return;
+                }
+                (Err(e), _) => {
+                    // Only an optimisation failed (a full disk, a bad
+                    // sector ahead): appends still work, slower.
+                    tracing::warn!(
+                        shard = self.cfg.shard,
+                        "zeroing ahead of the log stops: {e}"
+                    );
+                    return;
+                }
+                _ => {}
             }
         }
     }
@@ -1111,6 +1133,12 @@ impl<I: Io> CommitLog<I> {
                         self.fail(e);
                         return;
                     }
+                }
+                if self.failed().is_some() {
+                    // Another fdatasync of these files (the zeroer's) failed
+                    // meanwhile: the kernel may have reported the lost
+                    // writes to it alone, so this success proves nothing.
+                    return;
                 }
                 let _ = self
                     .fsync_us

@@ -56,6 +56,9 @@ const READ_WINDOW_BYTES: usize = 1 << 20;
 /// How often a read that fails a check is retried before the bytes count
 /// as damaged.
 const READ_RETRIES: u32 = 3;
+/// How often a batch found by the scan is probed again before the bytes
+/// the writer keeps may leave it out as damaged.
+const VERIFY_READS: u32 = 4 * READ_RETRIES;
 
 /// What recovery needs to know of the writer.
 #[derive(Clone, Debug)]
@@ -411,22 +414,24 @@ fn last_nonzero(b: &[u8]) -> Option<usize> {
 
 /// The bytes of `[from, to)` (absolute) of a segment as its genuine
 /// batches hold them, each batch read back and checked (zeros where no
-/// batch lies). What the writer will rewrite (the last partial page) must
-/// never come from an unchecked read: a misdirected or flipped read
-/// written back would damage a good batch.
+/// batch lies), and the batches that no longer check (zeros too: the
+/// caller drops them as damaged). What the writer will rewrite (the last
+/// partial page) must never come from an unchecked read: a misdirected or
+/// flipped read written back would damage a good batch.
 async fn verified_bytes<F: IoFile>(
     file: &F,
     seg: &SegmentInfo,
     batches: &[BatchEntry],
     from: u64,
     to: u64,
-) -> IoResult<Vec<u8>> {
+) -> IoResult<(Vec<u8>, Vec<BatchEntry>)> {
     let mut out = vec![0u8; (to - from) as usize];
+    let mut failed = Vec::new();
     let mut r = Reader::new(file, seg.capacity);
     for b in batches.iter().filter(|b| b.position < to && b.end() > from) {
         let at = b.position - seg.base;
         let mut ok = false;
-        for _ in 0..=READ_RETRIES + 2 {
+        for _ in 0..VERIFY_READS {
             r.forget();
             if let Probe::Genuine(e) = probe(&mut r, seg.base, &seg.key, at, seg.capacity).await? {
                 ok = e == *b;
@@ -434,12 +439,8 @@ async fn verified_bytes<F: IoFile>(
             }
         }
         if !ok {
-            return Err(IoFailure::new(
-                "read back",
-                file.path(),
-                super::io::IoKind::Other,
-                format!("the batch at {} no longer checks", b.position),
-            ));
+            failed.push(*b);
+            continue;
         }
         let bytes = r.get(at, b.len as usize).await?;
         let lo = b.position.max(from);
@@ -447,7 +448,25 @@ async fn verified_bytes<F: IoFile>(
         out[(lo - from) as usize..(hi - from) as usize]
             .copy_from_slice(&bytes[(lo - b.position) as usize..(hi - b.position) as usize]);
     }
-    Ok(out)
+    Ok((out, failed))
+}
+
+/// Drops batches that stopped checking since the scan found them: their
+/// bytes are damaged (only theirs are lost).
+fn drop_failed(
+    out_batches: &mut Vec<BatchEntry>,
+    failed: &[BatchEntry],
+    report: &mut RecoveryReport,
+) {
+    for f in failed {
+        out_batches.retain(|e| e != f);
+        report.offset_gaps += u64::from(f.count);
+        report.corrupt.push(CorruptRange {
+            start: f.position,
+            end: f.end(),
+            reason: "the batch no longer checks when read back".into(),
+        });
+    }
 }
 
 /// `len` bytes at `pos` of `file`, read until two reads agree (at most a
@@ -486,6 +505,12 @@ enum Found {
     End {
         start: u64,
         torn: Option<String>,
+    },
+    /// The segment's header page is unreadable (no key: none of its
+    /// batches can be checked). Damage below the durable bound; at or past
+    /// it, a torn header write, which cuts the log at the segment's base.
+    Unreadable {
+        base: u64,
     },
 }
 
@@ -643,18 +668,70 @@ impl OffsetTracker {
     }
 }
 
+/// What recovery found in the log (the checkpoint aside).
+struct RecoveredLog<F> {
+    segments: Vec<OpenSegment<F>>,
+    batches: Vec<BatchEntry>,
+    end_position: u64,
+    tail_page: Vec<u8>,
+    snapshots: Vec<SnapshotState<F>>,
+    report: RecoveryReport,
+}
+
 /// Recovers the shard directory of `cfg`.
+///
+/// A recovery that fails part way (a failed sync may have lost writes the
+/// last run completed) marks the storage failure in the checkpoint, best
+/// effort, so the next one resumes `written` queues past their reservation.
 pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>, RecoveryError> {
+    io.create_dir_all(&cfg.dir).await?;
+    let (checkpoint_file, checkpoint, cp_state) = CheckpointFile::load(io, &cfg.dir).await;
+    match recover_log(io, cfg, checkpoint.as_ref(), cp_state).await {
+        Ok(log) => Ok(Recovered {
+            segments: log.segments,
+            batches: log.batches,
+            end_position: log.end_position,
+            tail_page: log.tail_page,
+            checkpoint: checkpoint.unwrap_or_default(),
+            checkpoint_file,
+            snapshots: log.snapshots,
+            report: log.report,
+        }),
+        Err(e) => {
+            if let Some(cp) = checkpoint.filter(|c| !c.storage_failed) {
+                let marked = checkpoint_file
+                    .store_with(|| Checkpoint {
+                        storage_failed: true,
+                        clean_end: None,
+                        ..cp
+                    })
+                    .await;
+                if let Err(m) = marked {
+                    tracing::warn!(
+                        shard = cfg.shard,
+                        "cannot mark the storage failure in the checkpoint: {m}"
+                    );
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn recover_log<I: Io>(
+    io: &I,
+    cfg: &RecoveryConfig,
+    checkpoint: Option<&Checkpoint>,
+    cp_state: CheckpointState,
+) -> Result<RecoveredLog<I::File>, RecoveryError> {
     let dir = &cfg.dir;
-    io.create_dir_all(dir).await?;
-    let (checkpoint_file, checkpoint, cp_state) = CheckpointFile::load(io, dir).await;
     let mut report = RecoveryReport {
         checkpoint: Some(cp_state),
         ..RecoveryReport::default()
     };
     let mut files = open_segments(io, dir, &mut report).await?;
-    let clean_end = checkpoint.as_ref().and_then(|c| c.clean_end);
-    let synced_claim = checkpoint.as_ref().map_or(0, |c| c.synced_position);
+    let clean_end = checkpoint.and_then(|c| c.clean_end);
+    let synced_claim = checkpoint.map_or(0, |c| c.synced_position);
 
     // Scan every segment (from its snapshot's end when it has one).
     let mut scans: Vec<SegmentScan> = Vec::with_capacity(files.len());
@@ -668,7 +745,10 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
             .filter(|&p| p > files[i].base && p <= files[i].base + files[i].capacity);
         let seg = &files[i];
         let Some(header) = seg.header else {
-            scans.push(SegmentScan::default());
+            scans.push(SegmentScan {
+                found: vec![Found::Unreadable { base: seg.base }],
+                nonzero_end: seg.base,
+            });
             continue;
         };
         if i + 2 >= files.len() {
@@ -715,6 +795,31 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
         .await?;
         scan.found.extend(rest.found);
         scan.nonzero_end = rest.nonzero_end;
+        // The next segment's header names where this one's data ended; one
+        // that points elsewhere follows a missing segment (never made by
+        // the log, which removes segments oldest first, and after a cut
+        // newest first): the rest of the log is a hole.
+        if let Some(next) = files.get(i + 1) {
+            let follows = next
+                .header
+                .is_none_or(|h| h.prev_end > seg.base && h.prev_end <= seg.base + seg.capacity);
+            if !follows {
+                let data_end = scan
+                    .found
+                    .iter()
+                    .filter_map(|f| match f {
+                        Found::Batch(e) => Some(e.end()),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(seg.base + SEGMENT_HEADER_BYTES);
+                scan.found.push(Found::Hole {
+                    start: data_end,
+                    end: next.base,
+                    reason: format!("a segment is missing before segment {}", next.base),
+                });
+            }
+        }
         report.scanned_bytes += r.scanned;
         report.retried_reads += r.retried;
         scans.push(scan);
@@ -784,6 +889,12 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
                     break 'segments;
                 }
                 Found::End { torn: None, .. } => {}
+                // Reported as an unreadable segment when it is kept.
+                Found::Unreadable { base } if *base < durable => offsets.damaged(),
+                Found::Unreadable { base } => {
+                    cut = Some((i, *base, "segment header page unreadable".into()));
+                    break 'segments;
+                }
             }
         }
     }
@@ -797,13 +908,31 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
             .flat_map(|s| s.found.iter())
             .filter(|f| matches!(f, Found::Batch(e) if e.position >= position))
             .count() as u64;
-        let seg = &files[i];
-        let clear_to = scans[i]
-            .nonzero_end
-            .max(position)
-            .min(seg.base + seg.capacity);
-        let keep_bytes = match &seg.header {
-            Some(h) => {
+        // The segment that ends the log now, and where.
+        let last = match files[i].header {
+            Some(_) => {
+                keep = i + 1;
+                Some((i, position))
+            }
+            None => {
+                // A torn header: the segment goes with the ones after it,
+                // and the one before ends the log at its last batch.
+                keep = i;
+                i.checked_sub(1).map(|j| {
+                    let seg = &files[j];
+                    let end = out_batches
+                        .iter()
+                        .rev()
+                        .find(|e| e.position >= seg.base && e.position < seg.base + seg.capacity)
+                        .map_or(seg.base + SEGMENT_HEADER_BYTES, |e| e.end());
+                    (j, end)
+                })
+            }
+        };
+        if let Some((j, end)) = last {
+            let seg = &files[j];
+            if let Some(h) = &seg.header {
+                let clear_to = scans[j].nonzero_end.max(end).min(seg.base + seg.capacity);
                 let info = SegmentInfo {
                     base: seg.base,
                     capacity: seg.capacity,
@@ -811,22 +940,16 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
                     max_append_time_ms: 0,
                     key: h.key,
                 };
-                verified_bytes(
-                    &*seg.file,
-                    &info,
-                    &out_batches,
-                    align_down(position),
-                    position,
-                )
-                .await?
+                let (keep_bytes, failed) =
+                    verified_bytes(&*seg.file, &info, &out_batches, align_down(end), end).await?;
+                drop_failed(&mut out_batches, &failed, &mut report);
+                zero_range(io, &*seg.file, seg.base, end, clear_to, &keep_bytes).await?;
             }
-            None => vec![0; (position - align_down(position)) as usize],
-        };
-        zero_range(io, &*seg.file, seg.base, position, clear_to, &keep_bytes).await?;
+        }
         report.torn = Some(TornTail { position, reason });
-        keep = i + 1;
     }
-    for seg in files.drain(keep..) {
+    // Newest first: a removal cut short leaves the log a prefix of itself.
+    for seg in files.drain(keep..).rev() {
         remove_segment(io, dir, seg.base).await?;
         report
             .removed_segments
@@ -905,7 +1028,10 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
             let end = last.info.data_end();
             let page = align_down(end).max(last.info.base);
             let tail = if end > page && !last.sealed {
-                verified_bytes(&*last.file, &last.info, &out_batches, page, end).await?
+                let (bytes, failed) =
+                    verified_bytes(&*last.file, &last.info, &out_batches, page, end).await?;
+                drop_failed(&mut out_batches, &failed, &mut report);
+                bytes
             } else {
                 vec![0; (end - page) as usize]
             };
@@ -916,13 +1042,11 @@ pub async fn recover<I: Io>(io: &I, cfg: &RecoveryConfig) -> Result<Recovered<I>
     report.segments = segments.len();
     report.batches = out_batches.len() as u64;
     report.messages = out_batches.iter().map(|b| u64::from(b.count)).sum();
-    Ok(Recovered {
+    Ok(RecoveredLog {
         segments,
         batches: out_batches,
         end_position,
         tail_page,
-        checkpoint: checkpoint.unwrap_or_default(),
-        checkpoint_file,
         snapshots,
         report,
     })

@@ -741,9 +741,13 @@ impl<I: Io> QueueStore<I> {
     /// Stores the checkpoint; on success every queue's reservation is what
     /// it says.
     async fn store_checkpoint(&self, clean_end: Option<u64>) -> Result<(), StoreError> {
-        let cp = self.checkpoint(clean_end);
-        match self.checkpoint_file.store(&cp).await {
-            Ok(()) => {
+        let stored = self
+            .checkpoint_file
+            .store_with(|| self.checkpoint(clean_end))
+            .await;
+        match stored {
+            Ok(None) => Ok(()),
+            Ok(Some(cp)) => {
                 let mut queues = self.queues.borrow_mut();
                 for (id, c) in &cp.queues {
                     if let Some(q) = queues.get_mut(id) {
@@ -766,10 +770,17 @@ impl<I: Io> QueueStore<I> {
 
     /// Checkpoints and index snapshots, every interval or when asked.
     async fn keeper(self: Rc<Self>) {
+        // Taken before each round's work, so a request made during it gets
+        // the next round at once.
+        let mut seen = self.keeper_work.get();
         loop {
-            let seen = self.keeper_work.get();
-            let timer = self.io.sleep(self.cfg.checkpoint_interval);
+            // A failure wakes it too: its mark should be stored at once.
+            let timer = futures_lite::future::or(
+                self.io.sleep(self.cfg.checkpoint_interval),
+                self.log.wait_failed(),
+            );
             self.keeper_work.wait_for_within(seen + 1, timer).await;
+            seen = self.keeper_work.get();
             if self.closing.get() {
                 return;
             }
@@ -976,7 +987,12 @@ impl<I: Io> QueueStore<I> {
     /// their snapshots and trims the indexes. Returns the number deleted.
     pub async fn apply_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
         let segments = self.log.segments();
-        let bases = segments_to_delete(&segments, policy, self.io.now_ms());
+        let bases = segments_to_delete(
+            &segments,
+            policy,
+            self.io.now_ms(),
+            self.log.synced_position(),
+        );
         let Some(&last) = bases.last() else {
             return Ok(0);
         };

@@ -259,3 +259,122 @@ fn a_handed_over_connection_counts_against_the_target_shard() {
         || keelmq::client::Connection::connect_to_shard(&b.addr, 1).ok(),
     );
 }
+
+/// Reads until the broker closes `s` (true) or `within` passes (false).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut sink = [0u8; 4096];
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[test]
+fn connection_timers_cover_a_slow_first_frame_a_trickled_frame_and_idle_after_a_long_wait() {
+    let cfg = "[limits]\nconnection_first_frame_ms_max = 1000\nconnection_idle_ms_max = 2000\nfetch_wait_ms_max = 5000\n";
+    let b = Broker::start(1, Some(cfg));
+    b.admin()
+        .create_topic("t", 1, Some(Durability::Written))
+        .unwrap();
+    let mut fetch = BytesMut::new();
+    FetchRequest {
+        topic: "t".into(),
+        queue: 0,
+        offset: 0,
+        max_bytes: 1 << 20,
+        wait_ms: 3000,
+    }
+    .encode(&mut fetch);
+    let mut frame = BytesMut::new();
+    encode_frame(&mut frame, Op::Fetch as u16, 1, 1, &fetch);
+
+    // 1. The header of a first frame, never its body: closed by the
+    //    first-frame deadline, not the (longer) idle limit.
+    let mut slow = TcpStream::connect(&b.addr).unwrap();
+    slow.write_all(&frame[..8]).unwrap();
+    let t0 = Instant::now();
+    assert!(closed_within(&mut slow, Duration::from_millis(1800)));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // 2. After a whole first frame, a frame trickled a byte at a time:
+    //    each byte arrives well within the idle limit, yet the frame must
+    //    be whole within it of its first byte.
+    let mut trickle = TcpStream::connect(&b.addr).unwrap();
+    let mut first = BytesMut::new();
+    // A fetch that returns at once (empty) answers the first frame.
+    let mut ping = BytesMut::new();
+    FetchRequest {
+        topic: "t".into(),
+        queue: 0,
+        offset: 0,
+        max_bytes: 1 << 20,
+        wait_ms: 0,
+    }
+    .encode(&mut ping);
+    encode_frame(&mut first, Op::Fetch as u16, 1, 0, &ping);
+    trickle.write_all(&first).unwrap();
+    let t1 = Instant::now();
+    let mut closed = false;
+    for &byte in frame.iter() {
+        if trickle.write_all(&[byte]).is_err() {
+            closed = true;
+            break;
+        }
+        if closed_within(&mut trickle, Duration::from_millis(300)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a trickled frame kept the connection open");
+    let took = t1.elapsed();
+    assert!(
+        took < Duration::from_millis(4000) && took >= Duration::from_millis(1500),
+        "closed after {took:?}"
+    );
+
+    // 3. A fetch waiting 3 s (longer than the idle limit) is not idle; once
+    //    its reply is written, the idle clock starts and closes the
+    //    connection about 2 s later.
+    let mut waiting = TcpStream::connect(&b.addr).unwrap();
+    waiting.write_all(&frame).unwrap();
+    let t2 = Instant::now();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 4];
+    waiting.read_exact(&mut head).unwrap();
+    let replied = t2.elapsed();
+    assert!(
+        replied >= Duration::from_millis(2500),
+        "replied after {replied:?}"
+    );
+    let len = u32::from_le_bytes(head) as usize;
+    let mut rest = vec![0u8; len];
+    waiting.read_exact(&mut rest).unwrap();
+    let t3 = Instant::now();
+    assert!(
+        closed_within(&mut waiting, Duration::from_secs(4)),
+        "not closed after being idle"
+    );
+    assert!(
+        t3.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t3.elapsed()
+    );
+}

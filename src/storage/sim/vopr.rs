@@ -37,7 +37,10 @@ use crate::storage::{QueueStore, StoreConfig, StoreError};
 
 const QUEUES: [u32; 3] = [1, 2, 3];
 const SEGMENT_BYTES: u64 = 64 * 1024;
+/// The writer's unsynced window: usually half a segment, sometimes two
+/// segments (the window then spans segment headers).
 const UNSYNCED_BYTES: u64 = 32 * 1024;
+const UNSYNCED_BYTES_WIDE: u64 = 128 * 1024;
 const PAYLOAD_HEAD_BYTES: usize = 24;
 
 fn dir() -> PathBuf {
@@ -115,6 +118,8 @@ struct Scenario {
     retention_bytes: u64,
     faults: Faults,
     epochs: u32,
+    unsynced_bytes: u64,
+    zero_ahead: bool,
 }
 
 impl Scenario {
@@ -161,11 +166,17 @@ impl Scenario {
             retention_bytes: if tight { 3 * SEGMENT_BYTES } else { 0 },
             faults,
             epochs: 2 + rng.below(3) as u32,
+            unsynced_bytes: if rng.chance(250) {
+                UNSYNCED_BYTES_WIDE
+            } else {
+                UNSYNCED_BYTES
+            },
+            zero_ahead: rng.chance(250),
         }
     }
 }
 
-fn store_config() -> StoreConfig {
+fn store_config(sc: &Scenario) -> StoreConfig {
     StoreConfig {
         log: LogConfig {
             dir: dir(),
@@ -176,11 +187,11 @@ fn store_config() -> StoreConfig {
             write_bytes_max: 8 * 1024,
             unawaited_write_delay: Duration::from_millis(1),
             pending_bytes_max: 32 * 1024,
-            unsynced_bytes_max: UNSYNCED_BYTES,
+            unsynced_bytes_max: sc.unsynced_bytes,
         },
         tail_cache_bytes_max: 16 * 1024,
         checkpoint_interval: Duration::from_millis(5),
-        zero_ahead: false,
+        zero_ahead: sc.zero_ahead,
         // Reservations run out all the time, so acknowledgements wait for
         // them all the time.
         reserve_offsets_min: 4,
@@ -413,6 +424,11 @@ async fn check_recovered(
                 o.latest
             ));
         }
+        if o.latest < seen {
+            // Excused this once: where it resumes is what later restarts
+            // must not go back from.
+            m.borrow_mut().seen_end.insert(q, o.latest);
+        }
         let mut last_seq: BTreeMap<u32, u64> = BTreeMap::new();
         for e in store.entries(QueueId(q)) {
             let mut got = store.read_entry(&e).await;
@@ -508,11 +524,12 @@ async fn check_recovered(
 }
 
 /// Opens the store, retrying a recovery that met an injected fault.
-fn open(io: &SimIo) -> Result<(Rc<QueueStore<SimIo>>, String), String> {
+fn open(io: &SimIo, sc: &Scenario) -> Result<(Rc<QueueStore<SimIo>>, String), String> {
     let mut last = String::new();
     for _ in 0..8 {
         let i = io.clone();
-        match block_on(io, async move { QueueStore::open(i, store_config()).await }) {
+        let cfg = store_config(sc);
+        match block_on(io, async move { QueueStore::open(i, cfg).await }) {
             Ok((store, report)) => return Ok((store, report.to_string())),
             Err(e) => last = e.to_string(),
         }
@@ -522,9 +539,9 @@ fn open(io: &SimIo) -> Result<(Rc<QueueStore<SimIo>>, String), String> {
 
 /// Flips a bit in one batch older than the unsynced window; its messages
 /// are excused from then on.
-fn rot(store: &QueueStore<SimIo>, disk: &SimDisk, m: &M, rng: &mut Rng) {
+fn rot(store: &QueueStore<SimIo>, disk: &SimDisk, m: &M, rng: &mut Rng, unsynced: u64) {
     let synced = store.log().synced_position();
-    let limit = synced.saturating_sub(UNSYNCED_BYTES + 8192);
+    let limit = synced.saturating_sub(unsynced + 8192);
     let candidates: Vec<(u32, crate::storage::consume_index::IndexEntry)> = QUEUES
         .iter()
         .flat_map(|&q| store.entries(QueueId(q)).into_iter().map(move |e| (q, e)))
@@ -578,8 +595,8 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     io.disk.0.borrow_mut().faults = sc.faults;
     if verbose {
         eprintln!(
-            "seed {seed}: levels {:?}, {} producers x {}, capacity {}, retention {}, faults {:?}, {} epochs",
-            sc.levels, sc.producers, sc.appends_per_producer, sc.capacity, sc.retention_bytes, sc.faults, sc.epochs
+            "seed {seed}: levels {:?}, {} producers x {}, capacity {}, retention {}, faults {:?}, {} epochs, unsynced window {}, zero ahead {}",
+            sc.levels, sc.producers, sc.appends_per_producer, sc.capacity, sc.retention_bytes, sc.faults, sc.epochs, sc.unsynced_bytes, sc.zero_ahead
         );
     }
     let m: M = Rc::default();
@@ -592,7 +609,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     let levels = sc.levels;
     let mut lossy_at_start = 0;
     for epoch in 0..sc.epochs {
-        let (store, report) = open(&io)?;
+        let (store, report) = open(&io, &sc)?;
         // A failed sync up to this open (recovery's own included) may have
         // lost completed writes.
         device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
@@ -642,6 +659,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                         &segments,
                         policy,
                         crate::storage::io::Io::now_ms(&i),
+                        s.log().synced_position(),
                     );
                     let Some(cutoff) = bases
                         .last()
@@ -697,7 +715,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
             };
             if rng.chance(250) {
                 // Bytes rot at rest (before the crash, on what is synced).
-                rot(&store, &io.disk, &m, &mut rng);
+                rot(&store, &io.disk, &m, &mut rng, sc.unsynced_bytes);
             }
             if std::env::var("KEELMQ_RECOVERY_DEBUG").is_ok() {
                 eprintln!(
@@ -724,7 +742,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                 .is_some_and(|(_, cp, _)| cp.storage_failed),
         };
     }
-    let (store, report) = open(&io)?;
+    let (store, report) = open(&io, &sc)?;
     device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
     if verbose {
         print_recovered(&store, &format!("seed {seed} last"), &report);
@@ -812,6 +830,13 @@ fn replay() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The store's own log lines, interleaved with the replay's.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     match run_seed(seed, true) {
         Ok(line) => eprintln!("{line}"),
         Err(e) => panic!("VOPR seed {seed} failed: {e}"),
