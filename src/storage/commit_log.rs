@@ -798,16 +798,17 @@ impl<I: Io> CommitLog<I> {
     }
 
     async fn zeroer(self: Rc<Self>) {
-        let mut window = (Instant::now(), self.append_position());
+        // The I/O seam's clock: the simulation replays it exactly.
+        let mut window = (self.io.now_ms(), self.append_position());
         loop {
             // Under sustained load the zeros would halve the disk's bandwidth
             // for appends that are large and sequential anyway: pause while
             // the log grows faster than ZERO_RATE_BYTES_PER_S_MAX.
-            let elapsed = window.0.elapsed();
-            if elapsed >= Duration::from_millis(100) {
+            let elapsed_ms = self.io.now_ms().saturating_sub(window.0);
+            if elapsed_ms >= 100 {
                 let grown = self.append_position().saturating_sub(window.1);
-                window = (Instant::now(), self.append_position());
-                if grown as f64 / elapsed.as_secs_f64() > ZERO_RATE_BYTES_PER_S_MAX as f64 {
+                window = (self.io.now_ms(), self.append_position());
+                if grown as f64 / (elapsed_ms as f64 / 1000.0) > ZERO_RATE_BYTES_PER_S_MAX as f64 {
                     self.io.sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -4,8 +4,9 @@
 //! (`durable`). A write applies at its completion, after a random virtual
 //! latency, so calls complete out of order; until a sync that *started*
 //! after it covers it, it stays pending. At a crash:
-//! - process crash: completed writes stay; writes in flight are torn at
-//!   512-byte sector granularity (each sector applied or not);
+//! - process crash: completed writes stay; a write in flight is lost
+//!   whole, lands whole, or is torn at 512-byte sector granularity (each
+//!   sector applied or not);
 //! - power cut: every pending or in-flight write is torn the same way into
 //!   the durable image, everything else is lost; a file's size and the
 //!   namespace (creates, renames, removes) keep only what was synced, plus
@@ -135,8 +136,15 @@ fn tear(rng: &mut super::executor::Rng, target: &mut Vec<u8>, w: &PendingWrite) 
     if target.len() < w.pos + w.data.len() {
         target.resize(w.pos + w.data.len(), 0);
     }
+    // Lost whole (it never left the device's cache), landed whole, or torn
+    // sector by sector, a third of the time each.
+    let p_sector = match rng.below(3) {
+        0 => 0,
+        1 => 1000,
+        _ => 500,
+    };
     for (i, sector) in w.data.chunks(SECTOR_BYTES).enumerate() {
-        if rng.chance(500) {
+        if rng.chance(p_sector) {
             let at = w.pos + i * SECTOR_BYTES;
             target[at..at + sector.len()].copy_from_slice(sector);
         }
