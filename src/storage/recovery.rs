@@ -108,6 +108,10 @@ pub struct RecoveryReport {
     pub synced_lost: Option<(u64, u64)>,
     pub snapshots_distrusted: Vec<u64>,
     pub retried_reads: u64,
+    /// The checkpoint marks a storage failure of an earlier run (or of a
+    /// recovery): completed writes may have been lost, so `written` queues
+    /// resume past their reservations.
+    pub storage_failed: bool,
 }
 
 impl fmt::Display for RecoveryReport {
@@ -167,6 +171,12 @@ impl fmt::Display for RecoveryReport {
                 write!(f, "; one checkpoint slot damaged, the other used")?
             }
             _ => {}
+        }
+        if self.storage_failed {
+            write!(
+                f,
+                "; STORAGE FAILED before this start (written queues resume past their reservations)"
+            )?;
         }
         if self.retried_reads > 0 {
             write!(
@@ -727,6 +737,7 @@ async fn recover_log<I: Io>(
     let dir = &cfg.dir;
     let mut report = RecoveryReport {
         checkpoint: Some(cp_state),
+        storage_failed: checkpoint.is_some_and(|c| c.storage_failed),
         ..RecoveryReport::default()
     };
     let mut files = open_segments(io, dir, &mut report).await?;

@@ -399,8 +399,8 @@ struct Device {
     /// A failed sync lost completed writes: only what was synced before
     /// is promised.
     lost_writes: bool,
-    /// The log's failure mark reached the checkpoint (so `written` queues
-    /// resume past their reservation).
+    /// The checkpoint recovery used marks a storage failure (so `written`
+    /// queues resume past their reservation).
     failure_marked: bool,
 }
 
@@ -524,13 +524,15 @@ async fn check_recovered(
 }
 
 /// Opens the store, retrying a recovery that met an injected fault.
-fn open(io: &SimIo, sc: &Scenario) -> Result<(Rc<QueueStore<SimIo>>, String), String> {
+/// Returns the store, the recovery report, and whether the checkpoint
+/// recovery used marked a storage failure.
+fn open(io: &SimIo, sc: &Scenario) -> Result<(Rc<QueueStore<SimIo>>, String, bool), String> {
     let mut last = String::new();
     for _ in 0..8 {
         let i = io.clone();
         let cfg = store_config(sc);
         match block_on(io, async move { QueueStore::open(i, cfg).await }) {
-            Ok((store, report)) => return Ok((store, report.to_string())),
+            Ok((store, report)) => return Ok((store, report.to_string(), report.storage_failed)),
             Err(e) => last = e.to_string(),
         }
     }
@@ -609,7 +611,8 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
     let levels = sc.levels;
     let mut lossy_at_start = 0;
     for epoch in 0..sc.epochs {
-        let (store, report) = open(&io, &sc)?;
+        let (store, report, marked) = open(&io, &sc)?;
+        device.failure_marked = marked;
         // A failed sync up to this open (recovery's own included) may have
         // lost completed writes.
         device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
@@ -733,16 +736,9 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
         });
         stops.push(stop.unwrap());
         drop(store);
-        device = Device {
-            lost_writes: false,
-            failure_marked: io
-                .disk
-                .contents(&dir().join(crate::storage::checkpoint::CHECKPOINT_FILE))
-                .and_then(|b| crate::storage::checkpoint::decode_file(&b).0)
-                .is_some_and(|(_, cp, _)| cp.storage_failed),
-        };
     }
-    let (store, report) = open(&io, &sc)?;
+    let (store, report, marked) = open(&io, &sc)?;
+    device.failure_marked = marked;
     device.lost_writes = io.disk.0.borrow().lossy_syncs > lossy_at_start;
     if verbose {
         print_recovered(&store, &format!("seed {seed} last"), &report);
