@@ -253,7 +253,7 @@ impl<'a, F: IoFile> Reader<'a, F> {
         let want = len
             .max(READ_WINDOW_BYTES)
             .min((self.capacity - at) as usize);
-        self.window = self.file.read_at(at, want).await?;
+        self.window = read_retrying(self.file, at, want).await?;
         self.window_at = at;
         self.scanned += self.window.len() as u64;
         Ok(self
@@ -479,12 +479,26 @@ fn drop_failed(
     }
 }
 
+/// A read, tried again (a few times) when it fails: a failed read is not
+/// yet a failed disk. One that keeps failing fails the recovery, naming
+/// the file.
+async fn read_retrying<F: IoFile>(file: &F, pos: u64, len: usize) -> IoResult<Bytes> {
+    let mut tries = 0;
+    loop {
+        match file.read_at(pos, len).await {
+            Ok(b) => return Ok(b),
+            Err(e) if tries == READ_RETRIES => return Err(e),
+            Err(_) => tries += 1,
+        }
+    }
+}
+
 /// `len` bytes at `pos` of `file`, read until two reads agree (at most a
 /// few tries).
 async fn agreed_read<F: IoFile>(file: &F, pos: u64, len: usize) -> IoResult<Bytes> {
-    let mut last = file.read_at(pos, len).await?;
+    let mut last = read_retrying(file, pos, len).await?;
     for _ in 0..READ_RETRIES {
-        let again = file.read_at(pos, len).await?;
+        let again = read_retrying(file, pos, len).await?;
         if again == last {
             return Ok(again);
         }
