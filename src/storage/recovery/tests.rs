@@ -464,3 +464,116 @@ fn an_empty_directory_recovers_to_an_empty_log() {
     assert_eq!(r.end_position, 0);
     assert!(r.report.torn.is_none());
 }
+
+#[test]
+fn a_recovery_that_fails_marks_the_storage_failure() {
+    // A torn tail followed by a segment to remove; removing files fails.
+    let mut img = LogImage::new();
+    img.push_n(250);
+    let hit = img.batches[245];
+    *img.byte(hit.position + 90) ^= 0x01;
+    let disk = img.disk();
+    disk.put(&segment_path(&dir(), img.base() + CAP), {
+        let mut b = SegmentHeader {
+            shard: 0,
+            base: img.base() + CAP,
+            prev_end: img.at,
+            key: key(img.base() + CAP),
+            created_ms: 0,
+            unsynced_bytes_max: 8192,
+        }
+        .encode_page();
+        b.resize(CAP as usize, 0);
+        b[SEGMENT_HEADER_BYTES as usize] = 1;
+        b
+    });
+    let cp = Checkpoint {
+        synced_position: img.batches[100].position,
+        clean_end: None,
+        boot_id: [0; 16],
+        storage_failed: false,
+        queues: Default::default(),
+    };
+    let mut file = cp.encode_slot(1, 4096);
+    file.extend(cp.encode_slot(2, 4096));
+    disk.put(&dir().join(CHECKPOINT_FILE), file);
+    disk.0.borrow_mut().faults.meta_eio = 1000;
+    let io = SimIo {
+        disk: disk.clone(),
+        ..sim_io(9, 0)
+    };
+    let cfg = RecoveryConfig {
+        dir: dir(),
+        shard: 0,
+        unsynced_bytes_max: 8192,
+    };
+    let i = io.clone();
+    let failed = block_on(&io, async move { recover(&i, &cfg).await.err() });
+    assert!(failed.is_some(), "removing a segment failed");
+    let (_, marked, _) = crate::storage::checkpoint::decode_file(
+        &disk.contents(&dir().join(CHECKPOINT_FILE)).unwrap(),
+    )
+    .0
+    .unwrap();
+    assert!(marked.storage_failed, "the failure is marked");
+    assert_eq!(marked.synced_position, cp.synced_position);
+    // The next recovery says so.
+    disk.0.borrow_mut().faults.meta_eio = 0;
+    let (r, _) = recover_disk(&disk, 8192);
+    assert!(r.report.storage_failed);
+    assert!(r.report.to_string().contains("STORAGE FAILED"));
+}
+
+#[test]
+fn a_torn_header_of_a_segment_inside_the_window_cuts_the_log_there() {
+    // Two segments; the second's header page never landed (zeros) while
+    // a third segment's did: with a window wider than a segment, the
+    // second is a torn tail, and the third goes with it.
+    let mut img = LogImage::new();
+    while img.segments.len() < 2 {
+        img.push_n(1);
+    }
+    let second = img.segments[1].0;
+    while img.segments.len() < 3 {
+        img.push_n(1);
+    }
+    img.push_n(5);
+    let third = img.segments[2].0;
+    let first_end = img
+        .batches
+        .iter()
+        .filter(|b| b.position < second)
+        .map(|b| b.end())
+        .max()
+        .unwrap();
+    img.zero(second, second + SEGMENT_HEADER_BYTES);
+    let kept: Vec<BatchEntry> = img
+        .batches
+        .iter()
+        .copied()
+        .filter(|b| b.position < second)
+        .collect();
+    let (r, _) = recover_disk(&img.disk(), 4 * CAP);
+    assert_eq!(r.batches, kept, "{}", r.report);
+    let torn = r.report.torn.as_ref().expect("a cut");
+    assert_eq!(torn.position, second, "{}", r.report);
+    assert_eq!(r.end_position, first_end);
+    assert_eq!(
+        r.report.removed_segments,
+        vec![
+            (third, "after the torn tail"),
+            (second, "after the torn tail")
+        ]
+    );
+    // Outside the window the same header is damage: later segments stay.
+    let mut img2 = LogImage::new();
+    while img2.segments.len() < 4 {
+        img2.push_n(1);
+    }
+    let second2 = img2.segments[1].0;
+    img2.zero(second2, second2 + SEGMENT_HEADER_BYTES);
+    let (r2, _) = recover_disk(&img2.disk(), 8192);
+    assert!(r2.report.torn.is_none(), "{}", r2.report);
+    assert_eq!(r2.report.unreadable_segments, vec![second2]);
+    assert!(r2.batches.len() > kept.len());
+}
