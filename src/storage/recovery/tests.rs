@@ -577,3 +577,50 @@ fn a_torn_header_of_a_segment_inside_the_window_cuts_the_log_there() {
     assert_eq!(r2.report.unreadable_segments, vec![second2]);
     assert!(r2.batches.len() > kept.len());
 }
+
+#[test]
+fn a_missing_segment_is_a_hole_never_skipped_silently() {
+    let mut img = LogImage::new();
+    while img.segments.len() < 4 {
+        img.push_n(1);
+    }
+    img.push_n(5);
+    let (second, third) = (img.segments[1].0, img.segments[2].0);
+    let first_end = img
+        .batches
+        .iter()
+        .filter(|b| b.position < second)
+        .map(|b| b.end())
+        .max()
+        .unwrap();
+    let without_second = || {
+        let disk = SimDisk::new(1 << 30);
+        for (base, bytes) in img.segments.iter().filter(|(b, _)| *b != second) {
+            disk.put(&segment_path(&dir(), *base), bytes.clone());
+        }
+        disk
+    };
+    let disk = without_second();
+    // Inside a wide window: the log ends where the first segment's data does.
+    let (r, _) = recover_disk(&disk, 8 * CAP);
+    assert_eq!(
+        r.report.torn.as_ref().map(|t| t.position),
+        Some(first_end),
+        "{}",
+        r.report
+    );
+    assert_eq!(r.end_position, first_end);
+    assert!(r.batches.iter().all(|b| b.position < second));
+    // Outside it: reported as corruption, the later segments kept.
+    let (r, _) = recover_disk(&without_second(), 8192);
+    assert!(r.report.torn.is_none(), "{}", r.report);
+    assert!(
+        r.report
+            .corrupt
+            .iter()
+            .any(|c| c.start == first_end && c.end == third),
+        "{}",
+        r.report
+    );
+    assert!(r.batches.iter().any(|b| b.position >= third));
+}
