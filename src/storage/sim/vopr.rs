@@ -818,6 +818,22 @@ fn seeds_7() {
     seeds(7, SEEDS_PER_TEST);
 }
 
+/// Seeds from long runs that once found a bug (the scenario and schedule
+/// they drive today), replayed on every run: a sync that succeeded while
+/// the zeroer's failed (2003818, 2038376, 2049454).
+const REGRESSION_SEEDS: &[u64] = &[2003818, 2038376, 2049454];
+
+#[test]
+fn regressions() {
+    for &seed in REGRESSION_SEEDS {
+        if let Err(e) = run_seed(seed, false) {
+            panic!(
+                "VOPR seed {seed} failed: {e}\nreplay: KEELMQ_SEED={seed} cargo test --lib storage::sim::vopr::replay -- --nocapture"
+            );
+        }
+    }
+}
+
 /// Replays `KEELMQ_SEED` alone, with the recovery report of every restart
 /// (seed 1 when unset).
 #[test]
