@@ -986,13 +986,30 @@ impl<I: Io> QueueStore<I> {
     /// Applies retention: checkpoints, then deletes whole old segments and
     /// their snapshots and trims the indexes. Returns the number deleted.
     pub async fn apply_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
+        // Only durable segments go (recovery must never find a hole where
+        // a deleted segment's successor was lost): what the policy would
+        // delete is synced first, then the durable prefix of it goes.
+        let wanted = segments_to_delete(&self.log.segments(), policy, self.io.now_ms(), u64::MAX);
+        let Some(&wanted_last) = wanted.last() else {
+            return Ok(0);
+        };
+        let wanted_end = self
+            .log
+            .segments()
+            .iter()
+            .find(|s| s.base == wanted_last)
+            .map(|s| s.end());
+        if let Some(end) = wanted_end {
+            self.log.wait_synced(end).await?;
+        }
         let segments = self.log.segments();
-        let bases = segments_to_delete(
+        let mut bases = segments_to_delete(
             &segments,
             policy,
             self.io.now_ms(),
             self.log.synced_position(),
         );
+        bases.retain(|&b| b <= wanted_last);
         let Some(&last) = bases.last() else {
             return Ok(0);
         };

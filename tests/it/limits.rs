@@ -43,6 +43,12 @@ fn a_client_that_pipelines_and_never_reads_costs_a_bounded_amount() {
         p.send_batch("big", QueueSelector::Queue(0), &chunk)
             .unwrap();
     }
+    // The producer's connection goes first: its idle close must not pass
+    // for the stuck client's below.
+    drop(p);
+    wait_until(Duration::from_secs(5), "the producer to disconnect", || {
+        (open_connections(&b) == 1).then_some(())
+    });
     let rss_before = b.rss_bytes();
     let open_before = open_connections(&b);
     // 20,000 fetches of up to 4 MiB each, pipelined, never read: without

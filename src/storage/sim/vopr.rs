@@ -662,7 +662,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                         &segments,
                         policy,
                         crate::storage::io::Io::now_ms(&i),
-                        s.log().synced_position(),
+                        u64::MAX,
                     );
                     let Some(cutoff) = bases
                         .last()
