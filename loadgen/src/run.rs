@@ -26,8 +26,11 @@ const IN_FLIGHT_BATCHES_MAX: usize = 256;
 /// batches of 1000, 256 batches would put 256 MiB in flight, far past what a
 /// consumer at the tail can follow from the broker's tail cache.
 const IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
-/// How long consumers may take to catch up after the last ack.
-const DRAIN_S: u64 = 15;
+/// How long consumers may go without receiving anything while they catch
+/// up after the last ack (a slow consumer is not a loss).
+const DRAIN_STALL_S: u64 = 15;
+/// How long consumers may take to catch up after the last ack, at most.
+const DRAIN_S_MAX: u64 = 120;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds")
@@ -469,7 +472,8 @@ fn worker(
     while Instant::now() < shared.t0 {
         std::hint::spin_loop();
     }
-    let mut drain_deadline: Option<Instant> = None;
+    // (give-up time, received at the last progress, stall deadline)
+    let mut drain: Option<(Instant, u64, Instant)> = None;
     loop {
         let mut busy = false;
         for t in tasks.iter_mut() {
@@ -495,9 +499,21 @@ fn worker(
             break;
         }
         if producers_done {
-            let d = *drain_deadline
-                .get_or_insert_with(|| Instant::now() + Duration::from_secs(DRAIN_S));
-            if caught_up || Instant::now() > d {
+            let now = Instant::now();
+            let received = shared.received.load(Ordering::Relaxed);
+            let stall = Duration::from_secs(DRAIN_STALL_S);
+            let (give_up, last, stalled_at) = drain.get_or_insert_with(|| {
+                (
+                    now + Duration::from_secs(DRAIN_S_MAX),
+                    received,
+                    now + stall,
+                )
+            });
+            if received > *last {
+                *last = received;
+                *stalled_at = now + stall;
+            }
+            if caught_up || now > *stalled_at || now > *give_up {
                 shared.stop.store(true, Ordering::Relaxed);
                 break;
             }
