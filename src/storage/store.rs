@@ -989,18 +989,13 @@ impl<I: Io> QueueStore<I> {
         // Only durable segments go (recovery must never find a hole where
         // a deleted segment's successor was lost): what the policy would
         // delete is synced first, then the durable prefix of it goes.
-        let wanted = segments_to_delete(&self.log.segments(), policy, self.io.now_ms(), u64::MAX);
+        let all = self.log.segments();
+        let wanted = segments_to_delete(&all, policy, self.io.now_ms(), u64::MAX);
         let Some(&wanted_last) = wanted.last() else {
             return Ok(0);
         };
-        let wanted_end = self
-            .log
-            .segments()
-            .iter()
-            .find(|s| s.base == wanted_last)
-            .map(|s| s.end());
-        if let Some(end) = wanted_end {
-            self.log.wait_synced(end).await?;
+        if let Some(s) = all.iter().find(|s| s.base == wanted_last) {
+            self.log.wait_synced(s.end()).await?;
         }
         let segments = self.log.segments();
         let mut bases = segments_to_delete(
