@@ -8,6 +8,7 @@ pub mod batch;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod group;
 pub mod ids;
 pub mod protocol;
 pub mod runtime;

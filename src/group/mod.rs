@@ -1,0 +1,10 @@
+//! Consumer groups: the decision logic of server-side delivery, as plain
+//! state machines without I/O (the shards drive them with time, the log's
+//! visible end and requests).
+//!
+//! - `backoff`: retry schedules (RocketMQ's by default);
+//! - `window`: the delivery window of one (group, queue) in message
+//!   delivery: leases, deadlines, retries, dead letters, orderly blocking.
+
+pub mod backoff;
+pub mod window;

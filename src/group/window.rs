@@ -1,0 +1,560 @@
+//! The delivery window of one (consumer group, queue) in message delivery
+//! ("pop"): which offsets are leased to a consumer, until when, how many
+//! times each was delivered, and what is due again. Plain state, no I/O and
+//! no clock of its own: the owning shard feeds it the time, the log's
+//! visible end and, for orderly groups, each message's message group.
+//!
+//! The window spans `[floor, next)`: every offset below `floor` is finished
+//! (acked or dead-lettered), `next` is the first offset never delivered.
+//! One slot per offset in between, at most `inflight_max` of them, so when
+//! the oldest unfinished message is far behind the queue pauses for this
+//! group instead of growing.
+//!
+//! A slot is *pending* (taken into the window but held back: its message
+//! group is busy), *in flight* (leased until its deadline), *retry* (failed,
+//! not before a time), *dead-lettering* (attempts exhausted; the shard is
+//! moving it to `%DLQ%<group>`), or *done*. Every delivery gets a new lease
+//! number, which the receipt handle carries, so an ack or nack from a
+//! delivery that has since expired and gone to someone else is refused.
+//!
+//! Rules, each checked by the simulation in `window/sim.rs`:
+//! - a delivery happens only when the message is due: new, or its retry
+//!   time (the deadline after a timeout, the backoff after a nack) passed;
+//! - an offset is leased to at most one delivery at a time, and a finished
+//!   offset is never delivered again;
+//! - a message is delivered at most `attempts_max` times; when the last
+//!   delivery fails (times out or is nacked) it is dead-lettered;
+//! - orderly: a message group has at most one unfinished message out of the
+//!   pending ones, the lowest offset of the group; the next is delivered
+//!   only once it is finished, so a failed message blocks only its group;
+//! - every message is eventually delivered while consumers receive.
+//!
+//! Memory: a slot is 40 bytes and an in-flight or retry slot one ordered
+//! timer entry (16 bytes plus B-tree overhead), about 70 bytes per
+//! in-flight message, 0.7 MB for a full default window of 10,000.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use super::backoff::Backoff;
+
+/// Default most messages in one (group, queue) window.
+pub const INFLIGHT_MESSAGES_MAX_DEFAULT: u32 = 10_000;
+/// Largest `inflight_messages_max` a group may set.
+pub const INFLIGHT_MESSAGES_MAX_LIMIT: u32 = 1 << 20;
+/// Default most deliveries of one message before it is dead-lettered.
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 16;
+/// Shortest invisible time a receive may ask for, in milliseconds.
+pub const INVISIBLE_MS_MIN: u64 = 10;
+/// Longest invisible time a receive may ask for: 12 h, in milliseconds.
+pub const INVISIBLE_MS_MAX: u64 = 12 * 3600 * 1000;
+
+/// How a group delivers from one queue.
+#[derive(Clone, Debug)]
+pub struct WindowConfig {
+    /// Most slots (pending, in flight, retry, dead-lettering and finished
+    /// ones not yet passed by the floor).
+    pub inflight_max: u32,
+    /// Most deliveries of one message.
+    pub attempts_max: u32,
+    /// Orderly: one unfinished message per message group at a time.
+    pub orderly: bool,
+    /// How long a nacked message waits when the nack names no delay.
+    pub backoff: Backoff,
+}
+
+impl Default for WindowConfig {
+    fn default() -> WindowConfig {
+        WindowConfig {
+            inflight_max: INFLIGHT_MESSAGES_MAX_DEFAULT,
+            attempts_max: ATTEMPTS_MAX_DEFAULT,
+            orderly: false,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// The message group of a message (a hash of its `message_group`; for a
+/// queue-orderly group every message of the queue has the same one).
+pub type MessageGroup = u64;
+
+/// One delivery: what a receipt handle names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub offset: u64,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    /// Unique per window and increasing: the delivery's identity.
+    pub lease: u64,
+    /// Invisible to other consumers until then.
+    pub deadline_ms: u64,
+}
+
+/// Why an ack, nack or change of invisible time was refused. None of them
+/// changes anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("offset {0} is already acknowledged or dead-lettered")]
+    Finished(u64),
+    #[error("offset {0} has not been delivered")]
+    NotDelivered(u64),
+    #[error("offset {0} was delivered again since this handle was issued")]
+    Stale(u64),
+    #[error("offset {0} is not leased (its invisible time passed or it was nacked)")]
+    NotLeased(u64),
+    #[error("offset {0} is being moved to the dead-letter queue")]
+    DeadLettering(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Pending,
+    InFlight { deadline_ms: u64 },
+    Retry { not_before_ms: u64 },
+    DeadLettering,
+    Done,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    state: State,
+    /// Deliveries so far.
+    attempt: u32,
+    /// Lease number of the last delivery (0: none yet).
+    lease: u64,
+    group: MessageGroup,
+}
+
+/// A message whose attempts ran out: the shard appends it to the group's
+/// dead-letter topic, then calls [`DeliveryWindow::dead_lettered`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub offset: u64,
+    pub attempts: u32,
+}
+
+/// The window of one (group, queue).
+#[derive(Debug)]
+pub struct DeliveryWindow {
+    cfg: WindowConfig,
+    floor: u64,
+    slots: VecDeque<Slot>,
+    /// (due ms, offset) of every in-flight deadline and retry time.
+    timers: BTreeSet<(u64, u64)>,
+    /// Retry slots whose time came: delivered first, oldest first.
+    ready: BTreeSet<u64>,
+    /// Orderly: pending slots whose message group became free.
+    unblocked: BTreeSet<u64>,
+    /// Orderly: the unfinished, non-pending offset of each busy group.
+    busy: HashMap<MessageGroup, u64>,
+    /// Orderly: pending offsets per busy group, in order.
+    waiting: HashMap<MessageGroup, VecDeque<u64>>,
+    dead_letters: Vec<DeadLetter>,
+    next_lease: u64,
+    now_ms: u64,
+}
+
+impl DeliveryWindow {
+    /// A window starting at `floor` (the group's committed position), whose
+    /// leases are numbered from `first_lease` up (above any lease a handle
+    /// from before may carry).
+    pub fn new(cfg: WindowConfig, floor: u64, first_lease: u64) -> DeliveryWindow {
+        assert!(
+            cfg.inflight_max > 0 && cfg.attempts_max > 0,
+            "validated config"
+        );
+        DeliveryWindow {
+            cfg,
+            floor,
+            slots: VecDeque::new(),
+            timers: BTreeSet::new(),
+            ready: BTreeSet::new(),
+            unblocked: BTreeSet::new(),
+            busy: HashMap::new(),
+            waiting: HashMap::new(),
+            dead_letters: Vec::new(),
+            next_lease: first_lease.max(1),
+            now_ms: 0,
+        }
+    }
+
+    /// Every offset below is finished.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+    /// The first offset never taken into the window.
+    pub fn next(&self) -> u64 {
+        self.floor + self.slots.len() as u64
+    }
+    /// Slots held (bounded by `inflight_max`).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+    /// Messages leased now.
+    pub fn in_flight(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, State::InFlight { .. }))
+            .count()
+    }
+    /// The next lease number (to persist, so leases are never reused).
+    pub fn next_lease(&self) -> u64 {
+        self.next_lease
+    }
+    /// When a deadline or retry time falls next: the shard wakes then.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.timers.first().map(|&(due, _)| due)
+    }
+    /// Whether a receive now would deliver something already in the window
+    /// (a retry whose time came, an unblocked pending message).
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty() || !self.unblocked.is_empty()
+    }
+
+    fn slot(&self, offset: u64) -> Option<&Slot> {
+        let i = offset.checked_sub(self.floor)?;
+        self.slots.get(usize::try_from(i).ok()?)
+    }
+    fn slot_mut(&mut self, offset: u64) -> &mut Slot {
+        let i = (offset - self.floor) as usize;
+        &mut self.slots[i]
+    }
+
+    /// Moves the clock (never back) and fires what is due: expired leases
+    /// become retries (or dead letters), retries whose time came become
+    /// ready. Returns how many became ready or dead-lettering.
+    pub fn advance(&mut self, now_ms: u64) -> usize {
+        self.now_ms = self.now_ms.max(now_ms);
+        let mut fired = 0;
+        while let Some(&(due, offset)) = self.timers.first() {
+            if due > self.now_ms {
+                break;
+            }
+            self.timers.pop_first();
+            fired += 1;
+            let slot = *self.slot(offset).expect("timers name window slots");
+            match slot.state {
+                State::InFlight { .. } => self.fail(offset, due),
+                State::Retry { .. } => {
+                    self.ready.insert(offset);
+                }
+                s => unreachable!("a timer for a {s:?} slot"),
+            }
+        }
+        fired
+    }
+
+    /// The delivery of `offset` failed (timed out at `due`, or nacked to
+    /// retry at `due`): a retry, or a dead letter when attempts ran out.
+    fn fail(&mut self, offset: u64, due: u64) {
+        let attempts_max = self.cfg.attempts_max;
+        let slot = self.slot_mut(offset);
+        if slot.attempt >= attempts_max {
+            slot.state = State::DeadLettering;
+            let attempts = slot.attempt;
+            self.dead_letters.push(DeadLetter { offset, attempts });
+            return;
+        }
+        slot.state = State::Retry { not_before_ms: due };
+        if due <= self.now_ms {
+            self.ready.insert(offset);
+        } else {
+            self.timers.insert((due, offset));
+        }
+    }
+
+    /// Leases up to `max` messages for `invisible_ms`: retries whose time
+    /// came first (oldest first), then pending messages whose group became
+    /// free, then new offsets below `visible_end`, while the window has
+    /// room. `group_of` gives a new offset's message group (orderly only).
+    pub fn receive(
+        &mut self,
+        now_ms: u64,
+        max: usize,
+        invisible_ms: u64,
+        visible_end: u64,
+        mut group_of: impl FnMut(u64) -> MessageGroup,
+    ) -> Vec<Lease> {
+        self.advance(now_ms);
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(offset) = self.ready.pop_first() else {
+                break;
+            };
+            out.push(self.deliver(offset, invisible_ms));
+        }
+        while out.len() < max {
+            let Some(offset) = self.unblocked.pop_first() else {
+                break;
+            };
+            out.push(self.deliver(offset, invisible_ms));
+        }
+        while out.len() < max
+            && self.next() < visible_end
+            && self.slots.len() < self.cfg.inflight_max as usize
+        {
+            let offset = self.next();
+            let group = if self.cfg.orderly {
+                group_of(offset)
+            } else {
+                0
+            };
+            self.slots.push_back(Slot {
+                state: State::Pending,
+                attempt: 0,
+                lease: 0,
+                group,
+            });
+            if self.cfg.orderly && self.busy.contains_key(&group) {
+                self.waiting.entry(group).or_default().push_back(offset);
+                continue;
+            }
+            out.push(self.deliver(offset, invisible_ms));
+        }
+        out
+    }
+
+    fn deliver(&mut self, offset: u64, invisible_ms: u64) -> Lease {
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        let deadline_ms = self.now_ms.saturating_add(invisible_ms);
+        let orderly = self.cfg.orderly;
+        let slot = self.slot_mut(offset);
+        debug_assert!(matches!(slot.state, State::Pending | State::Retry { .. }));
+        slot.attempt += 1;
+        slot.lease = lease;
+        slot.state = State::InFlight { deadline_ms };
+        let (attempt, group) = (slot.attempt, slot.group);
+        if orderly {
+            self.busy.insert(group, offset);
+        }
+        self.timers.insert((deadline_ms, offset));
+        Lease {
+            offset,
+            attempt,
+            lease,
+            deadline_ms,
+        }
+    }
+
+    /// The leased slot for a handle's (offset, lease), or why not.
+    fn check(&self, offset: u64, lease: u64) -> Result<Slot, LeaseError> {
+        if offset < self.floor {
+            return Err(LeaseError::Finished(offset));
+        }
+        let Some(slot) = self.slot(offset) else {
+            return Err(LeaseError::NotDelivered(offset));
+        };
+        match slot.state {
+            State::Done => Err(LeaseError::Finished(offset)),
+            State::Pending => Err(LeaseError::NotDelivered(offset)),
+            _ if slot.lease != lease => Err(LeaseError::Stale(offset)),
+            State::DeadLettering => Err(LeaseError::DeadLettering(offset)),
+            _ => Ok(*slot),
+        }
+    }
+
+    /// Acknowledges a delivery. A late ack (its invisible time passed but
+    /// nobody received it again) still counts.
+    pub fn ack(&mut self, offset: u64, lease: u64) -> Result<(), LeaseError> {
+        let slot = self.check(offset, lease)?;
+        match slot.state {
+            State::InFlight { deadline_ms } => {
+                self.timers.remove(&(deadline_ms, offset));
+            }
+            State::Retry { not_before_ms } => {
+                self.timers.remove(&(not_before_ms, offset));
+                self.ready.remove(&offset);
+            }
+            _ => unreachable!("checked"),
+        }
+        self.finish(offset);
+        Ok(())
+    }
+
+    /// Fails a leased delivery: retried after `delay_ms`, or after the
+    /// backoff for its attempt when `None`; dead-lettered when it was the
+    /// last attempt.
+    pub fn nack(
+        &mut self,
+        offset: u64,
+        lease: u64,
+        delay_ms: Option<u64>,
+    ) -> Result<(), LeaseError> {
+        let slot = self.check(offset, lease)?;
+        let State::InFlight { deadline_ms } = slot.state else {
+            return Err(LeaseError::NotLeased(offset));
+        };
+        self.timers.remove(&(deadline_ms, offset));
+        let delay = delay_ms.unwrap_or_else(|| self.cfg.backoff.delay_ms(slot.attempt));
+        self.fail(offset, self.now_ms.saturating_add(delay));
+        Ok(())
+    }
+
+    /// Moves a leased delivery's deadline to `invisible_ms` from now.
+    pub fn change_invisible(
+        &mut self,
+        offset: u64,
+        lease: u64,
+        invisible_ms: u64,
+    ) -> Result<u64, LeaseError> {
+        let slot = self.check(offset, lease)?;
+        let State::InFlight { deadline_ms } = slot.state else {
+            return Err(LeaseError::NotLeased(offset));
+        };
+        self.timers.remove(&(deadline_ms, offset));
+        let deadline_ms = self.now_ms.saturating_add(invisible_ms);
+        self.slot_mut(offset).state = State::InFlight { deadline_ms };
+        self.timers.insert((deadline_ms, offset));
+        Ok(deadline_ms)
+    }
+
+    /// Messages whose attempts ran out since the last call.
+    pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.dead_letters)
+    }
+
+    /// The shard stored `offset` in the dead-letter topic: it is finished.
+    pub fn dead_lettered(&mut self, offset: u64) {
+        if self
+            .slot(offset)
+            .is_some_and(|s| s.state == State::DeadLettering)
+        {
+            self.finish(offset);
+        }
+    }
+
+    fn finish(&mut self, offset: u64) {
+        let slot = self.slot_mut(offset);
+        slot.state = State::Done;
+        let group = slot.group;
+        if self.cfg.orderly && self.busy.get(&group) == Some(&offset) {
+            self.busy.remove(&group);
+            if let Some(w) = self.waiting.get_mut(&group) {
+                if let Some(next) = w.pop_front() {
+                    self.unblocked.insert(next);
+                    // Held for the unblocked one until it is delivered.
+                    self.busy.insert(group, next);
+                }
+                if w.is_empty() {
+                    self.waiting.remove(&group);
+                }
+            }
+        }
+        while self.slots.front().is_some_and(|s| s.state == State::Done) {
+            self.slots.pop_front();
+            self.floor += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod sim;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(orderly: bool) -> WindowConfig {
+        WindowConfig {
+            inflight_max: 8,
+            attempts_max: 3,
+            orderly,
+            backoff: Backoff::new(vec![100, 200]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_lease_expires_into_a_retry_and_its_old_handle_is_refused() {
+        let mut w = DeliveryWindow::new(cfg(false), 0, 1);
+        let a = w.receive(0, 2, 50, 10, |_| 0);
+        assert_eq!(a.iter().map(|l| l.offset).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(a[0].deadline_ms, 50);
+        // Not due yet: only new offsets come.
+        let b = w.receive(49, 1, 50, 10, |_| 0);
+        assert_eq!(b[0].offset, 2);
+        assert_eq!(w.next_due_ms(), Some(50));
+        // At the deadline offset 0 is due again, attempt 2, a new lease.
+        let c = w.receive(50, 1, 50, 10, |_| 0);
+        assert_eq!((c[0].offset, c[0].attempt), (0, 2));
+        assert!(c[0].lease > b[0].lease);
+        assert_eq!(w.ack(0, a[0].lease), Err(LeaseError::Stale(0)));
+        w.ack(0, c[0].lease).unwrap();
+        assert_eq!(w.ack(0, c[0].lease), Err(LeaseError::Finished(0)));
+        assert_eq!(w.floor(), 1);
+        assert_eq!(w.ack(7, 99), Err(LeaseError::NotDelivered(7)));
+    }
+
+    #[test]
+    fn a_nack_waits_its_backoff_and_the_last_attempt_is_dead_lettered() {
+        let mut w = DeliveryWindow::new(cfg(false), 0, 1);
+        let l1 = w.receive(0, 1, 1000, 1, |_| 0)[0];
+        w.nack(0, l1.lease, None).unwrap();
+        assert!(w.receive(99, 1, 1000, 1, |_| 0).is_empty());
+        let l2 = w.receive(100, 1, 1000, 1, |_| 0)[0];
+        assert_eq!(l2.attempt, 2);
+        w.nack(0, l2.lease, Some(5)).unwrap();
+        assert!(w.receive(104, 1, 1000, 1, |_| 0).is_empty());
+        let l3 = w.receive(105, 1, 1000, 1, |_| 0)[0];
+        assert_eq!(l3.attempt, 3);
+        assert_eq!(w.nack(0, l2.lease, None), Err(LeaseError::Stale(0)));
+        // The third and last attempt times out: dead letter.
+        w.advance(1105);
+        assert_eq!(
+            w.take_dead_letters(),
+            [DeadLetter {
+                offset: 0,
+                attempts: 3
+            }]
+        );
+        assert_eq!(w.ack(0, l3.lease), Err(LeaseError::DeadLettering(0)));
+        assert!(w.receive(5000, 1, 1000, 1, |_| 0).is_empty());
+        w.dead_lettered(0);
+        assert_eq!(w.floor(), 1);
+    }
+
+    #[test]
+    fn a_full_window_pauses_the_queue_and_a_late_ack_counts() {
+        let mut w = DeliveryWindow::new(cfg(false), 0, 1);
+        let got = w.receive(0, 100, 10, 100, |_| 0);
+        assert_eq!(got.len(), 8);
+        assert!(w.receive(1, 100, 10, 100, |_| 0).is_empty());
+        w.advance(20);
+        // Expired, not yet received again: the original lease may still ack.
+        w.ack(0, got[0].lease).unwrap();
+        assert_eq!(w.floor(), 1);
+        let more = w.receive(20, 100, 10, 100, |_| 0);
+        // Seven retries first, then one new offset in the freed slot.
+        assert_eq!(
+            more.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        );
+    }
+
+    #[test]
+    fn orderly_holds_a_group_behind_its_unfinished_message_and_not_the_others() {
+        let mut w = DeliveryWindow::new(cfg(true), 0, 1);
+        // Offsets 0, 2, 4 are group A; 1, 3 group B.
+        let group = |o: u64| o % 2;
+        let first = w.receive(0, 10, 100, 5, group);
+        assert_eq!(first.iter().map(|l| l.offset).collect::<Vec<_>>(), [0, 1]);
+        w.nack(0, first[0].lease, None).unwrap();
+        w.ack(1, first[1].lease).unwrap();
+        // B moves on; A waits for its retry of 0, never skipping to 2.
+        let second = w.receive(1, 10, 100, 5, group);
+        assert_eq!(second.iter().map(|l| l.offset).collect::<Vec<_>>(), [3]);
+        let third = w.receive(100, 10, 100, 5, group);
+        assert_eq!(
+            third
+                .iter()
+                .map(|l| (l.offset, l.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 2)]
+        );
+        w.ack(0, third[0].lease).unwrap();
+        let fourth = w.receive(100, 10, 100, 5, group);
+        assert_eq!(fourth.iter().map(|l| l.offset).collect::<Vec<_>>(), [2]);
+    }
+}

@@ -1,0 +1,466 @@
+//! Seeded simulation of the delivery window against a model: random
+//! receives, acks (current and stale), nacks, invisible-time changes,
+//! consumers that vanish with their leases, dead-letter stores that come
+//! late, producers, time steps and jumps. After every step it checks the
+//! window's rules (module docs of `window.rs`); at the end consumers behave
+//! and every message must finish exactly once.
+//!
+//! `KEELMQ_GROUP_SIM_SEEDS=N` runs N seeds per test (`KEELMQ_GROUP_SIM_BASE`
+//! moves the range); a failure prints the command that replays its seed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+use crate::storage::sim::Rng;
+
+/// Seeds per test in CI: four tests, 10,000 seeds.
+const SEEDS_PER_TEST: u64 = 2500;
+const STEPS: usize = 300;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum M {
+    /// May be delivered once `due` is reached.
+    Waiting {
+        due: u64,
+    },
+    Leased {
+        lease: u64,
+        deadline: u64,
+    },
+    DeadLettering,
+    Acked,
+    DeadLettered,
+}
+
+struct Model {
+    cfg: WindowConfig,
+    now: u64,
+    visible_end: u64,
+    state: BTreeMap<u64, M>,
+    attempts: HashMap<u64, u32>,
+    last_lease: u64,
+    group_of: HashMap<u64, MessageGroup>,
+    /// Dead letters reported and not yet stored.
+    dlq_pending: Vec<u64>,
+    /// The last lease of each delivered offset.
+    leases: HashMap<u64, u64>,
+    /// Every offset below is finished (advanced as they finish).
+    floor: u64,
+}
+
+impl Model {
+    fn group(&self, o: u64) -> MessageGroup {
+        if self.cfg.orderly {
+            self.group_of[&o]
+        } else {
+            0
+        }
+    }
+    fn finished(&self, o: u64) -> bool {
+        matches!(self.state.get(&o), Some(M::Acked | M::DeadLettered))
+    }
+    /// Applies the passing of time to the model: expired leases fail.
+    fn tick(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        let max = self.cfg.attempts_max;
+        for (o, s) in self.state.iter_mut() {
+            if let M::Leased { deadline, .. } = *s {
+                if deadline <= self.now {
+                    *s = if self.attempts[o] >= max {
+                        M::DeadLettering
+                    } else {
+                        M::Waiting { due: deadline }
+                    };
+                }
+            }
+        }
+    }
+    /// Advances the model's floor over finished offsets.
+    fn settle_floor(&mut self) {
+        while self.finished(self.floor) {
+            self.floor += 1;
+        }
+    }
+    /// Orderly: the lowest unfinished offset of each group below `upto`.
+    fn heads(&self, upto: u64) -> HashMap<MessageGroup, u64> {
+        let mut heads = HashMap::new();
+        for o in self.floor..upto.min(self.visible_end) {
+            if !self.finished(o) {
+                heads.entry(self.group(o)).or_insert(o);
+            }
+        }
+        heads
+    }
+    /// Whether `o` may be delivered now (`heads` from [`Model::heads`]
+    /// covering `o`).
+    fn eligible(&self, o: u64, heads: &HashMap<MessageGroup, u64>) -> bool {
+        let due_ok = match self.state.get(&o) {
+            None => true,
+            Some(M::Waiting { due }) => *due <= self.now,
+            _ => false,
+        };
+        due_ok && (!self.cfg.orderly || heads.get(&self.group(o)) == Some(&o))
+    }
+    fn last_lease_of(&self, o: u64) -> Option<u64> {
+        self.leases.get(&o).copied()
+    }
+}
+
+fn run_seed(seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let steps_ms: Vec<u64> = (0..1 + rng.below(3)).map(|_| rng.below(80)).collect();
+    let window_span = if rng.chance(300) { 4 } else { 48 };
+    let cfg = WindowConfig {
+        inflight_max: 1 + rng.below(window_span) as u32,
+        attempts_max: 1 + rng.below(5) as u32,
+        orderly: rng.chance(500),
+        backoff: Backoff::new(steps_ms).unwrap(),
+    };
+    let groups = 1 + rng.below(4);
+    let floor = rng.below(3) * 1000;
+    let mut w = DeliveryWindow::new(cfg.clone(), floor, 1 + rng.below(5));
+    let mut m = Model {
+        cfg: cfg.clone(),
+        now: 0,
+        visible_end: floor,
+        state: BTreeMap::new(),
+        attempts: HashMap::new(),
+        last_lease: 0,
+        group_of: HashMap::new(),
+        dlq_pending: Vec::new(),
+        leases: HashMap::new(),
+        floor,
+    };
+    // Leases consumers hold (some stale), as handles.
+    let mut held: Vec<Lease> = Vec::new();
+    let mut log = Vec::new();
+    let total = STEPS + 2000;
+    for step in 0..total {
+        let settle = step >= STEPS;
+        let pick = match (settle, step % 2) {
+            (true, 0) => 1000,
+            (true, _) => 700,
+            _ => rng.below(1000),
+        };
+        match pick {
+            // Time passes; sometimes a jump.
+            0..=199 => {
+                let dt = if rng.chance(30) {
+                    rng.below(20_000)
+                } else {
+                    rng.below(40)
+                };
+                let now = m.now + dt;
+                w.advance(now);
+                m.tick(now);
+                log.push(format!("advance {dt} -> {now}"));
+            }
+            // Producers append.
+            200..=299 => {
+                let n = 1 + rng.below(8);
+                for o in m.visible_end..m.visible_end + n {
+                    m.group_of.insert(o, rng.below(groups));
+                }
+                m.visible_end += n;
+                log.push(format!("produce {n} -> {}", m.visible_end));
+            }
+            // Ack a held lease (maybe stale).
+            300..=499 if !held.is_empty() => {
+                let l = held.swap_remove(rng.below(held.len() as u64) as usize);
+                let expect_ok = matches!(m.state.get(&l.offset),
+                    Some(M::Leased { lease, .. }) if *lease == l.lease)
+                    || matches!(m.state.get(&l.offset), Some(M::Waiting { .. }))
+                        && m.last_lease_of(l.offset) == Some(l.lease);
+                let r = w.ack(l.offset, l.lease);
+                log.push(format!("ack {l:?} -> {r:?}"));
+                if r.is_ok() != expect_ok {
+                    return Err(fail(
+                        &log,
+                        format!("ack of {l:?} gave {r:?}, model expected ok={expect_ok}"),
+                    ));
+                }
+                if r.is_ok() {
+                    m.state.insert(l.offset, M::Acked);
+                }
+            }
+            // Nack a held lease.
+            500..=599 if !held.is_empty() => {
+                let i = rng.below(held.len() as u64) as usize;
+                let l = held[i];
+                let delay = rng.chance(500).then(|| rng.below(60));
+                let current = matches!(m.state.get(&l.offset),
+                    Some(M::Leased { lease, .. }) if *lease == l.lease);
+                let r = w.nack(l.offset, l.lease, delay);
+                log.push(format!("nack {l:?} delay {delay:?} -> {r:?}"));
+                if r.is_ok() != current {
+                    return Err(fail(
+                        &log,
+                        format!("nack of {l:?} gave {r:?}, model expected ok={current}"),
+                    ));
+                }
+                if r.is_ok() {
+                    held.swap_remove(i);
+                    let a = m.attempts[&l.offset];
+                    let due = m.now + delay.unwrap_or_else(|| cfg.backoff.delay_ms(a));
+                    m.state.insert(
+                        l.offset,
+                        if a >= cfg.attempts_max {
+                            M::DeadLettering
+                        } else {
+                            M::Waiting { due }
+                        },
+                    );
+                }
+            }
+            // Extend a held lease.
+            600..=649 if !held.is_empty() => {
+                let i = rng.below(held.len() as u64) as usize;
+                let l = held[i];
+                let inv = 10 + rng.below(100);
+                let current = matches!(m.state.get(&l.offset),
+                    Some(M::Leased { lease, .. }) if *lease == l.lease);
+                let r = w.change_invisible(l.offset, l.lease, inv);
+                log.push(format!("change_invisible {l:?} {inv} -> {r:?}"));
+                if r.is_ok() != current {
+                    return Err(fail(
+                        &log,
+                        format!(
+                            "change_invisible of {l:?} gave {r:?}, model expected ok={current}"
+                        ),
+                    ));
+                }
+                if let Ok(deadline) = r {
+                    if deadline != m.now + inv {
+                        return Err(fail(
+                            &log,
+                            format!("new deadline {deadline}, expected {}", m.now + inv),
+                        ));
+                    }
+                    m.state.insert(
+                        l.offset,
+                        M::Leased {
+                            lease: l.lease,
+                            deadline,
+                        },
+                    );
+                }
+            }
+            // A consumer vanishes with some of its leases.
+            650..=689 if !held.is_empty() => {
+                let n = 1 + rng.below(held.len() as u64) as usize;
+                held.truncate(held.len() - n.min(held.len()));
+                log.push(format!("consumer lost {n} handles"));
+            }
+            // The shard stores reported dead letters (some later).
+            690..=749 => {
+                let reported = w.take_dead_letters();
+                for d in &reported {
+                    if m.state.get(&d.offset) != Some(&M::DeadLettering)
+                        || d.attempts != cfg.attempts_max
+                        || m.attempts[&d.offset] != d.attempts
+                    {
+                        return Err(fail(
+                            &log,
+                            format!(
+                                "unexpected dead letter {d:?}, model {:?}",
+                                m.state.get(&d.offset)
+                            ),
+                        ));
+                    }
+                    m.dlq_pending.push(d.offset);
+                }
+                let keep = if settle {
+                    0
+                } else {
+                    rng.below(m.dlq_pending.len() as u64 + 1) as usize
+                };
+                let stored: Vec<u64> = m.dlq_pending.drain(keep..).collect();
+                for o in stored {
+                    w.dead_lettered(o);
+                    m.state.insert(o, M::DeadLettered);
+                }
+                log.push(format!("dead letters {reported:?}"));
+            }
+            // Receive.
+            _ => {
+                let max = 1 + rng.below(10) as usize;
+                let inv = 10 + rng.below(200);
+                let now = m.now + if settle { 50 } else { 0 };
+                m.tick(now);
+                let visible_end = m.visible_end;
+                let group_of = m.group_of.clone();
+                let heads = m.heads(m.floor + u64::from(cfg.inflight_max) + 1);
+                let got = w.receive(now, max, inv, visible_end, |o| group_of[&o]);
+                log.push(format!("receive {max} at {now} -> {got:?}"));
+                for l in &got {
+                    if !m.eligible(l.offset, &heads) {
+                        return Err(fail(
+                            &log,
+                            format!(
+                                "delivered {l:?} while not eligible: {:?}",
+                                m.state.get(&l.offset)
+                            ),
+                        ));
+                    }
+                    if l.lease <= m.last_lease {
+                        return Err(fail(
+                            &log,
+                            format!("lease {} not above {}", l.lease, m.last_lease),
+                        ));
+                    }
+                    m.last_lease = l.lease;
+                    let a = m.attempts.entry(l.offset).or_insert(0);
+                    *a += 1;
+                    if l.attempt != *a || *a > cfg.attempts_max {
+                        return Err(fail(
+                            &log,
+                            format!("attempt {} of {l:?}, model {a}", l.attempt),
+                        ));
+                    }
+                    if l.deadline_ms != now + inv {
+                        return Err(fail(&log, format!("deadline of {l:?}")));
+                    }
+                    m.state.insert(
+                        l.offset,
+                        M::Leased {
+                            lease: l.lease,
+                            deadline: l.deadline_ms,
+                        },
+                    );
+                    m.leases.insert(l.offset, l.lease);
+                }
+                // Work-conserving: a short receive left nothing eligible in
+                // the window, and stopped only at the window's bound or the
+                // visible end.
+                if got.len() < max {
+                    let heads = m.heads(w.next());
+                    if let Some(o) = (w.floor()..w.next()).find(|&o| m.eligible(o, &heads)) {
+                        return Err(fail(
+                            &log,
+                            format!(
+                                "receive of {max} gave {} while {o} was due: {:?}",
+                                got.len(),
+                                m.state.get(&o)
+                            ),
+                        ));
+                    }
+                    if w.next() < visible_end && w.len() < cfg.inflight_max as usize {
+                        return Err(fail(
+                            &log,
+                            "receive stopped short of new messages with room".into(),
+                        ));
+                    }
+                }
+                for l in &got {
+                    if settle {
+                        // Well-behaved consumers at the end: ack or nack.
+                        if rng.chance(700) {
+                            w.ack(l.offset, l.lease)
+                                .map_err(|e| fail(&log, format!("settle ack {e}")))?;
+                            m.state.insert(l.offset, M::Acked);
+                        } else {
+                            let d = rng.below(30);
+                            w.nack(l.offset, l.lease, Some(d))
+                                .map_err(|e| fail(&log, format!("settle nack {e}")))?;
+                            let dead = m.attempts[&l.offset] >= cfg.attempts_max;
+                            m.state.insert(
+                                l.offset,
+                                if dead {
+                                    M::DeadLettering
+                                } else {
+                                    M::Waiting { due: now + d }
+                                },
+                            );
+                        }
+                    } else if !rng.chance(100) {
+                        held.push(*l);
+                    }
+                }
+            }
+        }
+        // After every step.
+        if w.len() > cfg.inflight_max as usize {
+            return Err(fail(
+                &log,
+                format!("window holds {} > {}", w.len(), cfg.inflight_max),
+            ));
+        }
+        m.settle_floor();
+        let lowest_open = m.floor.min(w.next());
+        if w.floor() != lowest_open {
+            return Err(fail(
+                &log,
+                format!("floor {} but lowest unfinished {lowest_open}", w.floor()),
+            ));
+        }
+        if settle && step > STEPS + 200 && w.floor() == m.visible_end && m.dlq_pending.is_empty() {
+            break;
+        }
+    }
+    // Everything produced finished exactly once.
+    if w.floor() != m.visible_end {
+        return Err(fail(
+            &log,
+            format!(
+                "stuck: floor {} of {} produced, window {w:?}",
+                w.floor(),
+                m.visible_end
+            ),
+        ));
+    }
+    for o in floor..m.visible_end {
+        if !m.finished(o) {
+            return Err(fail(&log, format!("offset {o} never finished")));
+        }
+    }
+    Ok(())
+}
+
+fn fail(log: &[String], what: String) -> String {
+    let tail: Vec<&String> = log.iter().rev().take(25).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
+    format!("{what}\nlast steps:\n  {}", tail.join("\n  "))
+}
+
+fn seeds(test: u64) {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let count = env("KEELMQ_GROUP_SIM_SEEDS").unwrap_or(SEEDS_PER_TEST);
+    let from = env("KEELMQ_GROUP_SIM_BASE").unwrap_or(0) + test * count;
+    for seed in from..from + count {
+        if let Err(e) = run_seed(seed) {
+            panic!(
+                "window simulation seed {seed} failed: {e}\nreplay: KEELMQ_SEED={seed} cargo test --lib group::window::sim::replay -- --nocapture"
+            );
+        }
+    }
+}
+
+#[test]
+fn seeds_0() {
+    seeds(0);
+}
+#[test]
+fn seeds_1() {
+    seeds(1);
+}
+#[test]
+fn seeds_2() {
+    seeds(2);
+}
+#[test]
+fn seeds_3() {
+    seeds(3);
+}
+
+/// Replays `KEELMQ_SEED` (no-op without it).
+#[test]
+fn replay() {
+    if let Some(seed) = std::env::var("KEELMQ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        if let Err(e) = run_seed(seed) {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
