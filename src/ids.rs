@@ -15,6 +15,11 @@ pub struct ShardId(pub u16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueId(pub u32);
 
+/// Broker-wide id of one consumer group, assigned once by metadata and
+/// never reused (a receipt handle of a deleted group never names a new one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u32);
+
 /// Index of a queue within its topic: queue `i` of `orders` (what clients
 /// name). Not a [`QueueId`]: metadata maps one to the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,8 +3,10 @@
 //! visible end and requests).
 //!
 //! - `backoff`: retry schedules (RocketMQ's by default);
+//! - `receipt`: receipt handles (what names a delivery, MAC'd);
 //! - `window`: the delivery window of one (group, queue) in message
 //!   delivery: leases, deadlines, retries, dead letters, orderly blocking.
 
 pub mod backoff;
+pub mod receipt;
 pub mod window;
