@@ -3,10 +3,13 @@
 //! visible end and requests).
 //!
 //! - `backoff`: retry schedules (RocketMQ's by default);
+//! - `membership`: members, sessions, generations and the two-step,
+//!   epoch-fenced queue assignment of queue delivery (coordinator shard);
 //! - `receipt`: receipt handles (what names a delivery, MAC'd);
 //! - `window`: the delivery window of one (group, queue) in message
 //!   delivery: leases, deadlines, retries, dead letters, orderly blocking.
 
 pub mod backoff;
+pub mod membership;
 pub mod receipt;
 pub mod window;
