@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use super::*;
 use crate::storage::sim::Rng;
 
-const SEEDS_PER_TEST: u64 = 1000;
+const SEEDS_PER_TEST: u64 = 2500;
 const FAULT_STEPS: u64 = 600;
 
 enum ToCoord {
@@ -281,6 +281,10 @@ fn run_seed(seed: u64) -> Result<(), String> {
                                     .is_none_or(|&e| gr.epoch > e)
                                 {
                                     m.held.insert(gr.queue, gr.epoch);
+                                } else {
+                                    // Released, but the release has not
+                                    // arrived (it may be lost): again.
+                                    m.to_release.push(*gr);
                                 }
                             }
                             for r in &a.revoke {
