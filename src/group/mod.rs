@@ -3,6 +3,7 @@
 //! visible end and requests).
 //!
 //! - `backoff`: retry schedules (RocketMQ's by default);
+//! - `journal`: the delivery window's transitions as 40-byte records;
 //! - `membership`: members, sessions, generations and the two-step,
 //!   epoch-fenced queue assignment of queue delivery (coordinator shard);
 //! - `receipt`: receipt handles (what names a delivery, MAC'd);
@@ -10,6 +11,7 @@
 //!   delivery: leases, deadlines, retries, dead letters, orderly blocking.
 
 pub mod backoff;
+pub mod journal;
 pub mod membership;
 pub mod receipt;
 pub mod window;

@@ -36,6 +36,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use super::backoff::Backoff;
+use super::journal::{Event, JournalError};
 
 /// Default most messages in one (group, queue) window.
 pub const INFLIGHT_MESSAGES_MAX_DEFAULT: u32 = 10_000;
@@ -106,7 +107,7 @@ pub enum LeaseError {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     Pending,
     InFlight { deadline_ms: u64 },
     Retry { not_before_ms: u64 },
@@ -149,6 +150,8 @@ pub struct DeliveryWindow {
     /// Orderly: pending offsets per busy group, in order.
     waiting: HashMap<MessageGroup, VecDeque<u64>>,
     dead_letters: Vec<DeadLetter>,
+    /// Transitions since the last [`DeliveryWindow::take_journal`].
+    journal: Vec<Event>,
     next_lease: u64,
     now_ms: u64,
 }
@@ -172,6 +175,7 @@ impl DeliveryWindow {
             busy: HashMap::new(),
             waiting: HashMap::new(),
             dead_letters: Vec::new(),
+            journal: Vec::new(),
             next_lease: first_lease.max(1),
             now_ms: 0,
         }
@@ -296,47 +300,69 @@ impl DeliveryWindow {
             && self.slots.len() < self.cfg.inflight_max as usize
         {
             let offset = self.next();
-            let group = if self.cfg.orderly {
-                group_of(offset)
-            } else {
-                0
-            };
-            self.slots.push_back(Slot {
-                state: State::Pending,
-                attempt: 0,
-                lease: 0,
-                group,
-            });
-            if self.cfg.orderly && self.busy.contains_key(&group) {
-                self.waiting.entry(group).or_default().push_back(offset);
-                continue;
+            if self.take(&mut group_of) {
+                out.push(self.deliver(offset, invisible_ms));
             }
-            out.push(self.deliver(offset, invisible_ms));
         }
         out
     }
 
+    /// Takes the next offset into the window; false when it must wait for
+    /// its message group (orderly).
+    fn take(&mut self, group_of: &mut impl FnMut(u64) -> MessageGroup) -> bool {
+        let offset = self.next();
+        let group = if self.cfg.orderly {
+            group_of(offset)
+        } else {
+            0
+        };
+        self.slots.push_back(Slot {
+            state: State::Pending,
+            attempt: 0,
+            lease: 0,
+            group,
+        });
+        if self.cfg.orderly && self.busy.contains_key(&group) {
+            self.waiting.entry(group).or_default().push_back(offset);
+            return false;
+        }
+        true
+    }
+
     fn deliver(&mut self, offset: u64, invisible_ms: u64) -> Lease {
-        let lease = self.next_lease;
-        self.next_lease += 1;
-        let deadline_ms = self.now_ms.saturating_add(invisible_ms);
-        let orderly = self.cfg.orderly;
-        let slot = self.slot_mut(offset);
-        debug_assert!(matches!(slot.state, State::Pending | State::Retry { .. }));
-        slot.attempt += 1;
-        slot.lease = lease;
-        slot.state = State::InFlight { deadline_ms };
-        let (attempt, group) = (slot.attempt, slot.group);
-        if orderly {
-            self.busy.insert(group, offset);
-        }
-        self.timers.insert((deadline_ms, offset));
-        Lease {
+        let l = Lease {
             offset,
-            attempt,
-            lease,
-            deadline_ms,
+            attempt: self.slot(offset).expect("a window slot").attempt + 1,
+            lease: self.next_lease,
+            deadline_ms: self.now_ms.saturating_add(invisible_ms),
+        };
+        self.deliver_as(l);
+        self.journal.push(Event::Deliver {
+            offset,
+            lease: l.lease,
+            attempt: l.attempt,
+            deadline_ms: l.deadline_ms,
+            now_ms: self.now_ms,
+        });
+        l
+    }
+
+    /// Leases a due slot (already out of the ready or unblocked set).
+    fn deliver_as(&mut self, l: Lease) {
+        self.next_lease = self.next_lease.max(l.lease + 1);
+        let orderly = self.cfg.orderly;
+        let slot = self.slot_mut(l.offset);
+        debug_assert!(matches!(slot.state, State::Pending | State::Retry { .. }));
+        slot.attempt = l.attempt;
+        slot.lease = l.lease;
+        slot.state = State::InFlight {
+            deadline_ms: l.deadline_ms,
+        };
+        let group = slot.group;
+        if orderly {
+            self.busy.insert(group, l.offset);
         }
+        self.timers.insert((l.deadline_ms, l.offset));
     }
 
     /// The leased slot for a handle's (offset, lease), or why not.
@@ -371,6 +397,11 @@ impl DeliveryWindow {
             _ => unreachable!("checked"),
         }
         self.finish(offset);
+        self.journal.push(Event::Ack {
+            offset,
+            lease,
+            now_ms: self.now_ms,
+        });
         Ok(())
     }
 
@@ -384,12 +415,28 @@ impl DeliveryWindow {
         delay_ms: Option<u64>,
     ) -> Result<(), LeaseError> {
         let slot = self.check(offset, lease)?;
+        let delay = delay_ms.unwrap_or_else(|| self.cfg.backoff.delay_ms(slot.attempt));
+        self.nack_until(offset, lease, self.now_ms.saturating_add(delay))
+    }
+
+    fn nack_until(
+        &mut self,
+        offset: u64,
+        lease: u64,
+        not_before_ms: u64,
+    ) -> Result<(), LeaseError> {
+        let slot = self.check(offset, lease)?;
         let State::InFlight { deadline_ms } = slot.state else {
             return Err(LeaseError::NotLeased(offset));
         };
         self.timers.remove(&(deadline_ms, offset));
-        let delay = delay_ms.unwrap_or_else(|| self.cfg.backoff.delay_ms(slot.attempt));
-        self.fail(offset, self.now_ms.saturating_add(delay));
+        self.fail(offset, not_before_ms);
+        self.journal.push(Event::Nack {
+            offset,
+            lease,
+            not_before_ms,
+            now_ms: self.now_ms,
+        });
         Ok(())
     }
 
@@ -400,15 +447,31 @@ impl DeliveryWindow {
         lease: u64,
         invisible_ms: u64,
     ) -> Result<u64, LeaseError> {
+        let deadline_ms = self.now_ms.saturating_add(invisible_ms);
+        self.invisible_until(offset, lease, deadline_ms)?;
+        Ok(deadline_ms)
+    }
+
+    fn invisible_until(
+        &mut self,
+        offset: u64,
+        lease: u64,
+        deadline_ms: u64,
+    ) -> Result<(), LeaseError> {
         let slot = self.check(offset, lease)?;
-        let State::InFlight { deadline_ms } = slot.state else {
+        let State::InFlight { deadline_ms: old } = slot.state else {
             return Err(LeaseError::NotLeased(offset));
         };
-        self.timers.remove(&(deadline_ms, offset));
-        let deadline_ms = self.now_ms.saturating_add(invisible_ms);
+        self.timers.remove(&(old, offset));
         self.slot_mut(offset).state = State::InFlight { deadline_ms };
         self.timers.insert((deadline_ms, offset));
-        Ok(deadline_ms)
+        self.journal.push(Event::Invisible {
+            offset,
+            lease,
+            deadline_ms,
+            now_ms: self.now_ms,
+        });
+        Ok(())
     }
 
     /// Messages whose attempts ran out since the last call.
@@ -418,11 +481,154 @@ impl DeliveryWindow {
 
     /// The shard stored `offset` in the dead-letter topic: it is finished.
     pub fn dead_lettered(&mut self, offset: u64) {
-        if self
-            .slot(offset)
-            .is_some_and(|s| s.state == State::DeadLettering)
-        {
+        if self.is_dead_lettering(offset) {
             self.finish(offset);
+            self.journal.push(Event::DeadLettered {
+                offset,
+                now_ms: self.now_ms,
+            });
+        }
+    }
+
+    fn is_dead_lettering(&self, offset: u64) -> bool {
+        self.slot(offset)
+            .is_some_and(|s| s.state == State::DeadLettering)
+    }
+
+    /// Transitions since the last call, to journal (in order).
+    pub fn take_journal(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.journal)
+    }
+
+    /// Replays one journaled transition on the window rebuilt so far (after
+    /// a restart): the clock first advances to when it happened, so the
+    /// timeouts before it fire again, then it is applied as it was.
+    /// `group_of` gives the message group of offsets taken into the window
+    /// (orderly). A record that does not fit is refused and changes nothing
+    /// but the clock.
+    pub fn apply(
+        &mut self,
+        e: &Event,
+        mut group_of: impl FnMut(u64) -> MessageGroup,
+    ) -> Result<(), JournalError> {
+        self.advance(e.now_ms());
+        let journaled = self.journal.len();
+        let r = match *e {
+            Event::Deliver {
+                offset,
+                lease,
+                attempt,
+                deadline_ms,
+                ..
+            } => self.apply_deliver(
+                Lease {
+                    offset,
+                    attempt,
+                    lease,
+                    deadline_ms,
+                },
+                &mut group_of,
+            ),
+            Event::Ack { offset, lease, .. } => self.ack(offset, lease).map_err(|_| "ack"),
+            Event::Nack {
+                offset,
+                lease,
+                not_before_ms,
+                ..
+            } => self
+                .nack_until(offset, lease, not_before_ms)
+                .map_err(|_| "nack"),
+            Event::Invisible {
+                offset,
+                lease,
+                deadline_ms,
+                ..
+            } => self
+                .invisible_until(offset, lease, deadline_ms)
+                .map_err(|_| "invisible"),
+            Event::DeadLettered { offset, .. } => {
+                if self.is_dead_lettering(offset) {
+                    self.finish(offset);
+                    Ok(())
+                } else {
+                    Err("dead-lettered")
+                }
+            }
+        };
+        self.journal.truncate(journaled);
+        r.map_err(JournalError::Inconsistent)
+    }
+
+    fn apply_deliver(
+        &mut self,
+        l: Lease,
+        group_of: &mut impl FnMut(u64) -> MessageGroup,
+    ) -> Result<(), &'static str> {
+        if l.offset < self.floor || l.lease < self.next_lease {
+            return Err("deliver of a finished offset or with an old lease");
+        }
+        if l.offset >= self.floor + u64::from(self.cfg.inflight_max) {
+            return Err("deliver beyond the window");
+        }
+        while self.next() <= l.offset {
+            self.take(group_of);
+        }
+        let slot = *self.slot(l.offset).expect("taken");
+        let due = match slot.state {
+            State::Pending if !self.cfg.orderly => true,
+            State::Pending => {
+                self.unblocked.contains(&l.offset)
+                    || !self
+                        .waiting
+                        .get(&slot.group)
+                        .is_some_and(|w| w.contains(&l.offset))
+            }
+            State::Retry { .. } => self.ready.contains(&l.offset),
+            _ => false,
+        };
+        if !due || l.attempt != slot.attempt + 1 {
+            return Err("deliver of a message that was not due");
+        }
+        self.ready.remove(&l.offset);
+        self.unblocked.remove(&l.offset);
+        self.deliver_as(l);
+        Ok(())
+    }
+
+    /// After a replay: the dead letters to store are the ones not stored.
+    pub fn replayed(&mut self) {
+        self.journal.clear();
+        let floor = self.floor;
+        self.dead_letters = self
+            .slots
+            .iter()
+            .zip(floor..)
+            .filter(|(s, _)| s.state == State::DeadLettering)
+            .map(|(s, offset)| DeadLetter {
+                offset,
+                attempts: s.attempt,
+            })
+            .collect();
+    }
+
+    /// What a restart must rebuild: the floor, the lease counter, every
+    /// slot that is not merely pending, the timers and the ready set
+    /// (the simulation compares it).
+    #[cfg(test)]
+    pub(crate) fn durable_view(&self) -> DurableView {
+        let floor = self.floor;
+        DurableView {
+            floor,
+            next_lease: self.next_lease,
+            slots: self
+                .slots
+                .iter()
+                .zip(floor..)
+                .filter(|(s, _)| s.state != State::Pending)
+                .map(|(s, o)| (o, s.state, s.attempt, s.lease))
+                .collect(),
+            timers: self.timers.iter().copied().collect(),
+            ready: self.ready.iter().copied().collect(),
         }
     }
 
@@ -448,6 +654,17 @@ impl DeliveryWindow {
             self.floor += 1;
         }
     }
+}
+
+/// The part of a window a restart rebuilds (tests compare it).
+#[cfg(test)]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DurableView {
+    floor: u64,
+    next_lease: u64,
+    slots: Vec<(u64, State, u32, u64)>,
+    timers: Vec<(u64, u64)>,
+    ready: Vec<u64>,
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::*;
+use crate::group::journal::Event;
 use crate::storage::sim::Rng;
 
 /// Seeds per test in CI: four tests, 10,000 seeds.
@@ -118,7 +119,11 @@ fn run_seed(seed: u64) -> Result<(), String> {
     };
     let groups = 1 + rng.below(4);
     let floor = rng.below(3) * 1000;
-    let mut w = DeliveryWindow::new(cfg.clone(), floor, 1 + rng.below(5));
+    let first_lease = 1 + rng.below(5);
+    let mut w = DeliveryWindow::new(cfg.clone(), floor, first_lease);
+    // Everything the window journaled, through the record codec.
+    let mut journal: Vec<Event> = Vec::new();
+    let crash_at = rng.below(STEPS as u64 + 500) as usize;
     let mut m = Model {
         cfg: cfg.clone(),
         now: 0,
@@ -378,6 +383,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 }
             }
         }
+        for e in w.take_journal() {
+            journal.push(Event::decode(&e.encode()).expect("own record"));
+        }
+        if step == crash_at {
+            check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(&log, e))?;
+        }
         // After every step.
         if w.len() > cfg.inflight_max as usize {
             return Err(fail(
@@ -397,6 +408,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
             break;
         }
     }
+    check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(&log, e))?;
     // Everything produced finished exactly once.
     if w.floor() != m.visible_end {
         return Err(fail(
@@ -412,6 +424,32 @@ fn run_seed(seed: u64) -> Result<(), String> {
         if !m.finished(o) {
             return Err(fail(&log, format!("offset {o} never finished")));
         }
+    }
+    Ok(())
+}
+
+/// A restart: the window rebuilt from its journal is the one that ran
+/// (once both clocks agree).
+fn check_replay(
+    w: &mut DeliveryWindow,
+    journal: &[Event],
+    m: &Model,
+    first_lease: u64,
+    floor: u64,
+) -> Result<(), String> {
+    let mut r = DeliveryWindow::new(m.cfg.clone(), floor, first_lease);
+    for (i, e) in journal.iter().enumerate() {
+        r.apply(e, |o| m.group_of[&o])
+            .map_err(|err| format!("replay of record {i} {e:?}: {err}"))?;
+    }
+    r.advance(m.now);
+    w.advance(m.now);
+    if r.durable_view() != w.durable_view() {
+        return Err(format!(
+            "replayed window differs:\n  ran      {:?}\n  replayed {:?}",
+            w.durable_view(),
+            r.durable_view()
+        ));
     }
     Ok(())
 }
