@@ -595,7 +595,8 @@ impl DeliveryWindow {
         Ok(())
     }
 
-    /// After a replay: the dead letters to store are the ones not stored.
+    /// After a restore and replay: the dead letters to store are the ones
+    /// not stored yet.
     pub fn replayed(&mut self) {
         self.journal.clear();
         let floor = self.floor;
@@ -653,6 +654,158 @@ impl DeliveryWindow {
             self.slots.pop_front();
             self.floor += 1;
         }
+    }
+}
+
+/// Bytes of a window snapshot's header.
+pub const SNAPSHOT_HEADER_BYTES: usize = 40;
+/// Bytes per slot in a window snapshot.
+pub const SNAPSHOT_SLOT_BYTES: usize = 32;
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// CRC-32 of a snapshot's header before the CRC field, then its slots.
+fn snapshot_crc(b: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..32]);
+    h.update(&b[SNAPSHOT_HEADER_BYTES..]);
+    h.finalize()
+}
+
+/// Why a window snapshot was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("window snapshot of {0} bytes is cut short or too long")]
+    Length(usize),
+    #[error("window snapshot version {0} is not known")]
+    Version(u8),
+    #[error("window snapshot checksum mismatch")]
+    Checksum,
+    #[error("window snapshot slot {0} has an unknown state {1}")]
+    State(u32, u8),
+    #[error("window snapshot holds {0} slots, more than {INFLIGHT_MESSAGES_MAX_LIMIT}")]
+    TooManySlots(u32),
+    #[error("window snapshot field `{0}` must be zero")]
+    NonZero(&'static str),
+}
+
+impl DeliveryWindow {
+    /// The whole window as bytes: a 40-byte header (version u8, 3 reserved,
+    /// slot count u32, floor u64, next lease u64, clock u64, CRC-32 u32 of
+    /// the other header bytes and the slots, 4 reserved) and one 32-byte
+    /// record per slot from the floor (state u8: 1 pending, 2 in flight,
+    /// 3 retry, 4 dead-lettering, 5 done; 3 reserved; attempt u32; lease
+    /// u64; deadline or retry time u64; message group u64). Restored, with
+    /// the journal after it replayed, it is the window that ran.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SNAPSHOT_HEADER_BYTES];
+        b[0] = SNAPSHOT_VERSION;
+        b[4..8].copy_from_slice(&(self.slots.len() as u32).to_le_bytes());
+        b[8..16].copy_from_slice(&self.floor.to_le_bytes());
+        b[16..24].copy_from_slice(&self.next_lease.to_le_bytes());
+        b[24..32].copy_from_slice(&self.now_ms.to_le_bytes());
+        for s in &self.slots {
+            let (kind, time) = match s.state {
+                State::Pending => (1u8, 0),
+                State::InFlight { deadline_ms } => (2, deadline_ms),
+                State::Retry { not_before_ms } => (3, not_before_ms),
+                State::DeadLettering => (4, 0),
+                State::Done => (5, 0),
+            };
+            let mut r = [0u8; SNAPSHOT_SLOT_BYTES];
+            r[0] = kind;
+            r[4..8].copy_from_slice(&s.attempt.to_le_bytes());
+            r[8..16].copy_from_slice(&s.lease.to_le_bytes());
+            r[16..24].copy_from_slice(&time.to_le_bytes());
+            r[24..32].copy_from_slice(&s.group.to_le_bytes());
+            b.extend_from_slice(&r);
+        }
+        let crc = snapshot_crc(&b);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// The window a snapshot holds, under `cfg` (the group's settings now).
+    /// Apply the journal after it, then call [`DeliveryWindow::replayed`].
+    pub fn restore(cfg: WindowConfig, b: &[u8]) -> Result<DeliveryWindow, SnapshotError> {
+        if b.len() < SNAPSHOT_HEADER_BYTES {
+            return Err(SnapshotError::Length(b.len()));
+        }
+        if b[0] != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(b[0]));
+        }
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let count = u32_at(b, 4);
+        if count > INFLIGHT_MESSAGES_MAX_LIMIT {
+            return Err(SnapshotError::TooManySlots(count));
+        }
+        if b.len() != SNAPSHOT_HEADER_BYTES + count as usize * SNAPSHOT_SLOT_BYTES {
+            return Err(SnapshotError::Length(b.len()));
+        }
+        let crc = snapshot_crc(b);
+        if crc != u32_at(b, 32) {
+            return Err(SnapshotError::Checksum);
+        }
+        if b[1..4] != [0, 0, 0] || b[36..40] != [0, 0, 0, 0] {
+            return Err(SnapshotError::NonZero("reserved"));
+        }
+        let mut w = DeliveryWindow::new(cfg, u64_at(b, 8), u64_at(b, 16));
+        w.now_ms = u64_at(b, 24);
+        for (i, r) in b[SNAPSHOT_HEADER_BYTES..]
+            .chunks_exact(SNAPSHOT_SLOT_BYTES)
+            .enumerate()
+        {
+            if r[1..4] != [0, 0, 0] {
+                return Err(SnapshotError::NonZero("slot reserved"));
+            }
+            let time = u64_at(r, 16);
+            let state = match r[0] {
+                1 => State::Pending,
+                2 => State::InFlight { deadline_ms: time },
+                3 => State::Retry {
+                    not_before_ms: time,
+                },
+                4 => State::DeadLettering,
+                5 => State::Done,
+                k => return Err(SnapshotError::State(i as u32, k)),
+            };
+            w.slots.push_back(Slot {
+                state,
+                attempt: u32_at(r, 4),
+                lease: u64_at(r, 8),
+                group: u64_at(r, 24),
+            });
+        }
+        // What the slots imply: timers, the ready set, orderly blocking.
+        let floor = w.floor;
+        let mut heads: HashMap<MessageGroup, ()> = HashMap::new();
+        for (i, s) in w.slots.iter().enumerate() {
+            let offset = floor + i as u64;
+            match s.state {
+                State::InFlight { deadline_ms } => {
+                    w.timers.insert((deadline_ms, offset));
+                }
+                State::Retry { not_before_ms } if not_before_ms <= w.now_ms => {
+                    w.ready.insert(offset);
+                }
+                State::Retry { not_before_ms } => {
+                    w.timers.insert((not_before_ms, offset));
+                }
+                _ => {}
+            }
+            if !w.cfg.orderly || s.state == State::Done {
+                continue;
+            }
+            if heads.insert(s.group, ()).is_none() {
+                w.busy.insert(s.group, offset);
+                if s.state == State::Pending {
+                    w.unblocked.insert(offset);
+                }
+            } else if s.state == State::Pending {
+                w.waiting.entry(s.group).or_default().push_back(offset);
+            }
+        }
+        Ok(w)
     }
 }
 

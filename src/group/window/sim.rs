@@ -124,6 +124,9 @@ fn run_seed(seed: u64) -> Result<(), String> {
     // Everything the window journaled, through the record codec.
     let mut journal: Vec<Event> = Vec::new();
     let crash_at = rng.below(STEPS as u64 + 500) as usize;
+    let snapshot_at = rng.below(crash_at as u64 + 1) as usize;
+    // (snapshot bytes, journal records before it)
+    let mut snapshot: (Vec<u8>, usize) = (Vec::new(), 0);
     let mut m = Model {
         cfg: cfg.clone(),
         now: 0,
@@ -386,8 +389,14 @@ fn run_seed(seed: u64) -> Result<(), String> {
         for e in w.take_journal() {
             journal.push(Event::decode(&e.encode()).expect("own record"));
         }
+        if step == snapshot_at {
+            snapshot = (w.snapshot(), journal.len());
+        }
         if step == crash_at {
             check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(&log, e))?;
+            // The run goes on with the restored window: a restart.
+            w = check_restore(&mut w, &snapshot, &journal, &m).map_err(|e| fail(&log, e))?;
+            log.push(format!("restart from the snapshot of step {snapshot_at}"));
         }
         // After every step.
         if w.len() > cfg.inflight_max as usize {
@@ -452,6 +461,32 @@ fn check_replay(
         ));
     }
     Ok(())
+}
+
+/// A restart from a snapshot and the journal after it.
+fn check_restore(
+    w: &mut DeliveryWindow,
+    (bytes, from): &(Vec<u8>, usize),
+    journal: &[Event],
+    m: &Model,
+) -> Result<DeliveryWindow, String> {
+    let mut r =
+        DeliveryWindow::restore(m.cfg.clone(), bytes).map_err(|e| format!("restore: {e}"))?;
+    for (i, e) in journal[*from..].iter().enumerate() {
+        r.apply(e, |o| m.group_of[&o])
+            .map_err(|err| format!("replay after the snapshot, record {i} {e:?}: {err}"))?;
+    }
+    r.replayed();
+    r.advance(m.now);
+    w.advance(m.now);
+    if r.durable_view() != w.durable_view() {
+        return Err(format!(
+            "restored window differs:\n  ran      {:?}\n  restored {:?}",
+            w.durable_view(),
+            r.durable_view()
+        ));
+    }
+    Ok(r)
 }
 
 fn fail(log: &[String], what: String) -> String {
