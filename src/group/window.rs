@@ -904,6 +904,52 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_restores_the_window_and_refuses_damage() {
+        let mut w = DeliveryWindow::new(cfg(true), 10, 1);
+        let got = w.receive(5, 10, 100, 16, |o| o % 3);
+        w.nack(got[0].offset, got[0].lease, Some(50)).unwrap();
+        w.ack(got[1].offset, got[1].lease).unwrap();
+        let snap = w.snapshot();
+        assert_eq!(
+            snap.len(),
+            SNAPSHOT_HEADER_BYTES + w.len() * SNAPSHOT_SLOT_BYTES
+        );
+        let mut r = DeliveryWindow::restore(cfg(true), &snap).unwrap();
+        r.replayed();
+        assert_eq!(r.durable_view(), w.durable_view());
+        // Both go on the same way.
+        let a = w.receive(60, 10, 100, 16, |o| o % 3);
+        let b = r.receive(60, 10, 100, 16, |o| o % 3);
+        assert_eq!(a, b);
+        assert_eq!(
+            DeliveryWindow::restore(cfg(true), &snap[..39]).unwrap_err(),
+            SnapshotError::Length(39)
+        );
+        assert_eq!(
+            DeliveryWindow::restore(cfg(true), &snap[..snap.len() - 1]).unwrap_err(),
+            SnapshotError::Length(snap.len() - 1)
+        );
+        let mut bad = snap.clone();
+        bad[SNAPSHOT_HEADER_BYTES + 9] ^= 1;
+        assert_eq!(
+            DeliveryWindow::restore(cfg(true), &bad).unwrap_err(),
+            SnapshotError::Checksum
+        );
+        let mut v = snap.clone();
+        v[0] = 2;
+        assert_eq!(
+            DeliveryWindow::restore(cfg(true), &v).unwrap_err(),
+            SnapshotError::Version(2)
+        );
+        let mut huge = snap;
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            DeliveryWindow::restore(cfg(true), &huge).unwrap_err(),
+            SnapshotError::TooManySlots(u32::MAX)
+        );
+    }
+
+    #[test]
     fn orderly_holds_a_group_behind_its_unfinished_message_and_not_the_others() {
         let mut w = DeliveryWindow::new(cfg(true), 0, 1);
         // Offsets 0, 2, 4 are group A; 1, 3 group B.
