@@ -6,6 +6,20 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
+/// Longest topic name in bytes.
+pub const TOPIC_NAME_BYTES_MAX: usize = 200;
+
+/// Whether `name` can name a topic or a group: 1 to `max_bytes` bytes of
+/// ASCII letters, digits, `.`, `_` and `-` (so `%DLQ%…` and other internal
+/// names can never collide with a user's).
+pub fn is_valid_name(name: &str, max_bytes: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max_bytes
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Index of a shard (one pinned core). Fixed at `u16` on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub u16);

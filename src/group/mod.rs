@@ -3,6 +3,7 @@
 //! visible end and requests).
 //!
 //! - `backoff`: retry schedules (RocketMQ's by default);
+//! - `config`: a group's settings and their validation;
 //! - `journal`: the delivery window's transitions as 40-byte records;
 //! - `membership`: members, sessions, generations and the two-step,
 //!   epoch-fenced queue assignment of queue delivery (coordinator shard);
@@ -11,6 +12,7 @@
 //!   delivery: leases, deadlines, retries, dead letters, orderly blocking.
 
 pub mod backoff;
+pub mod config;
 pub mod journal;
 pub mod membership;
 pub mod receipt;

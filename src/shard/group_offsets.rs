@@ -12,8 +12,7 @@ use std::path::Path;
 
 /// File name inside the shard directory.
 pub const GROUP_OFFSETS_FILE: &str = "group-offsets.json";
-/// Longest group name in bytes.
-pub const GROUP_NAME_BYTES_MAX: usize = 200;
+pub use crate::group::config::GROUP_NAME_BYTES_MAX;
 
 /// Why a commit was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -16,8 +16,7 @@ pub const METADATA_FILE: &str = "metadata.json";
 /// writes. 2: segment header pages, keyed batch MACs, two-slot checkpoints,
 /// index snapshots.
 pub const DATA_FORMAT: u32 = 2;
-/// Longest topic name in bytes.
-pub const TOPIC_NAME_BYTES_MAX: usize = 200;
+pub use crate::ids::TOPIC_NAME_BYTES_MAX;
 
 /// Why a metadata change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,11 +87,7 @@ pub struct QueueRoute {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= TOPIC_NAME_BYTES_MAX
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::ids::is_valid_name(name, TOPIC_NAME_BYTES_MAX)
 }
 
 impl Metadata {
