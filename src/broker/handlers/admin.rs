@@ -1,0 +1,58 @@
+//! Admin handlers: stats.
+
+use super::*;
+
+pub(super) fn body_json(v: &serde_json::Value) -> Vec<Bytes> {
+    vec![Bytes::from(v.to_string())]
+}
+
+/// This shard's stats as JSON.
+pub fn shard_stats(shard: &Shard) -> serde_json::Value {
+    let m = shard.metrics.borrow();
+    let log = shard.store.log();
+    let (write_us, fsync_us) = log.latency_histograms();
+    let segments = log.segments();
+    serde_json::json!({
+        "shard": shard.id,
+        "queues": shard.store.queue_count(),
+        "counters": m.counters_json(),
+        "append_latency": histogram_json(&m.append_us),
+        "write_latency": histogram_json(&write_us),
+        "fsync_latency": histogram_json(&fsync_us),
+        "log": {
+            "segments": segments.len(),
+            "segment_bytes": segments.iter().map(|s| s.capacity).sum::<u64>(),
+            "append_position": log.append_position(),
+            "written_position": log.written_position(),
+            "synced_position": log.synced_position(),
+            "tail_cache_bytes": shard.store.tail_cache_bytes(),
+            "pending_bytes": log.pending_bytes(),
+            "free_bytes": shard.store.free_bytes(),
+            "full": log.full().map(|f| f.to_string()),
+            "failed": log.failed().map(|f| f.to_string()),
+        },
+    })
+}
+
+pub(super) async fn stats(shard: &Rc<Shard>) -> HResult {
+    let mut shards = vec![serde_json::Value::Null; shard.shard_count as usize];
+    shards[shard.id as usize] = shard_stats(shard);
+    for peer in (0..shard.shard_count).filter(|&p| p != shard.id) {
+        let rx = shard
+            .mesh
+            .request(peer, OP_INTERNAL_STATS, None, Bytes::new())
+            .await
+            .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
+        if let Some((0, chunks)) = rx.await {
+            shards[peer as usize] =
+                serde_json::from_slice(&chunks.concat()).unwrap_or(serde_json::Value::Null);
+        }
+    }
+    let doc = serde_json::json!({
+        "broker_version": env!("CARGO_PKG_VERSION"),
+        "shard_count": shard.shard_count,
+        "topics": shard.metadata.borrow().topics.len(),
+        "shards": shards,
+    });
+    Ok(body_json(&doc))
+}
