@@ -1,10 +1,12 @@
-//! Broker metadata: topics, their queues, and the stable queue → shard
-//! mapping. Shard 0 owns the authoritative copy and persists it
+//! Broker metadata: topics, their queues, the stable queue → shard
+//! mapping, and consumer groups (their settings, ids and coordinator
+//! shard). Shard 0 owns the authoritative copy and persists it
 //! (`metadata.json` in the data directory, written atomically); every other
 //! shard holds a copy updated over the mesh. Pure logic, no I/O beyond the
 //! load and store helpers.
 
-use crate::ids::{QueueId, QueueIndex, ShardId};
+use crate::group::config::GroupConfig;
+use crate::ids::{GroupId, QueueId, QueueIndex, ShardId};
 use crate::protocol::{Durability, QueueInfo, TopicInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +43,30 @@ pub enum MetadataError {
     TooManyQueues { queues: u32, max: u32 },
     #[error("queue ids are exhausted: the broker hands out each id once (4,294,967,295 in all)")]
     QueueIdsExhausted,
+    #[error("group '{0}' already exists")]
+    GroupExists(String),
+    #[error("unknown group '{0}'")]
+    UnknownGroup(String),
+    #[error("the broker holds {GROUPS_MAX} groups, the most it may")]
+    TooManyGroups,
+    #[error("group ids are exhausted: the broker hands out each id once")]
+    GroupIdsExhausted,
+    #[error("group '{group}' subscribes to unknown topic '{topic}'")]
+    UnknownSubscription { group: String, topic: String },
+    #[error(transparent)]
+    Group(#[from] crate::group::config::GroupConfigError),
+}
+
+/// Most consumer groups one broker holds.
+pub const GROUPS_MAX: usize = 10_000;
+
+/// A consumer group's stored definition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// Broker-wide id, handed out once.
+    pub id: u32,
+    pub config: GroupConfig,
+    pub created_ms: i64,
 }
 
 /// Limits a topic creation is checked against.
@@ -72,6 +98,11 @@ pub struct Metadata {
     /// Bumped on every change.
     pub epoch: u64,
     pub topics: BTreeMap<String, TopicMeta>,
+    /// Next group id to hand out; ids are never reused.
+    #[serde(default = "first_group_id")]
+    pub next_group_id: u32,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupMeta>,
     /// queue id → (topic, queue index); derived, rebuilt on load.
     #[serde(skip)]
     by_queue_id: HashMap<u32, (String, u32)>,
@@ -99,8 +130,63 @@ impl Metadata {
             next_queue_id: 1,
             epoch: 0,
             topics: BTreeMap::new(),
+            next_group_id: first_group_id(),
+            groups: BTreeMap::new(),
             by_queue_id: HashMap::new(),
         }
+    }
+
+    /// Creates a consumer group (validated; its topics must exist).
+    pub fn create_group(
+        &mut self,
+        config: GroupConfig,
+        now_ms: i64,
+    ) -> Result<GroupId, MetadataError> {
+        config.validate()?;
+        if self.groups.contains_key(&config.name) {
+            return Err(MetadataError::GroupExists(config.name));
+        }
+        if self.groups.len() >= GROUPS_MAX {
+            return Err(MetadataError::TooManyGroups);
+        }
+        if let Some(s) = config
+            .subscriptions
+            .iter()
+            .find(|s| !self.topics.contains_key(&s.topic))
+        {
+            return Err(MetadataError::UnknownSubscription {
+                group: config.name.clone(),
+                topic: s.topic.clone(),
+            });
+        }
+        let id = self.next_group_id;
+        self.next_group_id = id.checked_add(1).ok_or(MetadataError::GroupIdsExhausted)?;
+        self.epoch += 1;
+        self.groups.insert(
+            config.name.clone(),
+            GroupMeta {
+                id,
+                config,
+                created_ms: now_ms,
+            },
+        );
+        Ok(GroupId(id))
+    }
+
+    /// Deletes a consumer group; its id is never handed out again.
+    pub fn delete_group(&mut self, name: &str) -> Result<GroupMeta, MetadataError> {
+        let g = self
+            .groups
+            .remove(name)
+            .ok_or_else(|| MetadataError::UnknownGroup(name.to_owned()))?;
+        self.epoch += 1;
+        Ok(g)
+    }
+
+    /// The shard that coordinates a group's membership: stable for its
+    /// name and the broker's shard count.
+    pub fn coordinator_of(&self, group: &str) -> ShardId {
+        ShardId(queue_for_key(group.as_bytes(), u32::from(self.shard_count)).0 as u16)
     }
 
     fn reindex(&mut self) {
@@ -295,6 +381,10 @@ impl Metadata {
             .map(|(id, _)| QueueId(*id))
             .collect()
     }
+}
+
+fn first_group_id() -> u32 {
+    1
 }
 
 /// The queue a routing key maps to: CRC32 of the key, modulo the count.
@@ -534,6 +624,59 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         m.store(dir.path()).unwrap();
         assert_eq!(Metadata::load(dir.path()).unwrap(), Some(m));
+    }
+
+    #[test]
+    fn groups_are_created_once_with_ids_never_reused_and_checked_subscriptions() {
+        use crate::group::config::{GroupConfigError, Subscription};
+        let mut m = Metadata::new(2);
+        m.create_topic("orders", 2, Durability::Fsync, L, 0)
+            .unwrap();
+        let sub = |t: &str| Subscription {
+            topic: t.into(),
+            filter: "*".into(),
+        };
+        let g = GroupConfig::new("risk", vec![sub("orders")]);
+        let id = m.create_group(g.clone(), 5).unwrap();
+        assert_eq!(id, GroupId(1));
+        assert_eq!(
+            m.create_group(g.clone(), 6),
+            Err(MetadataError::GroupExists("risk".into()))
+        );
+        assert_eq!(
+            m.create_group(GroupConfig::new("x", vec![sub("nope")]), 6),
+            Err(MetadataError::UnknownSubscription {
+                group: "x".into(),
+                topic: "nope".into()
+            })
+        );
+        assert_eq!(
+            m.create_group(GroupConfig::new("x", vec![]), 6),
+            Err(MetadataError::Group(GroupConfigError::Subscriptions(0)))
+        );
+        m.delete_group("risk").unwrap();
+        assert_eq!(
+            m.delete_group("risk"),
+            Err(MetadataError::UnknownGroup("risk".into()))
+        );
+        assert_eq!(
+            m.create_group(g, 7).unwrap(),
+            GroupId(2),
+            "ids are not reused"
+        );
+        // Persisted, and a document from before groups still loads.
+        let back = Metadata::from_json(&m.to_json()).unwrap();
+        assert_eq!(back.groups, m.groups);
+        assert_eq!(back.next_group_id, 3);
+        let mut old: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+        old.as_object_mut().unwrap().remove("groups");
+        old.as_object_mut().unwrap().remove("next_group_id");
+        let old = Metadata::from_json(&old.to_string()).unwrap();
+        assert!(old.groups.is_empty());
+        assert_eq!(old.next_group_id, 1);
+        // The coordinator is stable and within the shards.
+        assert_eq!(m.coordinator_of("risk"), back.coordinator_of("risk"));
+        assert!(m.coordinator_of("risk").0 < 2);
     }
 
     #[test]

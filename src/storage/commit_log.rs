@@ -133,7 +133,11 @@ struct Segment<F> {
 /// The next segment, prepared ahead of the roll.
 enum Spare<F> {
     Missing,
-    Creating,
+    /// Being created; `after` is the full-disk failure it retries, still
+    /// what [`CommitLog::full`] reports until the creation succeeds.
+    Creating {
+        after: Option<IoFailure>,
+    },
     Ready(Segment<F>),
     /// Creation met a full disk; retried at `retry_at_ms` or when space is
     /// freed.
@@ -356,7 +360,7 @@ impl<I: Io> CommitLog<I> {
                 Admission::Wait("preparing the next segment")
             }
             Spare::Full { failure, .. } => Admission::Refused(LogError::Full(failure.clone())),
-            Spare::Missing | Spare::Creating => {
+            Spare::Missing | Spare::Creating { .. } => {
                 if !s.spare_wanted {
                     s.spare_wanted = true;
                     drop(s);
@@ -515,7 +519,9 @@ impl<I: Io> CommitLog<I> {
     pub fn full(&self) -> Option<IoFailure> {
         let s = self.state.borrow();
         match (&s.write_full, &s.spare) {
-            (Some(f), _) | (None, Spare::Full { failure: f, .. }) => Some(f.clone()),
+            (Some(f), _)
+            | (None, Spare::Full { failure: f, .. })
+            | (None, Spare::Creating { after: Some(f) }) => Some(f.clone()),
             _ => None,
         }
     }
@@ -697,12 +703,19 @@ impl<I: Io> CommitLog<I> {
                 }
                 continue;
             };
-            self.state.borrow_mut().spare = Spare::Creating;
+            {
+                let mut s = self.state.borrow_mut();
+                let after = match &s.spare {
+                    Spare::Full { failure, .. } => Some(failure.clone()),
+                    _ => None,
+                };
+                s.spare = Spare::Creating { after };
+            }
             let created = self.create_segment(base).await;
             let mut s = self.state.borrow_mut();
             match created {
                 Ok(seg) => {
-                    if matches!(s.spare, Spare::Full { .. } | Spare::Creating) {
+                    if matches!(s.spare, Spare::Creating { after: Some(_) }) {
                         tracing::debug!(shard = self.cfg.shard, base, "segment ready");
                     }
                     s.spare = Spare::Ready(seg);

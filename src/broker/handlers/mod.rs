@@ -98,6 +98,12 @@ impl From<MetadataError> for HandlerError {
             | MetadataError::QueueIdsExhausted => ErrorCode::InvalidArgument,
             MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             MetadataError::UnknownQueue { .. } => ErrorCode::UnknownQueue,
+            MetadataError::UnknownSubscription { .. } => ErrorCode::UnknownTopic,
+            MetadataError::GroupExists(_)
+            | MetadataError::UnknownGroup(_)
+            | MetadataError::TooManyGroups
+            | MetadataError::GroupIdsExhausted
+            | MetadataError::Group(_) => ErrorCode::InvalidArgument,
         };
         herr(code, e.to_string())
     }
