@@ -16,4 +16,6 @@ pub mod config;
 pub mod journal;
 pub mod membership;
 pub mod receipt;
+#[cfg(test)]
+mod sim;
 pub mod window;

@@ -392,41 +392,29 @@ fn settled(g: &Membership, members: &[SimMember], n_queues: u32) -> bool {
 }
 
 fn fail(log: &[String], what: String) -> String {
-    let from = log.len().saturating_sub(40);
-    format!("{what}\nlast steps:\n  {}", log[from..].join("\n  "))
-}
-
-fn seeds(test: u64) {
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let count = env("KEELMQ_GROUP_SIM_SEEDS").unwrap_or(SEEDS_PER_TEST);
-    let from = env("KEELMQ_GROUP_SIM_BASE").unwrap_or(0) + test * count;
-    for seed in from..from + count {
-        if let Err(e) = run_seed(seed) {
-            panic!(
-                "membership simulation seed {seed} failed: {e}\nreplay: KEELMQ_SEED={seed} cargo test --lib group::membership::sim::replay -- --nocapture"
-            );
-        }
-    }
+    crate::group::sim::report(log, 40, what)
 }
 
 #[test]
 fn seeds_0() {
-    seeds(0);
+    crate::group::sim::run_seeds(
+        0,
+        SEEDS_PER_TEST,
+        "group::membership::sim::replay",
+        run_seed,
+    );
 }
 #[test]
 fn seeds_1() {
-    seeds(1);
+    crate::group::sim::run_seeds(
+        1,
+        SEEDS_PER_TEST,
+        "group::membership::sim::replay",
+        run_seed,
+    );
 }
 
-/// Replays `KEELMQ_SEED` (no-op without it).
 #[test]
 fn replay() {
-    if let Some(seed) = std::env::var("KEELMQ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        if let Err(e) = run_seed(seed) {
-            panic!("seed {seed}: {e}");
-        }
-    }
+    crate::group::sim::replay(run_seed);
 }

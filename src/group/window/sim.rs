@@ -490,50 +490,27 @@ fn check_restore(
 }
 
 fn fail(log: &[String], what: String) -> String {
-    let tail: Vec<&String> = log.iter().rev().take(25).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().map(String::as_str).collect();
-    format!("{what}\nlast steps:\n  {}", tail.join("\n  "))
-}
-
-fn seeds(test: u64) {
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-    let count = env("KEELMQ_GROUP_SIM_SEEDS").unwrap_or(SEEDS_PER_TEST);
-    let from = env("KEELMQ_GROUP_SIM_BASE").unwrap_or(0) + test * count;
-    for seed in from..from + count {
-        if let Err(e) = run_seed(seed) {
-            panic!(
-                "window simulation seed {seed} failed: {e}\nreplay: KEELMQ_SEED={seed} cargo test --lib group::window::sim::replay -- --nocapture"
-            );
-        }
-    }
+    crate::group::sim::report(log, 25, what)
 }
 
 #[test]
 fn seeds_0() {
-    seeds(0);
+    crate::group::sim::run_seeds(0, SEEDS_PER_TEST, "group::window::sim::replay", run_seed);
 }
 #[test]
 fn seeds_1() {
-    seeds(1);
+    crate::group::sim::run_seeds(1, SEEDS_PER_TEST, "group::window::sim::replay", run_seed);
 }
 #[test]
 fn seeds_2() {
-    seeds(2);
+    crate::group::sim::run_seeds(2, SEEDS_PER_TEST, "group::window::sim::replay", run_seed);
 }
 #[test]
 fn seeds_3() {
-    seeds(3);
+    crate::group::sim::run_seeds(3, SEEDS_PER_TEST, "group::window::sim::replay", run_seed);
 }
 
-/// Replays `KEELMQ_SEED` (no-op without it).
 #[test]
 fn replay() {
-    if let Some(seed) = std::env::var("KEELMQ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        if let Err(e) = run_seed(seed) {
-            panic!("seed {seed}: {e}");
-        }
-    }
+    crate::group::sim::replay(run_seed);
 }
