@@ -79,6 +79,16 @@ proptest! {
         let _ = GroupOffsetRequest::decode(b.clone(), true);
         let _ = GroupOffsetRequest::decode(b.clone(), false);
         let _ = GetMessageResponse::decode(b.clone());
+        let _ = CreateGroupRequest::decode(b.clone());
+        let _ = GroupRequest::decode(b.clone());
+        let _ = ReceiveRequest::decode(b.clone());
+        let _ = ReceiveResponse::decode(b.clone());
+        let _ = SettleRequest::decode(b.clone(), true);
+        let _ = SettleRequest::decode(b.clone(), false);
+        let _ = SettleRequest::shard_of(&b, true);
+        let _ = ChangeInvisibleRequest::decode(b.clone());
+        let _ = decode_codes(b.clone());
+        let _ = crate::group::entry::Entry::decode(&b);
         let _ = decode_message_id(b.clone());
         let _ = decode_u64(b.clone());
         let _ = decode_opt_u64(b.clone());

@@ -29,6 +29,11 @@ pub struct ShardId(pub u16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueId(pub u32);
 
+/// The queue id each shard keeps its group journal in (`group::entry`):
+/// never handed out to a topic (metadata starts at 1), never listed,
+/// fetched or looked up by clients.
+pub const GROUP_JOURNAL_QUEUE: QueueId = QueueId(0);
+
 /// Broker-wide id of one consumer group, assigned once by metadata and
 /// never reused (a receipt handle of a deleted group never names a new one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

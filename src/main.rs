@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use keelmq::client::{
-    Admin, Consumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo,
+    Admin, Consumer, GroupConsumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo,
 };
 use keelmq::config::Config;
 use keelmq::protocol::Durability;
@@ -74,6 +74,31 @@ enum Command {
         /// One JSON object per message, with every field.
         #[arg(long)]
         json: bool,
+        /// Receive as a member of this consumer group (message delivery;
+        /// the group is created if it does not exist).
+        #[arg(long)]
+        group: Option<String>,
+        /// With --group: acknowledge every message received.
+        #[arg(long, requires = "group")]
+        ack: bool,
+        /// With --group: nack every Nth message (it comes back after the
+        /// group's backoff), ack the others.
+        #[arg(long, requires = "group")]
+        nack_every: Option<u64>,
+    },
+    /// Manage consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+        #[arg(long, global = true, default_value = DEFAULT_BROKER)]
+        broker: String,
+    },
+    /// Dead letters of a consumer group (its `%DLQ%<group>` topic).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[arg(long, global = true, default_value = DEFAULT_BROKER)]
+        broker: String,
     },
     /// Look messages up.
     Message {
@@ -112,6 +137,85 @@ enum TopicCommand {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
+enum GroupCommand {
+    /// Create a consumer group.
+    Create {
+        name: String,
+        /// A topic the group consumes (repeat for more).
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// clustering (members share the work) or broadcast.
+        #[arg(long, default_value = "clustering")]
+        mode: String,
+        /// message (any member receives any message, acks each) or queue
+        /// (one owner per queue, offsets committed).
+        #[arg(long, default_value = "message")]
+        delivery: String,
+        /// Deliver each queue (each message group, keyed by the record key)
+        /// in order: the next only after the previous is acked.
+        #[arg(long)]
+        orderly: bool,
+        /// Deliveries of one message before it goes to the dead letters.
+        #[arg(long)]
+        attempts_max: Option<u32>,
+        /// Retry delays, one per failed attempt: "10s 30s 1m" (ms, s, m, h, d).
+        #[arg(long)]
+        backoff: Option<String>,
+        /// Default invisible time of a receive, in ms.
+        #[arg(long)]
+        invisible_ms: Option<u64>,
+        /// Most messages in flight per queue.
+        #[arg(long)]
+        inflight_max: Option<u32>,
+        /// Session timeout of members, in ms.
+        #[arg(long)]
+        session_timeout_ms: Option<u64>,
+        /// memory, written or fsync for acks and commits (default: each topic's).
+        #[arg(long)]
+        durability: Option<String>,
+        /// alongside (default) or before: when deliveries are journaled.
+        #[arg(long)]
+        journal_deliveries: Option<String>,
+        /// latest (default) or earliest: where the group starts.
+        #[arg(long)]
+        start: Option<String>,
+    },
+    /// List consumer groups.
+    List,
+    /// Show a group's settings, members and per-queue state.
+    Describe {
+        name: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a consumer group.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print a group's dead letters.
+    List {
+        group: String,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Produce dead letters again to the topic they came from.
+    Resend {
+        group: String,
+        /// Only this dead letter (its id in the DLQ topic).
+        #[arg(long, conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum MessageCommand {
     /// Show a message by id.
     Get {
@@ -142,7 +246,17 @@ fn main() {
             count,
             timeout_ms,
             json,
-        } => consume(&broker, &topic, queue, &from, count, timeout_ms, json),
+            group,
+            ack,
+            nack_every,
+        } => match group {
+            Some(g) => consume_group(
+                &broker, &g, &topic, count, timeout_ms, json, ack, nack_every,
+            ),
+            None => consume(&broker, &topic, queue, &from, count, timeout_ms, json),
+        },
+        Command::Group { command, broker } => group(&broker, command),
+        Command::Dlq { command, broker } => dlq(&broker, command),
         Command::Message { command, broker } => match command {
             MessageCommand::Get { id, json } => message_get(&broker, &id, json),
         },
@@ -494,6 +608,295 @@ fn consume(
         out.flush()?;
     }
     out.flush()?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consume_group(
+    broker: &str,
+    group: &str,
+    topic: &str,
+    count: Option<u64>,
+    timeout_ms: u64,
+    json: bool,
+    ack: bool,
+    nack_every: Option<u64>,
+) -> Result<()> {
+    if nack_every == Some(0) {
+        bail!("--nack-every must be at least 1");
+    }
+    let mut c = GroupConsumer::connect(broker, group, topic)
+        .with_context(|| format!("cannot join group {group} at {broker}"))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut seen = 0u64;
+    let idle = Duration::from_millis(timeout_ms);
+    let mut last = Instant::now();
+    while count.is_none_or(|c| seen < c) {
+        let left = idle.saturating_sub(last.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let want = count.map_or(usize::MAX, |c| (c - seen) as usize);
+        c.set_receive_batch(want.min(256) as u32);
+        let got = c.receive_at_most(want, left)?;
+        if !got.is_empty() {
+            last = Instant::now();
+        }
+        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+        for d in got {
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+            seen += 1;
+            if json {
+                let mut v = d.message.to_json();
+                v["attempt"] = d.attempt.into();
+                writeln!(out, "{v}")?;
+            } else {
+                print_message(&mut out, &d.message, false)?;
+            }
+            if nack_every.is_some_and(|n| seen % n == 0) {
+                nacks.push(d.handle);
+            } else if ack || nack_every.is_some() {
+                acks.push(d.handle);
+            }
+        }
+        out.flush()?;
+        if !acks.is_empty() {
+            c.ack(&acks)?;
+        }
+        if !nacks.is_empty() {
+            c.nack(&nacks, None)?;
+        }
+    }
+    out.flush()?;
+    c.close()?;
+    Ok(())
+}
+
+fn group(broker: &str, command: GroupCommand) -> Result<()> {
+    let mut admin =
+        Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    match command {
+        GroupCommand::Create {
+            name,
+            topics,
+            mode,
+            delivery,
+            orderly,
+            attempts_max,
+            backoff,
+            invisible_ms,
+            inflight_max,
+            session_timeout_ms,
+            durability,
+            journal_deliveries,
+            start,
+        } => {
+            let mut v = serde_json::json!({
+                "mode": mode,
+                "delivery": delivery,
+                "orderly": orderly,
+                "subscriptions": topics.iter().map(|t| serde_json::json!({"topic": t})).collect::<Vec<_>>(),
+            });
+            if let Some(a) = attempts_max {
+                v["attempts_max"] = a.into();
+            }
+            if let Some(b) = backoff {
+                let b = keelmq::group::backoff::Backoff::parse(&b)
+                    .map_err(|e| anyhow!("--backoff: {e}"))?;
+                v["backoff"] = serde_json::json!(b.steps_ms());
+            }
+            if let Some(x) = invisible_ms {
+                v["invisible_ms"] = x.into();
+            }
+            if let Some(x) = inflight_max {
+                v["inflight_messages_max"] = x.into();
+            }
+            if let Some(x) = session_timeout_ms {
+                v["session_timeout_ms"] = x.into();
+            }
+            if let Some(x) = durability {
+                v["durability"] = x.into();
+            }
+            if let Some(x) = journal_deliveries {
+                v["journal_deliveries"] = x.into();
+            }
+            if let Some(x) = start {
+                v["start"] = x.into();
+            }
+            let g = admin.create_group(&name, &v)?;
+            println!(
+                "created group {} (id {}, coordinator shard {}, dead letters in {})",
+                name,
+                g["id"],
+                g["coordinator"],
+                g["dlq_topic"].as_str().unwrap_or("?")
+            );
+        }
+        GroupCommand::List => {
+            let groups = admin.list_groups()?;
+            println!(
+                "{:<32} {:>6} {:<11} {:<8} {:<7} topics",
+                "group", "id", "mode", "delivery", "orderly"
+            );
+            for g in groups.as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:>6} {:<11} {:<8} {:<7} {}",
+                    g["name"].as_str().unwrap_or("?"),
+                    g["id"].to_string(),
+                    g["mode"].as_str().unwrap_or("?"),
+                    g["delivery"].as_str().unwrap_or("?"),
+                    g["orderly"].to_string(),
+                    g["topics"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+        }
+        GroupCommand::Describe { name, json } => {
+            let d = admin.describe_group(&name)?;
+            if json {
+                println!("{d}");
+                return Ok(());
+            }
+            let s = &d["settings"];
+            println!(
+                "group {} (id {}) · {} · {} delivery · orderly {} · attempts {} · coordinator shard {}",
+                name,
+                d["id"],
+                s["mode"].as_str().unwrap_or("?"),
+                s["delivery"].as_str().unwrap_or("?"),
+                s["orderly"],
+                s["attempts_max"],
+                d["coordinator"]
+            );
+            println!(
+                "dead letters: {} in {}",
+                d["dlq_depth"],
+                d["dlq_topic"].as_str().unwrap_or("?")
+            );
+            let members = d["members"].as_array().map_or(0, Vec::len);
+            println!("members: {members}");
+            println!(
+                "{:<24} {:>5} {:>5} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6}  instance",
+                "topic",
+                "queue",
+                "shard",
+                "committed",
+                "latest",
+                "lag",
+                "in_flight",
+                "retrying",
+                "dlq'ing"
+            );
+            for q in d["queues"].as_array().into_iter().flatten() {
+                let f = |k: &str| q.get(k).map_or(String::new(), |v| v.to_string());
+                let committed = q.get("committed").or_else(|| q.get("acked_below"));
+                println!(
+                    "{:<24} {:>5} {:>5} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6}  {}",
+                    q["topic"].as_str().unwrap_or("?"),
+                    f("queue"),
+                    f("shard"),
+                    committed.map_or(String::new(), |v| v.to_string()),
+                    f("latest"),
+                    f("lag"),
+                    f("in_flight"),
+                    f("retrying"),
+                    f("dead_lettering"),
+                    q.get("instance").and_then(|i| i.as_str()).unwrap_or("")
+                );
+            }
+        }
+        GroupCommand::Delete { name } => {
+            admin.delete_group(&name)?;
+            println!("deleted group {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Every dead letter of a group (read from the start of its DLQ topic).
+fn dead_letters(broker: &str, group: &str) -> Result<Vec<Message>> {
+    let topic = format!("%DLQ%{group}");
+    let mut c =
+        Consumer::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    c.assign_all(&topic)
+        .with_context(|| format!("group {group} has no dead-letter topic"))?;
+    c.seek(SeekTo::Earliest)?;
+    let mut out = Vec::new();
+    loop {
+        let got = c.poll(Duration::from_millis(300))?;
+        if got.is_empty() {
+            return Ok(out);
+        }
+        out.extend(got);
+    }
+}
+
+fn dlq(broker: &str, command: DlqCommand) -> Result<()> {
+    match command {
+        DlqCommand::List { group, json } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            for m in dead_letters(broker, &group)? {
+                print_message(&mut out, &m, json)?;
+            }
+            out.flush()?;
+        }
+        DlqCommand::Resend { group, id, all } => {
+            if id.is_none() && !all {
+                bail!("say which: --id ID or --all");
+            }
+            let id = id
+                .map(|s| {
+                    MessageId::parse(&s)
+                        .ok_or_else(|| anyhow!("'{s}' is not a message id (28 hex digits)"))
+                })
+                .transpose()?;
+            let mut p = Producer::connect(broker)
+                .with_context(|| format!("cannot reach broker {broker}"))?;
+            let mut sent = 0;
+            for m in dead_letters(broker, &group)? {
+                if id.is_some_and(|id| id != m.id) {
+                    continue;
+                }
+                let prop = |k: &str| {
+                    m.properties
+                        .iter()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| v.clone())
+                };
+                let topic = prop("DLQ_ORIGIN_TOPIC")
+                    .ok_or_else(|| anyhow!("dead letter {} names no origin topic", m.id))?;
+                let queue: u32 = prop("DLQ_ORIGIN_QUEUE")
+                    .and_then(|q| q.parse().ok())
+                    .ok_or_else(|| anyhow!("dead letter {} names no origin queue", m.id))?;
+                let mut r = Record::new(m.payload.clone());
+                r.key = m.key.clone();
+                r.tag = m.tag.clone();
+                r.priority = m.priority;
+                r.properties = m
+                    .properties
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with("DLQ_"))
+                    .cloned()
+                    .collect();
+                p.send_batch(&topic, QueueSelector::Queue(queue), &[r])
+                    .with_context(|| format!("resending {} to {topic}", m.id))?;
+                sent += 1;
+            }
+            if id.is_some() && sent == 0 {
+                bail!("no dead letter with that id in group {group}");
+            }
+            println!("resent {sent} dead letters");
+        }
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod handlers;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -319,7 +320,7 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
             ring_depth: config.runtime.ring_depth as usize,
         };
         let h = exec
-            .spawn(move |tq| crate::shard::run(spec, tq))
+            .spawn(move |tq| serve::run(spec, tq))
             .map_err(|e| StartError::Shard(format!("cannot start shard thread: {e}")))?;
         handles.push(h);
     }

@@ -41,6 +41,50 @@ impl Admin {
         Ok(TopicInfo::decode(self.conn.call(Op::CreateTopic, &b)?)?)
     }
 
+    /// Creates a consumer group; `settings` is a JSON object of group
+    /// settings (`mode`, `delivery`, `orderly`, `attempts_max`, `backoff`,
+    /// `invisible_ms`, `subscriptions`, ...; absent fields take defaults).
+    /// Returns the group as the broker describes it.
+    pub fn create_group(
+        &mut self,
+        name: &str,
+        settings: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut b = BytesMut::new();
+        CreateGroupRequest {
+            name: name.to_owned(),
+            settings_json: settings.to_string(),
+        }
+        .encode(&mut b);
+        json_body(self.conn.call(Op::CreateGroup, &b)?)
+    }
+
+    /// Deletes a consumer group (its dead-letter topic stays).
+    pub fn delete_group(&mut self, name: &str) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        GroupRequest {
+            name: name.to_owned(),
+        }
+        .encode(&mut b);
+        self.conn.call(Op::DeleteGroup, &b)?;
+        Ok(())
+    }
+
+    /// Every consumer group (a JSON array).
+    pub fn list_groups(&mut self) -> Result<serde_json::Value, ClientError> {
+        json_body(self.conn.call(Op::ListGroups, &[])?)
+    }
+
+    /// A group's settings and per-queue state (JSON).
+    pub fn describe_group(&mut self, name: &str) -> Result<serde_json::Value, ClientError> {
+        let mut b = BytesMut::new();
+        GroupRequest {
+            name: name.to_owned(),
+        }
+        .encode(&mut b);
+        json_body(self.conn.call(Op::DescribeGroup, &b)?)
+    }
+
     /// Every topic.
     pub fn list_topics(&mut self) -> Result<Vec<TopicInfo>, ClientError> {
         Ok(self.metadata(&[])?.topics)
@@ -156,4 +200,8 @@ impl Admin {
         .encode(&mut b);
         Ok(decode_opt_u64(self.conn.call(Op::FetchOffset, &b)?)?)
     }
+}
+
+fn json_body(b: bytes::Bytes) -> Result<serde_json::Value, ClientError> {
+    serde_json::from_slice(&b).map_err(|e| ClientError::Protocol(format!("JSON reply: {e}")))
 }

@@ -118,6 +118,14 @@ impl Connection {
             let (code, body) = self.stash.remove(&id).expect("key just seen");
             return Ok(Some((id, code, body)));
         }
+        self.recv_wire(deadline)
+    }
+
+    /// Reads the next reply off the socket (not the stash).
+    fn recv_wire(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(u64, u16, Bytes)>, ClientError> {
         loop {
             if let Some(((_op, code, id), body)) = self
                 .decoder
@@ -181,7 +189,7 @@ impl Connection {
             return Ok(r);
         }
         loop {
-            match self.recv_any(Some(deadline))? {
+            match self.recv_wire(Some(deadline))? {
                 None => return Err(ClientError::Timeout),
                 Some((got, code, body)) if got == id => return Ok((code, body)),
                 Some((got, code, body)) => {

@@ -1,7 +1,7 @@
 //! A blocking Rust client over std sockets: no glommio, no async runtime,
 //! usable from a plain `fn main`. One [`Connection`] pipelines requests
 //! (many in flight, replies matched by request id); [`Producer`],
-//! [`Consumer`] and [`Admin`] build on it.
+//! [`Consumer`], [`GroupConsumer`] and [`Admin`] build on it.
 //!
 //! ```no_run
 //! use keelmq::client::{Admin, Consumer, Producer, Record, SeekTo};
@@ -21,6 +21,7 @@
 mod admin;
 mod conn;
 mod consumer;
+mod group;
 mod producer;
 
 pub use crate::batch::Record;
@@ -29,6 +30,7 @@ pub use crate::protocol::{Durability, ErrorCode, QueueOffsets, TopicInfo};
 pub use admin::Admin;
 pub use conn::Connection;
 pub use consumer::{Consumer, SeekTo};
+pub use group::{Delivery, GroupConsumer, Outcome};
 pub use producer::{Producer, QueueSelector, SendReceipt};
 
 use bytes::Bytes;

@@ -65,17 +65,35 @@ pub enum JournalDeliveries {
     Before,
 }
 
+fn every_message() -> String {
+    "*".to_owned()
+}
+
+/// Where a new group starts in each queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// After the newest message when the group is created (Kafka's
+    /// `latest`, RocketMQ's `CONSUME_FROM_LAST_OFFSET`).
+    #[default]
+    Latest,
+    /// The oldest retained message.
+    Earliest,
+}
+
 /// A topic the group consumes, with its filter.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Subscription {
     pub topic: String,
     /// `*` (everything); tag and SQL92 expressions come with filters.
+    #[serde(default = "every_message")]
     pub filter: String,
 }
 
 /// A consumer group's settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GroupConfig {
     pub name: String,
     pub mode: GroupMode,
@@ -91,7 +109,15 @@ pub struct GroupConfig {
     /// Level of commits and acks; `None`: each topic's own.
     pub durability: Option<Durability>,
     pub journal_deliveries: JournalDeliveries,
+    /// Where the group starts in a queue it had no position in.
+    pub start: StartFrom,
     pub subscriptions: Vec<Subscription>,
+}
+
+impl Default for GroupConfig {
+    fn default() -> GroupConfig {
+        GroupConfig::new("", Vec::new())
+    }
 }
 
 /// Why group settings were refused.
@@ -139,6 +165,7 @@ impl GroupConfig {
             session_timeout_ms: SESSION_TIMEOUT_MS_DEFAULT,
             durability: None,
             journal_deliveries: JournalDeliveries::Alongside,
+            start: StartFrom::Latest,
             subscriptions,
         }
     }

@@ -4,6 +4,7 @@
 //!
 //! - `backoff`: retry schedules (RocketMQ's by default);
 //! - `config`: a group's settings and their validation;
+//! - `entry`: the records of a shard's group journal in its commit log;
 //! - `journal`: the delivery window's transitions as 40-byte records;
 //! - `membership`: members, sessions, generations and the two-step,
 //!   epoch-fenced queue assignment of queue delivery (coordinator shard);
@@ -13,6 +14,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod entry;
 pub mod journal;
 pub mod membership;
 pub mod receipt;

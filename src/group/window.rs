@@ -40,8 +40,9 @@ use super::journal::{Event, JournalError};
 
 /// Default most messages in one (group, queue) window.
 pub const INFLIGHT_MESSAGES_MAX_DEFAULT: u32 = 10_000;
-/// Largest `inflight_messages_max` a group may set.
-pub const INFLIGHT_MESSAGES_MAX_LIMIT: u32 = 1 << 20;
+/// Largest `inflight_messages_max` a group may set (a full window's
+/// snapshot, 3.2 MB, is one record of the group journal).
+pub const INFLIGHT_MESSAGES_MAX_LIMIT: u32 = 100_000;
 /// Default most deliveries of one message before it is dead-lettered.
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 16;
 /// Shortest invisible time a receive may ask for, in milliseconds.
@@ -88,6 +89,9 @@ pub struct Lease {
     pub lease: u64,
     /// Invisible to other consumers until then.
     pub deadline_ms: u64,
+    /// A redelivery: when it became due (its retry time, or the deadline
+    /// of the delivery before), to measure lateness.
+    pub due_ms: Option<u64>,
 }
 
 /// Why an ack, nack or change of invisible time was refused. None of them
@@ -330,11 +334,16 @@ impl DeliveryWindow {
     }
 
     fn deliver(&mut self, offset: u64, invisible_ms: u64) -> Lease {
+        let slot = *self.slot(offset).expect("a window slot");
         let l = Lease {
             offset,
-            attempt: self.slot(offset).expect("a window slot").attempt + 1,
+            attempt: slot.attempt + 1,
             lease: self.next_lease,
             deadline_ms: self.now_ms.saturating_add(invisible_ms),
+            due_ms: match slot.state {
+                State::Retry { not_before_ms } => Some(not_before_ms),
+                _ => None,
+            },
         };
         self.deliver_as(l);
         self.journal.push(Event::Deliver {
@@ -495,6 +504,38 @@ impl DeliveryWindow {
             .is_some_and(|s| s.state == State::DeadLettering)
     }
 
+    /// Leaves `n` lease numbers unused (after a restart: leases handed out
+    /// in deliveries the journal lost must never be handed out again).
+    pub fn skip_leases(&mut self, n: u64) {
+        self.next_lease = self.next_lease.saturating_add(n);
+    }
+
+    /// Moves an empty window's floor up to `offset` (the messages below are
+    /// gone: retention deleted them). False, and nothing changes, when the
+    /// window holds slots. Not journaled: the shard stores a snapshot.
+    pub fn skip_to(&mut self, offset: u64) -> bool {
+        if !self.slots.is_empty() {
+            return false;
+        }
+        self.floor = self.floor.max(offset);
+        true
+    }
+
+    /// Where a message stands, for describing the group: (in flight or
+    /// waiting to be retried, dead-lettering).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for s in &self.slots {
+            match s.state {
+                State::InFlight { .. } => c.0 += 1,
+                State::Retry { .. } => c.1 += 1,
+                State::DeadLettering => c.2 += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+
     /// Transitions since the last call, to journal (in order).
     pub fn take_journal(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.journal)
@@ -526,6 +567,7 @@ impl DeliveryWindow {
                     attempt,
                     lease,
                     deadline_ms,
+                    due_ms: None,
                 },
                 &mut group_of,
             ),

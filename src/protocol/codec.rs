@@ -74,6 +74,18 @@ impl Reader {
         let n = self.u32(what)? as usize;
         self.slice(n, what)
     }
+    /// Exactly `n` bytes, sliced without copying.
+    pub fn fixed(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
+        self.slice(n, what)
+    }
+    /// The next `n` bytes (fewer at the end), not consumed.
+    pub fn peek(&self, n: usize) -> &[u8] {
+        &self.buf[self.at..(self.at + n).min(self.buf.len())]
+    }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.at
+    }
     fn slice(&mut self, n: usize, what: &'static str) -> Result<Bytes, DecodeError> {
         let start = self.at;
         self.take(n, what)?;

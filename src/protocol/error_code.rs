@@ -38,6 +38,22 @@ pub enum ErrorCode {
     /// The shard's disk is full: nothing was stored. Retriable; writes
     /// resume by themselves once space is freed.
     StorageFull = 17,
+    /// No consumer group of that name (or id) exists.
+    UnknownGroup = 18,
+    /// A consumer group of that name exists already.
+    GroupExists = 19,
+    /// A receipt handle that this broker did not issue (bad MAC), that is
+    /// malformed, or that names another shard.
+    InvalidReceipt = 20,
+    /// A receipt handle from a delivery that is over: the message was
+    /// delivered again since, its invisible time passed, or it was nacked.
+    /// Nothing changed; the message is (or will be) redelivered.
+    StaleReceipt = 21,
+    /// The message is already acknowledged (or dead-lettered).
+    AlreadyAcked = 22,
+    /// A membership request carried an old generation or a lost member id:
+    /// rejoin.
+    StaleGeneration = 23,
 }
 
 impl ErrorCode {
@@ -62,6 +78,12 @@ impl ErrorCode {
             14 => ShuttingDown,
             15 => Busy,
             17 => StorageFull,
+            18 => UnknownGroup,
+            19 => GroupExists,
+            20 => InvalidReceipt,
+            21 => StaleReceipt,
+            22 => AlreadyAcked,
+            23 => StaleGeneration,
             _ => Internal,
         }
     }
@@ -94,6 +116,12 @@ impl ErrorCode {
             Busy => "busy",
             Internal => "internal",
             StorageFull => "storage_full",
+            UnknownGroup => "unknown_group",
+            GroupExists => "group_exists",
+            InvalidReceipt => "invalid_receipt",
+            StaleReceipt => "stale_receipt",
+            AlreadyAcked => "already_acked",
+            StaleGeneration => "stale_generation",
         }
     }
 }
@@ -104,7 +132,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for v in 0..=17u16 {
+        for v in 0..=23u16 {
             assert_eq!(ErrorCode::from_u16(v) as u16, v);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);

@@ -248,7 +248,10 @@ impl Metadata {
         limits: TopicLimits,
         now_ms: i64,
     ) -> Result<TopicInfo, MetadataError> {
-        if !valid_name(name) {
+        let dlq = name
+            .strip_prefix(crate::group::config::DLQ_TOPIC_PREFIX)
+            .is_some_and(|g| self.groups.contains_key(g));
+        if !valid_name(name) && !dlq {
             return Err(MetadataError::InvalidName(name.to_owned()));
         }
         if self.topics.contains_key(name) {
@@ -296,6 +299,23 @@ impl Metadata {
         self.epoch += 1;
         self.reindex();
         Ok(self.topic_info(name).expect("just created"))
+    }
+
+    /// Creates a group's dead-letter topic `%DLQ%<group>` (one queue) unless
+    /// it exists; `%` names are refused to anyone else.
+    pub fn ensure_dlq_topic(
+        &mut self,
+        group: &str,
+        durability: Durability,
+        limits: TopicLimits,
+        now_ms: i64,
+    ) -> Result<(), MetadataError> {
+        let name = format!("{}{group}", crate::group::config::DLQ_TOPIC_PREFIX);
+        if self.topics.contains_key(&name) {
+            return Ok(());
+        }
+        self.create_topic(&name, 1, durability, limits, now_ms)
+            .map(|_| ())
     }
 
     /// Deletes a topic; returns its queue ids.

@@ -22,6 +22,16 @@ pub struct ShardMetrics {
     pub connections_timed_out: u64,
     /// Produce receipt → durability level reached, µs.
     pub append_us: Histogram<u64>,
+    /// Group deliveries (receive), redeliveries among them, acks, nacks,
+    /// dead letters stored.
+    pub group_deliveries: u64,
+    pub group_redeliveries: u64,
+    pub group_acks: u64,
+    pub group_nacks: u64,
+    pub group_dead_letters: u64,
+    /// A redelivery's receive time − the time it became due, ms (the
+    /// broker's clock; a redelivery waits for a receive to ask).
+    pub redelivery_lateness_ms: Histogram<u64>,
 }
 
 impl Default for ShardMetrics {
@@ -40,8 +50,26 @@ impl Default for ShardMetrics {
             connections_refused: 0,
             connections_timed_out: 0,
             append_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+            group_deliveries: 0,
+            group_redeliveries: 0,
+            group_acks: 0,
+            group_nacks: 0,
+            group_dead_letters: 0,
+            redelivery_lateness_ms: Histogram::new_with_bounds(1, 86_400_000, 2)
+                .expect("static bounds"),
         }
     }
+}
+
+/// Summary of a histogram in milliseconds.
+pub fn histogram_ms_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ms": h.value_at_quantile(0.50),
+        "p99_ms": h.value_at_quantile(0.99),
+        "p999_ms": h.value_at_quantile(0.999),
+        "max_ms": h.max(),
+    })
 }
 
 /// Summary of a latency histogram in microseconds.
@@ -71,6 +99,11 @@ impl ShardMetrics {
             "connections_total": self.connections_total,
             "connections_refused": self.connections_refused,
             "connections_timed_out": self.connections_timed_out,
+            "group_deliveries": self.group_deliveries,
+            "group_redeliveries": self.group_redeliveries,
+            "group_acks": self.group_acks,
+            "group_nacks": self.group_nacks,
+            "group_dead_letters": self.group_dead_letters,
         })
     }
 }

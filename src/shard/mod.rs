@@ -1,9 +1,13 @@
 //! One core's world: its queues (through the [`QueueStore`]), its copy of
 //! the metadata, its end of the mesh to the other shards, its metrics and
-//! consumer-group offsets, and its background work. A `Shard` lives on one
+//! consumer-group state, and its background work. A `Shard` lives on one
 //! executor and is shared there through `Rc`; nothing in it is `Send`.
+//!
+//! The shard knows nothing of connections or request handling: the broker
+//! starts it ([`start`]), then runs its accept loop and mesh receivers on
+//! it, and stops it ([`Shard::stop`]).
 
-pub mod group_offsets;
+pub mod groups;
 pub mod mesh;
 pub mod metadata;
 pub mod metrics;
@@ -12,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +24,7 @@ use crate::config::Config;
 use crate::runtime::{self, Semaphore, TaskQueues};
 use crate::storage::retention::RetentionPolicy;
 use crate::storage::{LogConfig, QueueStore, StoreConfig, UringIo};
-use group_offsets::{GroupOffsets, GROUP_OFFSETS_FILE};
+use groups::GroupEngine;
 use mesh::{Mesh, MeshEnds, MeshMsg};
 use metadata::Metadata;
 use metrics::ShardMetrics;
@@ -51,7 +55,7 @@ pub struct Shard {
     pub store: Rc<QueueStore<UringIo>>,
     pub mesh: Mesh,
     pub metrics: RefCell<ShardMetrics>,
-    pub groups: RefCell<GroupOffsets>,
+    pub groups: GroupEngine,
     /// Serialises metadata changes on shard 0 (persist + broadcast).
     pub meta_lock: Semaphore,
     /// Next queue for produce requests that name neither queue nor key.
@@ -61,41 +65,26 @@ pub struct Shard {
 
 impl Shard {
     /// Replaces the metadata copy and creates or removes the queues this
-    /// shard owns accordingly.
+    /// shard owns accordingly, and the consumer-group state with them.
     pub fn apply_metadata(&self, new: Metadata) {
         let owned = new.queues_of_shard(self.id);
         for &q in &owned {
             self.store.ensure_queue(q);
         }
         for q in self.store.queue_ids() {
-            if !owned.contains(&q) {
+            if q != crate::ids::GROUP_JOURNAL_QUEUE && !owned.contains(&q) {
                 self.store.remove_queue(q);
-                self.groups.borrow_mut().remove_queue(q);
             }
         }
-        *self.metadata.borrow_mut() = new;
+        let old = std::mem::replace(&mut *self.metadata.borrow_mut(), new);
+        self.groups
+            .sync_metadata(&self.store, Some(&old), &self.metadata.borrow(), self.id);
     }
 
-    async fn flush_group_offsets(&self) {
-        let Some(doc) = self.groups.borrow_mut().take_dirty_snapshot() else {
-            return;
-        };
-        let dir = self.dir.clone();
-        let res = runtime::blocking(move || {
-            crate::storage::write_atomic(&dir, GROUP_OFFSETS_FILE, doc.as_bytes())
-        })
-        .await;
-        if let Err(e) = res {
-            tracing::warn!(shard = self.id, "cannot store group offsets: {e}");
-            self.groups.borrow_mut().mark_dirty();
-        }
-    }
-
-    /// Periodic group-offset flushes and retention (the store's own keeper
-    /// stores checkpoints and index snapshots).
-    async fn background(self: Rc<Self>) {
+    /// Retention and group-journal generations.
+    pub async fn background(self: Rc<Self>) {
         let s = &self.config.storage;
-        let flush_every = Duration::from_millis(s.checkpoint_interval_ms);
+        let tick = Duration::from_millis(s.checkpoint_interval_ms);
         let retention_every = Duration::from_millis(s.retention_check_interval_ms);
         let policy = RetentionPolicy {
             retention_ms: s.retention_ms,
@@ -103,15 +92,18 @@ impl Shard {
         };
         let mut since_retention = Duration::ZERO;
         while !self.stopping.get() {
-            runtime::sleep(flush_every).await;
+            runtime::sleep(tick).await;
             if self.stopping.get() {
                 break;
             }
-            self.flush_group_offsets().await;
-            since_retention += flush_every;
+            if let Err(e) = self.groups.maybe_write_generation(&self.store).await {
+                tracing::warn!(shard = self.id, "group journal generation failed: {e}");
+            }
+            since_retention += tick;
             if since_retention >= retention_every {
                 since_retention = Duration::ZERO;
-                match self.store.apply_retention(policy).await {
+                let pin = self.groups.retention_pin();
+                match self.store.apply_retention(policy, pin).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(shard = self.id, "retention deleted {n} segments"),
                     Err(e) => tracing::warn!(shard = self.id, "retention failed: {e}"),
@@ -119,24 +111,32 @@ impl Shard {
             }
         }
     }
-}
 
-/// Runs one shard until shutdown. Called on the shard's executor.
-pub async fn run(spec: ShardSpec, tq: TaskQueues) -> Result<(), String> {
-    let ready = spec.ready.clone();
-    match start(spec, tq).await {
-        Ok((shard, shutdown)) => {
-            serve_until_shutdown(shard, shutdown).await;
-            Ok(())
+    /// Stops: finishes the log's writes and closes the mesh.
+    pub async fn stop(&self) {
+        self.stopping.set(true);
+        tracing::info!(shard = self.id, "stopping: finishing writes");
+        if let Err(e) = self.store.close().await {
+            tracing::error!(shard = self.id, "close failed: {e}");
         }
-        Err(e) => {
-            let _ = ready.send(Err(e.clone()));
-            Err(e)
-        }
+        self.mesh.close();
+        tracing::info!(shard = self.id, "stopped");
     }
 }
 
-async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<AtomicBool>), String> {
+/// A started shard, for the broker to serve on.
+pub struct Started {
+    pub shard: Rc<Shard>,
+    pub listener: runtime::TcpListener,
+    pub receivers: Vec<(u16, runtime::ConnectedReceiver<MeshMsg>)>,
+    pub ready: std::sync::mpsc::Sender<Result<String, String>>,
+    pub recovery_line: String,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Opens the shard's storage (recovery, then the group state) and its
+/// listener; nothing is served yet.
+pub async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<Started, String> {
     let id = spec.id;
     let cfg = spec.config.clone();
     let data_dir = cfg.broker.data_dir.clone();
@@ -175,16 +175,17 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     let (store, report) = QueueStore::open(UringIo::new(tq), store_cfg)
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;
-    let recovery_line = format!("shard {id} recovery: {report}");
-    tracing::info!("{recovery_line}");
-    let d = dir.clone();
-    let groups = runtime::blocking(move || GroupOffsets::load(&d))
+    store.start();
+    for q in spec.metadata.queues_of_shard(id) {
+        store.ensure_queue(q);
+    }
+    let (groups, group_report) = GroupEngine::recover(&store, &dir, &spec.metadata, id)
         .await
         .map_err(|e| format!("shard {id}: {e}"))?;
-    tracing::debug!(shard = id, "startup: group offsets loaded");
+    let recovery_line = format!("shard {id} recovery: {report}; {group_report}");
+    tracing::info!("{recovery_line}");
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
     tracing::debug!(shard = id, "startup: mesh connected");
-    store.start();
     let shard = Rc::new(Shard {
         id,
         shard_count: spec.shard_count,
@@ -196,7 +197,7 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
         store,
         mesh,
         metrics: RefCell::new(ShardMetrics::default()),
-        groups: RefCell::new(groups),
+        groups,
         meta_lock: Semaphore::new(1),
         round_robin: Cell::new(id as u32),
         stopping: Cell::new(false),
@@ -204,68 +205,12 @@ async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<(Rc<Shard>, Arc<Atomic
     shard.apply_metadata(spec.metadata);
     let listener = runtime::bind_listener(spec.listen)
         .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", spec.listen))?;
-    for (peer, rx) in receivers {
-        let s = shard.clone();
-        runtime::spawn_local_into(mesh_receive_loop(s, peer, rx), tq.data)
-            .expect("data queue")
-            .detach();
-    }
-    let s = shard.clone();
-    runtime::spawn_local_into(crate::broker::connection::accept_loop(s, listener), tq.data)
-        .expect("data queue")
-        .detach();
-    let s = shard.clone();
-    runtime::spawn_local_into(s.background(), tq.background)
-        .expect("background queue")
-        .detach();
-    let _ = spec.ready.send(Ok(recovery_line));
-    Ok((shard, spec.shutdown))
-}
-
-async fn serve_until_shutdown(shard: Rc<Shard>, shutdown: Arc<AtomicBool>) {
-    while !shutdown.load(Ordering::Relaxed) {
-        runtime::sleep(Duration::from_millis(20)).await;
-    }
-    shard.stopping.set(true);
-    tracing::info!(shard = shard.id, "stopping: finishing writes");
-    if let Err(e) = shard.store.close().await {
-        tracing::error!(shard = shard.id, "close failed: {e}");
-    }
-    shard.flush_group_offsets().await;
-    shard.mesh.close();
-    tracing::info!(shard = shard.id, "stopped");
-}
-
-async fn mesh_receive_loop(shard: Rc<Shard>, peer: u16, rx: runtime::ConnectedReceiver<MeshMsg>) {
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            MeshMsg::Reply { id, code, body } => shard.mesh.complete(id, code, body),
-            MeshMsg::Adopt { fd, buffered } => {
-                crate::broker::connection::adopt(&shard, fd, buffered)
-            }
-            MeshMsg::Request {
-                from,
-                id,
-                op,
-                queue,
-                body,
-            } => {
-                debug_assert_eq!(from, peer);
-                // The synchronous part (a produce's append) runs here, in
-                // arrival order; only the wait and the reply are spawned.
-                let pending =
-                    crate::broker::handlers::execute_local(&shard, op, queue, body, true).await;
-                let s = shard.clone();
-                runtime::spawn_local_into(
-                    async move {
-                        let reply = pending.resolve().await;
-                        let _ = s.mesh.reply(from, id, reply.code as u16, reply.body).await;
-                    },
-                    shard.tq.data,
-                )
-                .expect("data queue")
-                .detach();
-            }
-        }
-    }
+    Ok(Started {
+        shard,
+        listener,
+        receivers,
+        ready: spec.ready,
+        recovery_line,
+        shutdown: spec.shutdown,
+    })
 }

@@ -650,6 +650,57 @@ impl<I: Io> QueueStore<I> {
         Ok(b)
     }
 
+    /// Batches indexed in a queue (visible or not).
+    pub fn batch_count(&self, queue: QueueId) -> usize {
+        self.queues
+            .borrow()
+            .get(&queue.0)
+            .map_or(0, |q| q.consume.len())
+    }
+
+    /// The `i`-th indexed batch of a queue (oldest first) and its log
+    /// position, read and checked like any read.
+    pub async fn batch_by_index(
+        &self,
+        queue: QueueId,
+        i: usize,
+    ) -> Result<(LogPosition, Bytes), StoreError> {
+        let e = {
+            let queues = self.queues.borrow();
+            let q = queues
+                .get(&queue.0)
+                .ok_or(StoreError::UnknownQueue(queue.0))?;
+            *q.consume.get(i).ok_or(StoreError::OffsetOutOfRange {
+                offset: i as u64,
+                earliest: 0,
+                latest: q.consume.len() as u64,
+            })?
+        };
+        let b = self.batch_at_entry(e.position, e.len as usize).await?;
+        Ok((LogPosition(e.position), b))
+    }
+
+    /// The first offset at or after `offset` that holds a message (offsets
+    /// in a gap left by a crash, or deleted by retention, hold none);
+    /// `None` past the last appended batch.
+    pub fn first_offset_from(&self, queue: QueueId, offset: QueueOffset) -> Option<QueueOffset> {
+        let queues = self.queues.borrow();
+        let q = queues.get(&queue.0)?;
+        let i = q.consume.find(offset.0)?;
+        q.consume
+            .get(i)
+            .map(|e| QueueOffset(e.base_offset.max(offset.0)))
+    }
+
+    /// Log position of the batch holding `offset` of a queue (or the first
+    /// after it).
+    pub fn position_of(&self, queue: QueueId, offset: QueueOffset) -> Option<LogPosition> {
+        let queues = self.queues.borrow();
+        let q = queues.get(&queue.0)?;
+        let i = q.consume.find(offset.0)?;
+        q.consume.get(i).map(|e| LogPosition(e.position))
+    }
+
     /// The visible stored batch starting at `position` (message lookup).
     ///
     /// A position is accepted only where the log's own index says a batch
@@ -985,12 +1036,18 @@ impl<I: Io> QueueStore<I> {
 
     /// Applies retention: checkpoints, then deletes whole old segments and
     /// their snapshots and trims the indexes. Returns the number deleted.
-    pub async fn apply_retention(&self, policy: RetentionPolicy) -> Result<usize, StoreError> {
+    /// Nothing at or past `keep_from` goes (the group journal's last
+    /// generation: state that is not in a newer record).
+    pub async fn apply_retention(
+        &self,
+        policy: RetentionPolicy,
+        keep_from: LogPosition,
+    ) -> Result<usize, StoreError> {
         // Only durable segments go (recovery must never find a hole where
         // a deleted segment's successor was lost): what the policy would
         // delete is synced first, then the durable prefix of it goes.
         let all = self.log.segments();
-        let wanted = segments_to_delete(&all, policy, self.io.now_ms(), u64::MAX);
+        let wanted = segments_to_delete(&all, policy, self.io.now_ms(), keep_from.0);
         let Some(&wanted_last) = wanted.last() else {
             return Ok(0);
         };
@@ -1002,7 +1059,7 @@ impl<I: Io> QueueStore<I> {
             &segments,
             policy,
             self.io.now_ms(),
-            self.log.synced_position(),
+            self.log.synced_position().min(keep_from.0),
         );
         bases.retain(|&b| b <= wanted_last);
         let Some(&last) = bases.last() else {

@@ -6,6 +6,7 @@ mod config;
 mod disk_full;
 mod durability;
 mod forged;
+mod groups;
 mod limits;
 mod net_fuzz;
 mod produce;

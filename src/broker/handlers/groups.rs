@@ -1,33 +1,880 @@
-//! Consumer-group handlers: offset commit and fetch.
+//! Consumer-group handlers: create, delete, list, describe; offset commit
+//! and fetch; receive, ack, nack and change-invisible (message delivery);
+//! and the group timer (redelivery wake-ups, dead letters).
 
 use super::*;
+use crate::batch::{BatchBuilder, Record as BatchRecord, RecordIter};
+use crate::group::config::{Delivery, GroupConfig};
+use crate::group::receipt::Receipt;
+use crate::group::window::{Lease, LeaseError, INVISIBLE_MS_MAX, INVISIBLE_MS_MIN};
+use crate::ids::GroupId;
+use crate::shard::groups::message_groups;
+use crate::shard::metadata::TopicLimits;
 
-pub(super) fn group_offset(shard: &Shard, body: Bytes, commit: bool) -> HResult {
-    let req = GroupOffsetRequest::decode(body, commit)?;
-    if req.group.is_empty() {
-        return Err(herr(ErrorCode::InvalidArgument, "group name is empty"));
+/// Most messages one receive returns.
+pub const RECEIVE_MESSAGES_MAX: u32 = 4096;
+/// Properties a dead letter gets, beside its own.
+pub const DLQ_PROPERTY_TOPIC: &str = "DLQ_ORIGIN_TOPIC";
+pub const DLQ_PROPERTY_QUEUE: &str = "DLQ_ORIGIN_QUEUE";
+pub const DLQ_PROPERTY_OFFSET: &str = "DLQ_ORIGIN_OFFSET";
+pub const DLQ_PROPERTY_MESSAGE_ID: &str = "DLQ_ORIGIN_MESSAGE_ID";
+pub const DLQ_PROPERTY_ATTEMPTS: &str = "DLQ_ATTEMPTS";
+pub const DLQ_PROPERTY_TIME: &str = "DLQ_TIME_MS";
+pub const DLQ_PROPERTY_GROUP: &str = "DLQ_GROUP";
+/// Internal operation: one shard's part of a group description (JSON).
+pub const OP_INTERNAL_DESCRIBE_GROUP: u16 = 0x8004;
+
+fn now_ms() -> u64 {
+    crate::runtime::now_ms().max(0) as u64
+}
+
+fn topic_limits(shard: &Shard) -> TopicLimits {
+    let l = &shard.config.limits;
+    TopicLimits {
+        topic_queues_max: l.topic_queues_max,
+        topics_max: l.topics_max,
+        queues_max: l.queues_max,
     }
-    let route = shard
+}
+
+fn group_by_name(shard: &Shard, name: &str) -> Result<(GroupId, GroupConfig), HandlerError> {
+    shard
         .metadata
         .borrow()
-        .route(&req.topic, QueueIndex(req.queue))?;
+        .groups
+        .get(name)
+        .map(|g| (GroupId(g.id), g.config.clone()))
+        .ok_or_else(|| herr(ErrorCode::UnknownGroup, format!("no group `{name}`")))
+}
+
+fn store_err(e: crate::storage::StoreError) -> HandlerError {
+    HandlerError::from(e)
+}
+
+pub(super) async fn create_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = CreateGroupRequest::decode(body)?;
+    let mut cfg: GroupConfig = if req.settings_json.trim().is_empty() {
+        GroupConfig::default()
+    } else {
+        serde_json::from_str(&req.settings_json)
+            .map_err(|e| herr(ErrorCode::InvalidArgument, format!("group settings: {e}")))?
+    };
+    if !cfg.name.is_empty() && cfg.name != req.name {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("settings name `{}` is not `{}`", cfg.name, req.name),
+        ));
+    }
+    cfg.name = req.name.clone();
+    let snapshot_bytes = crate::group::window::SNAPSHOT_HEADER_BYTES as u64
+        + u64::from(cfg.inflight_messages_max) * crate::group::window::SNAPSHOT_SLOT_BYTES as u64
+        + 256;
+    if snapshot_bytes > u64::from(shard.config.limits.batch_bytes_max) {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!(
+                "inflight_messages_max {} needs a {snapshot_bytes}-byte window snapshot, over limits.batch_bytes_max",
+                cfg.inflight_messages_max
+            ),
+        ));
+    }
+    let level = cfg
+        .durability
+        .unwrap_or(shard.config.broker.durability_default);
+    let limits = topic_limits(shard);
+    let now = crate::runtime::now_ms();
+    let c = cfg.clone();
+    let id = change_metadata(shard, move |m| {
+        let id = m.create_group(c.clone(), now)?;
+        m.ensure_dlq_topic(&c.name, level, limits, now)?;
+        Ok(id)
+    })
+    .await?;
+    let coordinator = shard.metadata.borrow().coordinator_of(&cfg.name).0;
+    tracing::info!(group = %cfg.name, id = id.0, "created group");
+    Ok(body_json(&serde_json::json!({
+        "name": cfg.name,
+        "id": id.0,
+        "coordinator": coordinator,
+        "dlq_topic": cfg.dlq_topic(),
+        "settings": cfg,
+    })))
+}
+
+pub(super) async fn delete_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = GroupRequest::decode(body)?;
+    change_metadata(shard, |m| m.delete_group(&req.name)).await?;
+    tracing::info!(group = %req.name, "deleted group");
+    Ok(Vec::new())
+}
+
+pub(super) fn list_groups(shard: &Shard, body: Bytes) -> HResult {
+    Reader::new(body).finish()?;
+    let meta = shard.metadata.borrow();
+    let groups: Vec<_> = meta
+        .groups
+        .values()
+        .map(|g| {
+            serde_json::json!({
+                "name": g.config.name,
+                "id": g.id,
+                "mode": g.config.mode,
+                "delivery": g.config.delivery,
+                "orderly": g.config.orderly,
+                "topics": g.config.subscriptions.iter().map(|s| s.topic.clone()).collect::<Vec<_>>(),
+                "created_ms": g.created_ms,
+            })
+        })
+        .collect();
+    Ok(body_json(&serde_json::Value::Array(groups)))
+}
+
+/// This shard's part of a group's description.
+fn describe_local(shard: &Shard, name: &str) -> serde_json::Value {
+    let meta = shard.metadata.borrow();
+    let Some(g) = meta.groups.get(name) else {
+        return serde_json::Value::Null;
+    };
+    let mut queues = Vec::new();
+    for key in shard.groups.window_keys() {
+        if key.0 .0 != g.id {
+            continue;
+        }
+        let latest = shard.store.offsets(key.1).map_or(0, |o| o.latest);
+        if let Some(v) = shard.groups.with_window(key.0, key.1, |w| {
+            let (in_flight, retrying, dead_lettering) = w.w.counts();
+            serde_json::json!({
+                "topic": w.topic,
+                "queue": w.index.0,
+                "shard": shard.id,
+                "acked_below": w.w.floor(),
+                "delivered_below": w.w.next(),
+                "latest": latest,
+                "lag": latest.saturating_sub(w.w.floor()),
+                "in_flight": in_flight,
+                "retrying": retrying,
+                "dead_lettering": dead_lettering,
+            })
+        }) {
+            queues.push(v);
+        }
+    }
+    for (q, instance, committed) in shard.groups.offsets_of(name) {
+        let Some((topic, index)) = meta.locate(q) else {
+            continue;
+        };
+        let latest = shard.store.offsets(q).map_or(0, |o| o.latest);
+        queues.push(serde_json::json!({
+            "topic": topic,
+            "queue": index.0,
+            "shard": shard.id,
+            "instance": instance,
+            "committed": committed,
+            "latest": latest,
+            "lag": latest.saturating_sub(committed),
+        }));
+    }
+    let dlq = g.config.dlq_topic();
+    let dlq_depth = meta
+        .route(&dlq, QueueIndex(0))
+        .ok()
+        .filter(|r| r.shard == shard.id)
+        .and_then(|r| shard.store.offsets(r.queue_id).ok())
+        .map(|o| o.latest);
+    serde_json::json!({ "queues": queues, "dlq_depth": dlq_depth })
+}
+
+pub(super) fn describe_group_internal(shard: &Shard, body: Bytes) -> HResult {
+    let name = std::str::from_utf8(&body)
+        .map_err(|_| herr(ErrorCode::Malformed, "group name is not UTF-8"))?;
+    Ok(body_json(&describe_local(shard, name)))
+}
+
+pub(super) async fn describe_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = GroupRequest::decode(body)?;
+    let (id, cfg) = group_by_name(shard, &req.name)?;
+    let mut parts = vec![describe_local(shard, &req.name)];
+    for peer in (0..shard.shard_count).filter(|&p| p != shard.id) {
+        let rx = shard
+            .mesh
+            .request(
+                peer,
+                OP_INTERNAL_DESCRIBE_GROUP,
+                None,
+                Bytes::from(req.name.clone()),
+            )
+            .await
+            .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
+        if let Some((0, body)) = rx.await {
+            let bytes: Vec<u8> = body.iter().flat_map(|b| b.iter().copied()).collect();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                parts.push(v);
+            }
+        }
+    }
+    let mut queues: Vec<serde_json::Value> = parts
+        .iter()
+        .filter_map(|p| p.get("queues").and_then(|q| q.as_array()))
+        .flatten()
+        .cloned()
+        .collect();
+    queues.sort_by_key(|q| {
+        (
+            q["topic"].as_str().unwrap_or("").to_owned(),
+            q["queue"].as_u64().unwrap_or(0),
+            q["instance"].as_str().unwrap_or("").to_owned(),
+        )
+    });
+    let dlq_depth = parts
+        .iter()
+        .filter_map(|p| p.get("dlq_depth").and_then(|d| d.as_u64()))
+        .sum::<u64>();
+    let coordinator = shard.metadata.borrow().coordinator_of(&req.name).0;
+    Ok(body_json(&serde_json::json!({
+        "name": req.name,
+        "id": id.0,
+        "coordinator": coordinator,
+        "settings": cfg,
+        "dlq_topic": cfg.dlq_topic(),
+        "dlq_depth": dlq_depth,
+        "members": [],
+        "queues": queues,
+    })))
+}
+
+pub(super) async fn group_offset(shard: &Rc<Shard>, body: Bytes, commit: bool) -> HResult {
+    let req = GroupOffsetRequest::decode(body, commit)?;
+    if !crate::ids::is_valid_name(&req.group, crate::group::config::GROUP_NAME_BYTES_MAX) {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("group name `{}` is not valid", req.group),
+        ));
+    }
+    let (route, level) = {
+        let meta = shard.metadata.borrow();
+        let route = meta.route(&req.topic, QueueIndex(req.queue))?;
+        let level = meta
+            .groups
+            .get(&req.group)
+            .and_then(|g| g.config.durability)
+            .unwrap_or(route.durability);
+        (route, level)
+    };
     match req.offset {
         Some(o) => {
             shard
+                .store
+                .wait_appendable(
+                    512,
+                    Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
+                )
+                .await?;
+            let entry = shard
                 .groups
-                .borrow_mut()
                 .commit(
                     &req.group,
                     route.queue_id,
+                    "",
                     o,
                     shard.config.limits.group_offsets_max,
                 )
                 .map_err(|e| herr(ErrorCode::InvalidArgument, e.to_string()))?;
+            let r = shard.groups.append(&shard.store, &[entry], level)?;
+            if let Some(r) = r {
+                shard.store.wait_durable(&r, level).await?;
+            }
             Ok(Vec::new())
         }
         None => {
-            let v = shard.groups.borrow().get(&req.group, route.queue_id);
+            let v = shard.groups.offset(&req.group, route.queue_id, "");
             Ok(body_of(|b| encode_opt_u64(b, v)))
         }
     }
+}
+
+/// A message group's worth of leases, with the batch each message is in.
+struct Leased {
+    queue: QueueId,
+    index: QueueIndex,
+    lease: Lease,
+    batch: u32,
+}
+
+/// The batch of `queue` holding `offset`, unless the offset holds no
+/// message (a gap, or deleted by retention).
+async fn batch_holding(
+    shard: &Shard,
+    queue: QueueId,
+    offset: u64,
+) -> Result<Option<Bytes>, HandlerError> {
+    match shard.store.read(queue, QueueOffset(offset), 1).await {
+        Ok((_, batches)) => Ok(batches.into_iter().next().filter(|b| {
+            BatchHeader::parse(b).is_ok_and(|h| h.base_offset <= offset && offset < h.next_offset())
+        })),
+        Err(crate::storage::StoreError::OffsetOutOfRange { .. }) => Ok(None),
+        Err(e) => Err(store_err(e)),
+    }
+}
+
+pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = ReceiveRequest::decode(body)?;
+    let (gid, cfg) = group_by_name(shard, &req.group)?;
+    if cfg.delivery != Delivery::Message {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!(
+                "group `{}` uses queue delivery: join, then fetch and commit offsets",
+                req.group
+            ),
+        ));
+    }
+    if !cfg.subscriptions.iter().any(|s| s.topic == req.topic) {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!(
+                "group `{}` does not subscribe to `{}`",
+                req.group, req.topic
+            ),
+        ));
+    }
+    let invisible = if req.invisible_ms == 0 {
+        cfg.invisible_ms
+    } else {
+        req.invisible_ms
+    };
+    if !(INVISIBLE_MS_MIN..=INVISIBLE_MS_MAX).contains(&invisible) {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("invisible_ms {invisible} must be {INVISIBLE_MS_MIN} to {INVISIBLE_MS_MAX}"),
+        ));
+    }
+    let max = req.max_messages.clamp(1, RECEIVE_MESSAGES_MAX) as usize;
+    let queues: Vec<QueueId> = shard
+        .metadata
+        .borrow()
+        .queues(&req.topic)?
+        .into_iter()
+        .filter(|(_, s)| s.0 == shard.id)
+        .map(|(q, _)| q)
+        .collect();
+    let limits = &shard.config.limits;
+    let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
+    let deadline = Instant::now() + wait;
+    let bytes_max = u64::from(limits.fetch_bytes_max);
+    loop {
+        let seen = shard.groups.ready.get();
+        let waiter = shard.store.watch_queues(&queues);
+        let (leased, batches, entries, level, before) =
+            receive_once(shard, gid, &queues, max, invisible, bytes_max).await?;
+        let now = Instant::now();
+        if !leased.is_empty() || now >= deadline {
+            if !entries.is_empty() {
+                let r = shard.groups.append(&shard.store, &entries, level)?;
+                shard.groups.kick.advance(shard.groups.kick.get() + 1);
+                if let (true, Some(r)) = (before, r) {
+                    shard.store.wait_durable(&r, level).await?;
+                }
+            }
+            return Ok(receive_reply(shard, gid, leased, batches));
+        }
+        if !entries.is_empty() {
+            shard.groups.append(&shard.store, &entries, level)?;
+        }
+        let left = deadline - now;
+        futures_lite::future::or(shard.store.wait_watched(&waiter, left), async {
+            shard
+                .groups
+                .ready
+                .wait_for_within(seen + 1, crate::runtime::sleep(left))
+                .await;
+        })
+        .await;
+    }
+}
+
+type Received = (
+    Vec<Leased>,
+    Vec<Bytes>,
+    Vec<crate::group::entry::Entry>,
+    Durability,
+    bool,
+);
+
+/// One pass over the queues: leases what is ready, with the batches.
+async fn receive_once(
+    shard: &Rc<Shard>,
+    gid: GroupId,
+    queues: &[QueueId],
+    max: usize,
+    invisible: u64,
+    bytes_max: u64,
+) -> Result<Received, HandlerError> {
+    use crate::group::entry::Entry;
+    let mut leased: Vec<Leased> = Vec::new();
+    let mut batches: Vec<Bytes> = Vec::new();
+    let mut spans: Vec<(QueueId, u64, u64, u32)> = Vec::new();
+    let mut bytes = 0u64;
+    let mut entries = Vec::new();
+    let mut level = Durability::Memory;
+    let mut before = false;
+    let n = queues.len().max(1);
+    let start = shard.round_robin.get() as usize % n;
+    shard
+        .round_robin
+        .set(shard.round_robin.get().wrapping_add(1));
+    for k in 0..queues.len() {
+        if leased.len() >= max || bytes >= bytes_max {
+            break;
+        }
+        let q = queues[(start + k) % n];
+        let Ok(o) = shard.store.offsets(q) else {
+            continue;
+        };
+        let Some((orderly, next, empty)) = shard
+            .groups
+            .with_window(gid, q, |w| (w.orderly, w.w.next(), w.w.is_empty()))
+        else {
+            continue;
+        };
+        // Offsets that hold no message (a crash's gap, retention) are
+        // skipped by an empty window; a busy one stops before them.
+        let mut visible_end = o.latest;
+        if next < o.latest {
+            let first = shard
+                .store
+                .first_offset_from(q, QueueOffset(next))
+                .map_or(o.latest, |f| f.0.min(o.latest));
+            if first > next {
+                if empty {
+                    shard.groups.with_window(gid, q, |w| w.w.skip_to(first));
+                    let snap = shard
+                        .groups
+                        .with_window(gid, q, |w| w.w.snapshot())
+                        .expect("window");
+                    entries.push(Entry::Snapshot {
+                        group: gid,
+                        queue: q,
+                        snapshot: snap,
+                    });
+                } else {
+                    visible_end = next;
+                }
+            }
+        }
+        let groups = if orderly && next < visible_end {
+            let to = visible_end.min(next + 100_000);
+            let m = message_groups(&shard.store, q, next, to).await?;
+            let mut end = next;
+            while m.contains_key(&end) {
+                end += 1;
+            }
+            visible_end = end;
+            m
+        } else {
+            Default::default()
+        };
+        loop {
+            if leased.len() >= max || bytes >= bytes_max {
+                break;
+            }
+            let now = now_ms();
+            let got = shard.groups.with_window(gid, q, |w| {
+                let l = w.w.receive(now, 1, invisible, visible_end, |o| {
+                    groups.get(&o).copied().unwrap_or(0)
+                });
+                (l, w.index, w.level, w.journal_before)
+            });
+            let Some((l, index, lvl, jb)) = got else {
+                break;
+            };
+            let Some(lease) = l.into_iter().next() else {
+                break;
+            };
+            level = level.max_level(lvl);
+            before |= jb;
+            let off = lease.offset;
+            let batch = match spans.iter().find(|s| s.0 == q && s.1 <= off && off < s.2) {
+                Some(s) => Some(s.3),
+                None => match batch_holding(shard, q, off).await? {
+                    Some(b) => {
+                        let h = BatchHeader::parse(&b).expect("checked");
+                        let i = batches.len() as u32;
+                        bytes += b.len() as u64;
+                        spans.push((q, h.base_offset, h.next_offset(), i));
+                        batches.push(b);
+                        Some(i)
+                    }
+                    None => None,
+                },
+            };
+            match batch {
+                Some(batch) => leased.push(Leased {
+                    queue: q,
+                    index,
+                    lease,
+                    batch,
+                }),
+                None => {
+                    // Nothing to deliver at this offset: finished.
+                    shard
+                        .groups
+                        .with_window(gid, q, |w| w.w.ack(off, lease.lease));
+                }
+            }
+        }
+        if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
+            entries.extend(events.into_iter().map(|event| Entry::Window {
+                group: gid,
+                queue: q,
+                event,
+            }));
+        }
+    }
+    Ok((leased, batches, entries, level, before))
+}
+
+fn receive_reply(
+    shard: &Shard,
+    gid: GroupId,
+    leased: Vec<Leased>,
+    batches: Vec<Bytes>,
+) -> Vec<Bytes> {
+    let leases: Vec<LeaseInfo> = leased
+        .iter()
+        .map(|l| {
+            let handle = Receipt {
+                shard: crate::ids::ShardId(shard.id),
+                group: gid,
+                queue: l.queue,
+                offset: QueueOffset(l.lease.offset),
+                lease: l.lease.lease,
+                attempt: l.lease.attempt,
+            }
+            .seal(&shard.groups.key);
+            LeaseInfo {
+                queue: l.index.0,
+                offset: l.lease.offset,
+                attempt: l.lease.attempt,
+                deadline_ms: l.lease.deadline_ms,
+                handle: Bytes::copy_from_slice(&handle),
+                batch: l.batch,
+            }
+        })
+        .collect();
+    {
+        let now = now_ms();
+        let mut m = shard.metrics.borrow_mut();
+        for l in &leased {
+            if let Some(due) = l.lease.due_ms {
+                m.group_redeliveries += 1;
+                let _ = m
+                    .redelivery_lateness_ms
+                    .record(now.saturating_sub(due).max(1));
+            }
+        }
+        m.group_deliveries += leases.len() as u64;
+        m.fetch_requests += 1;
+        m.messages_out += leases.len() as u64;
+        m.bytes_out += batches.iter().map(|b| b.len() as u64).sum::<u64>();
+    }
+    let mut head = BytesMut::new();
+    ReceiveResponse::encode_head(&leases, &batches, &mut head);
+    let mut out = Vec::with_capacity(batches.len() + 1);
+    out.push(head.freeze());
+    out.extend(batches);
+    out
+}
+
+fn lease_code(e: LeaseError) -> ErrorCode {
+    match e {
+        LeaseError::Finished(_) => ErrorCode::AlreadyAcked,
+        LeaseError::NotDelivered(_)
+        | LeaseError::Stale(_)
+        | LeaseError::NotLeased(_)
+        | LeaseError::DeadLettering(_) => ErrorCode::StaleReceipt,
+    }
+}
+
+/// Ack (or nack) handles of this shard; one code per handle.
+pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResult {
+    use crate::group::entry::Entry;
+    let req = SettleRequest::decode(body, nack)?;
+    let delay = match req.delay_ms {
+        Some(d) if d < 0 => {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!("nack delay_ms {d} is negative"),
+            ))
+        }
+        Some(d) if d as u64 > crate::group::backoff::BACKOFF_STEP_MS_MAX => {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "nack delay_ms {d} is over {}",
+                    crate::group::backoff::BACKOFF_STEP_MS_MAX
+                ),
+            ))
+        }
+        d => d.map(|d| d as u64),
+    };
+    shard
+        .store
+        .wait_appendable(
+            (req.handles.len() * 64) as u64,
+            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
+        )
+        .await?;
+    let now = now_ms();
+    let mut codes = Vec::with_capacity(req.handles.len());
+    let mut entries = Vec::new();
+    let mut level = Durability::Memory;
+    for h in &req.handles {
+        let code = match Receipt::open(h, &shard.groups.key) {
+            Err(_) => ErrorCode::InvalidReceipt,
+            Ok(r) if r.shard.0 != shard.id => ErrorCode::InvalidReceipt,
+            Ok(r) => {
+                let res = shard.groups.with_window(r.group, r.queue, |w| {
+                    w.w.advance(now);
+                    let res = if nack {
+                        w.w.nack(r.offset.0, r.lease, delay)
+                    } else {
+                        w.w.ack(r.offset.0, r.lease)
+                    };
+                    if res.is_ok() {
+                        level = level.max_level(w.level);
+                    }
+                    entries.extend(w.w.take_journal().into_iter().map(|event| Entry::Window {
+                        group: r.group,
+                        queue: r.queue,
+                        event,
+                    }));
+                    res
+                });
+                match res {
+                    None => ErrorCode::UnknownGroup,
+                    Some(Ok(())) => ErrorCode::Ok,
+                    Some(Err(e)) => lease_code(e),
+                }
+            }
+        };
+        if code == ErrorCode::Ok {
+            let mut m = shard.metrics.borrow_mut();
+            if nack {
+                m.group_nacks += 1;
+            } else {
+                m.group_acks += 1;
+            }
+        }
+        codes.push(code as u16);
+    }
+    if !entries.is_empty() {
+        let r = shard.groups.append(&shard.store, &entries, level)?;
+        let g = &shard.groups;
+        g.ready.advance(g.ready.get() + 1);
+        g.kick.advance(g.kick.get() + 1);
+        if let Some(r) = r {
+            shard.store.wait_durable(&r, level).await?;
+        }
+    }
+    Ok(body_of(|b| encode_codes(b, &codes)))
+}
+
+pub(super) async fn change_invisible(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    use crate::group::entry::Entry;
+    let req = ChangeInvisibleRequest::decode(body)?;
+    if !(INVISIBLE_MS_MIN..=INVISIBLE_MS_MAX).contains(&req.invisible_ms) {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!(
+                "invisible_ms {} must be {INVISIBLE_MS_MIN} to {INVISIBLE_MS_MAX}",
+                req.invisible_ms
+            ),
+        ));
+    }
+    let r = Receipt::open(&req.handle, &shard.groups.key)
+        .map_err(|e| herr(ErrorCode::InvalidReceipt, e.to_string()))?;
+    if r.shard.0 != shard.id {
+        return Err(herr(
+            ErrorCode::InvalidReceipt,
+            format!("the handle names shard {}", r.shard.0),
+        ));
+    }
+    shard
+        .store
+        .wait_appendable(
+            64,
+            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
+        )
+        .await?;
+    let now = now_ms();
+    let (deadline, entries, level) = shard
+        .groups
+        .with_window(r.group, r.queue, |w| {
+            w.w.advance(now);
+            let d = w.w.change_invisible(r.offset.0, r.lease, req.invisible_ms);
+            let entries: Vec<Entry> =
+                w.w.take_journal()
+                    .into_iter()
+                    .map(|event| Entry::Window {
+                        group: r.group,
+                        queue: r.queue,
+                        event,
+                    })
+                    .collect();
+            (d, entries, w.level)
+        })
+        .ok_or_else(|| herr(ErrorCode::UnknownGroup, "the handle's group is gone"))?;
+    let deadline = deadline.map_err(|e| herr(lease_code(e), e.to_string()))?;
+    if let Some(rc) = shard.groups.append(&shard.store, &entries, level)? {
+        shard.groups.kick.advance(shard.groups.kick.get() + 1);
+        shard.store.wait_durable(&rc, level).await?;
+    }
+    Ok(body_of(|b| encode_u64(b, deadline)))
+}
+
+/// Per shard: wakes at the next deadline or retry time, fires what is due
+/// (retries become ready, long polls wake), and stores dead letters.
+pub async fn group_timer(shard: Rc<Shard>) {
+    let mut pending: Vec<(GroupId, QueueId, u64, u32)> = Vec::new();
+    while !shard.stopping.get() {
+        let now = now_ms();
+        let (dead, ready) = shard.groups.advance_all(now);
+        let g = &shard.groups;
+        if ready {
+            g.ready.advance(g.ready.get() + 1);
+        }
+        pending.extend(dead);
+        if !pending.is_empty() {
+            let batch = std::mem::take(&mut pending);
+            for d in batch {
+                if let Err(e) = store_dead_letter(&shard, d).await {
+                    tracing::warn!(
+                        shard = shard.id,
+                        "dead letter not stored yet: {}",
+                        e.message
+                    );
+                    pending.push(d);
+                }
+            }
+        }
+        let sleep_ms = if pending.is_empty() {
+            g.next_due_ms()
+                .map_or(1000, |d| d.saturating_sub(now_ms()).min(1000))
+        } else {
+            200
+        };
+        let seen = g.kick.get();
+        g.kick
+            .wait_for_within(
+                seen + 1,
+                crate::runtime::sleep(Duration::from_millis(sleep_ms)),
+            )
+            .await;
+    }
+}
+
+/// Appends a dead letter to its group's `%DLQ%` topic (wherever that
+/// queue lives), then finishes it in the window.
+async fn store_dead_letter(
+    shard: &Rc<Shard>,
+    (gid, q, offset, attempts): (GroupId, QueueId, u64, u32),
+) -> Result<(), HandlerError> {
+    use crate::group::entry::Entry;
+    let Some((dlq, group_name)) = shard
+        .metadata
+        .borrow()
+        .groups
+        .values()
+        .find(|g| g.id == gid.0)
+        .map(|g| (g.config.dlq_topic(), g.config.name.clone()))
+    else {
+        return Ok(()); // the group is gone
+    };
+    let Some((topic, index)) = shard
+        .groups
+        .with_window(gid, q, |w| (w.topic.clone(), w.index))
+    else {
+        return Ok(());
+    };
+    if let Some(b) = batch_holding(shard, q, offset).await? {
+        let h = BatchHeader::parse(&b).expect("checked");
+        let rec = RecordIter::new(&b)
+            .nth((offset - h.base_offset) as usize)
+            .and_then(Result::ok)
+            .ok_or_else(|| herr(ErrorCode::StorageError, "stored record does not decode"))?;
+        let id = MessageId {
+            shard: crate::ids::ShardId(shard.id),
+            position: crate::ids::LogPosition(h.log_position),
+            index: (offset - h.base_offset) as u32,
+        };
+        let mut properties: Vec<(String, String)> = rec
+            .properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        properties.extend([
+            (DLQ_PROPERTY_GROUP.to_owned(), group_name),
+            (DLQ_PROPERTY_TOPIC.to_owned(), topic),
+            (DLQ_PROPERTY_QUEUE.to_owned(), index.0.to_string()),
+            (DLQ_PROPERTY_OFFSET.to_owned(), offset.to_string()),
+            (DLQ_PROPERTY_MESSAGE_ID.to_owned(), id.to_string()),
+            (DLQ_PROPERTY_ATTEMPTS.to_owned(), attempts.to_string()),
+            (DLQ_PROPERTY_TIME.to_owned(), now_ms().to_string()),
+        ]);
+        let record = BatchRecord {
+            key: rec.key.map(Bytes::copy_from_slice),
+            tag: rec.tag.map(str::to_owned),
+            properties,
+            payload: Bytes::copy_from_slice(rec.payload),
+            timestamp_ms: rec.timestamp_ms,
+            priority: rec.priority,
+            deliver_at_ms: 0,
+        };
+        let mut builder = BatchBuilder::new();
+        builder.push(&record);
+        let mut body = BytesMut::new();
+        ProduceRequest {
+            topic: dlq.clone(),
+            queue: 0,
+            routing_key: Bytes::new(),
+            batch: builder.finish(),
+        }
+        .encode(&mut body);
+        let owner = shard.metadata.borrow().route(&dlq, QueueIndex(0))?.shard;
+        let pending = if owner == shard.id {
+            produce(shard, Some(QueueIndex(0)), body.freeze()).await
+        } else {
+            forward(
+                shard,
+                owner,
+                Op::Produce as u16,
+                Some(QueueIndex(0)),
+                body.freeze(),
+            )
+            .await
+        };
+        let reply = pending.resolve().await;
+        if reply.code != ErrorCode::Ok {
+            return Err(herr(reply.code, format!("storing into {dlq}")));
+        }
+    }
+    let stored = shard.groups.with_window(gid, q, |w| {
+        w.w.dead_lettered(offset);
+        (w.w.take_journal(), w.level)
+    });
+    if let Some((events, level)) = stored {
+        let entries: Vec<Entry> = events
+            .into_iter()
+            .map(|event| Entry::Window {
+                group: gid,
+                queue: q,
+                event,
+            })
+            .collect();
+        shard.groups.append(&shard.store, &entries, level)?;
+        shard.metrics.borrow_mut().group_dead_letters += 1;
+        let g = &shard.groups;
+        g.ready.advance(g.ready.get() + 1);
+    }
+    Ok(())
 }

@@ -31,6 +31,7 @@ mod topics;
 
 pub use admin::shard_stats;
 use admin::*;
+pub use groups::group_timer;
 use groups::*;
 use messages::*;
 use topics::*;
@@ -99,9 +100,9 @@ impl From<MetadataError> for HandlerError {
             MetadataError::UnknownTopic(_) => ErrorCode::UnknownTopic,
             MetadataError::UnknownQueue { .. } => ErrorCode::UnknownQueue,
             MetadataError::UnknownSubscription { .. } => ErrorCode::UnknownTopic,
-            MetadataError::GroupExists(_)
-            | MetadataError::UnknownGroup(_)
-            | MetadataError::TooManyGroups
+            MetadataError::GroupExists(_) => ErrorCode::GroupExists,
+            MetadataError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            MetadataError::TooManyGroups
             | MetadataError::GroupIdsExhausted
             | MetadataError::Group(_) => ErrorCode::InvalidArgument,
         };
@@ -197,8 +198,43 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, Option<QueueIndex>
         Ok((meta.route(topic, QueueIndex(queue))?.shard, None))
     };
     match op {
-        Op::Handshake | Op::Metadata | Op::DescribeTopic | Op::Stats => Ok((shard.id, None)),
-        Op::CreateTopic | Op::DeleteTopic => Ok((0, None)),
+        Op::Handshake
+        | Op::Metadata
+        | Op::DescribeTopic
+        | Op::Stats
+        | Op::ListGroups
+        | Op::DescribeGroup => Ok((shard.id, None)),
+        Op::CreateTopic | Op::DeleteTopic | Op::CreateGroup | Op::DeleteGroup => Ok((0, None)),
+        Op::Receive => {
+            let req = ReceiveRequest::decode(body.clone())?;
+            let s = if req.shard == ANY_SHARD {
+                shard.id
+            } else {
+                req.shard
+            };
+            if s >= shard.shard_count {
+                return Err(herr(
+                    ErrorCode::InvalidArgument,
+                    format!("no shard {s}: the broker has {}", shard.shard_count),
+                ));
+            }
+            Ok((s, None))
+        }
+        Op::Ack | Op::Nack | Op::ChangeInvisible => {
+            let s = if op == Op::ChangeInvisible {
+                body.get(2..4).map(|b| u16::from_le_bytes([b[0], b[1]]))
+            } else {
+                SettleRequest::shard_of(body, op == Op::Nack)
+            };
+            match s {
+                Some(s) if s < shard.shard_count => Ok((s, None)),
+                Some(s) => Err(herr(
+                    ErrorCode::InvalidReceipt,
+                    format!("the receipt handle names shard {s}, which does not exist"),
+                )),
+                None => Err(herr(ErrorCode::Malformed, "no receipt handle")),
+            }
+        }
         Op::Produce => {
             let req = ProduceRequest::decode(body.clone())?;
             let queue = resolve_produce_queue(shard, &meta, &req)?;
@@ -305,8 +341,19 @@ pub async fn execute_local(
         (Some(Op::Fetch), _) => later(async move { fetch(&s, body).await }),
         (Some(Op::FetchMany), _) => later(async move { fetch_many(&s, body).await }),
         (Some(Op::ListOffsets), _) => ready(list_offsets(shard, body)),
-        (Some(Op::CommitOffset), _) => ready(group_offset(shard, body, true)),
-        (Some(Op::FetchOffset), _) => ready(group_offset(shard, body, false)),
+        (Some(Op::CommitOffset), _) => later(async move { group_offset(&s, body, true).await }),
+        (Some(Op::FetchOffset), _) => later(async move { group_offset(&s, body, false).await }),
+        (Some(Op::CreateGroup), _) => later(async move { create_group(&s, body).await }),
+        (Some(Op::DeleteGroup), _) => later(async move { delete_group(&s, body).await }),
+        (Some(Op::ListGroups), _) => ready(list_groups(shard, body)),
+        (Some(Op::DescribeGroup), _) => later(async move { describe_group(&s, body).await }),
+        (Some(Op::Receive), _) => later(async move { receive(&s, body).await }),
+        (Some(Op::Ack), _) => later(async move { settle(&s, body, false).await }),
+        (Some(Op::Nack), _) => later(async move { settle(&s, body, true).await }),
+        (Some(Op::ChangeInvisible), _) => later(async move { change_invisible(&s, body).await }),
+        (None, OP_INTERNAL_DESCRIBE_GROUP) if from_mesh => {
+            ready(describe_group_internal(shard, body))
+        }
         (Some(Op::GetMessage), _) => later(async move { get_message(&s, body).await }),
         (Some(Op::Stats), _) => later(async move { stats(&s).await }),
         (None, OP_INTERNAL_APPLY_METADATA) if from_mesh => ready(apply_metadata(shard, body)),

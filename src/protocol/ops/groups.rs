@@ -1,4 +1,5 @@
-//! Consumer-group operations: offset commit and fetch.
+//! Consumer-group operations: offset commit and fetch; create, delete,
+//! list and describe; receive, ack, nack and change-invisible.
 
 use crate::protocol::codec::{DecodeError, Reader, Writer};
 use bytes::{Bytes, BytesMut};
@@ -38,6 +39,288 @@ impl GroupOffsetRequest {
             topic,
             queue,
             offset,
+        })
+    }
+}
+
+/// Width of a receipt handle on the wire (`group::receipt`).
+pub const HANDLE_BYTES: usize = 40;
+/// Most handles in one ack or nack request.
+pub const HANDLES_PER_REQUEST_MAX: usize = 4096;
+
+/// Create a consumer group: its name and its settings as a JSON object
+/// (the fields of `keelmq group create`; absent fields take defaults).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateGroupRequest {
+    pub name: String,
+    pub settings_json: String,
+}
+
+impl CreateGroupRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out).str(&self.name).str(&self.settings_json);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let name = r.str("group")?;
+        let settings_json = r.str("settings")?;
+        r.finish()?;
+        Ok(CreateGroupRequest {
+            name,
+            settings_json,
+        })
+    }
+}
+
+/// A request naming one group (delete, describe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRequest {
+    pub name: String,
+}
+
+impl GroupRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out).str(&self.name);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let name = r.str("group")?;
+        r.finish()?;
+        Ok(GroupRequest { name })
+    }
+}
+
+/// Receive (pop) up to `max_messages` from the queues of `topic` that
+/// shard `shard` owns, leased for `invisible_ms` (0: the group's default),
+/// waiting up to `wait_ms` when none is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveRequest {
+    pub group: String,
+    pub topic: String,
+    pub shard: u16,
+    pub max_messages: u32,
+    pub invisible_ms: u64,
+    pub wait_ms: u32,
+}
+
+impl ReceiveRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out)
+            .str(&self.group)
+            .str(&self.topic)
+            .u16(self.shard)
+            .u32(self.max_messages)
+            .u64(self.invisible_ms)
+            .u32(self.wait_ms);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = ReceiveRequest {
+            group: r.str("group")?,
+            topic: r.str("topic")?,
+            shard: r.u16("shard")?,
+            max_messages: r.u32("max_messages")?,
+            invisible_ms: r.u64("invisible_ms")?,
+            wait_ms: r.u32("wait_ms")?,
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// One leased message of a receive response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Queue index within the topic.
+    pub queue: u32,
+    pub offset: u64,
+    /// Delivery attempt, 1 for the first.
+    pub attempt: u32,
+    /// When the lease ends (ms since the epoch) unless acked or extended.
+    pub deadline_ms: u64,
+    pub handle: Bytes,
+    /// Index of the batch (in the response) holding the message.
+    pub batch: u32,
+}
+
+/// Bytes of one lease in a receive response.
+pub const LEASE_INFO_BYTES: usize = 4 + 8 + 4 + 8 + HANDLE_BYTES + 4;
+
+/// Receive response head: the leases, then `batch_count` stored batches
+/// back to back (`batch_bytes` in all) follow it in the same body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveResponse {
+    pub leases: Vec<LeaseInfo>,
+    pub batches: Vec<Bytes>,
+}
+
+impl ReceiveResponse {
+    /// The head (everything before the batches).
+    pub fn encode_head(leases: &[LeaseInfo], batches: &[Bytes], out: &mut BytesMut) {
+        let mut w = Writer(out);
+        w.u32(leases.len() as u32);
+        for l in leases {
+            w.u32(l.queue)
+                .u64(l.offset)
+                .u32(l.attempt)
+                .u64(l.deadline_ms);
+            w.0.extend_from_slice(&l.handle);
+            w.u32(l.batch);
+        }
+        let total: usize = batches.iter().map(Bytes::len).sum();
+        w.u32(batches.len() as u32).u32(total as u32);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let n = r.u32("lease count")? as usize;
+        if n > r.remaining() / LEASE_INFO_BYTES {
+            return Err(DecodeError::Truncated("leases"));
+        }
+        let mut leases = Vec::with_capacity(n);
+        for _ in 0..n {
+            leases.push(LeaseInfo {
+                queue: r.u32("queue")?,
+                offset: r.u64("offset")?,
+                attempt: r.u32("attempt")?,
+                deadline_ms: r.u64("deadline_ms")?,
+                handle: r.fixed(HANDLE_BYTES, "handle")?,
+                batch: r.u32("batch")?,
+            });
+        }
+        let count = r.u32("batch count")? as usize;
+        let total = r.u32("batch bytes")? as usize;
+        if total != r.remaining() {
+            return Err(DecodeError::Truncated("batches"));
+        }
+        let mut batches = Vec::with_capacity(count.min(total / 80 + 1));
+        for _ in 0..count {
+            if r.remaining() < 8 {
+                return Err(DecodeError::Truncated("batch header"));
+            }
+            let len = crate::batch::peek_batch_len(r.peek(8))
+                .filter(|&l| l as usize >= crate::batch::BATCH_HEADER_BYTES)
+                .ok_or(DecodeError::Truncated("batch"))?;
+            batches.push(r.fixed(len as usize, "batch")?);
+        }
+        r.finish()?;
+        if leases.iter().any(|l| l.batch as usize >= batches.len()) {
+            return Err(DecodeError::BadValue {
+                field: "batch",
+                value: u64::from(leases.iter().map(|l| l.batch).max().unwrap_or(0)),
+            });
+        }
+        Ok(ReceiveResponse { leases, batches })
+    }
+}
+
+/// Ack, or nack, receipt handles (all of one shard). A nack retries after
+/// `delay_ms` when given (never negative), else after the group's backoff
+/// for the attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleRequest {
+    /// Nack only.
+    pub delay_ms: Option<i64>,
+    pub handles: Vec<Bytes>,
+}
+
+impl SettleRequest {
+    pub fn encode(&self, nack: bool, out: &mut BytesMut) {
+        let mut w = Writer(out);
+        if nack {
+            w.u8(self.delay_ms.is_some() as u8)
+                .i64(self.delay_ms.unwrap_or(0));
+        }
+        w.u32(self.handles.len() as u32);
+        for h in &self.handles {
+            w.0.extend_from_slice(h);
+        }
+    }
+    pub fn decode(body: Bytes, nack: bool) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let delay_ms = if nack {
+            let has = r.u8("has_delay")?;
+            let d = r.i64("delay_ms")?;
+            match has {
+                0 if d == 0 => None,
+                1 => Some(d),
+                v => {
+                    return Err(DecodeError::BadValue {
+                        field: "has_delay",
+                        value: u64::from(v),
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        let n = r.u32("handle count")? as usize;
+        if n == 0 || n > HANDLES_PER_REQUEST_MAX {
+            return Err(DecodeError::BadValue {
+                field: "handle count",
+                value: n as u64,
+            });
+        }
+        if n * HANDLE_BYTES != r.remaining() {
+            return Err(DecodeError::Truncated("handles"));
+        }
+        let handles = (0..n)
+            .map(|_| r.fixed(HANDLE_BYTES, "handle"))
+            .collect::<Result<_, _>>()?;
+        r.finish()?;
+        Ok(SettleRequest { delay_ms, handles })
+    }
+    /// The shard named by the first handle (bytes 2..4), which serves the
+    /// request.
+    pub fn shard_of(body: &Bytes, nack: bool) -> Option<u16> {
+        let head = if nack { 9 } else { 0 };
+        let at = head + 4 + 2;
+        body.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+}
+
+/// Per handle of an ack or nack, in request order: an error code (0 ok).
+pub fn encode_codes(out: &mut BytesMut, codes: &[u16]) {
+    let mut w = Writer(out);
+    w.u32(codes.len() as u32);
+    for &c in codes {
+        w.u16(c);
+    }
+}
+
+pub fn decode_codes(body: Bytes) -> Result<Vec<u16>, DecodeError> {
+    let mut r = Reader::new(body);
+    let n = r.u32("code count")? as usize;
+    if n * 2 != r.remaining() {
+        return Err(DecodeError::Truncated("codes"));
+    }
+    let codes = (0..n).map(|_| r.u16("code")).collect::<Result<_, _>>()?;
+    r.finish()?;
+    Ok(codes)
+}
+
+/// Move a leased message's deadline to `invisible_ms` from now; the
+/// response is the new deadline (u64 ms since the epoch), and the handle
+/// stays valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeInvisibleRequest {
+    pub handle: Bytes,
+    pub invisible_ms: u64,
+}
+
+impl ChangeInvisibleRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.extend_from_slice(&self.handle);
+        Writer(out).u64(self.invisible_ms);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let handle = r.fixed(HANDLE_BYTES, "handle")?;
+        let invisible_ms = r.u64("invisible_ms")?;
+        r.finish()?;
+        Ok(ChangeInvisibleRequest {
+            handle,
+            invisible_ms,
         })
     }
 }

@@ -34,10 +34,18 @@ pub enum Op {
     GetMessage = 11,
     Stats = 12,
     FetchMany = 13,
+    CreateGroup = 14,
+    DeleteGroup = 15,
+    ListGroups = 16,
+    DescribeGroup = 17,
+    Receive = 18,
+    Ack = 19,
+    Nack = 20,
+    ChangeInvisible = 21,
 }
 
 /// Every operation this broker serves, for the handshake.
-pub const ALL_OPS: [Op; 13] = [
+pub const ALL_OPS: [Op; 21] = [
     Op::Handshake,
     Op::Metadata,
     Op::CreateTopic,
@@ -51,6 +59,14 @@ pub const ALL_OPS: [Op; 13] = [
     Op::GetMessage,
     Op::Stats,
     Op::FetchMany,
+    Op::CreateGroup,
+    Op::DeleteGroup,
+    Op::ListGroups,
+    Op::DescribeGroup,
+    Op::Receive,
+    Op::Ack,
+    Op::Nack,
+    Op::ChangeInvisible,
 ];
 
 /// Lowest and highest version of every operation.
@@ -93,6 +109,14 @@ impl Durability {
             Durability::Memory => "memory",
             Durability::Written => "written",
             Durability::Fsync => "fsync",
+        }
+    }
+    /// The stronger of two levels.
+    pub fn max_level(self, other: Durability) -> Durability {
+        if (other as u8) > (self as u8) {
+            other
+        } else {
+            self
         }
     }
     pub fn parse(s: &str) -> Option<Durability> {

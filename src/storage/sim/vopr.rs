@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use super::{block_on, CrashKind, Faults, Rng, Sim, SimDisk, SimIo, SIM_EPOCH_MS};
 use crate::batch::{validate_produced, BatchBuilder, Record, RecordIter};
-use crate::ids::{QueueId, QueueOffset};
+use crate::ids::{LogPosition, QueueId, QueueOffset};
 use crate::protocol::Durability;
 use crate::storage::commit_log::LogConfig;
 use crate::storage::retention::RetentionPolicy;
@@ -685,7 +685,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<String, String> {
                             }
                         }
                     }
-                    let _ = s.apply_retention(policy).await;
+                    let _ = s.apply_retention(policy, LogPosition(u64::MAX)).await;
                 }
             });
         }

@@ -1,0 +1,347 @@
+//! Group consumers in message delivery ("pop"): receive leased messages
+//! from every queue of a topic, then ack, nack or extend each by its
+//! receipt handle. One receive per shard that owns queues of the topic is
+//! kept in flight on the one connection (a long poll at each), so a
+//! `receive` returns as soon as any shard has messages; acks and nacks are
+//! sent to the shard named by each handle, batched.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::conn::{check, Connection};
+use super::{decode_batch, ClientError, ErrorCode, Message};
+use crate::protocol::*;
+
+/// A leased message.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The message itself.
+    pub message: Message,
+    /// Delivery attempt, 1 for the first.
+    pub attempt: u32,
+    /// When the lease ends unless acked or extended (ms since the epoch).
+    pub deadline_ms: u64,
+    /// The receipt handle (40 bytes) that acks, nacks or extends it.
+    pub handle: Bytes,
+}
+
+/// What a listener decides for one message ([`GroupConsumer::run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: ack it.
+    Ack,
+    /// Failed: redeliver after the group's backoff for this attempt.
+    Retry,
+    /// Failed: redeliver after this delay.
+    RetryAfter(Duration),
+}
+
+/// A member of a consumer group in message delivery.
+pub struct GroupConsumer {
+    conn: Connection,
+    group: String,
+    topic: String,
+    shards: Vec<u16>,
+    /// receive request id → shard
+    in_flight: HashMap<u64, u16>,
+    ready: VecDeque<Delivery>,
+    max_per_receive: u32,
+    invisible_ms: u64,
+    wait: Duration,
+}
+
+/// Most messages one receive asks for by default.
+pub const RECEIVE_BATCH_DEFAULT: u32 = 256;
+
+impl GroupConsumer {
+    /// Connects, and subscribes to `topic` as a member of `group`, which is
+    /// created (message delivery, the defaults) when it does not exist.
+    pub fn connect(addr: &str, group: &str, topic: &str) -> Result<GroupConsumer, ClientError> {
+        let conn = Connection::connect(addr)?;
+        let mut c = GroupConsumer {
+            conn,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            shards: Vec::new(),
+            in_flight: HashMap::new(),
+            ready: VecDeque::new(),
+            max_per_receive: RECEIVE_BATCH_DEFAULT,
+            invisible_ms: 0,
+            wait: Duration::from_secs(1),
+        };
+        c.ensure_group()?;
+        c.refresh_shards()?;
+        Ok(c)
+    }
+
+    fn ensure_group(&mut self) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        let settings = serde_json::json!({
+            "subscriptions": [{ "topic": self.topic }],
+        });
+        CreateGroupRequest {
+            name: self.group.clone(),
+            settings_json: settings.to_string(),
+        }
+        .encode(&mut b);
+        match self.conn.call(Op::CreateGroup, &b) {
+            Ok(_) => Ok(()),
+            Err(ClientError::Broker {
+                code: ErrorCode::GroupExists,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn refresh_shards(&mut self) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        MetadataRequest {
+            topics: vec![self.topic.clone()],
+        }
+        .encode(&mut b);
+        let meta = MetadataResponse::decode(self.conn.call(Op::Metadata, &b)?)?;
+        let info = meta
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Broker {
+                code: ErrorCode::UnknownTopic,
+                message: format!("no topic '{}'", self.topic),
+            })?;
+        let mut shards: Vec<u16> = info.queues.iter().map(|q| q.shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        self.shards = shards;
+        Ok(())
+    }
+
+    /// Messages received but not yet returned by [`GroupConsumer::receive`]
+    /// stay leased; at most this many are asked for per shard.
+    /// Messages one receive asks each shard for (1..=4096).
+    pub fn set_receive_batch(&mut self, n: u32) {
+        self.max_per_receive = n.clamp(1, 4096);
+    }
+
+    /// Invisible time of received messages; `None`: the group's default.
+    pub fn set_invisible(&mut self, d: Option<Duration>) {
+        self.invisible_ms = d.map_or(0, |d| d.as_millis() as u64);
+    }
+
+    /// How long each receive waits at the broker when nothing is ready.
+    pub fn set_wait(&mut self, d: Duration) {
+        self.wait = d;
+    }
+
+    /// Busy-poll mode (see [`Connection::set_busy_poll`]).
+    pub fn set_busy_poll(&mut self, on: bool) -> Result<(), ClientError> {
+        self.conn.set_busy_poll(on)
+    }
+
+    /// Waits up to `timeout` for leased messages; returns what arrived.
+    pub fn receive(&mut self, timeout: Duration) -> Result<Vec<Delivery>, ClientError> {
+        self.receive_at_most(usize::MAX, timeout)
+    }
+
+    /// Like [`GroupConsumer::receive`], returning at most `max` (the rest
+    /// stay leased to this consumer for the next call, or are handed back
+    /// by [`GroupConsumer::close`]).
+    pub fn receive_at_most(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.ready.is_empty() {
+                let n = max.min(self.ready.len());
+                return Ok(self.ready.drain(..n).collect());
+            }
+            let wait = self
+                .wait
+                .min(deadline.saturating_duration_since(Instant::now()));
+            for &s in &self.shards {
+                if self.in_flight.values().any(|&v| v == s) {
+                    continue;
+                }
+                let mut b = BytesMut::new();
+                ReceiveRequest {
+                    group: self.group.clone(),
+                    topic: self.topic.clone(),
+                    shard: s,
+                    max_messages: self.max_per_receive,
+                    invisible_ms: self.invisible_ms,
+                    wait_ms: wait.as_millis() as u32,
+                }
+                .encode(&mut b);
+                let id = self.conn.send(Op::Receive, &b)?;
+                self.in_flight.insert(id, s);
+            }
+            let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
+                return Ok(Vec::new());
+            };
+            let Some(shard) = self.in_flight.remove(&id) else {
+                continue;
+            };
+            self.on_receive(shard, code, body)?;
+        }
+    }
+
+    fn on_receive(&mut self, shard: u16, code: u16, body: Bytes) -> Result<(), ClientError> {
+        let resp = ReceiveResponse::decode(check(code, body)?)?;
+        let topic: std::sync::Arc<str> = self.topic.as_str().into();
+        let mut decoded: HashMap<u32, Vec<Message>> = HashMap::new();
+        for l in resp.leases {
+            let msgs = match decoded.entry(l.batch) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(decode_batch(
+                    &topic,
+                    l.queue,
+                    shard,
+                    &resp.batches[l.batch as usize],
+                    0,
+                )?),
+            };
+            let Some(m) = msgs.iter().find(|m| m.offset == l.offset) else {
+                return Err(ClientError::Protocol(format!(
+                    "receive: offset {} is not in its batch",
+                    l.offset
+                )));
+            };
+            self.ready.push_back(Delivery {
+                message: m.clone(),
+                attempt: l.attempt,
+                deadline_ms: l.deadline_ms,
+                handle: l.handle,
+            });
+        }
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        handles: &[Bytes],
+        nack: Option<Option<Duration>>,
+    ) -> Result<Vec<ErrorCode>, ClientError> {
+        let shard_of = |h: &Bytes| h.get(2..4).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let mut by_shard: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (i, h) in handles.iter().enumerate() {
+            by_shard.entry(shard_of(h)).or_default().push(i);
+        }
+        let mut out = vec![ErrorCode::Ok; handles.len()];
+        let mut sent = Vec::new();
+        for (_, idx) in by_shard {
+            for chunk in idx.chunks(HANDLES_PER_REQUEST_MAX) {
+                let req = SettleRequest {
+                    delay_ms: nack.flatten().map(|d| d.as_millis() as i64),
+                    handles: chunk.iter().map(|&i| handles[i].clone()).collect(),
+                };
+                let mut b = BytesMut::new();
+                req.encode(nack.is_some(), &mut b);
+                let op = if nack.is_some() { Op::Nack } else { Op::Ack };
+                let id = self.conn.send(op, &b)?;
+                sent.push((id, chunk.to_vec()));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (id, idx) in sent {
+            let (code, body) = self.conn.wait_for(id, deadline)?;
+            let codes = decode_codes(check(code, body)?)?;
+            for (i, c) in idx.into_iter().zip(codes) {
+                out[i] = ErrorCode::from_u16(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges messages; one code per handle (`Ok`, or why not:
+    /// `stale_receipt`, `already_acked`, `invisible_receipt`...). Returns once
+    /// the acks are durable at the group's level.
+    pub fn ack(&mut self, handles: &[Bytes]) -> Result<Vec<ErrorCode>, ClientError> {
+        self.settle(handles, None)
+    }
+
+    /// Fails messages: each is redelivered after `delay`, or after the
+    /// group's backoff for its attempt when `None`.
+    pub fn nack(
+        &mut self,
+        handles: &[Bytes],
+        delay: Option<Duration>,
+    ) -> Result<Vec<ErrorCode>, ClientError> {
+        self.settle(handles, Some(delay))
+    }
+
+    /// Moves a leased message's deadline to `invisible` from now; returns
+    /// the new deadline (ms since the epoch). The handle stays valid.
+    pub fn change_invisible(
+        &mut self,
+        handle: &Bytes,
+        invisible: Duration,
+    ) -> Result<u64, ClientError> {
+        let mut b = BytesMut::new();
+        ChangeInvisibleRequest {
+            handle: handle.clone(),
+            invisible_ms: invisible.as_millis() as u64,
+        }
+        .encode(&mut b);
+        Ok(decode_u64(self.conn.call(Op::ChangeInvisible, &b)?)?)
+    }
+
+    /// Leaves cleanly: waits (up to the receive wait) for the receives
+    /// still in flight and hands back every message they and earlier
+    /// receives leased but the caller never got (a nack with no delay), so
+    /// nothing waits out its invisible time. Dropping the consumer does
+    /// the same.
+    pub fn close(&mut self) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.wait + Duration::from_millis(500);
+        while !self.in_flight.is_empty() {
+            let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
+                break;
+            };
+            if let Some(shard) = self.in_flight.remove(&id) {
+                self.on_receive(shard, code, body)?;
+            }
+        }
+        self.in_flight.clear();
+        let handles: Vec<Bytes> = self.ready.drain(..).map(|d| d.handle).collect();
+        if !handles.is_empty() {
+            self.nack(&handles, Some(Duration::ZERO))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on every message until it returns an error or `stop` says
+    /// so (checked between receives); acks or nacks each by its outcome.
+    pub fn run(
+        &mut self,
+        mut stop: impl FnMut() -> bool,
+        mut f: impl FnMut(&Delivery) -> Outcome,
+    ) -> Result<(), ClientError> {
+        while !stop() {
+            let got = self.receive(Duration::from_millis(500))?;
+            let mut acks = Vec::new();
+            for d in &got {
+                match f(d) {
+                    Outcome::Ack => acks.push(d.handle.clone()),
+                    Outcome::Retry => {
+                        self.nack(std::slice::from_ref(&d.handle), None)?;
+                    }
+                    Outcome::RetryAfter(t) => {
+                        self.nack(std::slice::from_ref(&d.handle), Some(t))?;
+                    }
+                }
+            }
+            if !acks.is_empty() {
+                self.ack(&acks)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}

@@ -1,0 +1,475 @@
+//! Consumer groups in message delivery, against the real broker with 2
+//! shards: nacks and redelivery on the backoff, dead letters with their
+//! history, orderly message groups, `kill -9` during receive/ack cycles,
+//! and the refusals of bad handles and arguments.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use keelmq::client::{ClientError, Delivery, ErrorCode, GroupConsumer, Producer, Record};
+
+use super::*;
+
+fn produce_numbered(addr: &str, topic: &str, n: u64, key_of: impl Fn(u64) -> Option<String>) {
+    let mut p = Producer::connect(addr).unwrap();
+    for i in 0..n {
+        let mut r = Record::new(i.to_string());
+        if let Some(k) = key_of(i) {
+            r = r.with_key(k);
+        }
+        p.send(topic, r).unwrap();
+    }
+}
+
+fn id_of(d: &Delivery) -> u64 {
+    std::str::from_utf8(&d.message.payload)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn create_group(b: &Broker, name: &str, settings: serde_json::Value) {
+    b.admin().create_group(name, &settings).unwrap();
+}
+
+/// A cheap deterministic coin: true with probability `p` for (id, attempt).
+fn coin(id: u64, attempt: u32, p: f64) -> bool {
+    let mut x = id
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(u64::from(attempt).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 29;
+    (x % 10_000) as f64 / 10_000.0 < p
+}
+
+fn percentile(v: &mut [i64], p: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn message_delivery_with_nacks_acks_everything_once_and_dead_letters_the_poison() {
+    let b = Broker::start(2, None);
+    b.admin().create_topic("pay", 8, None).unwrap();
+    create_group(
+        &b,
+        "workers",
+        serde_json::json!({
+            "subscriptions": [{"topic": "pay"}],
+            "attempts_max": 4,
+            "backoff": [20, 40, 60],
+            "invisible_ms": 5000,
+        }),
+    );
+    let n = 4000u64;
+    produce_numbered(&b.addr, "pay", n, |_| None);
+    let poison = |id: u64| id % 97 == 0;
+    let backoff = [20i64, 40, 60];
+    #[derive(Default)]
+    struct Seen {
+        acked: HashMap<u64, u32>,
+        seen: HashSet<(u64, u32)>,
+        nacked_at: HashMap<u64, (i64, u32)>,
+        lateness: Vec<i64>,
+    }
+    let state = std::sync::Mutex::new(Seen::default());
+    let expected_acks = (0..n).filter(|&i| !poison(i)).count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Two members, each in its own thread, always with receives pending.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let mut c = GroupConsumer::connect(&b.addr, "workers", "pay").unwrap();
+                loop {
+                    if state.lock().unwrap().acked.len() >= expected_acks {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "timed out");
+                    let got = c.receive(Duration::from_millis(200)).unwrap();
+                    let now = keelmq::runtime::now_ms();
+                    let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+                    {
+                        let mut st = state.lock().unwrap();
+                        for d in &got {
+                            let id = id_of(d);
+                            assert!(
+                                st.seen.insert((id, d.attempt)),
+                                "message {id} delivered twice at attempt {}",
+                                d.attempt
+                            );
+                            assert!(!st.acked.contains_key(&id), "acked message {id} came back");
+                            if let Some((at, attempt)) = st.nacked_at.remove(&id) {
+                                assert_eq!(d.attempt, attempt + 1, "attempts count up");
+                                let due = at + backoff[(attempt as usize - 1).min(2)];
+                                st.lateness.push(now - due);
+                            } else {
+                                assert_eq!(
+                                    d.attempt, 1,
+                                    "message {id} first seen at attempt {}",
+                                    d.attempt
+                                );
+                            }
+                            // Non-poison messages fail at random, never a fourth time.
+                            if poison(id) || (d.attempt < 4 && coin(id, d.attempt, 0.3)) {
+                                nacks.push(d.handle.clone());
+                                st.nacked_at.insert(id, (now, d.attempt));
+                            } else {
+                                acks.push((id, d.handle.clone()));
+                            }
+                        }
+                    }
+                    if !nacks.is_empty() {
+                        for code in c.nack(&nacks, None).unwrap() {
+                            assert_eq!(code, ErrorCode::Ok);
+                        }
+                    }
+                    if !acks.is_empty() {
+                        let handles: Vec<_> = acks.iter().map(|(_, h)| h.clone()).collect();
+                        let codes = c.ack(&handles).unwrap();
+                        let mut st = state.lock().unwrap();
+                        for ((id, _), code) in acks.iter().zip(codes) {
+                            assert_eq!(code, ErrorCode::Ok, "ack of {id}");
+                            *st.acked.entry(*id).or_default() += 1;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let Seen {
+        acked,
+        mut lateness,
+        ..
+    } = state.into_inner().unwrap();
+    assert!(acked.values().all(|&c| c == 1));
+    // The poison messages went to the dead letters after 4 attempts.
+    let poisoned: HashSet<u64> = (0..n).filter(|&i| poison(i)).collect();
+    let dlq = wait_until(Duration::from_secs(20), "dead letters", || {
+        let out = b.cli(&["dlq", "list", "workers", "--json"]);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (lines.len() >= poisoned.len()).then_some(lines)
+    });
+    let mut dead = HashSet::new();
+    for m in &dlq {
+        let id: u64 = m["payload"].as_str().unwrap().parse().unwrap();
+        assert!(poisoned.contains(&id), "{id} was not poison");
+        assert!(dead.insert(id), "{id} dead-lettered twice");
+        let p = &m["properties"];
+        assert_eq!(p["DLQ_ORIGIN_TOPIC"], "pay");
+        assert_eq!(p["DLQ_ATTEMPTS"], "4");
+        assert_eq!(p["DLQ_GROUP"], "workers");
+        assert!(
+            p["DLQ_ORIGIN_QUEUE"]
+                .as_str()
+                .unwrap()
+                .parse::<u32>()
+                .unwrap()
+                < 8
+        );
+        assert!(p["DLQ_ORIGIN_OFFSET"].as_str().is_some());
+        assert!(p["DLQ_ORIGIN_MESSAGE_ID"].as_str().unwrap().len() == 28);
+    }
+    assert_eq!(dead, poisoned);
+    // Nothing more is delivered.
+    let mut c = GroupConsumer::connect(&b.addr, "workers", "pay").unwrap();
+    assert!(c.receive(Duration::from_millis(300)).unwrap().is_empty());
+    let d = b.admin().describe_group("workers").unwrap();
+    assert_eq!(d["dlq_depth"], poisoned.len() as u64);
+    for q in d["queues"].as_array().unwrap() {
+        assert_eq!(q["lag"], 0, "{q}");
+        assert_eq!(q["in_flight"], 0, "{q}");
+    }
+    let (p50, p99, max) = (
+        percentile(&mut lateness, 0.5),
+        percentile(&mut lateness, 0.99),
+        *lateness.iter().max().unwrap_or(&0),
+    );
+    eprintln!(
+        "message delivery, 30% nacks: {} redeliveries, lateness p50 {p50} ms p99 {p99} ms max {max} ms (client clock, includes the receive loop)",
+        lateness.len()
+    );
+    let stats = b.admin().stats().unwrap();
+    for sh in stats["shards"].as_array().unwrap() {
+        eprintln!(
+            "shard {} redelivery lateness (broker clock, receive − due): {}",
+            sh["shard"], sh["redelivery_lateness"]
+        );
+        assert!(sh["counters"]["group_redeliveries"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn orderly_message_groups_ack_in_order_without_gaps_under_failures() {
+    let b = Broker::start(2, None);
+    b.admin().create_topic("fx", 4, None).unwrap();
+    create_group(
+        &b,
+        "book",
+        serde_json::json!({
+            "subscriptions": [{"topic": "fx"}],
+            "orderly": true,
+            "backoff": [10],
+            "invisible_ms": 3000,
+        }),
+    );
+    let (keys, per_key) = (12u64, 60u64);
+    // Payload "key:seq", keyed by key: a key's messages share one queue.
+    let mut p = Producer::connect(&b.addr).unwrap();
+    for s in 0..per_key {
+        for k in 0..keys {
+            p.send(
+                "fx",
+                Record::new(format!("{k}:{s}")).with_key(format!("k{k}")),
+            )
+            .unwrap();
+        }
+    }
+    let mut c = GroupConsumer::connect(&b.addr, "book", "fx").unwrap();
+    let mut next: BTreeMap<u64, u64> = (0..keys).map(|k| (k, 0)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut failures = 0;
+    while next.values().any(|&s| s < per_key) {
+        assert!(Instant::now() < deadline, "stuck at {next:?}");
+        let got = c.receive(Duration::from_millis(200)).unwrap();
+        let mut in_batch: HashSet<u64> = HashSet::new();
+        for d in got {
+            let text = std::str::from_utf8(&d.message.payload).unwrap().to_owned();
+            let (k, s) = text.split_once(':').unwrap();
+            let (k, s): (u64, u64) = (k.parse().unwrap(), s.parse().unwrap());
+            // One message of a group out at a time, and the next in order.
+            assert!(in_batch.insert(k), "two messages of group {k} out at once");
+            assert_eq!(s, next[&k], "group {k} delivered {s} out of order");
+            if coin(k * 1000 + s, d.attempt, 0.25) {
+                failures += 1;
+                assert_eq!(c.nack(&[d.handle], None).unwrap(), vec![ErrorCode::Ok]);
+            } else {
+                assert_eq!(c.ack(&[d.handle]).unwrap(), vec![ErrorCode::Ok]);
+                *next.get_mut(&k).unwrap() += 1;
+            }
+        }
+    }
+    assert!(failures > 0);
+}
+
+#[test]
+fn acked_messages_stay_acked_and_unacked_come_back_after_kill_9() {
+    let mut b = Broker::start(2, None);
+    b.admin().create_topic("jobs", 4, None).unwrap();
+    create_group(
+        &b,
+        "svc",
+        serde_json::json!({
+            "subscriptions": [{"topic": "jobs"}],
+            "invisible_ms": 1500,
+            "start": "earliest",
+        }),
+    );
+    let n = 3000u64;
+    produce_numbered(&b.addr, "jobs", n, |_| None);
+    let mut acked: HashSet<u64> = HashSet::new();
+    let mut delivered: HashSet<u64> = HashSet::new();
+    {
+        let mut c = GroupConsumer::connect(&b.addr, "svc", "jobs").unwrap();
+        c.set_receive_batch(64);
+        while acked.len() < 1200 {
+            let got = c.receive(Duration::from_millis(500)).unwrap();
+            let mut handles = Vec::new();
+            let mut ids = Vec::new();
+            for (i, d) in got.iter().enumerate() {
+                delivered.insert(id_of(d));
+                // Leave every fifth unacked: it must come back.
+                if i % 5 != 4 {
+                    handles.push(d.handle.clone());
+                    ids.push(id_of(d));
+                }
+            }
+            for (id, code) in ids.into_iter().zip(c.ack(&handles).unwrap()) {
+                assert_eq!(code, ErrorCode::Ok);
+                acked.insert(id);
+            }
+        }
+        b.kill9();
+        std::mem::forget(c); // its connection is gone with the broker
+    }
+    b.restart();
+    let mut c = GroupConsumer::connect(&b.addr, "svc", "jobs").unwrap();
+    let mut after: HashSet<u64> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while after.len() + acked.len() < n as usize {
+        assert!(
+            Instant::now() < deadline,
+            "{} acked before the kill, {} after: messages lost",
+            acked.len(),
+            after.len()
+        );
+        let got = c.receive(Duration::from_millis(500)).unwrap();
+        let handles: Vec<_> = got.iter().map(|d| d.handle.clone()).collect();
+        for d in &got {
+            let id = id_of(d);
+            assert!(
+                !acked.contains(&id),
+                "message {id} was acked before the kill"
+            );
+            if delivered.contains(&id) && d.attempt < 2 {
+                // Delivered before the kill: its attempt survived (it may
+                // count one short only if the delivery was not journaled).
+                assert!(d.attempt >= 1);
+            }
+            after.insert(id);
+        }
+        if !handles.is_empty() {
+            c.ack(&handles).unwrap();
+        }
+    }
+    assert_eq!(after.len() + acked.len(), n as usize);
+    assert!(b.log().contains("groups:"), "{}", b.log());
+}
+
+#[test]
+fn bad_handles_and_arguments_are_refused_and_change_nothing() {
+    let b = Broker::start(2, None);
+    b.admin().create_topic("t", 2, None).unwrap();
+    create_group(
+        &b,
+        "g",
+        serde_json::json!({"subscriptions": [{"topic": "t"}], "invisible_ms": 1000}),
+    );
+    produce_numbered(&b.addr, "t", 4, |_| None);
+    // Unknown group and bad settings.
+    let e = b
+        .admin()
+        .create_group(
+            "h",
+            &serde_json::json!({"subscriptions": [{"topic": "t"}], "bogus": 1}),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("bogus"), "{e}");
+    let e = b.admin().describe_group("nope").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::UnknownGroup,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = b
+        .admin()
+        .create_group("g", &serde_json::json!({"subscriptions": [{"topic": "t"}]}))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::GroupExists,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let mut c = GroupConsumer::connect(&b.addr, "g", "t").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.extend(c.receive(Duration::from_secs(2)).unwrap());
+    }
+    // A forged handle (a flipped byte) is refused; so is one naming a
+    // shard that does not exist.
+    let mut forged = got[0].handle.to_vec();
+    forged[14] ^= 1;
+    let codes = c.ack(&[bytes::Bytes::from(forged)]).unwrap();
+    assert_eq!(codes, vec![ErrorCode::InvalidReceipt]);
+    let mut other = got[0].handle.to_vec();
+    other[2] = 9;
+    let e = c.ack(&[bytes::Bytes::from(other)]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::InvalidReceipt,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A negative nack delay, an invisible time out of range.
+    let mut conn = keelmq::client::Connection::connect(&b.addr).unwrap();
+    let mut body = bytes::BytesMut::new();
+    keelmq::protocol::SettleRequest {
+        delay_ms: Some(-5),
+        handles: vec![got[1].handle.clone()],
+    }
+    .encode(true, &mut body);
+    let e = conn.call(keelmq::protocol::Op::Nack, &body).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c
+        .change_invisible(&got[2].handle, Duration::from_millis(1))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Neither changed anything: the handles still ack.
+    assert_eq!(
+        c.ack(&[got[1].handle.clone(), got[2].handle.clone()])
+            .unwrap(),
+        vec![ErrorCode::Ok, ErrorCode::Ok]
+    );
+    // Ack twice: the second says already acked.
+    assert_eq!(
+        c.ack(&[got[0].handle.clone()]).unwrap(),
+        vec![ErrorCode::Ok]
+    );
+    assert_eq!(
+        c.ack(&[got[0].handle.clone()]).unwrap(),
+        vec![ErrorCode::AlreadyAcked]
+    );
+    // A handle from a delivery that timed out and went to someone else is
+    // stale.
+    let old = got[3].handle.clone();
+    let again = wait_until(Duration::from_secs(5), "redelivery", || {
+        c.receive(Duration::from_millis(300))
+            .unwrap()
+            .into_iter()
+            .find(|d| {
+                d.message.offset == got[3].message.offset && d.message.queue == got[3].message.queue
+            })
+    });
+    assert_eq!(again.attempt, 2);
+    assert_eq!(c.ack(&[old]).unwrap(), vec![ErrorCode::StaleReceipt]);
+    assert_eq!(c.ack(&[again.handle]).unwrap(), vec![ErrorCode::Ok]);
+}
