@@ -108,6 +108,9 @@ pub type OffsetKey = (String, QueueId, String);
 /// One shard's consumer-group state.
 pub struct GroupEngine {
     pub key: HandleKey,
+    /// Largest journal batch: [`JOURNAL_BATCH_BYTES_MAX`] or the broker's
+    /// batch limit (which every segment fits), whichever is smaller.
+    batch_bytes_max: usize,
     windows: RefCell<BTreeMap<(GroupId, QueueId), Window>>,
     offsets: RefCell<BTreeMap<OffsetKey, u64>>,
     generation: Cell<u64>,
@@ -116,6 +119,9 @@ pub struct GroupEngine {
     last_generation_ms: Cell<i64>,
     /// A change could not be journaled: write a generation at the next tick.
     force_generation: Cell<bool>,
+    /// A generation was stored since startup (its lease gap is durable):
+    /// receives hand out leases only then.
+    generation_durable: Cell<bool>,
     /// Bumped when messages become deliverable without a publish (a retry
     /// whose time came, an ordered message unblocked): wakes long polls.
     pub ready: Watch,
@@ -161,9 +167,10 @@ fn load_or_create_key(dir: &Path) -> Result<HandleKey, GroupRecoveryError> {
 }
 
 impl GroupEngine {
-    fn new(key: HandleKey) -> GroupEngine {
+    fn new(key: HandleKey, batch_bytes_max: usize) -> GroupEngine {
         GroupEngine {
             key,
+            batch_bytes_max: batch_bytes_max.min(JOURNAL_BATCH_BYTES_MAX),
             windows: RefCell::new(BTreeMap::new()),
             offsets: RefCell::new(BTreeMap::new()),
             generation: Cell::new(0),
@@ -171,6 +178,7 @@ impl GroupEngine {
             journal_bytes: Cell::new(0),
             last_generation_ms: Cell::new(0),
             force_generation: Cell::new(false),
+            generation_durable: Cell::new(true),
             ready: Watch::new(0),
             kick: Watch::new(0),
         }
@@ -183,10 +191,11 @@ impl GroupEngine {
         dir: &Path,
         meta: &Metadata,
         shard: u16,
+        batch_bytes_max: usize,
     ) -> Result<(GroupEngine, GroupRecoveryReport), GroupRecoveryError> {
         let d = dir.to_path_buf();
         let key = crate::runtime::blocking(move || load_or_create_key(&d)).await?;
-        let engine = GroupEngine::new(key);
+        let engine = GroupEngine::new(key, batch_bytes_max);
         store.ensure_queue(GROUP_JOURNAL_QUEUE);
         let mut report = GroupRecoveryReport::default();
         // The last complete generation: read back from the end.
@@ -244,23 +253,35 @@ impl GroupEngine {
         // segment: wait for room, and retry a generation cut short.
         let mut tries = 0;
         loop {
-            store
-                .wait_appendable(
-                    JOURNAL_BATCH_BYTES_MAX as u64,
-                    std::time::Duration::from_secs(10),
-                )
-                .await?;
-            match engine.write_generation(store) {
-                Ok(Some(r)) => {
-                    store.wait_durable(&r.end, Durability::Fsync).await?;
-                    engine.pin.set(r.begin);
-                    break;
+            let attempt = async {
+                store
+                    .wait_appendable(4096, std::time::Duration::from_secs(10))
+                    .await?;
+                match engine.write_generation(store)? {
+                    Some(r) => {
+                        store.wait_durable(&r.end, Durability::Fsync).await?;
+                        engine.pin.set(r.begin);
+                        Ok(())
+                    }
+                    None => Ok(()),
                 }
-                Ok(None) => break,
+            };
+            match attempt.await {
+                Ok(()) => break,
                 Err(StoreError::Log(crate::storage::LogError::Busy(_))) if tries < 100 => {
                     tries += 1;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // A full (or failed) disk: the broker still starts and
+                    // serves; receives wait until a generation is stored.
+                    tracing::warn!(
+                        shard,
+                        "group journal: no generation stored at startup ({e}); receives are refused until one is"
+                    );
+                    engine.force_generation.set(true);
+                    engine.generation_durable.set(false);
+                    break;
+                }
             }
         }
         report.windows = engine.windows.borrow().len();
@@ -471,7 +492,7 @@ impl GroupEngine {
         for e in entries {
             buf.clear();
             e.encode(&mut buf);
-            if !b.is_empty() && b.encoded_len() + buf.len() + 64 > JOURNAL_BATCH_BYTES_MAX {
+            if !b.is_empty() && b.encoded_len() + buf.len() + 64 > self.batch_bytes_max {
                 flush(std::mem::take(&mut b))?;
                 b = BatchBuilder::new();
             }
@@ -550,17 +571,32 @@ impl GroupEngine {
             return Ok(false);
         }
         store
-            .wait_appendable(
-                JOURNAL_BATCH_BYTES_MAX as u64,
-                std::time::Duration::from_secs(1),
-            )
+            .wait_appendable(4096, std::time::Duration::from_secs(1))
             .await?;
         if let Some(r) = self.write_generation(store)? {
             self.force_generation.set(false);
             store.wait_durable(&r.end, Durability::Fsync).await?;
             self.pin.set(r.begin);
+            self.generation_durable.set(true);
         }
         Ok(true)
+    }
+
+    /// Before retention: when the last generation is in an older segment
+    /// than the active one, a new generation moves the pin forward (else
+    /// an idle journal would keep every segment).
+    pub async fn refresh_pin(&self, store: &QueueStore<UringIo>) -> Result<(), StoreError> {
+        let active = store.log().segments().last().map_or(0, |s| s.base);
+        if self.pin.get().0 < active {
+            self.force_generation.set(true);
+            self.maybe_write_generation(store).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether receives may hand out leases (a generation is durable).
+    pub fn leases_safe(&self) -> bool {
+        self.generation_durable.get()
     }
 
     /// Retention keeps every segment from here on (the last durable

@@ -102,6 +102,9 @@ impl Shard {
             since_retention += tick;
             if since_retention >= retention_every {
                 since_retention = Duration::ZERO;
+                if let Err(e) = self.groups.refresh_pin(&self.store).await {
+                    tracing::warn!(shard = self.id, "group journal generation failed: {e}");
+                }
                 let pin = self.groups.retention_pin();
                 match self.store.apply_retention(policy, pin).await {
                     Ok(0) => {}
@@ -179,9 +182,15 @@ pub async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<Started, String> {
     for q in spec.metadata.queues_of_shard(id) {
         store.ensure_queue(q);
     }
-    let (groups, group_report) = GroupEngine::recover(&store, &dir, &spec.metadata, id)
-        .await
-        .map_err(|e| format!("shard {id}: {e}"))?;
+    let (groups, group_report) = GroupEngine::recover(
+        &store,
+        &dir,
+        &spec.metadata,
+        id,
+        cfg.limits.batch_bytes_max as usize,
+    )
+    .await
+    .map_err(|e| format!("shard {id}: {e}"))?;
     let recovery_line = format!("shard {id} recovery: {report}; {group_report}");
     tracing::info!("{recovery_line}");
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;

@@ -348,6 +348,12 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
             format!("invisible_ms {invisible} must be {INVISIBLE_MS_MIN} to {INVISIBLE_MS_MAX}"),
         ));
     }
+    if !shard.groups.leases_safe() {
+        return Err(herr(
+            ErrorCode::StorageFull,
+            "the group journal could not store its state (the disk is full); receives resume once it does",
+        ));
+    }
     let max = req.max_messages.clamp(1, RECEIVE_MESSAGES_MAX) as usize;
     let queues: Vec<QueueId> = shard
         .metadata
@@ -877,4 +883,16 @@ async fn store_dead_letter(
         g.ready.advance(g.ready.get() + 1);
     }
     Ok(())
+}
+
+/// Where a membership or group-offset request goes: the coordinator for
+/// join, heartbeat and leave; the queue's shard for commits.
+pub(super) fn group_route(
+    shard: &Shard,
+    meta: &Metadata,
+    op: Op,
+    body: &Bytes,
+) -> Result<(u16, Option<QueueIndex>), HandlerError> {
+    let _ = (shard, meta, op, body);
+    Err(herr(ErrorCode::UnknownOperation, "not yet"))
 }

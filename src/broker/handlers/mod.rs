@@ -220,6 +220,9 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, Option<QueueIndex>
             }
             Ok((s, None))
         }
+        Op::Join | Op::Heartbeat | Op::Leave | Op::GroupCommit | Op::GroupFetchOffset => {
+            group_route(shard, &meta, op, body)
+        }
         Op::Ack | Op::Nack | Op::ChangeInvisible => {
             let s = if op == Op::ChangeInvisible {
                 body.get(2..4).map(|b| u16::from_le_bytes([b[0], b[1]]))

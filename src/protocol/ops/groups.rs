@@ -324,3 +324,163 @@ impl ChangeInvisibleRequest {
         })
     }
 }
+
+/// One granted queue of a member in queue delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantInfo {
+    /// Broker-wide queue id (metadata maps it to topic and index).
+    pub queue_id: u32,
+    /// Grant epoch: commits carry it; a later grant of the queue refuses
+    /// the older epoch.
+    pub epoch: u64,
+}
+
+fn put_grants(w: &mut Writer, grants: &[GrantInfo]) {
+    w.u32(grants.len() as u32);
+    for g in grants {
+        w.u32(g.queue_id).u64(g.epoch);
+    }
+}
+
+fn get_grants(r: &mut Reader, what: &'static str) -> Result<Vec<GrantInfo>, DecodeError> {
+    let n = r.u32(what)? as usize;
+    if n > r.remaining() / 12 {
+        return Err(DecodeError::Truncated(what));
+    }
+    (0..n)
+        .map(|_| {
+            Ok(GrantInfo {
+                queue_id: r.u32("queue_id")?,
+                epoch: r.u64("epoch")?,
+            })
+        })
+        .collect()
+}
+
+/// Join a group in queue delivery as `instance` (a stable name of the
+/// process, at most 128 bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub group: String,
+    pub instance: String,
+}
+
+impl JoinRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out).str(&self.group).str(&self.instance);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = JoinRequest {
+            group: r.str("group")?,
+            instance: r.str("instance")?,
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// A member is alive; it released these grants (that it was told to
+/// revoke). `leave` ends the membership at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatRequest {
+    pub group: String,
+    pub member: u64,
+    pub released: Vec<GrantInfo>,
+}
+
+impl HeartbeatRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut w = Writer(out);
+        w.str(&self.group).u64(self.member);
+        put_grants(&mut w, &self.released);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let group = r.str("group")?;
+        let member = r.u64("member")?;
+        let released = get_grants(&mut r, "released")?;
+        r.finish()?;
+        Ok(HeartbeatRequest {
+            group,
+            member,
+            released,
+        })
+    }
+}
+
+/// The answer to a join or heartbeat: the member's id, the generation,
+/// the session timeout and heartbeat interval it must keep, what it holds
+/// and what it must release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssignmentResponse {
+    pub member: u64,
+    pub generation: u64,
+    pub session_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub granted: Vec<GrantInfo>,
+    pub revoke: Vec<GrantInfo>,
+}
+
+impl AssignmentResponse {
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut w = Writer(out);
+        w.u64(self.member)
+            .u64(self.generation)
+            .u64(self.session_timeout_ms)
+            .u64(self.heartbeat_interval_ms);
+        put_grants(&mut w, &self.granted);
+        put_grants(&mut w, &self.revoke);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let resp = AssignmentResponse {
+            member: r.u64("member")?,
+            generation: r.u64("generation")?,
+            session_timeout_ms: r.u64("session_timeout_ms")?,
+            heartbeat_interval_ms: r.u64("heartbeat_interval_ms")?,
+            granted: get_grants(&mut r, "granted")?,
+            revoke: get_grants(&mut r, "revoke")?,
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}
+
+/// Commit a group's offset of one queue. In queue delivery the member and
+/// its grant epoch must be the queue's current holder (else
+/// `stale_generation`); in broadcast, `instance` names whose offset it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupCommitRequest {
+    pub group: String,
+    pub queue_id: u32,
+    pub member: u64,
+    pub epoch: u64,
+    pub instance: String,
+    pub offset: u64,
+}
+
+impl GroupCommitRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out)
+            .str(&self.group)
+            .u32(self.queue_id)
+            .u64(self.member)
+            .u64(self.epoch)
+            .str(&self.instance)
+            .u64(self.offset);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = GroupCommitRequest {
+            group: r.str("group")?,
+            queue_id: r.u32("queue_id")?,
+            member: r.u64("member")?,
+            epoch: r.u64("epoch")?,
+            instance: r.str("instance")?,
+            offset: r.u64("offset")?,
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}

@@ -42,10 +42,15 @@ pub enum Op {
     Ack = 19,
     Nack = 20,
     ChangeInvisible = 21,
+    Join = 22,
+    Heartbeat = 23,
+    Leave = 24,
+    GroupCommit = 25,
+    GroupFetchOffset = 26,
 }
 
 /// Every operation this broker serves, for the handshake.
-pub const ALL_OPS: [Op; 21] = [
+pub const ALL_OPS: [Op; 26] = [
     Op::Handshake,
     Op::Metadata,
     Op::CreateTopic,
@@ -67,6 +72,11 @@ pub const ALL_OPS: [Op; 21] = [
     Op::Ack,
     Op::Nack,
     Op::ChangeInvisible,
+    Op::Join,
+    Op::Heartbeat,
+    Op::Leave,
+    Op::GroupCommit,
+    Op::GroupFetchOffset,
 ];
 
 /// Lowest and highest version of every operation.
