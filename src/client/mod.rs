@@ -22,6 +22,7 @@ mod admin;
 mod conn;
 mod consumer;
 mod group;
+mod member;
 mod producer;
 
 pub use crate::batch::Record;
@@ -31,6 +32,7 @@ pub use admin::Admin;
 pub use conn::Connection;
 pub use consumer::{Consumer, SeekTo};
 pub use group::{Delivery, GroupConsumer, Outcome};
+pub use member::{AssignmentListener, GroupMember};
 pub use producer::{Producer, QueueSelector, SendReceipt};
 
 use bytes::Bytes;

@@ -110,6 +110,21 @@ impl Membership {
         }
     }
 
+    /// Like [`Membership::new`], numbering members and grant epochs from
+    /// `first` up (a coordinator that restarted starts above any id or
+    /// epoch it handed out before: from the clock, in microseconds).
+    pub fn numbered_from(cfg: MembershipConfig, first: u64) -> Membership {
+        let mut m = Membership::new(cfg);
+        m.next_member = first.max(1);
+        m.next_epoch = first.max(1);
+        m
+    }
+
+    /// The queues the group consumes now.
+    pub fn queues(&self) -> impl Iterator<Item = QueueId> + '_ {
+        self.queues.iter().copied()
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -122,6 +122,12 @@ pub struct GroupEngine {
     /// A generation was stored since startup (its lease gap is durable):
     /// receives hand out leases only then.
     generation_durable: Cell<bool>,
+    /// Coordinator: membership of the groups in queue delivery this shard
+    /// coordinates (in memory: after a restart members rejoin).
+    pub coordinated: RefCell<HashMap<GroupId, Coordinated>>,
+    /// Queue side: who may commit (member, grant epoch) each (group,
+    /// queue) of this shard in queue delivery, as the coordinator said.
+    pub holders: RefCell<HashMap<(GroupId, QueueId), (u64, u64)>>,
     /// Bumped when messages become deliverable without a publish (a retry
     /// whose time came, an ordered message unblocked): wakes long polls.
     pub ready: Watch,
@@ -178,6 +184,8 @@ impl GroupEngine {
             journal_bytes: Cell::new(0),
             last_generation_ms: Cell::new(0),
             force_generation: Cell::new(false),
+            coordinated: RefCell::new(HashMap::new()),
+            holders: RefCell::new(HashMap::new()),
             generation_durable: Cell::new(true),
             ready: Watch::new(0),
             kick: Watch::new(0),
@@ -421,6 +429,12 @@ impl GroupEngine {
         }
         let mut windows = self.windows.borrow_mut();
         windows.retain(|(g, q), _| meta_has_group(meta, *g).is_some() && meta.locate(*q).is_some());
+        self.holders
+            .borrow_mut()
+            .retain(|(g, q), _| meta_has_group(meta, *g).is_some() && meta.locate(*q).is_some());
+        self.coordinated
+            .borrow_mut()
+            .retain(|g, _| meta_has_group(meta, *g).is_some());
         self.offsets.borrow_mut().retain(|(name, q, _), _| {
             meta.locate(*q).is_some()
                 && !entries
@@ -686,6 +700,13 @@ impl GroupEngine {
             offset,
         })
     }
+}
+
+/// A group this shard coordinates.
+pub struct Coordinated {
+    pub m: crate::group::membership::Membership,
+    /// (queue → holder) as last sent to the queues' shards.
+    pub pushed: BTreeMap<QueueId, (u64, u64)>,
 }
 
 /// Why an offset commit was refused.

@@ -473,3 +473,199 @@ fn bad_handles_and_arguments_are_refused_and_change_nothing() {
     assert_eq!(c.ack(&[old]).unwrap(), vec![ErrorCode::StaleReceipt]);
     assert_eq!(c.ack(&[again.handle]).unwrap(), vec![ErrorCode::Ok]);
 }
+
+#[test]
+fn queue_delivery_rebalances_under_churn_without_two_holders_or_losses() {
+    use keelmq::client::GroupMember;
+    use std::sync::{Arc, Mutex};
+    let b = Broker::start(2, None);
+    b.admin().create_topic("ticks", 16, None).unwrap();
+    create_group(
+        &b,
+        "desk",
+        serde_json::json!({
+            "delivery": "queue",
+            "subscriptions": [{"topic": "ticks"}],
+            "session_timeout_ms": 3000,
+            "start": "earliest",
+        }),
+    );
+    let n = 100_000u64;
+    // Who serves each queue now (set by the members' listeners, which run
+    // before a queue is released and after it is granted).
+    let holder: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let delivered: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let handovers = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut p = Producer::connect(&b.addr).unwrap();
+            let mut i = 0;
+            while i < n {
+                let records: Vec<Record> = (i..(i + 500).min(n))
+                    .map(|j| Record::new(j.to_string()))
+                    .collect();
+                p.send_batch(
+                    "ticks",
+                    keelmq::client::QueueSelector::Queue(((i / 500) % 16) as u32),
+                    &records,
+                )
+                .unwrap();
+                i += 500;
+                // About 6 s of flow, so members come and go throughout.
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+        for k in 0..4u64 {
+            let (holder, violations, delivered, done) = (&holder, &violations, &delivered, &done);
+            let handovers = &handovers;
+            let addr = b.addr.as_str();
+            s.spawn(move || {
+                let mut round = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    round += 1;
+                    let me = k * 1_000_000 + round;
+                    let mut m =
+                        GroupMember::connect(addr, "desk", "ticks", &format!("m{k}-{round}"))
+                            .unwrap();
+                    let (h, v) = (holder.clone(), violations.clone());
+                    handovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    m.set_listener(Box::new(move |q, on| {
+                        let mut h = h.lock().unwrap();
+                        if on {
+                            if let Some(other) = h.insert(q, me) {
+                                v.lock()
+                                    .unwrap()
+                                    .push(format!("queue {q}: {me} took it from {other}"));
+                            }
+                        } else if h.get(&q) == Some(&me) {
+                            h.remove(&q);
+                        }
+                    }));
+                    // Stay a random while (0.3 to 1.5 s), then leave.
+                    let stay = Duration::from_millis(300 + (me * 7919) % 1200);
+                    let until = Instant::now() + stay;
+                    while Instant::now() < until && !done.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let got = m.poll(Duration::from_millis(50)).unwrap();
+                        {
+                            let h = holder.lock().unwrap();
+                            let mut d = delivered.lock().unwrap();
+                            for msg in &got {
+                                if h.get(&msg.queue) != Some(&me) {
+                                    violations.lock().unwrap().push(format!(
+                                        "{me} got queue {} it does not hold",
+                                        msg.queue
+                                    ));
+                                }
+                                let id: u64 =
+                                    std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+                                *d.entry(id).or_default() += 1;
+                            }
+                            if d.len() as u64 >= n {
+                                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        m.commit().unwrap();
+                    }
+                    m.close().unwrap();
+                    std::thread::sleep(Duration::from_millis((me * 31) % 200));
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if Instant::now() > deadline {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let v = violations.lock().unwrap();
+    assert!(
+        v.is_empty(),
+        "{} violations, first: {:?}",
+        v.len(),
+        &v[..v.len().min(5)]
+    );
+    let d = delivered.lock().unwrap();
+    assert_eq!(d.len() as u64, n, "messages delivered: {} of {n}", d.len());
+    let dups = d.values().filter(|&&c| c > 1).count();
+    let joins = handovers.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("queue delivery under churn: {n} messages, {joins} joins, {dups} delivered again after a clean handover");
+    assert!(joins >= 12, "only {joins} joins: not much churn");
+    assert_eq!(
+        dups, 0,
+        "a clean leave commits first: nothing is delivered twice"
+    );
+}
+
+#[test]
+fn broadcast_delivers_everything_to_every_instance_and_tracks_each_offset() {
+    use keelmq::client::GroupMember;
+    let b = Broker::start(2, None);
+    b.admin().create_topic("news", 4, None).unwrap();
+    create_group(
+        &b,
+        "screens",
+        serde_json::json!({
+            "mode": "broadcast",
+            "delivery": "queue",
+            "subscriptions": [{"topic": "news"}],
+            "start": "earliest",
+        }),
+    );
+    let n = 2000u64;
+    produce_numbered(&b.addr, "news", n, |_| None);
+    let mut members: Vec<GroupMember> = (0..3)
+        .map(|i| GroupMember::connect(&b.addr, "screens", "news", &format!("screen-{i}")).unwrap())
+        .collect();
+    // Instance 0 reads half, leaves and comes back: it resumes where it
+    // committed, not from the start.
+    let mut got: Vec<HashSet<u64>> = vec![HashSet::new(); 3];
+    for (i, m) in members.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = if i == 0 { n / 2 } else { n };
+        while (got[i].len() as u64) < want {
+            assert!(Instant::now() < deadline);
+            for msg in m.poll(Duration::from_millis(100)).unwrap() {
+                let id: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+                got[i].insert(id);
+            }
+        }
+        m.commit().unwrap();
+    }
+    let lag_of = |instance: &str| -> u64 {
+        let d = b.admin().describe_group("screens").unwrap();
+        d["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|q| q["instance"] == instance)
+            .map(|q| q["lag"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(lag_of("screen-1"), 0);
+    assert_eq!(lag_of("screen-2"), 0);
+    let lag0 = lag_of("screen-0");
+    assert!(lag0 > 0 && lag0 <= n / 2 + 100, "screen-0 lag {lag0}");
+    drop(members.remove(0));
+    let mut again = GroupMember::connect(&b.addr, "screens", "news", "screen-0").unwrap();
+    let mut second = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got[0].len() + second.len() < n as usize {
+        assert!(Instant::now() < deadline);
+        for msg in again.poll(Duration::from_millis(100)).unwrap() {
+            let id: u64 = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+            assert!(
+                !got[0].contains(&id),
+                "screen-0 saw {id} again after its commit"
+            );
+            second.insert(id);
+        }
+    }
+    assert_eq!(got[1].len() as u64, n);
+    assert_eq!(got[2].len() as u64, n);
+}

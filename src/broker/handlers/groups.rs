@@ -10,6 +10,7 @@ use crate::group::window::{Lease, LeaseError, INVISIBLE_MS_MAX, INVISIBLE_MS_MIN
 use crate::ids::GroupId;
 use crate::shard::groups::message_groups;
 use crate::shard::metadata::TopicLimits;
+use std::collections::HashMap;
 
 /// Most messages one receive returns.
 pub const RECEIVE_MESSAGES_MAX: u32 = 4096;
@@ -763,9 +764,14 @@ pub async fn group_timer(shard: Rc<Shard>) {
                 }
             }
         }
+        let expiry = expire_members(&shard).await;
+        let g = &shard.groups;
+        let next = match (g.next_due_ms(), expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let sleep_ms = if pending.is_empty() {
-            g.next_due_ms()
-                .map_or(1000, |d| d.saturating_sub(now_ms()).min(1000))
+            next.map_or(1000, |d| d.saturating_sub(now_ms()).min(1000))
         } else {
             200
         };
@@ -885,14 +891,360 @@ async fn store_dead_letter(
     Ok(())
 }
 
+/// Internal operation: the holders of some of a group's queues on the
+/// receiving shard (coordinator → queue shard).
+pub const OP_INTERNAL_HOLDERS: u16 = 0x8005;
+/// Longest instance id of a member, in bytes.
+pub use crate::group::entry::INSTANCE_ID_BYTES_MAX;
+
 /// Where a membership or group-offset request goes: the coordinator for
 /// join, heartbeat and leave; the queue's shard for commits.
 pub(super) fn group_route(
-    shard: &Shard,
+    _shard: &Shard,
     meta: &Metadata,
     op: Op,
     body: &Bytes,
 ) -> Result<(u16, Option<QueueIndex>), HandlerError> {
-    let _ = (shard, meta, op, body);
-    Err(herr(ErrorCode::UnknownOperation, "not yet"))
+    let mut r = Reader::new(body.clone());
+    let group = r.str("group")?;
+    match op {
+        Op::Join | Op::Heartbeat | Op::Leave => Ok((meta.coordinator_of(&group).0, None)),
+        _ => {
+            let queue = QueueId(r.u32("queue_id")?);
+            let (topic, index) = meta
+                .locate(queue)
+                .ok_or_else(|| herr(ErrorCode::UnknownQueue, format!("no queue id {}", queue.0)))?;
+            Ok((meta.route(topic, index)?.shard, None))
+        }
+    }
+}
+
+fn queue_group(shard: &Shard, name: &str) -> Result<(GroupId, GroupConfig), HandlerError> {
+    let (gid, cfg) = group_by_name(shard, name)?;
+    if cfg.delivery != Delivery::Queue {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("group `{name}` uses message delivery: receive and ack"),
+        ));
+    }
+    if cfg.mode != crate::group::config::GroupMode::Clustering {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("group `{name}` is a broadcast group: every instance reads every queue and commits its own offsets, without joining"),
+        ));
+    }
+    Ok((gid, cfg))
+}
+
+/// Runs a membership operation on the coordinator, then tells the queues'
+/// shards who holds what (and waits for them) before answering: a member
+/// learns of a grant only once its commits would be taken.
+async fn membership_op<T>(
+    shard: &Rc<Shard>,
+    name: &str,
+    op: impl FnOnce(&mut crate::group::membership::Membership, u64) -> Result<T, HandlerError>,
+) -> Result<(T, GroupConfig), HandlerError> {
+    let (gid, cfg) = queue_group(shard, name)?;
+    let queues: Vec<QueueId> = {
+        let meta = shard.metadata.borrow();
+        cfg.subscriptions
+            .iter()
+            .filter_map(|s| meta.queues(&s.topic).ok())
+            .flatten()
+            .map(|(q, _)| q)
+            .collect()
+    };
+    let out = {
+        let mut all = shard.groups.coordinated.borrow_mut();
+        let c = all
+            .entry(gid)
+            .or_insert_with(|| crate::shard::groups::Coordinated {
+                m: crate::group::membership::Membership::numbered_from(
+                    cfg.membership(),
+                    now_ms() * 1000,
+                ),
+                pushed: Default::default(),
+            });
+        let mut have: Vec<QueueId> = c.m.queues().collect();
+        let mut want = queues.clone();
+        have.sort_unstable();
+        want.sort_unstable();
+        if have != want {
+            c.m.set_queues(queues);
+        }
+        op(&mut c.m, now_ms())?
+    };
+    push_holders(shard, gid).await?;
+    Ok((out, cfg))
+}
+
+/// Sends the holders that changed since the last push to their shards.
+async fn push_holders(shard: &Rc<Shard>, gid: GroupId) -> Result<(), HandlerError> {
+    let changes: Vec<(QueueId, (u64, u64))> = {
+        let all = shard.groups.coordinated.borrow();
+        let Some(c) = all.get(&gid) else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        for q in c.m.queues() {
+            let now = c.m.owner(q).unwrap_or((0, 0));
+            if c.pushed.get(&q).copied().unwrap_or((0, 0)) != now {
+                out.push((q, now));
+            }
+        }
+        for (&q, _) in c.pushed.iter() {
+            if !c.m.queues().any(|x| x == q) {
+                out.push((q, (0, 0)));
+            }
+        }
+        out
+    };
+    if changes.is_empty() {
+        return Ok(());
+    }
+    type Changes = Vec<(QueueId, (u64, u64))>;
+    let mut by_shard: HashMap<u16, Changes> = HashMap::new();
+    {
+        let meta = shard.metadata.borrow();
+        for &(q, h) in &changes {
+            let Some((topic, index)) = meta.locate(q) else {
+                continue;
+            };
+            if let Ok(r) = meta.route(topic, index) {
+                by_shard.entry(r.shard).or_default().push((q, h));
+            }
+        }
+    }
+    let mut waits = Vec::new();
+    for (s, list) in by_shard {
+        let mut b = BytesMut::new();
+        let mut w = Writer(&mut b);
+        w.u32(gid.0).u32(list.len() as u32);
+        for (q, (m, e)) in &list {
+            w.u32(q.0).u64(*m).u64(*e);
+        }
+        if s == shard.id {
+            apply_holders(shard, b.freeze())?;
+        } else {
+            let rx = shard
+                .mesh
+                .request(s, OP_INTERNAL_HOLDERS, None, b.freeze())
+                .await
+                .map_err(|e| herr(ErrorCode::ShuttingDown, e.to_string()))?;
+            waits.push(rx);
+        }
+    }
+    for rx in waits {
+        match rx.await {
+            Some((0, _)) => {}
+            _ => {
+                return Err(herr(
+                    ErrorCode::Internal,
+                    "a shard did not take the group's assignment",
+                ))
+            }
+        }
+    }
+    let mut all = shard.groups.coordinated.borrow_mut();
+    if let Some(c) = all.get_mut(&gid) {
+        for (q, h) in changes {
+            if h == (0, 0) {
+                c.pushed.remove(&q);
+            } else {
+                c.pushed.insert(q, h);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn apply_holders(shard: &Shard, body: Bytes) -> HResult {
+    let mut r = Reader::new(body);
+    let gid = GroupId(r.u32("group")?);
+    let n = r.u32("count")?;
+    let mut holders = shard.groups.holders.borrow_mut();
+    for _ in 0..n {
+        let q = QueueId(r.u32("queue")?);
+        let m = r.u64("member")?;
+        let e = r.u64("epoch")?;
+        if m == 0 {
+            holders.remove(&(gid, q));
+        } else {
+            holders.insert((gid, q), (m, e));
+        }
+    }
+    r.finish()?;
+    Ok(Vec::new())
+}
+
+fn assignment_body(a: crate::group::membership::Assignment, cfg: &GroupConfig) -> Vec<Bytes> {
+    let grant = |g: &crate::group::membership::Grant| GrantInfo {
+        queue_id: g.queue.0,
+        epoch: g.epoch,
+    };
+    let resp = AssignmentResponse {
+        member: a.member,
+        generation: a.generation,
+        session_timeout_ms: cfg.session_timeout_ms,
+        heartbeat_interval_ms: crate::group::membership::HEARTBEAT_INTERVAL_MS_DEFAULT
+            .min(cfg.session_timeout_ms / 3),
+        granted: a.granted.iter().map(grant).collect(),
+        revoke: a.revoke.iter().map(grant).collect(),
+    };
+    body_of(|b| resp.encode(b))
+}
+
+fn membership_err(e: crate::group::membership::MembershipError) -> HandlerError {
+    use crate::group::membership::MembershipError as M;
+    match e {
+        M::UnknownMember(m) => herr(
+            ErrorCode::StaleGeneration,
+            format!("member {m} is not in the group (expired or left): join again"),
+        ),
+        e => herr(ErrorCode::InvalidArgument, e.to_string()),
+    }
+}
+
+pub(super) async fn join(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = JoinRequest::decode(body)?;
+    if req.instance.is_empty() || req.instance.len() > INSTANCE_ID_BYTES_MAX {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("instance id must be 1 to {INSTANCE_ID_BYTES_MAX} bytes"),
+        ));
+    }
+    let (a, cfg) = membership_op(shard, &req.group, |m, now| {
+        m.join(now, &req.instance).map_err(membership_err)
+    })
+    .await?;
+    Ok(assignment_body(a, &cfg))
+}
+
+pub(super) async fn heartbeat(shard: &Rc<Shard>, body: Bytes, leave: bool) -> HResult {
+    let req = HeartbeatRequest::decode(body)?;
+    let released: Vec<crate::group::membership::Grant> = req
+        .released
+        .iter()
+        .map(|g| crate::group::membership::Grant {
+            queue: QueueId(g.queue_id),
+            epoch: g.epoch,
+        })
+        .collect();
+    if leave {
+        membership_op(shard, &req.group, |m, _| {
+            m.leave(req.member).map_err(membership_err)
+        })
+        .await?;
+        return Ok(Vec::new());
+    }
+    let (a, cfg) = membership_op(shard, &req.group, |m, now| {
+        m.heartbeat(now, req.member, &released)
+            .map_err(membership_err)
+    })
+    .await?;
+    Ok(assignment_body(a, &cfg))
+}
+
+/// Coordinator timer: expires members whose sessions ran out.
+pub(super) async fn expire_members(shard: &Rc<Shard>) -> Option<u64> {
+    let now = now_ms();
+    let mut changed = Vec::new();
+    let mut next = None::<u64>;
+    for (gid, c) in shard.groups.coordinated.borrow_mut().iter_mut() {
+        if !c.m.expire(now).is_empty() {
+            changed.push(*gid);
+        }
+        if let Some(t) = c.m.next_expiry_ms() {
+            next = Some(next.map_or(t, |n: u64| n.min(t)));
+        }
+    }
+    for gid in changed {
+        if let Err(e) = push_holders(shard, gid).await {
+            tracing::warn!(
+                shard = shard.id,
+                "group assignment not pushed: {}",
+                e.message
+            );
+        }
+    }
+    next
+}
+
+pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = GroupCommitRequest::decode(body)?;
+    let (gid, cfg) = group_by_name(shard, &req.group)?;
+    if cfg.delivery != Delivery::Queue {
+        return Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("group `{}` uses message delivery: ack messages", req.group),
+        ));
+    }
+    let queue = QueueId(req.queue_id);
+    let broadcast = cfg.mode == crate::group::config::GroupMode::Broadcast;
+    if broadcast {
+        if req.instance.is_empty() || req.instance.len() > INSTANCE_ID_BYTES_MAX {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "a broadcast commit names its instance (1 to {INSTANCE_ID_BYTES_MAX} bytes)"
+                ),
+            ));
+        }
+    } else if shard.groups.holders.borrow().get(&(gid, queue)) != Some(&(req.member, req.epoch)) {
+        return Err(herr(
+            ErrorCode::StaleGeneration,
+            format!(
+                "member {} under epoch {} does not hold queue id {}: its assignment moved",
+                req.member, req.epoch, req.queue_id
+            ),
+        ));
+    }
+    let (topic, level) = {
+        let meta = shard.metadata.borrow();
+        let (topic, index) = meta
+            .locate(queue)
+            .ok_or_else(|| herr(ErrorCode::UnknownQueue, format!("no queue id {}", queue.0)))?;
+        let route = meta.route(topic, index)?;
+        if !cfg.subscriptions.iter().any(|s| s.topic == topic) {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!("group `{}` does not subscribe to `{topic}`", req.group),
+            ));
+        }
+        (topic.to_owned(), cfg.durability.unwrap_or(route.durability))
+    };
+    let _ = topic;
+    shard
+        .store
+        .wait_appendable(
+            512,
+            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
+        )
+        .await?;
+    let instance = if broadcast { req.instance.as_str() } else { "" };
+    let entry = shard
+        .groups
+        .commit(
+            &req.group,
+            queue,
+            instance,
+            req.offset,
+            shard.config.limits.group_offsets_max,
+        )
+        .map_err(|e| herr(ErrorCode::InvalidArgument, e.to_string()))?;
+    if let Some(r) = shard.groups.append(&shard.store, &[entry], level)? {
+        shard.store.wait_durable(&r, level).await?;
+    }
+    Ok(Vec::new())
+}
+
+pub(super) fn group_fetch_offset(shard: &Shard, body: Bytes) -> HResult {
+    let req = GroupCommitRequest::decode(body)?;
+    let (_, cfg) = group_by_name(shard, &req.group)?;
+    let broadcast = cfg.mode == crate::group::config::GroupMode::Broadcast;
+    let instance = if broadcast { req.instance.as_str() } else { "" };
+    let v = shard
+        .groups
+        .offset(&req.group, QueueId(req.queue_id), instance);
+    Ok(body_of(|b| encode_opt_u64(b, v)))
 }

@@ -354,6 +354,12 @@ pub async fn execute_local(
         (Some(Op::Ack), _) => later(async move { settle(&s, body, false).await }),
         (Some(Op::Nack), _) => later(async move { settle(&s, body, true).await }),
         (Some(Op::ChangeInvisible), _) => later(async move { change_invisible(&s, body).await }),
+        (Some(Op::Join), _) => later(async move { join(&s, body).await }),
+        (Some(Op::Heartbeat), _) => later(async move { heartbeat(&s, body, false).await }),
+        (Some(Op::Leave), _) => later(async move { heartbeat(&s, body, true).await }),
+        (Some(Op::GroupCommit), _) => later(async move { group_commit(&s, body).await }),
+        (Some(Op::GroupFetchOffset), _) => ready(group_fetch_offset(shard, body)),
+        (None, OP_INTERNAL_HOLDERS) if from_mesh => ready(apply_holders(shard, body)),
         (None, OP_INTERNAL_DESCRIBE_GROUP) if from_mesh => {
             ready(describe_group_internal(shard, body))
         }
