@@ -192,6 +192,19 @@ enum GroupCommand {
     },
     /// Delete a consumer group.
     Delete { name: String },
+    /// Move a group's position in every queue of a topic (stop its members
+    /// first in queue delivery).
+    Reset {
+        name: String,
+        #[arg(long)]
+        topic: String,
+        /// earliest, latest, time:MILLIS or offset:N.
+        #[arg(long)]
+        to: String,
+        /// Broadcast groups: the instance whose offsets move.
+        #[arg(long, default_value = "")]
+        instance: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -816,6 +829,35 @@ fn group(broker: &str, command: GroupCommand) -> Result<()> {
         GroupCommand::Delete { name } => {
             admin.delete_group(&name)?;
             println!("deleted group {name}");
+        }
+        GroupCommand::Reset {
+            name,
+            topic,
+            to,
+            instance,
+        } => {
+            use keelmq::protocol::OffsetSpec;
+            let info = admin
+                .metadata(std::slice::from_ref(&topic))?
+                .topics
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("no topic {topic}"))?;
+            for (i, q) in info.queues.iter().enumerate() {
+                let i = i as u32;
+                let offset = match parse_from(&to)? {
+                    SeekTo::Earliest => admin.list_offset(&topic, i, OffsetSpec::Earliest)?,
+                    SeekTo::Latest => admin.list_offset(&topic, i, OffsetSpec::Latest)?,
+                    SeekTo::Timestamp(t) => {
+                        admin.list_offset(&topic, i, OffsetSpec::Timestamp(t))?
+                    }
+                    SeekTo::Offset(o) => o,
+                };
+                admin
+                    .reset_group_offset(&name, q.queue_id, &instance, offset)
+                    .with_context(|| format!("queue {i}"))?;
+                println!("queue {i}: {offset}");
+            }
         }
     }
     Ok(())

@@ -85,6 +85,31 @@ impl Admin {
         json_body(self.conn.call(Op::DescribeGroup, &b)?)
     }
 
+    /// Moves a group's position in one queue (by queue id) to `offset`,
+    /// as an operator: in message delivery the queue's window restarts
+    /// there (leases out become stale); in queue delivery only while no
+    /// member holds the queue; in broadcast for `instance`.
+    pub fn reset_group_offset(
+        &mut self,
+        group: &str,
+        queue_id: u32,
+        instance: &str,
+        offset: u64,
+    ) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        GroupCommitRequest {
+            group: group.to_owned(),
+            queue_id,
+            member: 0,
+            epoch: 0,
+            instance: instance.to_owned(),
+            offset,
+        }
+        .encode(&mut b);
+        self.conn.call(Op::GroupCommit, &b)?;
+        Ok(())
+    }
+
     /// Every topic.
     pub fn list_topics(&mut self) -> Result<Vec<TopicInfo>, ClientError> {
         Ok(self.metadata(&[])?.topics)

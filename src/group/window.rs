@@ -185,6 +185,10 @@ impl DeliveryWindow {
         }
     }
 
+    /// The settings the window runs with.
+    pub fn config(&self) -> &WindowConfig {
+        &self.cfg
+    }
     /// Every offset below is finished.
     pub fn floor(&self) -> u64 {
         self.floor

@@ -1173,14 +1173,29 @@ pub(super) async fn expire_members(shard: &Rc<Shard>) -> Option<u64> {
 pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = GroupCommitRequest::decode(body)?;
     let (gid, cfg) = group_by_name(shard, &req.group)?;
-    if cfg.delivery != Delivery::Queue {
-        return Err(herr(
-            ErrorCode::InvalidArgument,
-            format!("group `{}` uses message delivery: ack messages", req.group),
-        ));
-    }
     let queue = QueueId(req.queue_id);
+    let reset = req.member == 0 && req.epoch == 0;
+    if cfg.delivery != Delivery::Queue {
+        if !reset {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!("group `{}` uses message delivery: ack messages", req.group),
+            ));
+        }
+        return reset_window(shard, gid, queue, req.offset).await;
+    }
     let broadcast = cfg.mode == crate::group::config::GroupMode::Broadcast;
+    if reset && !broadcast {
+        if let Some((m, _)) = shard.groups.holders.borrow().get(&(gid, queue)) {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "member {m} holds queue id {}: stop the group's members before a reset",
+                    queue.0
+                ),
+            ));
+        }
+    }
     if broadcast {
         if req.instance.is_empty() || req.instance.len() > INSTANCE_ID_BYTES_MAX {
             return Err(herr(
@@ -1190,7 +1205,9 @@ pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
                 ),
             ));
         }
-    } else if shard.groups.holders.borrow().get(&(gid, queue)) != Some(&(req.member, req.epoch)) {
+    } else if !reset
+        && shard.groups.holders.borrow().get(&(gid, queue)) != Some(&(req.member, req.epoch))
+    {
         return Err(herr(
             ErrorCode::StaleGeneration,
             format!(
@@ -1235,6 +1252,53 @@ pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
     if let Some(r) = shard.groups.append(&shard.store, &[entry], level)? {
         shard.store.wait_durable(&r, level).await?;
     }
+    Ok(Vec::new())
+}
+
+/// An operator's reset of a message-delivery queue: a fresh window at
+/// `offset` (leases out now become stale; their messages below `offset`
+/// are finished, those above delivered again).
+async fn reset_window(shard: &Rc<Shard>, gid: GroupId, queue: QueueId, offset: u64) -> HResult {
+    use crate::group::entry::Entry;
+    let o = shard.store.offsets(queue)?;
+    if offset > o.latest {
+        return Err(herr(
+            ErrorCode::OffsetOutOfRange,
+            format!("offset {offset} is past the queue's latest {}", o.latest),
+        ));
+    }
+    shard
+        .store
+        .wait_appendable(
+            4096,
+            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
+        )
+        .await?;
+    let done = shard.groups.with_window(gid, queue, |w| {
+        let mut fresh = crate::group::window::DeliveryWindow::new(
+            w.w.config().clone(),
+            offset,
+            w.w.next_lease(),
+        );
+        fresh.advance(now_ms());
+        w.w = fresh;
+        (w.w.snapshot(), w.level)
+    });
+    let Some((snapshot, level)) = done else {
+        return Err(herr(
+            ErrorCode::UnknownQueue,
+            format!("the group does not consume queue id {}", queue.0),
+        ));
+    };
+    let entry = Entry::Snapshot {
+        group: gid,
+        queue,
+        snapshot,
+    };
+    if let Some(r) = shard.groups.append(&shard.store, &[entry], level)? {
+        shard.store.wait_durable(&r, level).await?;
+    }
+    shard.groups.ready.advance(shard.groups.ready.get() + 1);
     Ok(Vec::new())
 }
 
