@@ -90,6 +90,16 @@ struct Args {
     /// pays the wake-up on every message.
     #[arg(long, value_enum, default_value_t = run::ClientMode::BusyPoll)]
     client_mode: run::ClientMode,
+    /// Consume as one consumer group (`--consumers` members): `message`
+    /// (receive and ack each) or `queue` (one member per queue, commits).
+    #[arg(long, value_enum)]
+    group_mode: Option<workload::GroupMode>,
+    /// Message delivery: share of deliveries nacked (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    nack_ratio: f64,
+    /// Message delivery: retry delay of a nack, ms.
+    #[arg(long, default_value_t = 100)]
+    nack_delay_ms: u64,
 }
 
 fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
@@ -114,10 +124,19 @@ fn workload(a: &Args) -> Result<Workload> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut w = Workload::from_omb(&text, durability, batch_max, a.linger_us)?;
+        w.group = a.group_mode;
+        w.nack_ratio = a.nack_ratio;
+        w.nack_delay_ms = a.nack_delay_ms;
         if w.rate.is_none() {
             w.batch_max = a.batch_max.unwrap_or(1000);
         }
         return Ok(w);
+    }
+    if !(0.0..1.0).contains(&a.nack_ratio) {
+        bail!("--nack-ratio must be at least 0 and below 1");
+    }
+    if a.nack_ratio > 0.0 && a.group_mode != Some(workload::GroupMode::Message) {
+        bail!("--nack-ratio needs --group-mode message");
     }
     if a.size < run::STAMP_BYTES {
         bail!("--size must be at least {} bytes", run::STAMP_BYTES);
@@ -136,6 +155,9 @@ fn workload(a: &Args) -> Result<Workload> {
         linger_us: a.linger_us,
         durability,
         keys: a.keys,
+        group: a.group_mode,
+        nack_ratio: a.nack_ratio,
+        nack_delay_ms: a.nack_delay_ms,
     })
 }
 
@@ -160,6 +182,12 @@ fn result_json(r: &run::RunResult) -> Value {
         "steal_pct": (r.steal_pct * 10.0).round() / 10.0,
         "cpu_busy_pct": (r.cpu_busy_pct * 10.0).round() / 10.0,
         "first_error": r.first_error,
+        "group_ack_p50_us": quantile_us(&r.group_ack, 0.5),
+        "group_ack_p99_us": quantile_us(&r.group_ack, 0.99),
+        "redeliveries": r.redelivery_ms.len(),
+        "redelivery_lateness_p50_ms": quantile_us(&r.redelivery_ms, 0.5),
+        "redelivery_lateness_p99_ms": quantile_us(&r.redelivery_ms, 0.99),
+        "redelivery_lateness_max_ms": r.redelivery_ms.max(),
     })
 }
 
@@ -182,6 +210,22 @@ fn print_table(i: u32, r: &run::RunResult) {
         quantile_us(&r.e2e, 0.9999),
         r.e2e.max()
     );
+    if !r.group_ack.is_empty() {
+        eprintln!(
+            "       group ack/commit call p50 {:>7} µs  p99 {:>7} µs",
+            quantile_us(&r.group_ack, 0.5),
+            quantile_us(&r.group_ack, 0.99)
+        );
+    }
+    if !r.redelivery_ms.is_empty() {
+        eprintln!(
+            "       redelivery lateness ({} redeliveries) p50 {} ms  p99 {} ms  max {} ms",
+            r.redelivery_ms.len(),
+            quantile_us(&r.redelivery_ms, 0.5),
+            quantile_us(&r.redelivery_ms, 0.99),
+            r.redelivery_ms.max()
+        );
+    }
     if r.lost > 0 {
         eprintln!("!!!!! LOST {} ACKNOWLEDGED MESSAGES !!!!!", r.lost);
     }
@@ -259,7 +303,18 @@ fn real_main() -> Result<()> {
         for t in &topics {
             admin.create_topic(t, w.queues, Some(level))?;
         }
+        let group = w.group.map(|g| format!("loadgen-{stamp}-{i}-{}", g.name()));
+        if let (Some(name), Some(mode)) = (&group, w.group) {
+            admin.create_group(
+                name,
+                &json!({
+                    "delivery": mode.name(),
+                    "subscriptions": topics.iter().map(|t| json!({"topic": t})).collect::<Vec<_>>(),
+                }),
+            )?;
+        }
         let r = run::run(&run::RunSpec {
+            group: group.clone(),
             broker: &broker,
             workload: &w,
             topics: topics.clone(),
@@ -267,6 +322,10 @@ fn real_main() -> Result<()> {
             progress: !a.json,
             mode: a.client_mode,
         })?;
+        if let Some(g) = &group {
+            let _ = admin.delete_group(g);
+            let _ = admin.delete_topic(&format!("%DLQ%{g}"));
+        }
         for t in &topics {
             let _ = admin.delete_topic(t);
         }
@@ -314,6 +373,10 @@ fn real_main() -> Result<()> {
         o.insert("mode".into(), mode.into());
         o.insert("workload".into(), w.name.clone().into());
         o.insert("durability".into(), w.durability.name().into());
+        o.insert(
+            "group_mode".into(),
+            w.group.map_or(Value::Null, |g| g.name().into()),
+        );
         o.insert("size".into(), w.size.into());
         o.insert(
             "rate".into(),

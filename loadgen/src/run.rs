@@ -9,7 +9,9 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use keelmq::client::{Consumer, Producer, QueueSelector, Record, SeekTo};
+use keelmq::client::{
+    Consumer, GroupConsumer, GroupMember, Message, Producer, QueueSelector, Record, SeekTo,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,6 +55,11 @@ pub struct RunResult {
     pub steal_pct: f64,
     pub cpu_busy_pct: f64,
     pub first_error: Option<String>,
+    /// Group consumers: each commit call (queue delivery), µs (message
+    /// delivery acks without waiting).
+    pub group_ack: Histogram<u64>,
+    /// Redelivery lateness: received − (nacked + delay), ms.
+    pub redelivery_ms: Histogram<u64>,
 }
 
 struct Shared {
@@ -241,7 +248,8 @@ impl ProducerState {
 
 /// One consumer of a subset of a topic's queues.
 struct ConsumerState {
-    c: Consumer,
+    /// `None` for the counters of a group member (it reads by itself).
+    c: Option<Consumer>,
     seen: Vec<Vec<u8>>,
     e2e_us: Histogram<u64>,
     received: u64,
@@ -259,40 +267,170 @@ impl ConsumerState {
         } else {
             Duration::ZERO
         };
-        let msgs = self.c.poll(wait)?;
+        let Some(c) = self.c.as_mut() else {
+            return Ok(false);
+        };
+        let msgs = c.poll(wait)?;
         if msgs.is_empty() {
             return Ok(false);
         }
         let now = shared.now_ns();
         for m in &msgs {
-            let p = &m.payload;
-            if p.len() < STAMP_BYTES {
-                continue;
-            }
-            let sched = u64::from_le_bytes(p[0..8].try_into().unwrap());
-            let pid = u32::from_le_bytes(p[8..12].try_into().unwrap()) as usize;
-            let seq = u32::from_le_bytes(p[12..16].try_into().unwrap()) as usize;
-            if self.seen.len() <= pid {
-                self.seen.resize(pid + 1, Vec::new());
-            }
-            let v = &mut self.seen[pid];
-            if v.len() <= seq {
-                v.resize((seq + 1).max(v.len() * 2), 0);
-            }
-            v[seq] = v[seq].saturating_add(1);
-            if sched >= self.warmup_ns && sched < self.end_ns {
-                let _ = self
-                    .e2e_us
-                    .record((now.saturating_sub(sched) / 1000).max(1));
-                self.window_msgs += 1;
-                self.window_bytes += p.len() as u64;
-            }
+            self.take(m, now);
         }
         self.received += msgs.len() as u64;
         shared
             .received
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Counts a first delivery: seen, e2e, throughput window. Returns
+    /// (producer, sequence).
+    fn take(&mut self, m: &Message, now: u64) -> Option<(u32, u32)> {
+        let p = &m.payload;
+        if p.len() < STAMP_BYTES {
+            return None;
+        }
+        let sched = u64::from_le_bytes(p[0..8].try_into().unwrap());
+        let pid = u32::from_le_bytes(p[8..12].try_into().unwrap());
+        let seq = u32::from_le_bytes(p[12..16].try_into().unwrap());
+        let (pi, si) = (pid as usize, seq as usize);
+        if self.seen.len() <= pi {
+            self.seen.resize(pi + 1, Vec::new());
+        }
+        let v = &mut self.seen[pi];
+        if v.len() <= si {
+            v.resize((si + 1).max(v.len() * 2), 0);
+        }
+        v[si] = v[si].saturating_add(1);
+        if sched >= self.warmup_ns && sched < self.end_ns {
+            let _ = self
+                .e2e_us
+                .record((now.saturating_sub(sched) / 1000).max(1));
+            self.window_msgs += 1;
+            self.window_bytes += p.len() as u64;
+        }
+        Some((pid, seq))
+    }
+}
+
+/// A deterministic coin for (producer, sequence, attempt).
+fn coin(pid: u32, seq: u32, attempt: u32, p: f64) -> bool {
+    let mut x = (u64::from(pid) << 32 | u64::from(seq)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(attempt).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 29;
+    ((x % 1_000_000) as f64) < p * 1_000_000.0
+}
+
+/// A member of the run's group in message delivery.
+struct GroupConsumerState {
+    g: GroupConsumer,
+    base: ConsumerState,
+    nack_ratio: f64,
+    nack_delay_ms: u64,
+    /// (producer, sequence) → when it was nacked (ns since t0).
+    nacked: HashMap<(u32, u32), u64>,
+    ack_us: Histogram<u64>,
+    redelivery_ms: Histogram<u64>,
+}
+
+impl GroupConsumerState {
+    fn step(&mut self, shared: &Shared, block: bool) -> Result<bool> {
+        let wait = if block {
+            BLOCKING_WAIT_MAX
+        } else {
+            Duration::ZERO
+        };
+        let got = self.g.receive(wait)?;
+        if got.is_empty() {
+            return Ok(false);
+        }
+        let now = shared.now_ns();
+        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+        let mut first = 0u64;
+        for d in &got {
+            let key = if d.attempt == 1 {
+                first += 1;
+                self.base.take(&d.message, now)
+            } else {
+                let p = &d.message.payload;
+                (p.len() >= STAMP_BYTES).then(|| {
+                    (
+                        u32::from_le_bytes(p[8..12].try_into().unwrap()),
+                        u32::from_le_bytes(p[12..16].try_into().unwrap()),
+                    )
+                })
+            };
+            let Some((pid, seq)) = key else {
+                acks.push(d.handle.clone());
+                continue;
+            };
+            if let Some(at) = self.nacked.remove(&(pid, seq)) {
+                let due = at + self.nack_delay_ms * 1_000_000;
+                let _ = self
+                    .redelivery_ms
+                    .record((now.saturating_sub(due) / 1_000_000).max(1));
+            }
+            if d.attempt < 3 && coin(pid, seq, d.attempt, self.nack_ratio) {
+                self.nacked.insert((pid, seq), now);
+                nacks.push(d.handle.clone());
+            } else {
+                acks.push(d.handle.clone());
+            }
+        }
+        if !acks.is_empty() {
+            self.g.ack_nowait(&acks)?;
+            if let (n, Some(code)) = self.g.refused() {
+                anyhow::bail!("{n} acks refused, first: {}", code.name());
+            }
+        }
+        if !nacks.is_empty() {
+            self.g
+                .nack(&nacks, Some(Duration::from_millis(self.nack_delay_ms)))?;
+        }
+        self.base.received += first;
+        shared.received.fetch_add(first, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+/// A member of the run's group in queue delivery: fetches its queues,
+/// commits every 100 ms.
+struct MemberState {
+    m: GroupMember,
+    base: ConsumerState,
+    last_commit: Instant,
+    commit_us: Histogram<u64>,
+}
+
+impl MemberState {
+    fn step(&mut self, shared: &Shared, block: bool) -> Result<bool> {
+        let wait = if block {
+            BLOCKING_WAIT_MAX
+        } else {
+            Duration::ZERO
+        };
+        let msgs = self.m.poll(wait)?;
+        let now = shared.now_ns();
+        for msg in &msgs {
+            self.base.take(msg, now);
+        }
+        self.base.received += msgs.len() as u64;
+        shared
+            .received
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        if self.last_commit.elapsed() >= Duration::from_millis(100) {
+            let t = Instant::now();
+            self.m.commit()?;
+            let _ = self
+                .commit_us
+                .record((t.elapsed().as_micros() as u64).max(1));
+            self.last_commit = Instant::now();
+        }
+        Ok(!msgs.is_empty())
     }
 }
 
@@ -328,11 +466,16 @@ pub struct RunSpec<'a> {
     /// CPUs the worker threads may use (one worker per CPU).
     pub cpus: Vec<usize>,
     pub progress: bool,
+    /// The consumer group the consumers are members of (created by the
+    /// caller), when the workload consumes as a group.
+    pub group: Option<String>,
 }
 
 enum Task {
     P(Box<ProducerState>),
     C(Box<ConsumerState>),
+    G(Box<GroupConsumerState>),
+    M(Box<MemberState>),
 }
 
 /// Runs the workload once against topics that already exist.
@@ -341,8 +484,60 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
     let warmup_ns = (w.warmup_s * 1e9) as u64;
     let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
     let mut tasks: Vec<Task> = Vec::new();
-    // Consumers first, positioned at the end of the (fresh) topics.
-    for topic in &spec.topics {
+    let fresh_consumer = || ConsumerState {
+        c: None,
+        seen: Vec::new(),
+        e2e_us: histogram(),
+        received: 0,
+        window_msgs: 0,
+        window_bytes: 0,
+        warmup_ns,
+        end_ns,
+    };
+    // Group members (of a group created at `latest` before anything was
+    // produced), or plain consumers positioned at the end of the (fresh)
+    // topics.
+    if let (Some(group), Some(mode)) = (&spec.group, w.group) {
+        for topic in &spec.topics {
+            for c in 0..w.consumers.max(1) {
+                match mode {
+                    crate::workload::GroupMode::Message => {
+                        let mut g = GroupConsumer::connect(spec.broker, group, topic)
+                            .context("group consumer connect")?;
+                        g.set_busy_poll(spec.mode == ClientMode::BusyPoll)?;
+                        g.set_wait(Duration::from_millis(200));
+                        g.set_receive_batch(1024);
+                        tasks.push(Task::G(Box::new(GroupConsumerState {
+                            g,
+                            base: fresh_consumer(),
+                            nack_ratio: w.nack_ratio,
+                            nack_delay_ms: w.nack_delay_ms,
+                            nacked: HashMap::new(),
+                            ack_us: histogram(),
+                            redelivery_ms: histogram(),
+                        })));
+                    }
+                    crate::workload::GroupMode::Queue => {
+                        let mut m = GroupMember::connect(
+                            spec.broker,
+                            group,
+                            topic,
+                            &format!("loadgen-{c}"),
+                        )
+                        .context("group member connect")?;
+                        m.set_busy_poll(spec.mode == ClientMode::BusyPoll)?;
+                        tasks.push(Task::M(Box::new(MemberState {
+                            m,
+                            base: fresh_consumer(),
+                            last_commit: Instant::now(),
+                            commit_us: histogram(),
+                        })));
+                    }
+                }
+            }
+        }
+    }
+    for topic in spec.topics.iter().filter(|_| spec.group.is_none()) {
         let per = w.queues.div_ceil(w.consumers.max(1));
         for c in 0..w.consumers.max(1) {
             let queues: Vec<u32> = (c * per..((c + 1) * per).min(w.queues)).collect();
@@ -356,7 +551,7 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             consumer.set_fetch_wait(Some(Duration::from_millis(200)));
             consumer.set_fetch_bytes_max(4 << 20);
             tasks.push(Task::C(Box::new(ConsumerState {
-                c: consumer,
+                c: Some(consumer),
                 seen: Vec::new(),
                 e2e_us: histogram(),
                 received: 0,
@@ -486,6 +681,8 @@ fn worker(
                     }
                 }
                 Task::C(c) => busy |= c.step(&shared, blocking)?,
+                Task::G(g) => busy |= g.step(&shared, blocking)?,
+                Task::M(m) => busy |= m.step(&shared, blocking)?,
             }
         }
         let producers_done = shared.producers_done.load(Ordering::Relaxed) >= n_producers;
@@ -493,7 +690,7 @@ fn worker(
             shared.received.load(Ordering::Relaxed) >= shared.acked.load(Ordering::Relaxed);
         let my_producers_done = tasks.iter().all(|t| match t {
             Task::P(p) => p.done && p.in_flight.is_empty(),
-            Task::C(_) => true,
+            _ => true,
         });
         if shared.stop.load(Ordering::Relaxed) && my_producers_done {
             break;
@@ -567,6 +764,23 @@ fn summarize(
 ) -> Result<RunResult> {
     let mut ack = histogram();
     let mut e2e = histogram();
+    let mut group_ack = histogram();
+    let mut redelivery_ms = histogram();
+    let tasks: Vec<Task> = tasks
+        .into_iter()
+        .map(|t| match t {
+            Task::G(g) => {
+                group_ack.add(&g.ack_us).expect("same bounds");
+                redelivery_ms.add(&g.redelivery_ms).expect("same bounds");
+                Task::C(Box::new(g.base))
+            }
+            Task::M(m) => {
+                group_ack.add(&m.commit_us).expect("same bounds");
+                Task::C(Box::new(m.base))
+            }
+            t => t,
+        })
+        .collect();
     let mut acked_by: HashMap<u32, Vec<bool>> = HashMap::new();
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let (mut window_msgs, mut window_bytes, mut received) = (0u64, 0u64, 0u64);
@@ -576,6 +790,7 @@ fn summarize(
                 ack.add(&p.ack_us).expect("same bounds");
                 acked_by.insert(p.id, p.acked);
             }
+            Task::G(_) | Task::M(_) => unreachable!("unwrapped above"),
             Task::C(c) => {
                 e2e.add(&c.e2e_us).expect("same bounds");
                 window_msgs += c.window_msgs;
@@ -626,5 +841,7 @@ fn summarize(
         steal_pct,
         cpu_busy_pct,
         first_error,
+        group_ack,
+        redelivery_ms,
     })
 }

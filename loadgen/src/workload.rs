@@ -29,6 +29,24 @@ impl Level {
     }
 }
 
+/// How the consumers consume, when as a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupMode {
+    /// Any member receives any message and acks each ("pop").
+    Message,
+    /// One member per queue, offsets committed.
+    Queue,
+}
+
+impl GroupMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupMode::Message => "message",
+            GroupMode::Queue => "queue",
+        }
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
@@ -48,6 +66,12 @@ pub struct Workload {
     pub durability: Level,
     /// Distinct keys messages are spread over (0: no keys, queues round-robin).
     pub keys: u32,
+    /// Consume as one consumer group instead of by offset.
+    pub group: Option<GroupMode>,
+    /// Message delivery: the share of deliveries nacked (retried after
+    /// `nack_delay_ms`; never a third time).
+    pub nack_ratio: f64,
+    pub nack_delay_ms: u64,
 }
 
 /// The OpenMessaging Benchmark workload format (the fields KeelMQ uses).
@@ -110,6 +134,9 @@ impl Workload {
             linger_us,
             durability,
             keys,
+            group: None,
+            nack_ratio: 0.0,
+            nack_delay_ms: 100,
         })
     }
 }

@@ -190,6 +190,8 @@ impl Connection {
         }
         loop {
             match self.recv_wire(Some(deadline))? {
+                // Busy-poll mode reads without blocking: spin to the deadline.
+                None if self.busy_poll && Instant::now() < deadline => std::hint::spin_loop(),
                 None => return Err(ClientError::Timeout),
                 Some((got, code, body)) if got == id => return Ok((code, body)),
                 Some((got, code, body)) => {

@@ -45,12 +45,20 @@ pub struct GroupConsumer {
     shards: Vec<u16>,
     /// receive request id → shard
     in_flight: HashMap<u64, u16>,
+    /// Acks sent without waiting: request id → handles (sent again when
+    /// the broker was busy).
+    unconfirmed: HashMap<u64, Vec<Bytes>>,
+    /// Handles of unconfirmed acks the broker refused, and why (first).
+    refused: u64,
+    first_refusal: Option<ErrorCode>,
     ready: VecDeque<Delivery>,
     max_per_receive: u32,
     invisible_ms: u64,
     wait: Duration,
 }
 
+/// Receives kept in flight per shard.
+pub const RECEIVES_IN_FLIGHT_PER_SHARD: usize = 2;
 /// Most messages one receive asks for by default.
 pub const RECEIVE_BATCH_DEFAULT: u32 = 256;
 
@@ -65,6 +73,9 @@ impl GroupConsumer {
             topic: topic.to_owned(),
             shards: Vec::new(),
             in_flight: HashMap::new(),
+            unconfirmed: HashMap::new(),
+            refused: 0,
+            first_refusal: None,
             ready: VecDeque::new(),
             max_per_receive: RECEIVE_BATCH_DEFAULT,
             invisible_ms: 0,
@@ -129,7 +140,8 @@ impl GroupConsumer {
         self.invisible_ms = d.map_or(0, |d| d.as_millis() as u64);
     }
 
-    /// How long each receive waits at the broker when nothing is ready.
+    /// How long each receive waits at the broker when nothing is ready
+    /// (default 1 s; it stays in flight across calls to `receive`).
     pub fn set_wait(&mut self, d: Duration) {
         self.wait = d;
     }
@@ -158,11 +170,16 @@ impl GroupConsumer {
                 let n = max.min(self.ready.len());
                 return Ok(self.ready.drain(..n).collect());
             }
-            let wait = self
-                .wait
-                .min(deadline.saturating_duration_since(Instant::now()));
+            // The broker long-polls for `wait` whatever this call's timeout:
+            // receives stay in flight across calls (a non-blocking caller
+            // does not flood the broker with empty receives).
+            let wait = self.wait;
             for &s in &self.shards {
-                if self.in_flight.values().any(|&v| v == s) {
+                // Two per shard: the broker fills one while the caller
+                // works through the other.
+                if self.in_flight.values().filter(|&&v| v == s).count()
+                    >= RECEIVES_IN_FLIGHT_PER_SHARD
+                {
                     continue;
                 }
                 let mut b = BytesMut::new();
@@ -181,6 +198,10 @@ impl GroupConsumer {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 return Ok(Vec::new());
             };
+            if let Some(handles) = self.unconfirmed.remove(&id) {
+                self.on_confirm(code, body, handles)?;
+                continue;
+            }
             let Some(shard) = self.in_flight.remove(&id) else {
                 continue;
             };
@@ -188,29 +209,88 @@ impl GroupConsumer {
         }
     }
 
+    fn on_confirm(
+        &mut self,
+        code: u16,
+        body: Bytes,
+        handles: Vec<Bytes>,
+    ) -> Result<(), ClientError> {
+        if ErrorCode::from_u16(code).is_retriable() {
+            // Nothing was applied (busy, or a full disk): send again.
+            return self.ack_nowait(&handles);
+        }
+        for c in decode_codes(check(code, body)?)? {
+            let c = ErrorCode::from_u16(c);
+            if c != ErrorCode::Ok {
+                self.refused += 1;
+                self.first_refusal.get_or_insert(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Acks without waiting for the broker: the confirmations are taken by
+    /// later calls (see [`GroupConsumer::refused`]). The lowest-latency
+    /// way to ack from a receive loop.
+    pub fn ack_nowait(&mut self, handles: &[Bytes]) -> Result<(), ClientError> {
+        let shard_of = |h: &Bytes| h.get(2..4).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let mut by_shard: HashMap<u16, Vec<Bytes>> = HashMap::new();
+        for h in handles {
+            by_shard.entry(shard_of(h)).or_default().push(h.clone());
+        }
+        for (_, hs) in by_shard {
+            for chunk in hs.chunks(HANDLES_PER_REQUEST_MAX) {
+                let mut b = BytesMut::new();
+                SettleRequest {
+                    delay_ms: None,
+                    handles: chunk.to_vec(),
+                }
+                .encode(false, &mut b);
+                let id = self.conn.send(Op::Ack, &b)?;
+                self.unconfirmed.insert(id, chunk.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles of [`GroupConsumer::ack_nowait`] acks the broker refused so
+    /// far, and the first reason.
+    pub fn refused(&self) -> (u64, Option<ErrorCode>) {
+        (self.refused, self.first_refusal)
+    }
+
     fn on_receive(&mut self, shard: u16, code: u16, body: Bytes) -> Result<(), ClientError> {
         let resp = ReceiveResponse::decode(check(code, body)?)?;
         let topic: std::sync::Arc<str> = self.topic.as_str().into();
-        let mut decoded: HashMap<u32, Vec<Message>> = HashMap::new();
+        let mut decoded: HashMap<u32, Vec<Option<Message>>> = HashMap::new();
         for l in resp.leases {
             let msgs = match decoded.entry(l.batch) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(decode_batch(
-                    &topic,
-                    l.queue,
-                    shard,
-                    &resp.batches[l.batch as usize],
-                    0,
-                )?),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    decode_batch(&topic, l.queue, shard, &resp.batches[l.batch as usize], 0)?
+                        .into_iter()
+                        .map(Some)
+                        .collect(),
+                ),
             };
-            let Some(m) = msgs.iter().find(|m| m.offset == l.offset) else {
+            // A batch's records have consecutive offsets; each is leased
+            // at most once per receive.
+            let base = resp.batches[l.batch as usize]
+                .get(16..24)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            let at = base
+                .and_then(|f| l.offset.checked_sub(f))
+                .and_then(|i| msgs.get_mut(i as usize))
+                .and_then(Option::take)
+                .filter(|m| m.offset == l.offset);
+            let Some(m) = at else {
                 return Err(ClientError::Protocol(format!(
                     "receive: offset {} is not in its batch",
                     l.offset
                 )));
             };
             self.ready.push_back(Delivery {
-                message: m.clone(),
+                message: m,
                 attempt: l.attempt,
                 deadline_ms: l.deadline_ms,
                 handle: l.handle,
@@ -245,6 +325,12 @@ impl GroupConsumer {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Confirmations of earlier unconfirmed acks first (they are older).
+        while let Some(&id) = self.unconfirmed.keys().next() {
+            let (code, body) = self.conn.wait_for(id, deadline)?;
+            let handles = self.unconfirmed.remove(&id).unwrap_or_default();
+            self.on_confirm(code, body, handles)?;
+        }
         for (id, idx) in sent {
             let (code, body) = self.conn.wait_for(id, deadline)?;
             let codes = decode_codes(check(code, body)?)?;
@@ -295,11 +381,13 @@ impl GroupConsumer {
     /// the same.
     pub fn close(&mut self) -> Result<(), ClientError> {
         let deadline = Instant::now() + self.wait + Duration::from_millis(500);
-        while !self.in_flight.is_empty() {
+        while !self.in_flight.is_empty() || !self.unconfirmed.is_empty() {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 break;
             };
-            if let Some(shard) = self.in_flight.remove(&id) {
+            if let Some(handles) = self.unconfirmed.remove(&id) {
+                self.on_confirm(code, body, handles)?;
+            } else if let Some(shard) = self.in_flight.remove(&id) {
                 self.on_receive(shard, code, body)?;
             }
         }

@@ -156,6 +156,16 @@ impl GroupMember {
         self.listener = Some(f);
     }
 
+    /// Busy-poll mode for fetches (see [`Connection::set_busy_poll`]): with
+    /// `poll(Duration::ZERO)` an event loop can drive the member without
+    /// blocking; fetches long-poll at the broker for 200 ms.
+    pub fn set_busy_poll(&mut self, on: bool) -> Result<(), ClientError> {
+        self.consumer.set_busy_poll(on)?;
+        self.consumer
+            .set_fetch_wait(on.then_some(Duration::from_millis(200)));
+        Ok(())
+    }
+
     /// Queue indexes served now.
     pub fn held(&self) -> Vec<u32> {
         self.held.keys().copied().collect()

@@ -50,8 +50,12 @@ pub const GENERATION_JOURNAL_BYTES: u64 = 16 << 20;
 /// ... or once this long passed since the last one with any change.
 pub const GENERATION_INTERVAL_MS: i64 = 60_000;
 /// Largest journal batch (a window snapshot bigger than this is a batch of
-/// its own).
-pub const JOURNAL_BATCH_BYTES_MAX: usize = 1 << 20;
+/// its own): small, so journal appends are admitted beside producers'
+/// batches when the disk is behind, not starved by them.
+pub const JOURNAL_BATCH_BYTES_MAX: usize = 64 << 10;
+/// Journal entries that may wait for a busy or full log before receives
+/// are refused (`busy`); acks and commits wait for room instead.
+pub const OUTBOX_ENTRIES_MAX: usize = 1 << 20;
 /// Most bytes read ahead to learn message groups (orderly windows).
 pub const ORDERLY_READ_AHEAD_BYTES: u32 = 1 << 20;
 /// File (in the shard directory) holding the receipt-handle key.
@@ -119,6 +123,11 @@ pub struct GroupEngine {
     last_generation_ms: Cell<i64>,
     /// A change could not be journaled: write a generation at the next tick.
     force_generation: Cell<bool>,
+    /// Entries the log could not take yet (busy or full), in order: the
+    /// next append stores them first. At most [`OUTBOX_ENTRIES_MAX`]
+    /// before receives are refused.
+    outbox: RefCell<Vec<Entry>>,
+    outbox_level: Cell<Durability>,
     /// A generation was stored since startup (its lease gap is durable):
     /// receives hand out leases only then.
     generation_durable: Cell<bool>,
@@ -184,6 +193,8 @@ impl GroupEngine {
             journal_bytes: Cell::new(0),
             last_generation_ms: Cell::new(0),
             force_generation: Cell::new(false),
+            outbox: RefCell::new(Vec::new()),
+            outbox_level: Cell::new(Durability::Memory),
             coordinated: RefCell::new(HashMap::new()),
             holders: RefCell::new(HashMap::new()),
             generation_durable: Cell::new(true),
@@ -483,32 +494,107 @@ impl GroupEngine {
         }
     }
 
-    /// Appends entries to the journal at `level` (synchronously, in order).
+    /// Appends entries to the journal at `level` (synchronously, in
+    /// order), after any entries an earlier append could not store (the
+    /// log was busy or full): those stay first in line, so the journal
+    /// keeps the order the state changed in.
     pub fn append(
         &self,
         store: &QueueStore<UringIo>,
         entries: &[Entry],
         level: Durability,
     ) -> Result<Option<AppendReceipt>, StoreError> {
+        let mut all = std::mem::take(&mut *self.outbox.borrow_mut());
+        let level = if all.is_empty() {
+            level
+        } else {
+            level.max_level(self.outbox_level.get())
+        };
+        all.extend_from_slice(entries);
+        match self.append_now(store, &all, level) {
+            Ok(r) => Ok(r),
+            Err((stored, e)) => {
+                *self.outbox.borrow_mut() = all.split_off(stored);
+                self.outbox_level.set(level);
+                Err(e)
+            }
+        }
+    }
+
+    /// Entries waiting for the log to take them.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.borrow().len()
+    }
+
+    /// Appends the waiting entries, if the log takes them now.
+    pub fn flush_outbox(&self, store: &QueueStore<UringIo>) -> Result<(), StoreError> {
+        if self.outbox.borrow().is_empty() {
+            return Ok(());
+        }
+        self.append(store, &[], Durability::Memory).map(|_| ())
+    }
+
+    /// Appends `entries` (changes already applied), waiting for the log to
+    /// take them, up to `limit`: a busy disk delays the reply instead of
+    /// failing a change that has happened.
+    pub async fn append_waiting(
+        &self,
+        store: &QueueStore<UringIo>,
+        entries: &[Entry],
+        level: Durability,
+        limit: std::time::Duration,
+    ) -> Result<Option<AppendReceipt>, StoreError> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut r = self.append(store, entries, level);
+        loop {
+            match r {
+                Err(StoreError::Log(crate::storage::LogError::Busy(_)))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    let _ = store
+                        .wait_appendable(
+                            self.batch_bytes_max as u64,
+                            std::time::Duration::from_millis(100),
+                        )
+                        .await;
+                    r = self.append(store, &[], level);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// On failure: how many leading entries were stored, and why not the
+    /// rest.
+    fn append_now(
+        &self,
+        store: &QueueStore<UringIo>,
+        entries: &[Entry],
+        level: Durability,
+    ) -> Result<Option<AppendReceipt>, (usize, StoreError)> {
         let now = crate::runtime::now_ms();
         let mut last = None;
         let mut b = BatchBuilder::new();
+        let mut first_in_batch = 0;
         let mut buf = Vec::new();
-        let mut flush = |b: BatchBuilder| -> Result<(), StoreError> {
+        let mut flush = |b: BatchBuilder, first: usize| -> Result<(), (usize, StoreError)> {
             let bytes = b.finish();
             let header = BatchHeader::parse(&bytes).expect("a built batch parses");
-            let r = store.append(GROUP_JOURNAL_QUEUE, &bytes, &header, level)?;
+            let r = store
+                .append(GROUP_JOURNAL_QUEUE, &bytes, &header, level)
+                .map_err(|e| (first, e))?;
             self.journal_bytes
                 .set(self.journal_bytes.get() + bytes.len() as u64);
             last = Some(r);
             Ok(())
         };
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
             buf.clear();
             e.encode(&mut buf);
             if !b.is_empty() && b.encoded_len() + buf.len() + 64 > self.batch_bytes_max {
-                flush(std::mem::take(&mut b))?;
+                flush(std::mem::take(&mut b), first_in_batch)?;
                 b = BatchBuilder::new();
+                first_in_batch = i;
             }
             b.push(&Record {
                 payload: Bytes::copy_from_slice(&buf),
@@ -517,7 +603,7 @@ impl GroupEngine {
             });
         }
         if !b.is_empty() {
-            flush(b)?;
+            flush(b, first_in_batch)?;
         }
         Ok(last)
     }

@@ -12,6 +12,9 @@ use crate::shard::groups::message_groups;
 use crate::shard::metadata::TopicLimits;
 use std::collections::HashMap;
 
+/// Longest an ack, nack or commit whose change is applied waits for a busy
+/// log to take its journal entry before replying (`busy`).
+pub const SETTLE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Most messages one receive returns.
 pub const RECEIVE_MESSAGES_MAX: u32 = 4096;
 /// Properties a dead letter gets, beside its own.
@@ -280,7 +283,10 @@ pub(super) async fn group_offset(shard: &Rc<Shard>, body: Bytes, commit: bool) -
                     shard.config.limits.group_offsets_max,
                 )
                 .map_err(|e| herr(ErrorCode::InvalidArgument, e.to_string()))?;
-            let r = shard.groups.append(&shard.store, &[entry], level)?;
+            let r = shard
+                .groups
+                .append_waiting(&shard.store, &[entry], level, SETTLE_WAIT_MAX)
+                .await?;
             if let Some(r) = r {
                 shard.store.wait_durable(&r, level).await?;
             }
@@ -349,6 +355,12 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
             format!("invisible_ms {invisible} must be {INVISIBLE_MS_MIN} to {INVISIBLE_MS_MAX}"),
         ));
     }
+    if shard.groups.outbox_len() >= crate::shard::groups::OUTBOX_ENTRIES_MAX {
+        return Err(herr(
+            ErrorCode::Busy,
+            "the group journal is behind (the disk is behind the producers)",
+        ));
+    }
     if !shard.groups.leases_safe() {
         return Err(herr(
             ErrorCode::StorageFull,
@@ -376,16 +388,21 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
         let now = Instant::now();
         if !leased.is_empty() || now >= deadline {
             if !entries.is_empty() {
-                let r = shard.groups.append(&shard.store, &entries, level)?;
+                // A busy log keeps the entries in the journal's outbox
+                // (stored before anything later): alongside, the reply
+                // need not wait; before, it must.
+                let r = shard.groups.append(&shard.store, &entries, level);
                 shard.groups.kick.advance(shard.groups.kick.get() + 1);
-                if let (true, Some(r)) = (before, r) {
-                    shard.store.wait_durable(&r, level).await?;
+                if before {
+                    if let Some(r) = r? {
+                        shard.store.wait_durable(&r, level).await?;
+                    }
                 }
             }
             return Ok(receive_reply(shard, gid, leased, batches));
         }
         if !entries.is_empty() {
-            shard.groups.append(&shard.store, &entries, level)?;
+            let _ = shard.groups.append(&shard.store, &entries, level);
         }
         let left = deadline - now;
         futures_lite::future::or(shard.store.wait_watched(&waiter, left), async {
@@ -675,7 +692,10 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
         codes.push(code as u16);
     }
     if !entries.is_empty() {
-        let r = shard.groups.append(&shard.store, &entries, level)?;
+        let r = shard
+            .groups
+            .append_waiting(&shard.store, &entries, level, SETTLE_WAIT_MAX)
+            .await?;
         let g = &shard.groups;
         g.ready.advance(g.ready.get() + 1);
         g.kick.advance(g.kick.get() + 1);
@@ -732,7 +752,11 @@ pub(super) async fn change_invisible(shard: &Rc<Shard>, body: Bytes) -> HResult 
         })
         .ok_or_else(|| herr(ErrorCode::UnknownGroup, "the handle's group is gone"))?;
     let deadline = deadline.map_err(|e| herr(lease_code(e), e.to_string()))?;
-    if let Some(rc) = shard.groups.append(&shard.store, &entries, level)? {
+    if let Some(rc) = shard
+        .groups
+        .append_waiting(&shard.store, &entries, level, SETTLE_WAIT_MAX)
+        .await?
+    {
         shard.groups.kick.advance(shard.groups.kick.get() + 1);
         shard.store.wait_durable(&rc, level).await?;
     }
@@ -751,6 +775,7 @@ pub async fn group_timer(shard: Rc<Shard>) {
             g.ready.advance(g.ready.get() + 1);
         }
         pending.extend(dead);
+        let _ = shard.groups.flush_outbox(&shard.store);
         if !pending.is_empty() {
             let batch = std::mem::take(&mut pending);
             for d in batch {
@@ -1249,7 +1274,11 @@ pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
             shard.config.limits.group_offsets_max,
         )
         .map_err(|e| herr(ErrorCode::InvalidArgument, e.to_string()))?;
-    if let Some(r) = shard.groups.append(&shard.store, &[entry], level)? {
+    if let Some(r) = shard
+        .groups
+        .append_waiting(&shard.store, &[entry], level, SETTLE_WAIT_MAX)
+        .await?
+    {
         shard.store.wait_durable(&r, level).await?;
     }
     Ok(Vec::new())
@@ -1295,7 +1324,11 @@ async fn reset_window(shard: &Rc<Shard>, gid: GroupId, queue: QueueId, offset: u
         queue,
         snapshot,
     };
-    if let Some(r) = shard.groups.append(&shard.store, &[entry], level)? {
+    if let Some(r) = shard
+        .groups
+        .append_waiting(&shard.store, &[entry], level, SETTLE_WAIT_MAX)
+        .await?
+    {
         shard.store.wait_durable(&r, level).await?;
     }
     shard.groups.ready.advance(shard.groups.ready.get() + 1);
