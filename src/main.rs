@@ -794,8 +794,22 @@ fn group(broker: &str, command: GroupCommand) -> Result<()> {
                 d["dlq_depth"],
                 d["dlq_topic"].as_str().unwrap_or("?")
             );
-            let members = d["members"].as_array().map_or(0, Vec::len);
-            println!("members: {members}");
+            let members = d["members"].as_array().cloned().unwrap_or_default();
+            println!("members: {}", members.len());
+            for m in &members {
+                let queues: Vec<String> = m["queues"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|q| format!("{}/{}", q["topic"].as_str().unwrap_or("?"), q["queue"]))
+                    .collect();
+                println!(
+                    "  member {} ({}): {}",
+                    m["member"],
+                    m["instance"].as_str().unwrap_or("?"),
+                    queues.join(" ")
+                );
+            }
             println!(
                 "{:<24} {:>5} {:>5} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6}  instance",
                 "topic",

@@ -669,3 +669,131 @@ fn broadcast_delivers_everything_to_every_instance_and_tracks_each_offset() {
     assert_eq!(got[1].len() as u64, n);
     assert_eq!(got[2].len() as u64, n);
 }
+
+#[test]
+fn commits_are_fenced_by_grant_epoch_and_stale_members_must_rejoin() {
+    use bytes::BytesMut;
+    use keelmq::client::Connection;
+    use keelmq::protocol::*;
+    let b = Broker::start(2, None);
+    let topic = b.admin().create_topic("q", 1, None).unwrap();
+    let queue_id = topic.queues[0].queue_id;
+    create_group(
+        &b,
+        "f",
+        serde_json::json!({"delivery": "queue", "subscriptions": [{"topic": "q"}]}),
+    );
+    let mut c = Connection::connect(&b.addr).unwrap();
+    let call = |c: &mut Connection, op: Op, f: &dyn Fn(&mut BytesMut)| {
+        let mut body = BytesMut::new();
+        f(&mut body);
+        c.call(op, &body)
+    };
+    let join = |c: &mut Connection, who: &str| {
+        AssignmentResponse::decode(
+            call(c, Op::Join, &|b| {
+                JoinRequest {
+                    group: "f".into(),
+                    instance: who.into(),
+                }
+                .encode(b)
+            })
+            .unwrap(),
+        )
+        .unwrap()
+    };
+    let commit = |c: &mut Connection, member: u64, epoch: u64, offset: u64| {
+        call(c, Op::GroupCommit, &|b| {
+            GroupCommitRequest {
+                group: "f".into(),
+                queue_id,
+                member,
+                epoch,
+                instance: String::new(),
+                offset,
+            }
+            .encode(b)
+        })
+    };
+    let a = join(&mut c, "a");
+    assert_eq!(a.granted.len(), 1, "{a:?}");
+    let ea = a.granted[0].epoch;
+    commit(&mut c, a.member, ea, 5).unwrap();
+    // A leaves; B gets the queue under a new epoch.
+    call(&mut c, Op::Leave, &|b| {
+        HeartbeatRequest {
+            group: "f".into(),
+            member: a.member,
+            released: vec![],
+        }
+        .encode(b)
+    })
+    .unwrap();
+    let bm = join(&mut c, "b");
+    assert_eq!(bm.granted.len(), 1);
+    let eb = bm.granted[0].epoch;
+    assert!(eb > ea);
+    // A's late commit is refused; B's is taken.
+    let e = commit(&mut c, a.member, ea, 9).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::StaleGeneration,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    commit(&mut c, bm.member, eb, 7).unwrap();
+    let got = call(&mut c, Op::GroupFetchOffset, &|b| {
+        GroupCommitRequest {
+            group: "f".into(),
+            queue_id,
+            member: 0,
+            epoch: 0,
+            instance: String::new(),
+            offset: 0,
+        }
+        .encode(b)
+    })
+    .unwrap();
+    assert_eq!(decode_opt_u64(got).unwrap(), Some(7));
+    // A heartbeat from the member that left says: join again.
+    let e = call(&mut c, Op::Heartbeat, &|b| {
+        HeartbeatRequest {
+            group: "f".into(),
+            member: a.member,
+            released: vec![],
+        }
+        .encode(b)
+    })
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::StaleGeneration,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // An operator reset is refused while B holds the queue.
+    let e = b
+        .admin()
+        .reset_group_offset("f", queue_id, "", 0)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Broker {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let d = b.admin().describe_group("f").unwrap();
+    assert_eq!(d["members"].as_array().unwrap().len(), 1, "{d}");
+}

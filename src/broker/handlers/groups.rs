@@ -178,6 +178,25 @@ fn describe_local(shard: &Shard, name: &str) -> serde_json::Value {
             "lag": latest.saturating_sub(committed),
         }));
     }
+    let members: Vec<serde_json::Value> = shard
+        .groups
+        .coordinated
+        .borrow()
+        .get(&GroupId(g.id))
+        .map(|c| {
+            c.m.members()
+                .map(|(id, instance)| {
+                    let held: Vec<serde_json::Value> =
+                        c.m.queues()
+                            .filter(|&q| c.m.owner(q).is_some_and(|(m, _)| m == id))
+                            .filter_map(|q| meta.locate(q))
+                            .map(|(t, i)| serde_json::json!({"topic": t, "queue": i.0}))
+                            .collect();
+                    serde_json::json!({"member": id, "instance": instance, "queues": held})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let dlq = g.config.dlq_topic();
     let dlq_depth = meta
         .route(&dlq, QueueIndex(0))
@@ -185,7 +204,7 @@ fn describe_local(shard: &Shard, name: &str) -> serde_json::Value {
         .filter(|r| r.shard == shard.id)
         .and_then(|r| shard.store.offsets(r.queue_id).ok())
         .map(|o| o.latest);
-    serde_json::json!({ "queues": queues, "dlq_depth": dlq_depth })
+    serde_json::json!({ "queues": queues, "dlq_depth": dlq_depth, "members": members })
 }
 
 pub(super) fn describe_group_internal(shard: &Shard, body: Bytes) -> HResult {
@@ -233,6 +252,12 @@ pub(super) async fn describe_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
         .iter()
         .filter_map(|p| p.get("dlq_depth").and_then(|d| d.as_u64()))
         .sum::<u64>();
+    let members: Vec<serde_json::Value> = parts
+        .iter()
+        .filter_map(|p| p.get("members").and_then(|m| m.as_array()))
+        .flatten()
+        .cloned()
+        .collect();
     let coordinator = shard.metadata.borrow().coordinator_of(&req.name).0;
     Ok(body_json(&serde_json::json!({
         "name": req.name,
@@ -241,7 +266,7 @@ pub(super) async fn describe_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
         "settings": cfg,
         "dlq_topic": cfg.dlq_topic(),
         "dlq_depth": dlq_depth,
-        "members": [],
+        "members": members,
         "queues": queues,
     })))
 }
