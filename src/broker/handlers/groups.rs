@@ -677,6 +677,7 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
     let mut codes = Vec::with_capacity(req.handles.len());
     let mut entries = Vec::new();
     let mut level = Durability::Memory;
+    let mut wake = false;
     for h in &req.handles {
         let code = match Receipt::open(h, &shard.groups.key) {
             Err(_) => ErrorCode::InvalidReceipt,
@@ -692,6 +693,9 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
                     if res.is_ok() {
                         level = level.max_level(w.level);
                     }
+                    // An ack can free an ordered message group, a nack make a
+                    // retry due at once: only then do waiting receives wake.
+                    wake |= w.w.has_ready();
                     entries.extend(w.w.take_journal().into_iter().map(|event| Entry::Window {
                         group: r.group,
                         queue: r.queue,
@@ -722,8 +726,12 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
             .append_waiting(&shard.store, &entries, level, SETTLE_WAIT_MAX)
             .await?;
         let g = &shard.groups;
-        g.ready.advance(g.ready.get() + 1);
-        g.kick.advance(g.kick.get() + 1);
+        if wake {
+            g.ready.advance(g.ready.get() + 1);
+        }
+        if nack {
+            g.kick.advance(g.kick.get() + 1);
+        }
         if let Some(r) = r {
             shard.store.wait_durable(&r, level).await?;
         }
