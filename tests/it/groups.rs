@@ -797,3 +797,67 @@ fn commits_are_fenced_by_grant_epoch_and_stale_members_must_rejoin() {
     let d = b.admin().describe_group("f").unwrap();
     assert_eq!(d["members"].as_array().unwrap().len(), 1, "{d}");
 }
+
+#[test]
+fn restart_replays_the_journal_since_the_last_generation_not_its_history() {
+    let mut b = Broker::start(1, None);
+    b.admin().create_topic("h", 4, None).unwrap();
+    create_group(
+        &b,
+        "hist",
+        serde_json::json!({"subscriptions": [{"topic": "h"}], "start": "earliest"}),
+    );
+    // 150,000 deliveries and acks: 300,000 journal records (~23 MB), past
+    // the 16 MiB after which a generation is written.
+    let n = 150_000u64;
+    let mut p = Producer::connect(&b.addr).unwrap();
+    let records: Vec<Record> = (0..1000).map(|i| Record::new(format!("{i}"))).collect();
+    for i in 0..n / 1000 {
+        p.send_batch(
+            "h",
+            keelmq::client::QueueSelector::Queue((i % 4) as u32),
+            &records,
+        )
+        .unwrap();
+    }
+    let mut c = GroupConsumer::connect(&b.addr, "hist", "h").unwrap();
+    c.set_receive_batch(4096);
+    let mut acked = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked < n {
+        assert!(Instant::now() < deadline, "acked {acked}");
+        let got = c.receive(Duration::from_millis(500)).unwrap();
+        let handles: Vec<_> = got.iter().map(|d| d.handle.clone()).collect();
+        if !handles.is_empty() {
+            c.ack_nowait(&handles).unwrap();
+            acked += handles.len() as u64;
+        }
+    }
+    c.close().unwrap();
+    assert_eq!(c.refused().0, 0);
+    drop(c);
+    b.kill9();
+    b.restart();
+    let log = b.log();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("journal records replayed"))
+        .next_back()
+        .unwrap()
+        .to_owned();
+    let replayed: u64 = line
+        .split("offsets, ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    eprintln!("restart after {} journal records: {line}", 2 * n);
+    assert!(
+        replayed < n,
+        "replayed {replayed} of {} records: the last generation did not bound the replay",
+        2 * n
+    );
+    // And the state is right: nothing comes back.
+    let mut c = GroupConsumer::connect(&b.addr, "hist", "h").unwrap();
+    assert!(c.receive(Duration::from_millis(500)).unwrap().is_empty());
+}
