@@ -841,8 +841,7 @@ fn restart_replays_the_journal_since_the_last_generation_not_its_history() {
     let log = b.log();
     let line = log
         .lines()
-        .filter(|l| l.contains("journal records replayed"))
-        .next_back()
+        .rfind(|l| l.contains("journal records replayed"))
         .unwrap()
         .to_owned();
     let replayed: u64 = line
