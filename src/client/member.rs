@@ -195,32 +195,34 @@ impl GroupMember {
         self.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms.max(10));
         self.next_heartbeat = Instant::now() + self.heartbeat_interval;
         let index_of = |id: u32, ids: &[u32]| ids.iter().position(|&q| q == id).map(|i| i as u32);
-        // Revoked: commit, stop serving, release in the next heartbeat.
+        // Revoked: commit while still held, then stop serving (below),
+        // then release in the next heartbeat.
         for g in &a.revoke {
-            let Some(q) = index_of(g.queue_id, &self.queue_ids) else {
-                self.to_release.push(*g);
-                continue;
-            };
-            if self.held.get(&q) == Some(&g.epoch) {
-                self.commit_queue(q)?;
+            if let Some(q) = index_of(g.queue_id, &self.queue_ids) {
+                if self.held.get(&q) == Some(&g.epoch) {
+                    self.commit_queue(q)?;
+                }
             }
-            self.held.remove(&q);
-            if let Some(l) = self.listener.as_mut() {
-                l(q, false);
-            }
-            self.to_release.push(*g);
         }
         // Never take back a released grant; release it again if listed.
         let mut want = BTreeMap::new();
         for g in &a.granted {
-            if self.to_release.iter().any(|r| r == g) {
+            if self.to_release.iter().any(|r| r == g) || a.revoke.contains(g) {
                 continue;
             }
             if let Some(q) = index_of(g.queue_id, &self.queue_ids) {
                 want.insert(q, g.epoch);
             }
         }
-        self.reassign(want)
+        // Stops fetching every queue not in `want` (revoked ones included)
+        // before anything is released.
+        self.reassign(want)?;
+        for g in &a.revoke {
+            if !self.to_release.contains(g) {
+                self.to_release.push(*g);
+            }
+        }
+        Ok(())
     }
 
     /// Serves exactly `want` (queue index → epoch) from now on.
