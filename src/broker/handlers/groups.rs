@@ -51,6 +51,13 @@ fn group_by_name(shard: &Shard, name: &str) -> Result<(GroupId, GroupConfig), Ha
         .ok_or_else(|| herr(ErrorCode::UnknownGroup, format!("no group `{name}`")))
 }
 
+/// Waits (up to `storage.memory_pending_wait_ms`, then `busy`) until the
+/// log takes `bytes` more: a journal entry is appended only once it fits.
+async fn wait_room(shard: &Shard, bytes: u64) -> Result<(), HandlerError> {
+    let wait = Duration::from_millis(shard.config.storage.memory_pending_wait_ms);
+    Ok(shard.store.wait_appendable(bytes, wait).await?)
+}
+
 fn store_err(e: crate::storage::StoreError) -> HandlerError {
     HandlerError::from(e)
 }
@@ -291,13 +298,7 @@ pub(super) async fn group_offset(shard: &Rc<Shard>, body: Bytes, commit: bool) -
     };
     match req.offset {
         Some(o) => {
-            shard
-                .store
-                .wait_appendable(
-                    512,
-                    Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
-                )
-                .await?;
+            wait_room(shard, 512).await?;
             let entry = shard
                 .groups
                 .commit(
@@ -666,13 +667,7 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
         }
         d => d.map(|d| d as u64),
     };
-    shard
-        .store
-        .wait_appendable(
-            (req.handles.len() * 64) as u64,
-            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
-        )
-        .await?;
+    wait_room(shard, (req.handles.len() * 64) as u64).await?;
     let now = now_ms();
     let mut codes = Vec::with_capacity(req.handles.len());
     let mut entries = Vec::new();
@@ -759,13 +754,7 @@ pub(super) async fn change_invisible(shard: &Rc<Shard>, body: Bytes) -> HResult 
             format!("the handle names shard {}", r.shard.0),
         ));
     }
-    shard
-        .store
-        .wait_appendable(
-            64,
-            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
-        )
-        .await?;
+    wait_room(shard, 64).await?;
     let now = now_ms();
     let (deadline, entries, level) = shard
         .groups
@@ -1289,13 +1278,7 @@ pub(super) async fn group_commit(shard: &Rc<Shard>, body: Bytes) -> HResult {
         (topic.to_owned(), cfg.durability.unwrap_or(route.durability))
     };
     let _ = topic;
-    shard
-        .store
-        .wait_appendable(
-            512,
-            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
-        )
-        .await?;
+    wait_room(shard, 512).await?;
     let instance = if broadcast { req.instance.as_str() } else { "" };
     let entry = shard
         .groups
@@ -1329,13 +1312,7 @@ async fn reset_window(shard: &Rc<Shard>, gid: GroupId, queue: QueueId, offset: u
             format!("offset {offset} is past the queue's latest {}", o.latest),
         ));
     }
-    shard
-        .store
-        .wait_appendable(
-            4096,
-            Duration::from_millis(shard.config.storage.memory_pending_wait_ms),
-        )
-        .await?;
+    wait_room(shard, 4096).await?;
     let done = shard.groups.with_window(gid, queue, |w| {
         let mut fresh = crate::group::window::DeliveryWindow::new(
             w.w.config().clone(),
