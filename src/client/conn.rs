@@ -11,6 +11,7 @@ use crate::protocol::frame::{encode_frame, FrameDecoder};
 use crate::protocol::{
     decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op, ANY_SHARD,
 };
+use crate::protocol::{MetadataRequest, MetadataResponse, TopicInfo};
 
 /// Largest reply frame the client accepts.
 const REPLY_FRAME_BYTES_MAX: u32 = 1 << 30;
@@ -199,6 +200,23 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// One topic's metadata (`unknown_topic` when there is none).
+    pub fn topic_info(&mut self, topic: &str) -> Result<TopicInfo, ClientError> {
+        let mut b = BytesMut::new();
+        MetadataRequest {
+            topics: vec![topic.to_owned()],
+        }
+        .encode(&mut b);
+        let meta = MetadataResponse::decode(self.call(Op::Metadata, &b)?)?;
+        meta.topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Broker {
+                code: ErrorCode::UnknownTopic,
+                message: format!("unknown topic '{topic}'"),
+            })
     }
 
     /// Sends a request and waits for its reply; a broker error becomes

@@ -107,19 +107,7 @@ impl Consumer {
     }
 
     fn topic_info(&mut self, topic: &str) -> Result<TopicInfo, ClientError> {
-        let mut b = BytesMut::new();
-        MetadataRequest {
-            topics: vec![topic.to_owned()],
-        }
-        .encode(&mut b);
-        let meta = MetadataResponse::decode(self.conn.call(Op::Metadata, &b)?)?;
-        meta.topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClientError::Broker {
-                code: ErrorCode::UnknownTopic,
-                message: format!("unknown topic '{topic}'"),
-            })
+        self.conn.topic_info(topic)
     }
 
     /// Assigns the given queues of `topic`, each starting at its earliest

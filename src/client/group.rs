@@ -107,20 +107,7 @@ impl GroupConsumer {
     }
 
     fn refresh_shards(&mut self) -> Result<(), ClientError> {
-        let mut b = BytesMut::new();
-        MetadataRequest {
-            topics: vec![self.topic.clone()],
-        }
-        .encode(&mut b);
-        let meta = MetadataResponse::decode(self.conn.call(Op::Metadata, &b)?)?;
-        let info = meta
-            .topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClientError::Broker {
-                code: ErrorCode::UnknownTopic,
-                message: format!("no topic '{}'", self.topic),
-            })?;
+        let info = self.conn.topic_info(&self.topic)?;
         let mut shards: Vec<u16> = info.queues.iter().map(|q| q.shard).collect();
         shards.sort_unstable();
         shards.dedup();

@@ -102,20 +102,7 @@ impl GroupMember {
                 "group {group} uses message delivery: use GroupConsumer"
             )));
         }
-        let mut b = BytesMut::new();
-        MetadataRequest {
-            topics: vec![topic.to_owned()],
-        }
-        .encode(&mut b);
-        let meta = MetadataResponse::decode(control.call(Op::Metadata, &b)?)?;
-        let info = meta
-            .topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClientError::Broker {
-                code: ErrorCode::UnknownTopic,
-                message: format!("no topic '{topic}'"),
-            })?;
+        let info = control.topic_info(topic)?;
         let now = Instant::now();
         let mut m = GroupMember {
             control,
