@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::group::sim::Log;
 use crate::storage::sim::Rng;
 
 const SEEDS_PER_TEST: u64 = 2500;
@@ -82,7 +83,7 @@ impl SimMember {
     }
 }
 
-fn run_seed(seed: u64) -> Result<(), String> {
+fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let timeout = 50 + rng.below(400);
     let interval = (timeout / (2 + rng.below(4))).max(1);
@@ -103,7 +104,6 @@ fn run_seed(seed: u64) -> Result<(), String> {
         })
         .collect();
     let mut net: Vec<Msg> = Vec::new();
-    let mut log: Vec<String> = Vec::new();
     let mut now = 0u64;
     let mut last_epoch: BTreeMap<QueueId, u64> = BTreeMap::new();
     let end = FAULT_STEPS + 3000;
@@ -131,17 +131,17 @@ fn run_seed(seed: u64) -> Result<(), String> {
                         inc: m.inc + 1,
                         ..SimMember::default()
                     };
-                    log.push(format!("{now}: member {i} restarts"));
+                    log.push(|| format!("{now}: member {i} restarts"));
                 }
                 continue;
             }
             // Held queues lapse before the coordinator can move them.
             if m.id.is_some() && now >= m.last_ok_sent + timeout {
-                log.push(format!("{now}: member {i} ({:?}) lapses", m.id));
+                log.push(|| format!("{now}: member {i} ({:?}) lapses", m.id));
                 m.drop_all();
             }
             if faults && rng.chance(3) {
-                log.push(format!("{now}: member {i} crashes holding {:?}", m.held));
+                log.push(|| format!("{now}: member {i} crashes holding {:?}", m.held));
                 m.alive = false;
                 m.drop_all();
                 continue;
@@ -152,7 +152,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     m.joining = true;
                     m.next_heartbeat = now;
                     m.sent.insert(m.seq, now);
-                    log.push(format!("{now}: member {i} joins (seq {})", m.seq));
+                    log.push(|| format!("{now}: member {i} joins (seq {})", m.seq));
                     send(
                         &mut net,
                         &mut rng,
@@ -170,7 +170,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 }
                 Some(id) => {
                     if faults && rng.chance(5) {
-                        log.push(format!("{now}: member {i} ({id}) leaves"));
+                        log.push(|| format!("{now}: member {i} ({id}) leaves"));
                         m.drop_all();
                         send(
                             &mut net,
@@ -186,10 +186,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
                         m.next_heartbeat = now + interval;
                         m.sent.insert(m.seq, now);
                         let released = std::mem::take(&mut m.to_release);
-                        log.push(format!(
-                            "{now}: member {i} ({id}) heartbeats seq {} releasing {released:?}",
-                            m.seq
-                        ));
+                        log.push(|| {
+                            format!(
+                                "{now}: member {i} ({id}) heartbeats seq {} releasing {released:?}",
+                                m.seq
+                            )
+                        });
                         send(
                             &mut net,
                             &mut rng,
@@ -208,7 +210,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         // The coordinator expires sessions.
         let gone = g.expire(now);
         if !gone.is_empty() {
-            log.push(format!("{now}: coordinator expires {gone:?}"));
+            log.push(|| format!("{now}: coordinator expires {gone:?}"));
         }
         // Deliver what is due, in random order among the due.
         let mut due: Vec<Msg> = Vec::new();
@@ -232,13 +234,13 @@ fn run_seed(seed: u64) -> Result<(), String> {
                         }
                         ToCoord::Leave { id } => {
                             let _ = g.leave(id);
-                            log.push(format!("{now}: coordinator: {id} left"));
+                            log.push(|| format!("{now}: coordinator: {id} left"));
                             continue;
                         }
                     };
-                    log.push(format!(
-                        "{now}: coordinator answers member {i} seq {seq}: {reply:?}"
-                    ));
+                    log.push(|| {
+                        format!("{now}: coordinator answers member {i} seq {seq}: {reply:?}")
+                    });
                     send(&mut net, &mut rng, i, msg.inc, Body::Reply { seq, reply });
                 }
                 Body::Reply { seq, reply } => {
@@ -250,7 +252,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     }
                     match reply {
                         Err(MembershipError::UnknownMember(id)) if m.id == Some(id) => {
-                            log.push(format!("{now}: member {i} learns {id} is gone"));
+                            log.push(|| format!("{now}: member {i} learns {id} is gone"));
                             m.drop_all();
                             m.applied_seq = seq;
                         }
@@ -291,10 +293,9 @@ fn run_seed(seed: u64) -> Result<(), String> {
                                 m.released_epoch.insert(r.queue, r.epoch);
                                 m.to_release.push(*r);
                             }
-                            log.push(format!(
-                                "{now}: member {i} applies seq {seq}: holds {:?}",
-                                m.held
-                            ));
+                            log.push(|| {
+                                format!("{now}: member {i} applies seq {seq}: holds {:?}", m.held)
+                            });
                         }
                     }
                 }
@@ -309,13 +310,13 @@ fn run_seed(seed: u64) -> Result<(), String> {
             for (&q, &e) in &m.held {
                 if let Some(other) = believers.insert(q, i) {
                     return Err(fail(
-                        &log,
+                        log,
                         format!("queue {q:?} held by members {other} and {i}"),
                     ));
                 }
                 if let Some((owner, _)) = g.owner(q) {
                     if Some(owner) != m.id {
-                        return Err(fail(&log, format!("member {i} ({:?}) holds {q:?} epoch {e} but the coordinator gives it to {owner}", m.id)));
+                        return Err(fail(log, format!("member {i} ({:?}) holds {q:?} epoch {e} but the coordinator gives it to {owner}", m.id)));
                     }
                 }
             }
@@ -325,7 +326,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let last = last_epoch.entry(QueueId(q)).or_insert(0);
                 if e < *last {
                     return Err(fail(
-                        &log,
+                        log,
                         format!("queue {q} epoch went back from {last} to {e}"),
                     ));
                 }
@@ -337,7 +338,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         }
     }
     Err(fail(
-        &log,
+        log,
         format!(
             "not settled: target {:?}, holders {:?}, members {:?}",
             (0..n_queues)
@@ -391,8 +392,8 @@ fn settled(g: &Membership, members: &[SimMember], n_queues: u32) -> bool {
     hi - lo <= 1
 }
 
-fn fail(log: &[String], what: String) -> String {
-    crate::group::sim::report(log, 40, what)
+fn fail(log: &Log, what: String) -> String {
+    log.report(40, what)
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::*;
 use crate::group::journal::Event;
+use crate::group::sim::Log;
 use crate::storage::sim::Rng;
 
 /// Seeds per test in CI: four tests, 10,000 seeds.
@@ -107,7 +108,7 @@ impl Model {
     }
 }
 
-fn run_seed(seed: u64) -> Result<(), String> {
+fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let steps_ms: Vec<u64> = (0..1 + rng.below(3)).map(|_| rng.below(80)).collect();
     let window_span = if rng.chance(300) { 4 } else { 48 };
@@ -141,7 +142,6 @@ fn run_seed(seed: u64) -> Result<(), String> {
     };
     // Leases consumers hold (some stale), as handles.
     let mut held: Vec<Lease> = Vec::new();
-    let mut log = Vec::new();
     let total = STEPS + 2000;
     for step in 0..total {
         let settle = step >= STEPS;
@@ -161,7 +161,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let now = m.now + dt;
                 w.advance(now);
                 m.tick(now);
-                log.push(format!("advance {dt} -> {now}"));
+                log.push(|| format!("advance {dt} -> {now}"));
             }
             // Producers append.
             200..=299 => {
@@ -170,7 +170,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     m.group_of.insert(o, rng.below(groups));
                 }
                 m.visible_end += n;
-                log.push(format!("produce {n} -> {}", m.visible_end));
+                log.push(|| format!("produce {n} -> {}", m.visible_end));
             }
             // Ack a held lease (maybe stale).
             300..=499 if !held.is_empty() => {
@@ -180,10 +180,10 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     || matches!(m.state.get(&l.offset), Some(M::Waiting { .. }))
                         && m.last_lease_of(l.offset) == Some(l.lease);
                 let r = w.ack(l.offset, l.lease);
-                log.push(format!("ack {l:?} -> {r:?}"));
+                log.push(|| format!("ack {l:?} -> {r:?}"));
                 if r.is_ok() != expect_ok {
                     return Err(fail(
-                        &log,
+                        log,
                         format!("ack of {l:?} gave {r:?}, model expected ok={expect_ok}"),
                     ));
                 }
@@ -199,10 +199,10 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let current = matches!(m.state.get(&l.offset),
                     Some(M::Leased { lease, .. }) if *lease == l.lease);
                 let r = w.nack(l.offset, l.lease, delay);
-                log.push(format!("nack {l:?} delay {delay:?} -> {r:?}"));
+                log.push(|| format!("nack {l:?} delay {delay:?} -> {r:?}"));
                 if r.is_ok() != current {
                     return Err(fail(
-                        &log,
+                        log,
                         format!("nack of {l:?} gave {r:?}, model expected ok={current}"),
                     ));
                 }
@@ -228,10 +228,10 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let current = matches!(m.state.get(&l.offset),
                     Some(M::Leased { lease, .. }) if *lease == l.lease);
                 let r = w.change_invisible(l.offset, l.lease, inv);
-                log.push(format!("change_invisible {l:?} {inv} -> {r:?}"));
+                log.push(|| format!("change_invisible {l:?} {inv} -> {r:?}"));
                 if r.is_ok() != current {
                     return Err(fail(
-                        &log,
+                        log,
                         format!(
                             "change_invisible of {l:?} gave {r:?}, model expected ok={current}"
                         ),
@@ -240,7 +240,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 if let Ok(deadline) = r {
                     if deadline != m.now + inv {
                         return Err(fail(
-                            &log,
+                            log,
                             format!("new deadline {deadline}, expected {}", m.now + inv),
                         ));
                     }
@@ -257,7 +257,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
             650..=689 if !held.is_empty() => {
                 let n = 1 + rng.below(held.len() as u64) as usize;
                 held.truncate(held.len() - n.min(held.len()));
-                log.push(format!("consumer lost {n} handles"));
+                log.push(|| format!("consumer lost {n} handles"));
             }
             // The shard stores reported dead letters (some later).
             690..=749 => {
@@ -268,7 +268,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                         || m.attempts[&d.offset] != d.attempts
                     {
                         return Err(fail(
-                            &log,
+                            log,
                             format!(
                                 "unexpected dead letter {d:?}, model {:?}",
                                 m.state.get(&d.offset)
@@ -287,7 +287,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     w.dead_lettered(o);
                     m.state.insert(o, M::DeadLettered);
                 }
-                log.push(format!("dead letters {reported:?}"));
+                log.push(|| format!("dead letters {reported:?}"));
             }
             // Receive.
             _ => {
@@ -296,14 +296,14 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 let now = m.now + if settle { 50 } else { 0 };
                 m.tick(now);
                 let visible_end = m.visible_end;
-                let group_of = m.group_of.clone();
+                let group_of = &m.group_of;
                 let heads = m.heads(m.floor + u64::from(cfg.inflight_max) + 1);
                 let got = w.receive(now, max, inv, visible_end, |o| group_of[&o]);
-                log.push(format!("receive {max} at {now} -> {got:?}"));
+                log.push(|| format!("receive {max} at {now} -> {got:?}"));
                 for l in &got {
                     if !m.eligible(l.offset, &heads) {
                         return Err(fail(
-                            &log,
+                            log,
                             format!(
                                 "delivered {l:?} while not eligible: {:?}",
                                 m.state.get(&l.offset)
@@ -312,7 +312,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     }
                     if l.lease <= m.last_lease {
                         return Err(fail(
-                            &log,
+                            log,
                             format!("lease {} not above {}", l.lease, m.last_lease),
                         ));
                     }
@@ -321,12 +321,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     *a += 1;
                     if l.attempt != *a || *a > cfg.attempts_max {
                         return Err(fail(
-                            &log,
+                            log,
                             format!("attempt {} of {l:?}, model {a}", l.attempt),
                         ));
                     }
                     if l.deadline_ms != now + inv {
-                        return Err(fail(&log, format!("deadline of {l:?}")));
+                        return Err(fail(log, format!("deadline of {l:?}")));
                     }
                     m.state.insert(
                         l.offset,
@@ -344,7 +344,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     let heads = m.heads(w.next());
                     if let Some(o) = (w.floor()..w.next()).find(|&o| m.eligible(o, &heads)) {
                         return Err(fail(
-                            &log,
+                            log,
                             format!(
                                 "receive of {max} gave {} while {o} was due: {:?}",
                                 got.len(),
@@ -354,7 +354,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
                     }
                     if w.next() < visible_end && w.len() < cfg.inflight_max as usize {
                         return Err(fail(
-                            &log,
+                            log,
                             "receive stopped short of new messages with room".into(),
                         ));
                     }
@@ -364,12 +364,12 @@ fn run_seed(seed: u64) -> Result<(), String> {
                         // Well-behaved consumers at the end: ack or nack.
                         if rng.chance(700) {
                             w.ack(l.offset, l.lease)
-                                .map_err(|e| fail(&log, format!("settle ack {e}")))?;
+                                .map_err(|e| fail(log, format!("settle ack {e}")))?;
                             m.state.insert(l.offset, M::Acked);
                         } else {
                             let d = rng.below(30);
                             w.nack(l.offset, l.lease, Some(d))
-                                .map_err(|e| fail(&log, format!("settle nack {e}")))?;
+                                .map_err(|e| fail(log, format!("settle nack {e}")))?;
                             let dead = m.attempts[&l.offset] >= cfg.attempts_max;
                             m.state.insert(
                                 l.offset,
@@ -393,15 +393,15 @@ fn run_seed(seed: u64) -> Result<(), String> {
             snapshot = (w.snapshot(), journal.len());
         }
         if step == crash_at {
-            check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(&log, e))?;
+            check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(log, e))?;
             // The run goes on with the restored window: a restart.
-            w = check_restore(&mut w, &snapshot, &journal, &m).map_err(|e| fail(&log, e))?;
-            log.push(format!("restart from the snapshot of step {snapshot_at}"));
+            w = check_restore(&mut w, &snapshot, &journal, &m).map_err(|e| fail(log, e))?;
+            log.push(|| format!("restart from the snapshot of step {snapshot_at}"));
         }
         // After every step.
         if w.len() > cfg.inflight_max as usize {
             return Err(fail(
-                &log,
+                log,
                 format!("window holds {} > {}", w.len(), cfg.inflight_max),
             ));
         }
@@ -409,7 +409,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         let lowest_open = m.floor.min(w.next());
         if w.floor() != lowest_open {
             return Err(fail(
-                &log,
+                log,
                 format!("floor {} but lowest unfinished {lowest_open}", w.floor()),
             ));
         }
@@ -417,11 +417,11 @@ fn run_seed(seed: u64) -> Result<(), String> {
             break;
         }
     }
-    check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(&log, e))?;
+    check_replay(&mut w, &journal, &m, first_lease, floor).map_err(|e| fail(log, e))?;
     // Everything produced finished exactly once.
     if w.floor() != m.visible_end {
         return Err(fail(
-            &log,
+            log,
             format!(
                 "stuck: floor {} of {} produced, window {w:?}",
                 w.floor(),
@@ -431,7 +431,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
     }
     for o in floor..m.visible_end {
         if !m.finished(o) {
-            return Err(fail(&log, format!("offset {o} never finished")));
+            return Err(fail(log, format!("offset {o} never finished")));
         }
     }
     Ok(())
@@ -489,8 +489,8 @@ fn check_restore(
     Ok(r)
 }
 
-fn fail(log: &[String], what: String) -> String {
-    crate::group::sim::report(log, 25, what)
+fn fail(log: &Log, what: String) -> String {
+    log.report(25, what)
 }
 
 #[test]
