@@ -91,7 +91,9 @@ struct Args {
     #[arg(long, value_enum, default_value_t = run::ClientMode::BusyPoll)]
     client_mode: run::ClientMode,
     /// Consume as one consumer group (`--consumers` members): `message`
-    /// (receive and ack each) or `queue` (one member per queue, commits).
+    /// (receive and ack each), `queue` (one member per queue, commits) or
+    /// `broadcast` (every member gets every message; lost and duplicates
+    /// are counted per member).
     #[arg(long, value_enum)]
     group_mode: Option<workload::GroupMode>,
     /// Message delivery: share of deliveries nacked (0..1).
@@ -100,6 +102,10 @@ struct Args {
     /// Message delivery: retry delay of a nack, ms.
     #[arg(long, default_value_t = 100)]
     nack_delay_ms: u64,
+    /// Message delivery: the broker pushes messages within the consumers'
+    /// credit instead of answering long-poll receives.
+    #[arg(long)]
+    push: bool,
 }
 
 fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
@@ -127,6 +133,7 @@ fn workload(a: &Args) -> Result<Workload> {
         w.group = a.group_mode;
         w.nack_ratio = a.nack_ratio;
         w.nack_delay_ms = a.nack_delay_ms;
+        w.push = a.push;
         if w.rate.is_none() {
             w.batch_max = a.batch_max.unwrap_or(1000);
         }
@@ -137,6 +144,9 @@ fn workload(a: &Args) -> Result<Workload> {
     }
     if a.nack_ratio > 0.0 && a.group_mode != Some(workload::GroupMode::Message) {
         bail!("--nack-ratio needs --group-mode message");
+    }
+    if a.push && a.group_mode != Some(workload::GroupMode::Message) {
+        bail!("--push needs --group-mode message");
     }
     if a.size < run::STAMP_BYTES {
         bail!("--size must be at least {} bytes", run::STAMP_BYTES);
@@ -158,6 +168,7 @@ fn workload(a: &Args) -> Result<Workload> {
         group: a.group_mode,
         nack_ratio: a.nack_ratio,
         nack_delay_ms: a.nack_delay_ms,
+        push: a.push,
     })
 }
 
@@ -308,7 +319,8 @@ fn real_main() -> Result<()> {
             admin.create_group(
                 name,
                 &json!({
-                    "delivery": mode.name(),
+                    "mode": if mode == workload::GroupMode::Broadcast { "broadcast" } else { "clustering" },
+                    "delivery": if mode == workload::GroupMode::Message { "message" } else { "queue" },
                     "subscriptions": topics.iter().map(|t| json!({"topic": t})).collect::<Vec<_>>(),
                 }),
             )?;
@@ -377,6 +389,7 @@ fn real_main() -> Result<()> {
             "group_mode".into(),
             w.group.map_or(Value::Null, |g| g.name().into()),
         );
+        o.insert("push".into(), w.push.into());
         o.insert("size".into(), w.size.into());
         o.insert(
             "rate".into(),

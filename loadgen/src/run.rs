@@ -70,6 +70,9 @@ struct Shared {
     errors: AtomicU64,
     producers_done: AtomicU64,
     stop: AtomicBool,
+    /// Deliveries each acked message gets: the members of a broadcast
+    /// group, else 1.
+    fanout: u64,
 }
 
 impl Shared {
@@ -507,6 +510,9 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
                         g.set_busy_poll(spec.mode == ClientMode::BusyPoll)?;
                         g.set_wait(Duration::from_millis(200));
                         g.set_receive_batch(1024);
+                        if w.push {
+                            g.subscribe(4096, 16 << 20).context("subscribe")?;
+                        }
                         tasks.push(Task::G(Box::new(GroupConsumerState {
                             g,
                             base: fresh_consumer(),
@@ -517,7 +523,7 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
                             redelivery_ms: histogram(),
                         })));
                     }
-                    crate::workload::GroupMode::Queue => {
+                    crate::workload::GroupMode::Queue | crate::workload::GroupMode::Broadcast => {
                         let mut m = GroupMember::connect(
                             spec.broker,
                             group,
@@ -604,6 +610,10 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
         errors: AtomicU64::new(0),
         producers_done: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        fanout: match w.group {
+            Some(crate::workload::GroupMode::Broadcast) => u64::from(w.consumers.max(1)),
+            _ => 1,
+        },
     });
     let n_producers = w.producers.max(1) as u64;
     // Busy-poll: deal the tasks to one worker per CPU. Blocking: a thread
@@ -686,8 +696,8 @@ fn worker(
             }
         }
         let producers_done = shared.producers_done.load(Ordering::Relaxed) >= n_producers;
-        let caught_up =
-            shared.received.load(Ordering::Relaxed) >= shared.acked.load(Ordering::Relaxed);
+        let caught_up = shared.received.load(Ordering::Relaxed)
+            >= shared.acked.load(Ordering::Relaxed) * shared.fanout;
         let my_producers_done = tasks.iter().all(|t| match t {
             Task::P(p) => p.done && p.in_flight.is_empty(),
             _ => true,
@@ -782,7 +792,10 @@ fn summarize(
         })
         .collect();
     let mut acked_by: HashMap<u32, Vec<bool>> = HashMap::new();
-    let mut seen: Vec<Vec<u8>> = Vec::new();
+    // What each consumer saw; a clustering group's members (and plain
+    // consumers) together must see each message once, each member of a
+    // broadcast group by itself.
+    let mut seen_by: Vec<Vec<Vec<u8>>> = Vec::new();
     let (mut window_msgs, mut window_bytes, mut received) = (0u64, 0u64, 0u64);
     for t in tasks {
         match t {
@@ -796,36 +809,45 @@ fn summarize(
                 window_msgs += c.window_msgs;
                 window_bytes += c.window_bytes;
                 received += c.received;
-                for (pid, v) in c.seen.into_iter().enumerate() {
-                    if seen.len() <= pid {
-                        seen.resize(pid + 1, Vec::new());
-                    }
-                    let s = &mut seen[pid];
-                    if s.len() < v.len() {
-                        s.resize(v.len(), 0);
-                    }
-                    for (i, n) in v.into_iter().enumerate() {
-                        s[i] = s[i].saturating_add(n);
-                    }
+                seen_by.push(c.seen);
+            }
+        }
+    }
+    if shared.fanout == 1 {
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        for v in seen_by.drain(..) {
+            for (pid, v) in v.into_iter().enumerate() {
+                if seen.len() <= pid {
+                    seen.resize(pid + 1, Vec::new());
+                }
+                let s = &mut seen[pid];
+                if s.len() < v.len() {
+                    s.resize(v.len(), 0);
+                }
+                for (i, n) in v.into_iter().enumerate() {
+                    s[i] = s[i].saturating_add(n);
                 }
             }
         }
+        seen_by.push(seen);
     }
     let (mut lost, mut duplicates) = (0u64, 0u64);
-    for (pid, acked) in &acked_by {
-        let got = seen.get(*pid as usize);
-        for (seq, a) in acked.iter().enumerate() {
-            let n = got.and_then(|g| g.get(seq)).copied().unwrap_or(0);
-            if *a && n == 0 {
-                lost += 1;
+    for seen in &seen_by {
+        for (pid, acked) in &acked_by {
+            let got = seen.get(*pid as usize);
+            for (seq, a) in acked.iter().enumerate() {
+                let n = got.and_then(|g| g.get(seq)).copied().unwrap_or(0);
+                if *a && n == 0 {
+                    lost += 1;
+                }
             }
         }
-    }
-    for s in &seen {
-        duplicates += s
-            .iter()
-            .map(|&n| u64::from(n.saturating_sub(1)))
-            .sum::<u64>();
+        for s in seen {
+            duplicates += s
+                .iter()
+                .map(|&n| u64::from(n.saturating_sub(1)))
+                .sum::<u64>();
+        }
     }
     Ok(RunResult {
         sent: shared.sent.load(Ordering::Relaxed),

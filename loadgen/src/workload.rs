@@ -36,6 +36,8 @@ pub enum GroupMode {
     Message,
     /// One member per queue, offsets committed.
     Queue,
+    /// Every member (instance) reads every queue, offsets per instance.
+    Broadcast,
 }
 
 impl GroupMode {
@@ -43,6 +45,7 @@ impl GroupMode {
         match self {
             GroupMode::Message => "message",
             GroupMode::Queue => "queue",
+            GroupMode::Broadcast => "broadcast",
         }
     }
 }
@@ -72,6 +75,9 @@ pub struct Workload {
     /// `nack_delay_ms`; never a third time).
     pub nack_ratio: f64,
     pub nack_delay_ms: u64,
+    /// Message delivery: the broker pushes (credit-based) instead of long
+    /// polls.
+    pub push: bool,
 }
 
 /// The OpenMessaging Benchmark workload format (the fields KeelMQ uses).
@@ -136,6 +142,7 @@ impl Workload {
             keys,
             group: None,
             nack_ratio: 0.0,
+            push: false,
             nack_delay_ms: 100,
         })
     }

@@ -29,6 +29,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::handlers::{submit, Reply};
+use super::push::{self, Subscriptions};
 use crate::config::LimitsConfig;
 use crate::protocol::frame::{frame_header, FrameDecoder, FrameError, FRAME_LEN_MIN};
 use crate::protocol::{
@@ -229,9 +230,9 @@ struct Held {
     _reply_bytes: runtime::StaticPermit,
 }
 
-/// Replies waiting to be written, shared by the reader's reply tasks and
-/// the writer.
-struct Outbox {
+/// Replies waiting to be written, shared by the reader's reply tasks, the
+/// connection's push subscriptions and the writer.
+pub struct Outbox {
     /// Frame chunks; a reply's last chunk carries what its request holds.
     frames: RefCell<VecDeque<(Bytes, Option<Held>)>>,
     /// Event counter: bumped on every push and on close.
@@ -266,6 +267,15 @@ impl Outbox {
         frames.back_mut().expect("a frame header at least").1 = held;
         drop(frames);
         self.event.advance(self.event.get() + 1);
+    }
+    /// Queues a frame that answers no request (a push): it holds no
+    /// request permit; what bounds it is the subscription's credit.
+    pub(super) fn push_frame(&self, op: u16, id: u64, frame: Reply) {
+        self.push_reply(op, id, frame, None);
+    }
+    /// Whether the write side failed or stalled (the connection is closing).
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.get()
     }
     fn bump(&self) {
         self.event.advance(self.event.get() + 1);
@@ -306,9 +316,11 @@ async fn serve(
     let idle = idle_limit(&shard.config.limits);
     let writer = runtime::spawn_local_into(write_loop(wr, outbox.clone(), idle), shard.tq.data)
         .expect("data queue");
-    if let Err(reason) = read_loop(&shard, rd, &outbox, buf, first_frame_by).await {
+    let subs = Rc::new(Subscriptions::default());
+    if let Err(reason) = read_loop(&shard, rd, &outbox, &subs, buf, first_frame_by).await {
         tracing::debug!(shard = shard.id, ?peer, "closing connection: {reason}");
     }
+    subs.stop_all();
     outbox.reader_done.set(true);
     outbox.bump();
     writer.await;
@@ -349,6 +361,7 @@ async fn read_loop(
     shard: &Rc<Shard>,
     mut rd: ReadHalf,
     outbox: &Rc<Outbox>,
+    subs: &Rc<Subscriptions>,
     mut buf: BytesMut,
     mut first_frame_by: Option<Instant>,
 ) -> Result<(), String> {
@@ -380,7 +393,11 @@ async fn read_loop(
                             .map_err(|e| format!("permits closed: {e}"))?;
                     outbox.in_flight.set(outbox.in_flight.get() + 1);
                     outbox.set_quiet(None);
-                    let pending = submit(shard, op, version, body).await;
+                    let pending = if push::is_subscription_op(op) {
+                        push::handle(shard, subs, outbox, op, body)
+                    } else {
+                        submit(shard, op, version, body).await
+                    };
                     let ob = outbox.clone();
                     runtime::spawn_local_into(
                         async move {

@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod handlers;
+pub mod push;
 pub mod serve;
 
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! One pipelined connection: send many requests, read replies in any order.
 
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::ClientError;
 use crate::protocol::frame::{encode_frame, FrameDecoder};
 use crate::protocol::{
-    decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op, ANY_SHARD,
+    decode_error, ErrorCode, HandshakeRequest, HandshakeResponse, Op, ANY_SHARD, PUSH_FRAME_OP,
 };
 use crate::protocol::{MetadataRequest, MetadataResponse, TopicInfo};
 
@@ -26,6 +26,9 @@ pub struct Connection {
     next_id: u64,
     /// Replies read while waiting for another one.
     stash: HashMap<u64, (u16, Bytes)>,
+    /// Push frames read while waiting for a reply: (subscription, code,
+    /// body). What a subscription's credit allows, no more.
+    pushed: VecDeque<(u64, u16, Bytes)>,
     wbuf: BytesMut,
     handshake: HandshakeResponse,
     busy_poll: bool,
@@ -57,6 +60,7 @@ impl Connection {
             decoder: FrameDecoder::new(REPLY_FRAME_BYTES_MAX),
             next_id: 1,
             stash: HashMap::new(),
+            pushed: VecDeque::new(),
             wbuf: BytesMut::new(),
             busy_poll: false,
             handshake: HandshakeResponse {
@@ -110,7 +114,8 @@ impl Connection {
     }
 
     /// Reads the next reply, whichever request it answers; `None` when the
-    /// deadline passes first. Stashed replies are returned first.
+    /// deadline passes first. Stashed replies are returned first; push
+    /// frames are kept for [`Connection::recv_incoming`].
     pub fn recv_any(
         &mut self,
         deadline: Option<Instant>,
@@ -119,21 +124,58 @@ impl Connection {
             let (code, body) = self.stash.remove(&id).expect("key just seen");
             return Ok(Some((id, code, body)));
         }
-        self.recv_wire(deadline)
+        loop {
+            match self.recv_wire(deadline)? {
+                None => return Ok(None),
+                Some((PUSH_FRAME_OP, id, code, body)) => self.pushed.push_back((id, code, body)),
+                Some((_, id, code, body)) => return Ok(Some((id, code, body))),
+            }
+        }
     }
 
-    /// Reads the next reply off the socket (not the stash).
+    /// Reads the next frame, a push or a reply (pushes already read come
+    /// first, then stashed replies); `None` when the deadline passes first.
+    pub fn recv_incoming(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Incoming>, ClientError> {
+        if let Some((id, code, body)) = self.pushed.pop_front() {
+            return Ok(Some(Incoming::Push {
+                subscription: id,
+                code,
+                body,
+            }));
+        }
+        if let Some(&id) = self.stash.keys().next() {
+            let (code, body) = self.stash.remove(&id).expect("key just seen");
+            return Ok(Some(Incoming::Reply { id, code, body }));
+        }
+        Ok(self.recv_wire(deadline)?.map(|(op, id, code, body)| {
+            if op == PUSH_FRAME_OP {
+                Incoming::Push {
+                    subscription: id,
+                    code,
+                    body,
+                }
+            } else {
+                Incoming::Reply { id, code, body }
+            }
+        }))
+    }
+
+    /// Reads the next frame off the socket (not the stash): (op, request
+    /// id, code, body).
     fn recv_wire(
         &mut self,
         deadline: Option<Instant>,
-    ) -> Result<Option<(u64, u16, Bytes)>, ClientError> {
+    ) -> Result<Option<(u16, u64, u16, Bytes)>, ClientError> {
         loop {
-            if let Some(((_op, code, id), body)) = self
+            if let Some(((op, code, id), body)) = self
                 .decoder
                 .decode(&mut self.rbuf)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
             {
-                return Ok(Some((id, code, body)));
+                return Ok(Some((op, id, code, body)));
             }
             // Blocking mode reads with a timeout; at a passed deadline it
             // still takes whatever already arrived, without waiting.
@@ -184,7 +226,7 @@ impl Connection {
         }
     }
 
-    /// Waits for the reply to request `id`, stashing others.
+    /// Waits for the reply to request `id`, stashing others (and pushes).
     pub fn wait_for(&mut self, id: u64, deadline: Instant) -> Result<(u16, Bytes), ClientError> {
         if let Some(r) = self.stash.remove(&id) {
             return Ok(r);
@@ -194,8 +236,9 @@ impl Connection {
                 // Busy-poll mode reads without blocking: spin to the deadline.
                 None if self.busy_poll && Instant::now() < deadline => std::hint::spin_loop(),
                 None => return Err(ClientError::Timeout),
-                Some((got, code, body)) if got == id => return Ok((code, body)),
-                Some((got, code, body)) => {
+                Some((PUSH_FRAME_OP, got, code, body)) => self.pushed.push_back((got, code, body)),
+                Some((_, got, code, body)) if got == id => return Ok((code, body)),
+                Some((_, got, code, body)) => {
                     self.stash.insert(got, (code, body));
                 }
             }
@@ -226,6 +269,30 @@ impl Connection {
         let (code, body) = self.wait_for(id, Instant::now() + CALL_TIMEOUT)?;
         check(code, body)
     }
+}
+
+/// A frame from the broker: a reply, or a push to a subscription.
+#[derive(Debug)]
+pub enum Incoming {
+    /// The reply to request `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// Error code (0: ok).
+        code: u16,
+        /// The reply body.
+        body: Bytes,
+    },
+    /// A push frame of `subscription`.
+    Push {
+        /// The subscription's id (from `subscribe`).
+        subscription: u64,
+        /// 0: a `PushBatch` body; else the error that ended the
+        /// subscription.
+        code: u16,
+        /// The frame body.
+        body: Bytes,
+    },
 }
 
 /// `write_all` that also works on a non-blocking socket (busy-poll mode).

@@ -4,12 +4,18 @@
 //! kept in flight on the one connection (a long poll at each), so a
 //! `receive` returns as soon as any shard has messages; acks and nacks are
 //! sent to the shard named by each handle, batched.
+//!
+//! [`GroupConsumer::subscribe`] turns it into a push consumer: the broker
+//! streams messages as they become visible, within the credit the
+//! consumer grants (messages and bytes it can buffer), and `receive` /
+//! `run` then take what was pushed. Credit is granted back as the caller
+//! takes messages out of the buffer.
 
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::conn::{check, Connection};
+use super::conn::{check, Connection, Incoming};
 use super::{decode_batch, ClientError, ErrorCode, Message};
 use crate::protocol::*;
 
@@ -51,11 +57,36 @@ pub struct GroupConsumer {
     /// Handles of unconfirmed acks the broker refused, and why (first).
     refused: u64,
     first_refusal: Option<ErrorCode>,
-    ready: VecDeque<Delivery>,
+    /// Leased messages not yet returned, each with its share of the push
+    /// credit it took (0 when pulled).
+    ready: VecDeque<(Delivery, u32)>,
     max_per_receive: u32,
     invisible_ms: u64,
     wait: Duration,
+    push: Option<PushState>,
 }
+
+/// A push subscription's credit, on the client's side.
+struct PushState {
+    subscription: u64,
+    /// The credit granted at subscribe: what the client buffers at most.
+    window_messages: u32,
+    window_bytes: u32,
+    /// Taken by the caller and not yet granted back.
+    returned_messages: u32,
+    returned_bytes: u64,
+    /// Requests (credit grants) whose replies are only checked.
+    grants: HashMap<u64, ()>,
+    last_sent: Instant,
+}
+
+/// Message credit a push subscription starts with by default.
+pub const PUSH_CREDIT_MESSAGES_DEFAULT: u32 = 1024;
+/// Byte credit a push subscription starts with by default.
+pub const PUSH_CREDIT_BYTES_DEFAULT: u32 = 8 << 20;
+/// An idle subscription's keepalive (an empty credit grant): well inside
+/// the broker's `connection_idle_ms_max` (default 10 minutes).
+const PUSH_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Receives kept in flight per shard.
 pub const RECEIVES_IN_FLIGHT_PER_SHARD: usize = 2;
@@ -80,6 +111,7 @@ impl GroupConsumer {
             max_per_receive: RECEIVE_BATCH_DEFAULT,
             invisible_ms: 0,
             wait: Duration::from_secs(1),
+            push: None,
         };
         c.ensure_group()?;
         c.refresh_shards()?;
@@ -151,11 +183,14 @@ impl GroupConsumer {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>, ClientError> {
+        if self.push.is_some() {
+            return self.receive_pushed(max, timeout);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if !self.ready.is_empty() {
                 let n = max.min(self.ready.len());
-                return Ok(self.ready.drain(..n).collect());
+                return Ok(self.ready.drain(..n).map(|(d, _)| d).collect());
             }
             // The broker long-polls for `wait` whatever this call's timeout:
             // receives stay in flight across calls (a non-blocking caller
@@ -192,8 +227,186 @@ impl GroupConsumer {
             let Some(shard) = self.in_flight.remove(&id) else {
                 continue;
             };
-            self.on_receive(shard, code, body)?;
+            let resp = ReceiveResponse::decode(check(code, body)?)?;
+            self.on_response(shard, resp, 0)?;
         }
+    }
+
+    /// Push mode: the broker streams messages within `credit_messages`
+    /// messages and `credit_bytes` bytes not yet taken by the caller (the
+    /// most this consumer buffers; the broker may pass the byte credit by
+    /// one receive). `receive` and `run` then return pushed messages, and
+    /// credit is granted back as they are taken. Receives in flight are
+    /// finished first.
+    pub fn subscribe(
+        &mut self,
+        credit_messages: u32,
+        credit_bytes: u32,
+    ) -> Result<(), ClientError> {
+        if self.push.is_some() {
+            return Err(ClientError::InvalidArgument(
+                "this consumer is already subscribed".into(),
+            ));
+        }
+        let credit_messages = credit_messages.clamp(1, PUSH_CREDIT_MESSAGES_MAX);
+        let credit_bytes = credit_bytes.max(1);
+        self.drain_in_flight()?;
+        let mut b = BytesMut::new();
+        SubscribeRequest {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            invisible_ms: self.invisible_ms,
+            credit_messages,
+            credit_bytes,
+        }
+        .encode(&mut b);
+        let resp = SubscribeResponse::decode(self.conn.call(Op::Subscribe, &b)?)?;
+        self.push = Some(PushState {
+            subscription: resp.subscription,
+            window_messages: credit_messages,
+            window_bytes: credit_bytes,
+            returned_messages: 0,
+            returned_bytes: 0,
+            grants: HashMap::new(),
+            last_sent: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Whether this consumer is in push mode.
+    pub fn is_subscribed(&self) -> bool {
+        self.push.is_some()
+    }
+
+    fn receive_pushed(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.ready.is_empty() {
+                let n = max.min(self.ready.len());
+                let mut out = Vec::with_capacity(n);
+                let (mut msgs, mut bytes) = (0u32, 0u64);
+                for (d, cost) in self.ready.drain(..n) {
+                    msgs += 1;
+                    bytes += u64::from(cost);
+                    out.push(d);
+                }
+                self.grant_back(msgs, bytes)?;
+                return Ok(out);
+            }
+            self.keepalive()?;
+            let busy = self.conn.busy_poll();
+            let Some(frame) = self.conn.recv_incoming(Some(deadline))? else {
+                if busy && Instant::now() < deadline {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                return Ok(Vec::new());
+            };
+            self.on_incoming(frame)?;
+        }
+    }
+
+    fn on_incoming(&mut self, frame: Incoming) -> Result<(), ClientError> {
+        match frame {
+            Incoming::Push {
+                subscription,
+                code,
+                body,
+            } => {
+                let Some(p) = &self.push else {
+                    return Ok(());
+                };
+                if p.subscription != subscription {
+                    return Ok(());
+                }
+                let len = body.len().saturating_sub(2) as u32;
+                let batch = PushBatch::decode(check(code, body)?)?;
+                self.on_response(batch.shard, batch.response, len)
+            }
+            Incoming::Reply { id, code, body } => {
+                if let Some(handles) = self.unconfirmed.remove(&id) {
+                    return self.on_confirm(code, body, handles);
+                }
+                if let Some(p) = &mut self.push {
+                    if p.grants.remove(&id).is_some() {
+                        check(code, body)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Grants credit back for messages the caller took, in steps of a
+    /// quarter of the window (one small request per many messages).
+    fn grant_back(&mut self, msgs: u32, bytes: u64) -> Result<(), ClientError> {
+        let Some(p) = &mut self.push else {
+            return Ok(());
+        };
+        p.returned_messages += msgs;
+        p.returned_bytes += bytes;
+        if p.returned_messages < p.window_messages.div_ceil(4)
+            && p.returned_bytes < u64::from(p.window_bytes.div_ceil(4))
+        {
+            return Ok(());
+        }
+        let req = CreditRequest {
+            subscription: p.subscription,
+            messages: p.returned_messages,
+            bytes: p.returned_bytes.min(u64::from(u32::MAX)) as u32,
+        };
+        p.returned_messages = 0;
+        p.returned_bytes = 0;
+        self.send_credit(req)
+    }
+
+    fn send_credit(&mut self, req: CreditRequest) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        req.encode(&mut b);
+        let id = self.conn.send(Op::Credit, &b)?;
+        if let Some(p) = &mut self.push {
+            p.grants.insert(id, ());
+            p.last_sent = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn keepalive(&mut self) -> Result<(), ClientError> {
+        let Some(p) = &self.push else {
+            return Ok(());
+        };
+        if p.last_sent.elapsed() < PUSH_KEEPALIVE {
+            return Ok(());
+        }
+        let req = CreditRequest {
+            subscription: p.subscription,
+            messages: 0,
+            bytes: 0,
+        };
+        self.send_credit(req)
+    }
+
+    /// Waits for the receives in flight (pull mode), keeping what they
+    /// leased.
+    fn drain_in_flight(&mut self) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.wait + Duration::from_millis(500);
+        while !self.in_flight.is_empty() {
+            let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
+                break;
+            };
+            if let Some(handles) = self.unconfirmed.remove(&id) {
+                self.on_confirm(code, body, handles)?;
+            } else if let Some(shard) = self.in_flight.remove(&id) {
+                let resp = ReceiveResponse::decode(check(code, body)?)?;
+                self.on_response(shard, resp, 0)?;
+            }
+        }
+        self.in_flight.clear();
+        Ok(())
     }
 
     fn on_confirm(
@@ -246,8 +459,16 @@ impl GroupConsumer {
         (self.refused, self.first_refusal)
     }
 
-    fn on_receive(&mut self, shard: u16, code: u16, body: Bytes) -> Result<(), ClientError> {
-        let resp = ReceiveResponse::decode(check(code, body)?)?;
+    /// Takes a receive's (or a push's) leases into `ready`; `cost`: the
+    /// push credit (bytes) it took, shared among its messages.
+    fn on_response(
+        &mut self,
+        shard: u16,
+        resp: ReceiveResponse,
+        cost: u32,
+    ) -> Result<(), ClientError> {
+        let n = resp.leases.len().max(1) as u32;
+        let (share, mut extra) = (cost / n, cost % n);
         let topic: std::sync::Arc<str> = self.topic.as_str().into();
         let mut decoded: HashMap<u32, Vec<Option<Message>>> = HashMap::new();
         for l in resp.leases {
@@ -276,12 +497,17 @@ impl GroupConsumer {
                     l.offset
                 )));
             };
-            self.ready.push_back(Delivery {
-                message: m,
-                attempt: l.attempt,
-                deadline_ms: l.deadline_ms,
-                handle: l.handle,
-            });
+            let c = share + u32::from(extra > 0);
+            extra = extra.saturating_sub(1);
+            self.ready.push_back((
+                Delivery {
+                    message: m,
+                    attempt: l.attempt,
+                    deadline_ms: l.deadline_ms,
+                    handle: l.handle,
+                },
+                c,
+            ));
         }
         Ok(())
     }
@@ -367,6 +593,40 @@ impl GroupConsumer {
     /// nothing waits out its invisible time. Dropping the consumer does
     /// the same.
     pub fn close(&mut self) -> Result<(), ClientError> {
+        if let Some(p) = self.push.take() {
+            // Pushes sent before the unsubscribe's reply arrive before it.
+            let mut b = BytesMut::new();
+            encode_u64(&mut b, p.subscription);
+            let id = self.conn.send(Op::Unsubscribe, &b)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.conn.recv_incoming(Some(deadline))? {
+                    None => return Err(ClientError::Timeout),
+                    Some(Incoming::Reply {
+                        id: got,
+                        code,
+                        body,
+                    }) if got == id => {
+                        check(code, body)?;
+                        break;
+                    }
+                    Some(Incoming::Push {
+                        subscription,
+                        code,
+                        body,
+                    }) if subscription == p.subscription && code == ErrorCode::Ok as u16 => {
+                        let batch = PushBatch::decode(body)?;
+                        self.on_response(batch.shard, batch.response, 0)?;
+                    }
+                    Some(Incoming::Reply { id, code, body }) => {
+                        if let Some(handles) = self.unconfirmed.remove(&id) {
+                            self.on_confirm(code, body, handles)?;
+                        }
+                    }
+                    Some(Incoming::Push { .. }) => {}
+                }
+            }
+        }
         let deadline = Instant::now() + self.wait + Duration::from_millis(500);
         while !self.in_flight.is_empty() || !self.unconfirmed.is_empty() {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
@@ -375,11 +635,12 @@ impl GroupConsumer {
             if let Some(handles) = self.unconfirmed.remove(&id) {
                 self.on_confirm(code, body, handles)?;
             } else if let Some(shard) = self.in_flight.remove(&id) {
-                self.on_receive(shard, code, body)?;
+                let resp = ReceiveResponse::decode(check(code, body)?)?;
+                self.on_response(shard, resp, 0)?;
             }
         }
         self.in_flight.clear();
-        let handles: Vec<Bytes> = self.ready.drain(..).map(|d| d.handle).collect();
+        let handles: Vec<Bytes> = self.ready.drain(..).map(|(d, _)| d.handle).collect();
         if !handles.is_empty() {
             self.nack(&handles, Some(Duration::ZERO))?;
         }

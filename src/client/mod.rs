@@ -29,9 +29,11 @@ pub use crate::batch::Record;
 pub use crate::ids::MessageId;
 pub use crate::protocol::{Durability, ErrorCode, QueueOffsets, TopicInfo};
 pub use admin::Admin;
-pub use conn::Connection;
+pub use conn::{Connection, Incoming};
 pub use consumer::{Consumer, SeekTo};
-pub use group::{Delivery, GroupConsumer, Outcome};
+pub use group::{
+    Delivery, GroupConsumer, Outcome, PUSH_CREDIT_BYTES_DEFAULT, PUSH_CREDIT_MESSAGES_DEFAULT,
+};
 pub use member::{AssignmentListener, GroupMember};
 pub use producer::{Producer, QueueSelector, SendReceipt};
 

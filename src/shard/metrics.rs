@@ -26,6 +26,10 @@ pub struct ShardMetrics {
     /// dead letters stored.
     pub group_deliveries: u64,
     pub group_redeliveries: u64,
+    /// Frames pushed to subscriptions.
+    pub push_frames: u64,
+    /// Messages leased for a subscription that had stopped, handed back.
+    pub push_handed_back: u64,
     pub group_acks: u64,
     pub group_nacks: u64,
     pub group_dead_letters: u64,
@@ -52,6 +56,8 @@ impl Default for ShardMetrics {
             append_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
             group_deliveries: 0,
             group_redeliveries: 0,
+            push_frames: 0,
+            push_handed_back: 0,
             group_acks: 0,
             group_nacks: 0,
             group_dead_letters: 0,
@@ -101,6 +107,8 @@ impl ShardMetrics {
             "connections_timed_out": self.connections_timed_out,
             "group_deliveries": self.group_deliveries,
             "group_redeliveries": self.group_redeliveries,
+            "push_frames": self.push_frames,
+            "push_handed_back": self.push_handed_back,
             "group_acks": self.group_acks,
             "group_nacks": self.group_nacks,
             "group_dead_letters": self.group_dead_letters,

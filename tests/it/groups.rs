@@ -860,3 +860,194 @@ fn restart_replays_the_journal_since_the_last_generation_not_its_history() {
     let mut c = GroupConsumer::connect(&b.addr, "hist", "h").unwrap();
     assert!(c.receive(Duration::from_millis(500)).unwrap().is_empty());
 }
+
+/// The leases pushed to subscription `sub` until `until`.
+fn pushed_leases(
+    conn: &mut keelmq::client::Connection,
+    sub: u64,
+    until: Instant,
+) -> Vec<keelmq::protocol::LeaseInfo> {
+    use keelmq::client::Incoming;
+    let mut out = Vec::new();
+    while let Some(f) = conn.recv_incoming(Some(until)).unwrap() {
+        if let Incoming::Push {
+            subscription,
+            code,
+            body,
+        } = f
+        {
+            assert_eq!(subscription, sub);
+            assert_eq!(code, 0, "push frame with an error");
+            let batch = keelmq::protocol::PushBatch::decode(body).unwrap();
+            out.extend(batch.response.leases);
+        }
+    }
+    out
+}
+
+#[test]
+fn push_streams_within_credit_and_hands_back_what_a_gone_subscriber_leased() {
+    use bytes::BytesMut;
+    use keelmq::client::Connection;
+    use keelmq::protocol::*;
+    let b = Broker::start(2, None);
+    b.admin().create_topic("ticks", 8, None).unwrap();
+    create_group(
+        &b,
+        "pushers",
+        serde_json::json!({
+            "subscriptions": [{"topic": "ticks"}],
+            // A message left leased would not come back within the test.
+            "invisible_ms": 120_000,
+        }),
+    );
+    let subscribe = |conn: &mut Connection, group: &str, credit: u32| {
+        let mut body = BytesMut::new();
+        SubscribeRequest {
+            group: group.into(),
+            topic: "ticks".into(),
+            invisible_ms: 0,
+            credit_messages: credit,
+            credit_bytes: 1 << 20,
+        }
+        .encode(&mut body);
+        conn.call(Op::Subscribe, &body)
+    };
+    let mut raw = Connection::connect(&b.addr).unwrap();
+    // Refusals: an unknown group, credit for no subscription.
+    match subscribe(&mut raw, "nobody", 10) {
+        Err(ClientError::Broker { code, .. }) => assert_eq!(code, ErrorCode::UnknownGroup),
+        other => panic!("subscribe to an unknown group: {other:?}"),
+    }
+    let credit = |conn: &mut Connection, sub: u64, messages: u32| {
+        let mut body = BytesMut::new();
+        CreditRequest {
+            subscription: sub,
+            messages,
+            bytes: 1 << 20,
+        }
+        .encode(&mut body);
+        conn.call(Op::Credit, &body)
+    };
+    match credit(&mut raw, 999, 5) {
+        Err(ClientError::Broker { code, .. }) => assert_eq!(code, ErrorCode::InvalidArgument),
+        other => panic!("credit for no subscription: {other:?}"),
+    }
+    let resp = SubscribeResponse::decode(subscribe(&mut raw, "pushers", 10).unwrap()).unwrap();
+    assert_eq!(
+        resp.shards,
+        vec![0, 1],
+        "the topic's queues are on both shards"
+    );
+    let sub = resp.subscription;
+    produce_numbered(&b.addr, "ticks", 100, |_| None);
+    // Exactly the credit arrives, and no more while none is granted.
+    let first = pushed_leases(&mut raw, sub, Instant::now() + Duration::from_millis(1500));
+    assert_eq!(first.len(), 10, "pushed beyond (or short of) the credit");
+    credit(&mut raw, sub, 15).unwrap();
+    let second = pushed_leases(&mut raw, sub, Instant::now() + Duration::from_millis(1500));
+    assert_eq!(second.len(), 15, "after 15 more credit");
+    let mut body = BytesMut::new();
+    encode_u64(&mut body, sub);
+    raw.call(Op::Unsubscribe, &body).unwrap();
+    // No push after the unsubscribe's reply.
+    credit(&mut raw, sub, 15).unwrap_err();
+    assert!(pushed_leases(&mut raw, sub, Instant::now() + Duration::from_millis(300)).is_empty());
+    // Hand the 25 back (any connection may: a handle names its shard).
+    let mut helper = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
+    let handles: Vec<_> = first
+        .iter()
+        .chain(&second)
+        .map(|l| l.handle.clone())
+        .collect();
+    let codes = helper.nack(&handles, Some(Duration::ZERO)).unwrap();
+    assert!(codes.iter().all(|c| *c == ErrorCode::Ok), "{codes:?}");
+    drop(helper);
+
+    // A push consumer gets all 100 once (25 of them a second time), acks.
+    let mut c = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
+    c.subscribe(16, 1 << 20).unwrap();
+    let nacked: HashSet<u64> = first
+        .iter()
+        .chain(&second)
+        .map(|l| l.offset * 1000 + u64::from(l.queue))
+        .collect();
+    let mut acked: HashMap<u64, u32> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() < 100 {
+        assert!(Instant::now() < deadline, "pushed {} of 100", acked.len());
+        let got = c.receive(Duration::from_millis(200)).unwrap();
+        for d in &got {
+            let again = nacked.contains(&(d.message.offset * 1000 + u64::from(d.message.queue)));
+            assert_eq!(
+                d.attempt,
+                if again { 2 } else { 1 },
+                "attempt of {}",
+                id_of(d)
+            );
+            assert!(
+                acked.insert(id_of(d), d.attempt).is_none(),
+                "{} pushed twice",
+                id_of(d)
+            );
+        }
+        let handles: Vec<_> = got.iter().map(|d| d.handle.clone()).collect();
+        if !handles.is_empty() {
+            assert!(c.ack(&handles).unwrap().iter().all(|c| *c == ErrorCode::Ok));
+        }
+    }
+    drop(c);
+
+    // A subscriber that vanishes: whatever its subscription leased after
+    // it went is handed back at once, so a new consumer gets everything
+    // long before the two-minute invisible time.
+    let mut gone = Connection::connect(&b.addr).unwrap();
+    let gone_sub = SubscribeResponse::decode(subscribe(&mut gone, "pushers", 1000).unwrap())
+        .unwrap()
+        .subscription;
+    assert!(gone_sub > 0);
+    drop(gone);
+    produce_numbered(&b.addr, "ticks", 200, |_| None);
+    let mut c = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
+    c.subscribe(64, 1 << 20).unwrap();
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "got {} of 200 after a subscriber vanished",
+            got.len()
+        );
+        let ds = c.receive(Duration::from_millis(200)).unwrap();
+        for d in &ds {
+            got.insert(id_of(d));
+        }
+        let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
+        if !handles.is_empty() {
+            c.ack(&handles).unwrap();
+        }
+    }
+    // Closing with messages buffered hands them back too.
+    produce_numbered(&b.addr, "ticks", 50, |_| None);
+    std::thread::sleep(Duration::from_millis(300));
+    c.close().unwrap();
+    drop(c);
+    let mut d = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
+    let mut rest = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rest.len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "got {} of 50 after a close",
+            rest.len()
+        );
+        let ds = d.receive(Duration::from_millis(200)).unwrap();
+        for x in &ds {
+            rest.insert(id_of(x));
+        }
+        let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
+        if !handles.is_empty() {
+            d.ack(&handles).unwrap();
+        }
+    }
+}

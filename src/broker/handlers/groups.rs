@@ -349,31 +349,35 @@ async fn batch_holding(
     }
 }
 
-pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
-    let req = ReceiveRequest::decode(body)?;
-    let (gid, cfg) = group_by_name(shard, &req.group)?;
+/// Whether `group` may receive `topic`'s messages now, with this invisible
+/// time (0: the group's default): the group, and the invisible time to use.
+/// Receives and push subscriptions check the same.
+pub fn receive_target(
+    shard: &Shard,
+    group: &str,
+    topic: &str,
+    invisible_ms: u64,
+) -> Result<(GroupId, u64), HandlerError> {
+    let (gid, cfg) = group_by_name(shard, group)?;
     if cfg.delivery != Delivery::Message {
         return Err(herr(
             ErrorCode::InvalidArgument,
             format!(
                 "group `{}` uses queue delivery: join, then fetch and commit offsets",
-                req.group
+                group
             ),
         ));
     }
-    if !cfg.subscriptions.iter().any(|s| s.topic == req.topic) {
+    if !cfg.subscriptions.iter().any(|s| s.topic == topic) {
         return Err(herr(
             ErrorCode::InvalidArgument,
-            format!(
-                "group `{}` does not subscribe to `{}`",
-                req.group, req.topic
-            ),
+            format!("group `{group}` does not subscribe to `{topic}`"),
         ));
     }
-    let invisible = if req.invisible_ms == 0 {
+    let invisible = if invisible_ms == 0 {
         cfg.invisible_ms
     } else {
-        req.invisible_ms
+        invisible_ms
     };
     if !(INVISIBLE_MS_MIN..=INVISIBLE_MS_MAX).contains(&invisible) {
         return Err(herr(
@@ -393,6 +397,12 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
             "the group journal could not store its state (the disk is full); receives resume once it does",
         ));
     }
+    Ok((gid, invisible))
+}
+
+pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let req = ReceiveRequest::decode(body)?;
+    let (gid, invisible) = receive_target(shard, &req.group, &req.topic, req.invisible_ms)?;
     let max = req.max_messages.clamp(1, RECEIVE_MESSAGES_MAX) as usize;
     let queues: Vec<QueueId> = shard
         .metadata

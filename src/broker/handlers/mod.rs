@@ -31,8 +31,8 @@ mod topics;
 
 pub use admin::shard_stats;
 use admin::*;
-pub use groups::group_timer;
 use groups::*;
+pub use groups::{group_timer, receive_target, RECEIVE_MESSAGES_MAX};
 use messages::*;
 use topics::*;
 
@@ -223,6 +223,11 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, Option<QueueIndex>
         Op::Join | Op::Heartbeat | Op::Leave | Op::GroupCommit | Op::GroupFetchOffset => {
             group_route(shard, &meta, op, body)
         }
+        // Served by the connection itself (`broker::push`), never routed.
+        Op::Subscribe | Op::Credit | Op::Unsubscribe => Err(herr(
+            ErrorCode::InvalidArgument,
+            format!("{op:?} is served by the client's connection, not forwarded"),
+        )),
         Op::Ack | Op::Nack | Op::ChangeInvisible => {
             let s = if op == Op::ChangeInvisible {
                 body.get(2..4).map(|b| u16::from_le_bytes([b[0], b[1]]))

@@ -484,3 +484,124 @@ impl GroupCommitRequest {
         Ok(req)
     }
 }
+
+/// Code of the frames a broker pushes to a subscription (never a request):
+/// the header's request id is the subscription id, its code `ok` with a
+/// [`PushBatch`] body, or an error that ends the subscription.
+pub const PUSH_FRAME_OP: u16 = 30;
+/// Subscriptions one connection may hold at once.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 16;
+/// Most message credit a subscription may hold unspent.
+pub const PUSH_CREDIT_MESSAGES_MAX: u32 = 1 << 20;
+
+/// Start pushing a message-delivery group's messages of `topic` on this
+/// connection, up to the credit granted (here, then by `credit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscribeRequest {
+    pub group: String,
+    pub topic: String,
+    /// 0: the group's default.
+    pub invisible_ms: u64,
+    pub credit_messages: u32,
+    pub credit_bytes: u32,
+}
+
+impl SubscribeRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out)
+            .str(&self.group)
+            .str(&self.topic)
+            .u64(self.invisible_ms)
+            .u32(self.credit_messages)
+            .u32(self.credit_bytes);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = SubscribeRequest {
+            group: r.str("group")?,
+            topic: r.str("topic")?,
+            invisible_ms: r.u64("invisible_ms")?,
+            credit_messages: r.u32("credit_messages")?,
+            credit_bytes: r.u32("credit_bytes")?,
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// The subscription's id (the request id of its push frames) and the
+/// shards whose queues it reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscribeResponse {
+    pub subscription: u64,
+    pub shards: Vec<u16>,
+}
+
+impl SubscribeResponse {
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut w = Writer(out);
+        w.u64(self.subscription).u16(self.shards.len() as u16);
+        for s in &self.shards {
+            w.u16(*s);
+        }
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let subscription = r.u64("subscription")?;
+        let n = r.u16("shard count")? as usize;
+        let mut shards = Vec::with_capacity(n.min(r.remaining() / 2));
+        for _ in 0..n {
+            shards.push(r.u16("shard")?);
+        }
+        r.finish()?;
+        Ok(SubscribeResponse {
+            subscription,
+            shards,
+        })
+    }
+}
+
+/// More credit for a subscription (0 and 0: a keepalive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreditRequest {
+    pub subscription: u64,
+    pub messages: u32,
+    pub bytes: u32,
+}
+
+impl CreditRequest {
+    pub fn encode(&self, out: &mut BytesMut) {
+        Writer(out)
+            .u64(self.subscription)
+            .u32(self.messages)
+            .u32(self.bytes);
+    }
+    pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = CreditRequest {
+            subscription: r.u64("subscription")?,
+            messages: r.u32("messages")?,
+            bytes: r.u32("bytes")?,
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// One push: the shard the leases are of, then a receive response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushBatch {
+    pub shard: u16,
+    pub response: ReceiveResponse,
+}
+
+impl PushBatch {
+    pub fn decode(mut body: Bytes) -> Result<Self, DecodeError> {
+        if body.len() < 2 {
+            return Err(DecodeError::Truncated("shard"));
+        }
+        let shard = u16::from_le_bytes([body[0], body[1]]);
+        let response = ReceiveResponse::decode(body.split_off(2))?;
+        Ok(PushBatch { shard, response })
+    }
+}

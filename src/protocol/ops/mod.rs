@@ -47,10 +47,13 @@ pub enum Op {
     Leave = 24,
     GroupCommit = 25,
     GroupFetchOffset = 26,
+    Subscribe = 27,
+    Credit = 28,
+    Unsubscribe = 29,
 }
 
 /// Every operation this broker serves, for the handshake.
-pub const ALL_OPS: [Op; 26] = [
+pub const ALL_OPS: [Op; 29] = [
     Op::Handshake,
     Op::Metadata,
     Op::CreateTopic,
@@ -77,6 +80,9 @@ pub const ALL_OPS: [Op; 26] = [
     Op::Leave,
     Op::GroupCommit,
     Op::GroupFetchOffset,
+    Op::Subscribe,
+    Op::Credit,
+    Op::Unsubscribe,
 ];
 
 /// Lowest and highest version of every operation.
