@@ -1,16 +1,18 @@
 //! KeelMQ: a thread-per-core, io_uring message broker.
 //!
-//! The crate holds the broker (`broker`, `shard`, `storage`), the wire
-//! protocol (`protocol`, `batch`), and a blocking Rust client (`client`)
-//! that a plain `fn main` can use without glommio.
+//! The crate holds the broker (`broker`, `shard`, `storage`, `group`). The
+//! wire protocol (`protocol`, `batch`, `ids`) is the `keelmq-protocol`
+//! crate and the blocking Rust client (`client`) the `keelmq-client` crate,
+//! which depends on neither glommio nor clap; both are re-exported here
+//! under their old paths.
 
-pub mod batch;
+pub use keelmq_client as client;
+pub use keelmq_protocol as protocol;
+pub use keelmq_protocol::{batch, ids};
+
 pub mod broker;
-pub mod client;
 pub mod config;
 pub mod group;
-pub mod ids;
-pub mod protocol;
 pub mod runtime;
 pub mod shard;
 pub mod storage;

@@ -589,6 +589,32 @@ impl BatchBuilder {
     }
 }
 
+/// Building a record (the client's side).
+impl Record {
+    /// A record with this payload and nothing else.
+    pub fn new(payload: impl Into<Bytes>) -> Record {
+        Record {
+            payload: payload.into(),
+            ..Record::default()
+        }
+    }
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Record {
+        self.key = Some(key.into());
+        self
+    }
+    /// Sets the tag.
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Record {
+        self.tag = Some(tag.into());
+        self
+    }
+    /// Adds a property.
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Record {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

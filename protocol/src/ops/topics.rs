@@ -1,7 +1,7 @@
 //! Topic operations: metadata, create, delete, describe.
 
 use super::*;
-use crate::protocol::codec::{DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Reader, Writer};
 use bytes::{Bytes, BytesMut};
 
 /// One queue of a topic as metadata describes it.

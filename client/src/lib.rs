@@ -4,7 +4,7 @@
 //! [`Consumer`], [`GroupConsumer`] and [`Admin`] build on it.
 //!
 //! ```no_run
-//! use keelmq::client::{Admin, Consumer, Producer, Record, SeekTo};
+//! use keelmq_client::{Admin, Consumer, Producer, Record, SeekTo};
 //! let mut admin = Admin::connect("127.0.0.1:7400")?;
 //! admin.create_topic("orders", 4, None)?;
 //! let mut producer = Producer::connect("127.0.0.1:7400")?;
@@ -13,10 +13,14 @@
 //! consumer.assign_all("orders")?;
 //! consumer.seek(SeekTo::Earliest)?;
 //! let messages = consumer.poll(std::time::Duration::from_secs(1))?;
-//! # Ok::<(), keelmq::client::ClientError>(())
+//! # Ok::<(), keelmq_client::ClientError>(())
 //! ```
 
 #![warn(missing_docs)]
+
+// The wire formats, under the paths the modules use.
+use keelmq_protocol as protocol;
+use keelmq_protocol::{batch, ids};
 
 mod admin;
 mod conn;
@@ -180,29 +184,4 @@ pub fn decode_batch(
         });
     }
     Ok(out)
-}
-
-impl Record {
-    /// A record with this payload and nothing else.
-    pub fn new(payload: impl Into<Bytes>) -> Record {
-        Record {
-            payload: payload.into(),
-            ..Record::default()
-        }
-    }
-    /// Sets the key.
-    pub fn with_key(mut self, key: impl Into<Bytes>) -> Record {
-        self.key = Some(key.into());
-        self
-    }
-    /// Sets the tag.
-    pub fn with_tag(mut self, tag: impl Into<String>) -> Record {
-        self.tag = Some(tag.into());
-        self
-    }
-    /// Adds a property.
-    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Record {
-        self.properties.push((key.into(), value.into()));
-        self
-    }
 }

@@ -1,7 +1,7 @@
 //! Consumer-group operations: offset commit and fetch; create, delete,
 //! list and describe; receive, ack, nack and change-invisible.
 
-use crate::protocol::codec::{DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Reader, Writer};
 use bytes::{Bytes, BytesMut};
 
 /// Commit (with `offset`) or fetch (without) a consumer group's offset.

@@ -1,7 +1,7 @@
 //! Message operations: produce, fetch, fetch-many, list offsets, get by id.
 
 use super::*;
-use crate::protocol::codec::{DecodeError, Reader, Writer};
+use crate::codec::{DecodeError, Reader, Writer};
 use bytes::{Bytes, BytesMut};
 
 /// Produce request: one batch to one queue (or to the queue its routing
