@@ -54,6 +54,9 @@ pub struct GroupConsumer {
     /// Acks sent without waiting: request id → handles (sent again when
     /// the broker was busy).
     unconfirmed: HashMap<u64, Vec<Bytes>>,
+    /// Those of `unconfirmed` that are resent after a `busy`: the first
+    /// may have been applied, so `already_acked` is their success.
+    resent: std::collections::HashSet<u64>,
     /// Handles of unconfirmed acks the broker refused, and why (first).
     refused: u64,
     first_refusal: Option<ErrorCode>,
@@ -105,6 +108,7 @@ impl GroupConsumer {
             shards: Vec::new(),
             in_flight: HashMap::new(),
             unconfirmed: HashMap::new(),
+            resent: std::collections::HashSet::new(),
             refused: 0,
             first_refusal: None,
             ready: VecDeque::new(),
@@ -221,7 +225,7 @@ impl GroupConsumer {
                 return Ok(Vec::new());
             };
             if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(code, body, handles)?;
+                self.on_confirm(id, code, body, handles)?;
                 continue;
             }
             let Some(shard) = self.in_flight.remove(&id) else {
@@ -329,7 +333,7 @@ impl GroupConsumer {
             }
             Incoming::Reply { id, code, body } => {
                 if let Some(handles) = self.unconfirmed.remove(&id) {
-                    return self.on_confirm(code, body, handles);
+                    return self.on_confirm(id, code, body, handles);
                 }
                 if let Some(p) = &mut self.push {
                     if p.grants.remove(&id).is_some() {
@@ -399,7 +403,7 @@ impl GroupConsumer {
                 break;
             };
             if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(code, body, handles)?;
+                self.on_confirm(id, code, body, handles)?;
             } else if let Some(shard) = self.in_flight.remove(&id) {
                 let resp = ReceiveResponse::decode(check(code, body)?)?;
                 self.on_response(shard, resp, 0)?;
@@ -411,17 +415,21 @@ impl GroupConsumer {
 
     fn on_confirm(
         &mut self,
+        id: u64,
         code: u16,
         body: Bytes,
         handles: Vec<Bytes>,
     ) -> Result<(), ClientError> {
+        let resent = self.resent.remove(&id);
         if ErrorCode::from_u16(code).is_retriable() {
-            // Nothing was applied (busy, or a full disk): send again.
-            return self.ack_nowait(&handles);
+            // Busy or a full disk: the acks may have been applied but not
+            // stored (the broker waited `SETTLE_WAIT_MAX` for room); send
+            // them again, and take `already_acked` as done.
+            return self.send_acks(&handles, true);
         }
         for c in decode_codes(check(code, body)?)? {
             let c = ErrorCode::from_u16(c);
-            if c != ErrorCode::Ok {
+            if c != ErrorCode::Ok && !(resent && c == ErrorCode::AlreadyAcked) {
                 self.refused += 1;
                 self.first_refusal.get_or_insert(c);
             }
@@ -433,6 +441,10 @@ impl GroupConsumer {
     /// later calls (see [`GroupConsumer::refused`]). The lowest-latency
     /// way to ack from a receive loop.
     pub fn ack_nowait(&mut self, handles: &[Bytes]) -> Result<(), ClientError> {
+        self.send_acks(handles, false)
+    }
+
+    fn send_acks(&mut self, handles: &[Bytes], resend: bool) -> Result<(), ClientError> {
         let shard_of = |h: &Bytes| h.get(2..4).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
         let mut by_shard: HashMap<u16, Vec<Bytes>> = HashMap::new();
         for h in handles {
@@ -448,6 +460,9 @@ impl GroupConsumer {
                 .encode(false, &mut b);
                 let id = self.conn.send(Op::Ack, &b)?;
                 self.unconfirmed.insert(id, chunk.to_vec());
+                if resend {
+                    self.resent.insert(id);
+                }
             }
         }
         Ok(())
@@ -493,8 +508,13 @@ impl GroupConsumer {
                 .filter(|m| m.offset == l.offset);
             let Some(m) = at else {
                 return Err(ClientError::Protocol(format!(
-                    "receive: offset {} is not in its batch",
-                    l.offset
+                    "receive: offset {} of queue {} is not in its batch {} (base {base:?}, {} records; {} batches, {} leases)",
+                    l.offset,
+                    l.queue,
+                    l.batch,
+                    msgs.len(),
+                    resp.batches.len(),
+                    n
                 )));
             };
             let c = share + u32::from(extra > 0);
@@ -542,7 +562,7 @@ impl GroupConsumer {
         while let Some(&id) = self.unconfirmed.keys().next() {
             let (code, body) = self.conn.wait_for(id, deadline)?;
             let handles = self.unconfirmed.remove(&id).unwrap_or_default();
-            self.on_confirm(code, body, handles)?;
+            self.on_confirm(id, code, body, handles)?;
         }
         for (id, idx) in sent {
             let (code, body) = self.conn.wait_for(id, deadline)?;
@@ -620,7 +640,7 @@ impl GroupConsumer {
                     }
                     Some(Incoming::Reply { id, code, body }) => {
                         if let Some(handles) = self.unconfirmed.remove(&id) {
-                            self.on_confirm(code, body, handles)?;
+                            self.on_confirm(id, code, body, handles)?;
                         }
                     }
                     Some(Incoming::Push { .. }) => {}
@@ -633,7 +653,7 @@ impl GroupConsumer {
                 break;
             };
             if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(code, body, handles)?;
+                self.on_confirm(id, code, body, handles)?;
             } else if let Some(shard) = self.in_flight.remove(&id) {
                 let resp = ReceiveResponse::decode(check(code, body)?)?;
                 self.on_response(shard, resp, 0)?;
