@@ -254,7 +254,7 @@ impl GroupConsumer {
         }
         let credit_messages = credit_messages.clamp(1, PUSH_CREDIT_MESSAGES_MAX);
         let credit_bytes = credit_bytes.max(1);
-        self.drain_in_flight()?;
+        self.drain_in_flight(false)?;
         let mut b = BytesMut::new();
         SubscribeRequest {
             group: self.group.clone(),
@@ -395,10 +395,10 @@ impl GroupConsumer {
     }
 
     /// Waits for the receives in flight (pull mode), keeping what they
-    /// leased.
-    fn drain_in_flight(&mut self) -> Result<(), ClientError> {
+    /// leased (and, with `acks`, for the unconfirmed acks too).
+    fn drain_in_flight(&mut self, acks: bool) -> Result<(), ClientError> {
         let deadline = Instant::now() + self.wait + Duration::from_millis(500);
-        while !self.in_flight.is_empty() {
+        while !self.in_flight.is_empty() || acks && !self.unconfirmed.is_empty() {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 break;
             };
@@ -647,19 +647,7 @@ impl GroupConsumer {
                 }
             }
         }
-        let deadline = Instant::now() + self.wait + Duration::from_millis(500);
-        while !self.in_flight.is_empty() || !self.unconfirmed.is_empty() {
-            let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
-                break;
-            };
-            if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(id, code, body, handles)?;
-            } else if let Some(shard) = self.in_flight.remove(&id) {
-                let resp = ReceiveResponse::decode(check(code, body)?)?;
-                self.on_response(shard, resp, 0)?;
-            }
-        }
-        self.in_flight.clear();
+        self.drain_in_flight(true)?;
         let handles: Vec<Bytes> = self.ready.drain(..).map(|(d, _)| d.handle).collect();
         if !handles.is_empty() {
             self.nack(&handles, Some(Duration::ZERO))?;
