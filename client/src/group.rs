@@ -79,7 +79,7 @@ struct PushState {
     returned_messages: u32,
     returned_bytes: u64,
     /// Requests (credit grants) whose replies are only checked.
-    grants: HashMap<u64, ()>,
+    grants: std::collections::HashSet<u64>,
     last_sent: Instant,
 }
 
@@ -271,7 +271,7 @@ impl GroupConsumer {
             window_bytes: credit_bytes,
             returned_messages: 0,
             returned_bytes: 0,
-            grants: HashMap::new(),
+            grants: std::collections::HashSet::new(),
             last_sent: Instant::now(),
         });
         Ok(())
@@ -336,7 +336,7 @@ impl GroupConsumer {
                     return self.on_confirm(id, code, body, handles);
                 }
                 if let Some(p) = &mut self.push {
-                    if p.grants.remove(&id).is_some() {
+                    if p.grants.remove(&id) {
                         check(code, body)?;
                     }
                 }
@@ -373,7 +373,7 @@ impl GroupConsumer {
         req.encode(&mut b);
         let id = self.conn.send(Op::Credit, &b)?;
         if let Some(p) = &mut self.push {
-            p.grants.insert(id, ());
+            p.grants.insert(id);
             p.last_sent = Instant::now();
         }
         Ok(())

@@ -29,7 +29,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::connection::Outbox;
-use super::handlers::{receive_target, submit, Pending, Reply};
+use super::handlers::{body, herr, ready, receive_target, reply, submit, HResult, Pending, Reply};
 use crate::protocol::*;
 use crate::runtime::{self, Watch};
 use crate::shard::Shard;
@@ -98,42 +98,28 @@ impl Subscriptions {
     }
 }
 
-fn error_reply(code: ErrorCode, message: impl AsRef<str>) -> Reply {
-    let mut b = BytesMut::new();
-    encode_error(&mut b, message.as_ref());
-    Reply {
-        code,
-        body: vec![b.freeze()],
-    }
-}
-
-fn ok_reply(f: impl FnOnce(&mut BytesMut)) -> Reply {
-    let mut b = BytesMut::new();
-    f(&mut b);
-    Reply {
-        code: ErrorCode::Ok,
-        body: vec![b.freeze()],
-    }
-}
-
 /// Serves `subscribe`, `credit` or `unsubscribe` on this connection.
 pub fn handle(
     shard: &Rc<Shard>,
     subs: &Rc<Subscriptions>,
     outbox: &Rc<Outbox>,
     op: u16,
-    body: Bytes,
+    request: Bytes,
 ) -> Pending {
-    let reply = match Op::from_u16(op) {
-        Some(Op::Subscribe) => subscribe(shard, subs, outbox, body),
-        Some(Op::Credit) => credit(shard, subs, body),
+    match Op::from_u16(op) {
+        Some(Op::Subscribe) => ready(subscribe(shard, subs, outbox, request)),
+        Some(Op::Credit) => ready(credit(shard, subs, request)),
         Some(Op::Unsubscribe) => {
             let subs = subs.clone();
-            return Pending::Later(Box::pin(async move { unsubscribe(&subs, body).await }));
+            Pending::Later(Box::pin(
+                async move { reply(unsubscribe(&subs, request).await) },
+            ))
         }
-        _ => error_reply(ErrorCode::UnknownOperation, "not a subscription operation"),
-    };
-    Pending::Ready(reply)
+        _ => ready(Err(herr(
+            ErrorCode::UnknownOperation,
+            "not a subscription operation",
+        ))),
+    }
 }
 
 fn credit_bytes_max(shard: &Shard) -> i64 {
@@ -144,28 +130,28 @@ fn subscribe(
     shard: &Rc<Shard>,
     subs: &Rc<Subscriptions>,
     outbox: &Rc<Outbox>,
-    body: Bytes,
-) -> Reply {
-    let req = match SubscribeRequest::decode(body) {
-        Ok(r) => r,
-        Err(e) => return error_reply(ErrorCode::Malformed, e.to_string()),
-    };
+    request: Bytes,
+) -> HResult {
+    let req = SubscribeRequest::decode(request)?;
     // Busy or a full disk pass: the loops wait them out.
     if let Err(e) = receive_target(shard, &req.group, &req.topic, req.invisible_ms) {
         if !e.code.is_retriable() {
-            return error_reply(e.code, e.message);
+            return Err(e);
         }
     }
     if subs.subs.borrow().len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
-        return error_reply(
+        return Err(herr(
             ErrorCode::InvalidArgument,
             format!("a connection holds at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions"),
-        );
+        ));
     }
-    let mut shards: Vec<u16> = match shard.metadata.borrow().queues(&req.topic) {
-        Ok(q) => q.into_iter().map(|(_, s)| s.0).collect(),
-        Err(e) => return error_reply(ErrorCode::UnknownTopic, e.to_string()),
-    };
+    let mut shards: Vec<u16> = shard
+        .metadata
+        .borrow()
+        .queues(&req.topic)?
+        .into_iter()
+        .map(|(_, s)| s.0)
+        .collect();
     shards.sort_unstable();
     shards.dedup();
     let id = subs.next_id.get();
@@ -198,51 +184,51 @@ fn subscribe(
         .expect("data queue")
         .detach();
     }
-    ok_reply(|b| {
+    Ok(body(|b| {
         SubscribeResponse {
             subscription: id,
             shards,
         }
         .encode(b)
-    })
+    }))
 }
 
-fn credit(shard: &Shard, subs: &Subscriptions, body: Bytes) -> Reply {
-    let req = match CreditRequest::decode(body) {
-        Ok(r) => r,
-        Err(e) => return error_reply(ErrorCode::Malformed, e.to_string()),
-    };
-    let Some(sub) = subs.subs.borrow().get(&req.subscription).cloned() else {
-        return error_reply(
-            ErrorCode::InvalidArgument,
-            format!("no subscription {} on this connection", req.subscription),
-        );
-    };
+fn no_subscription(id: u64) -> super::handlers::HandlerError {
+    herr(
+        ErrorCode::InvalidArgument,
+        format!("no subscription {id} on this connection"),
+    )
+}
+
+fn credit(shard: &Shard, subs: &Subscriptions, request: Bytes) -> HResult {
+    let req = CreditRequest::decode(request)?;
+    let sub = subs
+        .subs
+        .borrow()
+        .get(&req.subscription)
+        .cloned()
+        .ok_or_else(|| no_subscription(req.subscription))?;
     let m = (sub.messages.get() + i64::from(req.messages)).min(i64::from(PUSH_CREDIT_MESSAGES_MAX));
     let b = (sub.bytes.get() + i64::from(req.bytes)).min(credit_bytes_max(shard));
     sub.messages.set(m);
     sub.bytes.set(b);
     sub.changed.advance(sub.changed.get() + 1);
-    ok_reply(|_| {})
+    Ok(Vec::new())
 }
 
-async fn unsubscribe(subs: &Subscriptions, body: Bytes) -> Reply {
-    let id = match decode_u64(body) {
-        Ok(id) => id,
-        Err(e) => return error_reply(ErrorCode::Malformed, e.to_string()),
-    };
-    let Some(sub) = subs.subs.borrow_mut().remove(&id) else {
-        return error_reply(
-            ErrorCode::InvalidArgument,
-            format!("no subscription {id} on this connection"),
-        );
-    };
+async fn unsubscribe(subs: &Subscriptions, request: Bytes) -> HResult {
+    let id = decode_u64(request)?;
+    let sub = subs
+        .subs
+        .borrow_mut()
+        .remove(&id)
+        .ok_or_else(|| no_subscription(id))?;
     sub.stop();
     while sub.running.get() > 0 {
         let seen = sub.ended.get();
         let _ = sub.ended.wait_for(seen + 1).await;
     }
-    ok_reply(|b| encode_u64(b, sub.handed_back.get()))
+    Ok(body(|b| encode_u64(b, sub.handed_back.get())))
 }
 
 /// Leases in a receive reply (the head's first field).

@@ -861,6 +861,21 @@ fn restart_replays_the_journal_since_the_last_generation_not_its_history() {
     assert!(c.receive(Duration::from_millis(500)).unwrap().is_empty());
 }
 
+/// Receives and acks until `n` distinct messages came, within 20 s.
+fn receive_and_ack(c: &mut GroupConsumer, n: usize, when: &str) {
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "got {} of {n} {when}", got.len());
+        let ds = c.receive(Duration::from_millis(200)).unwrap();
+        got.extend(ds.iter().map(id_of));
+        let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
+        if !handles.is_empty() {
+            c.ack(&handles).unwrap();
+        }
+    }
+}
+
 /// The leases pushed to subscription `sub` until `until`.
 fn pushed_leases(
     conn: &mut keelmq::client::Connection,
@@ -1010,44 +1025,12 @@ fn push_streams_within_credit_and_hands_back_what_a_gone_subscriber_leased() {
     produce_numbered(&b.addr, "ticks", 200, |_| None);
     let mut c = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
     c.subscribe(64, 1 << 20).unwrap();
-    let mut got = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < 200 {
-        assert!(
-            Instant::now() < deadline,
-            "got {} of 200 after a subscriber vanished",
-            got.len()
-        );
-        let ds = c.receive(Duration::from_millis(200)).unwrap();
-        for d in &ds {
-            got.insert(id_of(d));
-        }
-        let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
-        if !handles.is_empty() {
-            c.ack(&handles).unwrap();
-        }
-    }
+    receive_and_ack(&mut c, 200, "after a subscriber vanished");
     // Closing with messages buffered hands them back too.
     produce_numbered(&b.addr, "ticks", 50, |_| None);
     std::thread::sleep(Duration::from_millis(300));
     c.close().unwrap();
     drop(c);
     let mut d = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
-    let mut rest = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rest.len() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "got {} of 50 after a close",
-            rest.len()
-        );
-        let ds = d.receive(Duration::from_millis(200)).unwrap();
-        for x in &ds {
-            rest.insert(id_of(x));
-        }
-        let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
-        if !handles.is_empty() {
-            d.ack(&handles).unwrap();
-        }
-    }
+    receive_and_ack(&mut d, 50, "after a close");
 }

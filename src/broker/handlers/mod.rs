@@ -72,9 +72,9 @@ pub struct HandlerError {
     pub message: String,
 }
 
-type HResult = Result<Vec<Bytes>, HandlerError>;
+pub(in crate::broker) type HResult = Result<Vec<Bytes>, HandlerError>;
 
-fn herr(code: ErrorCode, message: impl Into<String>) -> HandlerError {
+pub(in crate::broker) fn herr(code: ErrorCode, message: impl Into<String>) -> HandlerError {
     HandlerError {
         code,
         message: message.into(),
@@ -137,7 +137,7 @@ impl From<BatchError> for HandlerError {
     }
 }
 
-fn reply(r: HResult) -> Reply {
+pub(in crate::broker) fn reply(r: HResult) -> Reply {
     match r {
         Ok(body) => Reply {
             code: ErrorCode::Ok,
@@ -154,7 +154,7 @@ fn reply(r: HResult) -> Reply {
     }
 }
 
-fn ready(r: HResult) -> Pending {
+pub(in crate::broker) fn ready(r: HResult) -> Pending {
     Pending::Ready(reply(r))
 }
 
@@ -162,7 +162,7 @@ fn later(f: impl Future<Output = HResult> + 'static) -> Pending {
     Pending::Later(Box::pin(async move { reply(f.await) }))
 }
 
-fn body(f: impl FnOnce(&mut BytesMut)) -> Vec<Bytes> {
+pub(in crate::broker) fn body(f: impl FnOnce(&mut BytesMut)) -> Vec<Bytes> {
     let mut b = BytesMut::new();
     f(&mut b);
     vec![b.freeze()]
