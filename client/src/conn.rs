@@ -103,14 +103,33 @@ impl Connection {
     }
 
     /// Sends a request; returns its id. The reply is read by
-    /// [`Connection::recv_any`] or [`Connection::wait_for`].
+    /// [`Connection::recv_any`] or [`Connection::wait_for`]. Requests
+    /// queued before it go out in the same write.
     pub fn send(&mut self, op: Op, body: &[u8]) -> Result<u64, ClientError> {
+        let id = self.queue(op, body);
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Queues a request to go out with the next [`Connection::send`] or
+    /// [`Connection::flush`] (several frames, one write); returns its id.
+    /// A read flushes what is queued first, so a queued request is never
+    /// left unsent while its caller waits.
+    pub fn queue(&mut self, op: Op, body: &[u8]) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.wbuf.clear();
         encode_frame(&mut self.wbuf, op as u16, 1, id, body);
-        write_all(&mut self.stream, &self.wbuf)?;
-        Ok(id)
+        id
+    }
+
+    /// Writes the queued requests.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let r = write_all(&mut self.stream, &self.wbuf);
+        self.wbuf.clear();
+        Ok(r?)
     }
 
     /// Reads the next reply, whichever request it answers; `None` when the
@@ -169,6 +188,7 @@ impl Connection {
         &mut self,
         deadline: Option<Instant>,
     ) -> Result<Option<(u16, u64, u16, Bytes)>, ClientError> {
+        self.flush()?;
         loop {
             if let Some(((op, code, id), body)) = self
                 .decoder

@@ -67,6 +67,11 @@ pub struct GroupConsumer {
     invisible_ms: u64,
     wait: Duration,
     push: Option<PushState>,
+    /// [`GroupConsumer::ack_nowait`] handles not sent yet, and since when
+    /// the oldest waits.
+    lingering: Vec<Bytes>,
+    lingering_since: Option<Instant>,
+    ack_linger: Duration,
 }
 
 /// A push subscription's credit, on the client's side.
@@ -90,6 +95,12 @@ pub const PUSH_CREDIT_BYTES_DEFAULT: u32 = 8 << 20;
 /// An idle subscription's keepalive (an empty credit grant): well inside
 /// the broker's `connection_idle_ms_max` (default 10 minutes).
 const PUSH_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// How long [`GroupConsumer::ack_nowait`] holds acks by default to send
+/// several in one request: at 10,000 messages a second, one ack request
+/// per ~10 messages instead of one per message (each request the broker
+/// reads can land between a publish and its delivery).
+pub const ACK_LINGER_DEFAULT: Duration = Duration::from_millis(1);
 
 /// Receives kept in flight per shard.
 pub const RECEIVES_IN_FLIGHT_PER_SHARD: usize = 2;
@@ -116,6 +127,9 @@ impl GroupConsumer {
             invisible_ms: 0,
             wait: Duration::from_secs(1),
             push: None,
+            lingering: Vec::new(),
+            lingering_since: None,
+            ack_linger: ACK_LINGER_DEFAULT,
         };
         c.ensure_group()?;
         c.refresh_shards()?;
@@ -163,6 +177,15 @@ impl GroupConsumer {
         self.invisible_ms = d.map_or(0, |d| d.as_millis() as u64);
     }
 
+    /// How long [`GroupConsumer::ack_nowait`] may hold acks to send them
+    /// together (default [`ACK_LINGER_DEFAULT`]; zero: each call sends at
+    /// once). Held acks go out when the time passes (checked by every
+    /// call), when a request's worth has gathered, before a blocking call
+    /// waits past it, and at close.
+    pub fn set_ack_linger(&mut self, d: Duration) {
+        self.ack_linger = d;
+    }
+
     /// How long each receive waits at the broker when nothing is ready
     /// (default 1 s; it stays in flight across calls to `receive`).
     pub fn set_wait(&mut self, d: Duration) {
@@ -196,32 +219,14 @@ impl GroupConsumer {
                 let n = max.min(self.ready.len());
                 return Ok(self.ready.drain(..n).map(|(d, _)| d).collect());
             }
-            // The broker long-polls for `wait` whatever this call's timeout:
-            // receives stay in flight across calls (a non-blocking caller
-            // does not flood the broker with empty receives).
-            let wait = self.wait;
-            for &s in &self.shards {
-                // Two per shard: the broker fills one while the caller
-                // works through the other.
-                if self.in_flight.values().filter(|&&v| v == s).count()
-                    >= RECEIVES_IN_FLIGHT_PER_SHARD
-                {
+            self.flush_acks_due()?;
+            // Written by the read below.
+            self.queue_receives();
+            let until = self.acks_due_at().map_or(deadline, |t| t.min(deadline));
+            let Some((id, code, body)) = self.conn.recv_any(Some(until))? else {
+                if until < deadline {
                     continue;
                 }
-                let mut b = BytesMut::new();
-                ReceiveRequest {
-                    group: self.group.clone(),
-                    topic: self.topic.clone(),
-                    shard: s,
-                    max_messages: self.max_per_receive,
-                    invisible_ms: self.invisible_ms,
-                    wait_ms: wait.as_millis() as u32,
-                }
-                .encode(&mut b);
-                let id = self.conn.send(Op::Receive, &b)?;
-                self.in_flight.insert(id, s);
-            }
-            let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 return Ok(Vec::new());
             };
             if let Some(handles) = self.unconfirmed.remove(&id) {
@@ -233,6 +238,35 @@ impl GroupConsumer {
             };
             let resp = ReceiveResponse::decode(check(code, body)?)?;
             self.on_response(shard, resp, 0)?;
+        }
+    }
+
+    /// Queues receives (written with the next write) so that each shard
+    /// has [`RECEIVES_IN_FLIGHT_PER_SHARD`] in flight. The broker
+    /// long-polls for `wait` whatever the caller's timeout: receives stay
+    /// in flight across calls (a non-blocking caller does not flood the
+    /// broker with empty receives).
+    fn queue_receives(&mut self) {
+        let wait = self.wait;
+        for &s in &self.shards {
+            // Two per shard: the broker fills one while the caller works
+            // through the other.
+            if self.in_flight.values().filter(|&&v| v == s).count() >= RECEIVES_IN_FLIGHT_PER_SHARD
+            {
+                continue;
+            }
+            let mut b = BytesMut::new();
+            ReceiveRequest {
+                group: self.group.clone(),
+                topic: self.topic.clone(),
+                shard: s,
+                max_messages: self.max_per_receive,
+                invisible_ms: self.invisible_ms,
+                wait_ms: wait.as_millis() as u32,
+            }
+            .encode(&mut b);
+            let id = self.conn.queue(Op::Receive, &b);
+            self.in_flight.insert(id, s);
         }
     }
 
@@ -302,9 +336,11 @@ impl GroupConsumer {
                 return Ok(out);
             }
             self.keepalive()?;
+            self.flush_acks_due()?;
             let busy = self.conn.busy_poll();
-            let Some(frame) = self.conn.recv_incoming(Some(deadline))? else {
-                if busy && Instant::now() < deadline {
+            let until = self.acks_due_at().map_or(deadline, |t| t.min(deadline));
+            let Some(frame) = self.conn.recv_incoming(Some(until))? else {
+                if until < deadline || busy && Instant::now() < deadline {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -397,6 +433,9 @@ impl GroupConsumer {
     /// Waits for the receives in flight (pull mode), keeping what they
     /// leased (and, with `acks`, for the unconfirmed acks too).
     fn drain_in_flight(&mut self, acks: bool) -> Result<(), ClientError> {
+        if acks {
+            self.send_lingering(false)?;
+        }
         let deadline = Instant::now() + self.wait + Duration::from_millis(500);
         while !self.in_flight.is_empty() || acks && !self.unconfirmed.is_empty() {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
@@ -437,11 +476,55 @@ impl GroupConsumer {
         Ok(())
     }
 
-    /// Acks without waiting for the broker: the confirmations are taken by
-    /// later calls (see [`GroupConsumer::refused`]). The lowest-latency
-    /// way to ack from a receive loop.
+    /// Acks without waiting for the broker: the acks are held up to the
+    /// ack linger ([`GroupConsumer::set_ack_linger`], 1 ms by default) to
+    /// share one request, and the confirmations are taken by later calls
+    /// (see [`GroupConsumer::refused`]). The cheapest way to ack from a
+    /// receive loop; [`GroupConsumer::close`] sends what is held.
     pub fn ack_nowait(&mut self, handles: &[Bytes]) -> Result<(), ClientError> {
-        self.send_acks(handles, false)
+        if handles.is_empty() {
+            return self.flush_acks_due();
+        }
+        self.lingering.extend_from_slice(handles);
+        self.lingering_since.get_or_insert_with(Instant::now);
+        if self.lingering.len() >= HANDLES_PER_REQUEST_MAX {
+            return self.flush_acks();
+        }
+        self.flush_acks_due()
+    }
+
+    /// Sends the held acks if the oldest has waited its linger.
+    fn flush_acks_due(&mut self) -> Result<(), ClientError> {
+        match self.lingering_since {
+            Some(t) if t.elapsed() >= self.ack_linger => self.flush_acks(),
+            _ => Ok(()),
+        }
+    }
+
+    /// When the held acks must go out (`None`: none held).
+    fn acks_due_at(&self) -> Option<Instant> {
+        self.lingering_since.map(|t| t + self.ack_linger)
+    }
+
+    /// Sends the held acks now. A pull consumer's next receives go in the
+    /// same write (one syscall for both; the next receive would send them
+    /// anyway).
+    fn flush_acks(&mut self) -> Result<(), ClientError> {
+        self.send_lingering(true)
+    }
+
+    /// `top_up`: also queue the receives the consumer keeps in flight
+    /// (not while it closes).
+    fn send_lingering(&mut self, top_up: bool) -> Result<(), ClientError> {
+        self.lingering_since = None;
+        if self.lingering.is_empty() {
+            return Ok(());
+        }
+        let handles = std::mem::take(&mut self.lingering);
+        if top_up && self.push.is_none() && self.ready.is_empty() {
+            self.queue_receives();
+        }
+        self.send_acks(&handles, false)
     }
 
     fn send_acks(&mut self, handles: &[Bytes], resend: bool) -> Result<(), ClientError> {
@@ -578,6 +661,7 @@ impl GroupConsumer {
     /// `stale_receipt`, `already_acked`, `invisible_receipt`...). Returns once
     /// the acks are durable at the group's level.
     pub fn ack(&mut self, handles: &[Bytes]) -> Result<Vec<ErrorCode>, ClientError> {
+        self.send_lingering(false)?;
         self.settle(handles, None)
     }
 

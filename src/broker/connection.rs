@@ -47,6 +47,8 @@ const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 const FRAME_READ_BYTES_MAX: usize = 1 << 20;
 /// Replies smaller than this are copied into one write buffer.
 const COALESCE_BYTES_MAX: usize = 16 * 1024;
+/// Most chunks (iovecs) a reply may have to be written by its own task.
+const WRITE_NOW_CHUNKS_MAX: usize = 64;
 /// Reply share of requests whose reply is small or bounded by the request.
 const REPLY_BYTES_SMALL: u64 = 4 * 1024;
 /// Reply share of requests that list topics or queues.
@@ -242,6 +244,11 @@ pub struct Outbox {
     in_flight: Cell<usize>,
     /// The write side failed or stalled: the connection closes.
     broken: Cell<bool>,
+    /// The writer is writing, or has closed the socket: a reply may not
+    /// be written past it.
+    writing: Cell<bool>,
+    /// The socket, for [`Outbox::write_now`].
+    fd: std::os::unix::io::RawFd,
     /// Bumped to 1 when broken (wakes a reader blocked in a read).
     closed: Watch,
     /// Since when the connection owes nothing (no request in flight, every
@@ -255,19 +262,64 @@ impl Outbox {
     fn push_reply(&self, op: u16, request_id: u64, reply: Reply, held: Option<Held>) {
         let len: usize = reply.body.iter().map(Bytes::len).sum();
         let head = frame_header(op, reply.code as u16, request_id, len);
-        let mut frames = self.frames.borrow_mut();
-        frames.push_back((Bytes::copy_from_slice(&head), None));
-        let n = reply.body.len();
-        for (i, chunk) in reply.body.into_iter().enumerate() {
-            frames.push_back((chunk, None));
-            if i + 1 == n {
-                frames.back_mut().expect("just pushed").1 = None;
+        let mut chunks = Vec::with_capacity(reply.body.len() + 1);
+        chunks.push(Bytes::copy_from_slice(&head));
+        chunks.extend(reply.body);
+        let delivery = matches!(
+            Op::from_u16(op),
+            Some(Op::Fetch | Op::FetchMany | Op::Receive)
+        ) || op == crate::protocol::PUSH_FRAME_OP;
+        if delivery || self.in_flight.get() == 0 {
+            chunks = self.write_now(chunks);
+            if chunks.is_empty() {
+                // All written: what the request held is released now; the
+                // writer still hears of it (its idle clock).
+                drop(held);
+                self.bump();
+                return;
             }
         }
+        let mut frames = self.frames.borrow_mut();
+        frames.extend(chunks.into_iter().map(|c| (c, None)));
         frames.back_mut().expect("a frame header at least").1 = held;
         drop(frames);
         self.event.advance(self.event.get() + 1);
     }
+    /// Writes a reply at once, from the task that made it, when the
+    /// writer is idle with nothing queued (no wait for the writer's turn:
+    /// the reply of a long poll or of the only request owed). One
+    /// non-blocking `sendmsg`; returns what it did not take (all of it
+    /// when the writer is busy, the socket full, or the write failed; the
+    /// writer then writes it, or sees the error).
+    fn write_now(&self, chunks: Vec<Bytes>) -> Vec<Bytes> {
+        if self.writing.get()
+            || self.broken.get()
+            || !self.frames.borrow().is_empty()
+            || chunks.len() > WRITE_NOW_CHUNKS_MAX
+        {
+            return chunks;
+        }
+        let iov: Vec<libc::iovec> = chunks
+            .iter()
+            .map(|c| libc::iovec {
+                iov_base: c.as_ptr() as *mut libc::c_void,
+                iov_len: c.len(),
+            })
+            .collect();
+        // SAFETY: a zeroed msghdr is valid; `iov` outlives the call and
+        // points at live, initialized buffers.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len() as _;
+            libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n <= 0 {
+            return chunks;
+        }
+        unsent(chunks, n as usize)
+    }
+
     /// Queues a frame that answers no request (a push): it holds no
     /// request permit; what bounds it is the subscription's credit.
     pub(super) fn push_frame(&self, op: u16, id: u64, frame: Reply) {
@@ -293,6 +345,20 @@ impl Outbox {
     }
 }
 
+/// What is left of `chunks` once their first `sent` bytes are written.
+fn unsent(mut chunks: Vec<Bytes>, mut sent: usize) -> Vec<Bytes> {
+    let mut first = 0;
+    while first < chunks.len() && sent >= chunks[first].len() {
+        sent -= chunks[first].len();
+        first += 1;
+    }
+    let mut rest = chunks.split_off(first);
+    if let Some(c) = rest.first_mut() {
+        *c = c.slice(sent..);
+    }
+    rest
+}
+
 async fn serve(
     shard: Rc<Shard>,
     stream: TcpStream,
@@ -302,8 +368,11 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    let fd = stream.as_raw_fd();
     let (rd, wr) = split(stream);
     let outbox = Rc::new(Outbox {
+        writing: Cell::new(false),
+        fd,
         frames: RefCell::new(VecDeque::new()),
         event: Watch::new(0),
         reader_done: Cell::new(false),
@@ -569,6 +638,7 @@ async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>, stall: Option<Duratio
             let _ = outbox.event.wait_for(seen + 1).await;
             continue;
         }
+        outbox.writing.set(true);
         for (f, h) in frames {
             if f.len() < COALESCE_BYTES_MAX {
                 coalesced.extend_from_slice(&f);
@@ -602,7 +672,11 @@ async fn write_loop(mut wr: WriteHalf, outbox: Rc<Outbox>, stall: Option<Duratio
             coalesced.clear();
             held.clear();
         }
+        outbox.writing.set(false);
     }
+    // Nothing may be written past the close (the descriptor's number may
+    // be reused by the next connection).
+    outbox.writing.set(true);
     let _ = wr.flush().await;
     let _ = wr.close().await;
 }
@@ -636,6 +710,24 @@ async fn write_within(
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn a_partial_write_leaves_exactly_the_bytes_not_sent() {
+        let chunks = || {
+            vec![
+                Bytes::from_static(b"head"),
+                Bytes::from_static(b""),
+                Bytes::from_static(b"body-one"),
+                Bytes::from_static(b"xy"),
+            ]
+        };
+        let all: Vec<u8> = chunks().concat();
+        for sent in 0..=all.len() {
+            let rest: Vec<u8> = unsent(chunks(), sent).concat();
+            assert_eq!(rest, all[sent..], "after {sent} bytes");
+        }
+        assert!(unsent(chunks(), all.len()).is_empty());
+    }
 
     #[test]
     fn a_reply_share_follows_what_the_request_can_get_back() {

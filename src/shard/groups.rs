@@ -142,6 +142,11 @@ pub struct GroupEngine {
     pub ready: Watch,
     /// Bumped when a deadline may be earlier than the timer's sleep.
     pub kick: Watch,
+    /// When the group timer wakes next (ms since the epoch; 0 while it
+    /// runs): a new deadline at or after it needs no kick.
+    pub timer_wake_ms: Cell<u64>,
+    /// A task that flushes the outbox is spawned and has not run yet.
+    flush_scheduled: Cell<bool>,
 }
 
 fn level_of(meta: &Metadata, cfg: &GroupConfig, topic: &str) -> Durability {
@@ -200,6 +205,8 @@ impl GroupEngine {
             generation_durable: Cell::new(true),
             ready: Watch::new(0),
             kick: Watch::new(0),
+            timer_wake_ms: Cell::new(0),
+            flush_scheduled: Cell::new(false),
         }
     }
 
@@ -521,6 +528,31 @@ impl GroupEngine {
         }
     }
 
+    /// Wakes the group timer if `deadline_ms` comes before its next wake
+    /// (a kick per receive would cost a task run per receive for deadlines
+    /// that are nearly always later).
+    pub fn kick_for(&self, deadline_ms: u64) {
+        if deadline_ms < self.timer_wake_ms.get() {
+            self.timer_wake_ms.set(0);
+            self.kick.advance(self.kick.get() + 1);
+        }
+    }
+
+    /// Queues `entries` for the log without appending them now: the next
+    /// append (or [`Groups::flush_outbox`]) stores them first, in order.
+    /// True when the caller should schedule that flush (none is pending).
+    pub fn defer(&self, entries: &[Entry], level: Durability) -> bool {
+        let mut o = self.outbox.borrow_mut();
+        if o.is_empty() {
+            self.outbox_level.set(level);
+        } else {
+            self.outbox_level
+                .set(level.max_level(self.outbox_level.get()));
+        }
+        o.extend_from_slice(entries);
+        !self.flush_scheduled.replace(true)
+    }
+
     /// Entries waiting for the log to take them.
     pub fn outbox_len(&self) -> usize {
         self.outbox.borrow().len()
@@ -528,6 +560,7 @@ impl GroupEngine {
 
     /// Appends the waiting entries, if the log takes them now.
     pub fn flush_outbox(&self, store: &QueueStore<UringIo>) -> Result<(), StoreError> {
+        self.flush_scheduled.set(false);
         if self.outbox.borrow().is_empty() {
             return Ok(());
         }

@@ -482,12 +482,31 @@ impl<I: Io> QueueStore<I> {
         }
     }
 
-    /// Makes the appended batch visible to consumers and wakes long polls.
+    /// Publishes a `memory`-level batch at once when nothing stands
+    /// between it and its consumers: its offsets are reserved by a stored
+    /// checkpoint and every batch before it in its queue is visible. True
+    /// when published; otherwise the caller waits with
+    /// [`QueueStore::wait_durable`] and publishes then.
+    pub fn publish_if_ready(&self, r: &AppendReceipt) -> bool {
+        let ready = self.queues.borrow().get(&r.queue_id.0).is_some_and(|q| {
+            q.reserved_stored >= r.end_offset().0 && q.visible.get() == r.base_offset.0
+        });
+        if ready {
+            self.publish(r);
+        }
+        ready
+    }
+
+    /// Makes the appended batch visible to consumers and wakes long polls
+    /// (once: a batch already visible wakes nobody).
     pub fn publish(&self, r: &AppendReceipt) {
         let mut queues = self.queues.borrow_mut();
         let Some(q) = queues.get_mut(&r.queue_id.0) else {
             return;
         };
+        if q.visible.get() >= r.end_offset().0 {
+            return;
+        }
         q.visible.advance(r.end_offset().0);
         if !q.waiters.is_empty() {
             q.waiters.retain(|w| match w.upgrade() {

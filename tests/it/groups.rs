@@ -1034,3 +1034,66 @@ fn push_streams_within_credit_and_hands_back_what_a_gone_subscriber_leased() {
     let mut d = GroupConsumer::connect(&b.addr, "pushers", "ticks").unwrap();
     receive_and_ack(&mut d, 50, "after a close");
 }
+
+/// In flight (leased, not acked) over all queues of `group`.
+fn in_flight(b: &Broker, group: &str) -> u64 {
+    let d = b.admin().describe_group(group).unwrap();
+    d["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["in_flight"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn acks_held_by_the_linger_go_out_when_due_and_at_close() {
+    let b = Broker::start(2, None);
+    b.admin().create_topic("l", 2, None).unwrap();
+    create_group(
+        &b,
+        "lg",
+        serde_json::json!({"subscriptions": [{"topic": "l"}]}),
+    );
+    produce_numbered(&b.addr, "l", 6, |_| None);
+    let mut c = GroupConsumer::connect(&b.addr, "lg", "l").unwrap();
+    c.set_ack_linger(Duration::from_millis(800));
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 {
+        assert!(Instant::now() < deadline, "received {}", got.len());
+        got.extend(c.receive(Duration::from_millis(200)).unwrap());
+    }
+    let handles: Vec<_> = got.iter().map(|d| d.handle.clone()).collect();
+    let t0 = Instant::now();
+    c.ack_nowait(&handles[..3]).unwrap();
+    // Held: the broker has not seen them.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(in_flight(&b, "lg"), 6, "acks sent before their linger");
+    // A receive that would wait longer sends them when due, and goes on
+    // waiting.
+    assert!(c.receive(Duration::from_secs(2)).unwrap().is_empty());
+    assert!(t0.elapsed() >= Duration::from_secs(2), "the receive waited");
+    wait_until(Duration::from_secs(5), "lingering acks applied", || {
+        (in_flight(&b, "lg") == 3).then_some(())
+    });
+    // Close sends what is still held.
+    c.ack_nowait(&handles[3..]).unwrap();
+    assert_eq!(in_flight(&b, "lg"), 3);
+    c.close().unwrap();
+    assert_eq!(c.refused().0, 0);
+    wait_until(Duration::from_secs(5), "acks held at close applied", || {
+        (in_flight(&b, "lg") == 0).then_some(())
+    });
+    // With no linger, an ack goes at once.
+    produce_numbered(&b.addr, "l", 1, |_| None);
+    let mut c = GroupConsumer::connect(&b.addr, "lg", "l").unwrap();
+    c.set_ack_linger(Duration::ZERO);
+    let d = wait_until(Duration::from_secs(10), "the seventh message", || {
+        c.receive(Duration::from_millis(200)).unwrap().pop()
+    });
+    c.ack_nowait(&[d.handle]).unwrap();
+    wait_until(Duration::from_secs(5), "an ack with no linger", || {
+        (in_flight(&b, "lg") == 0).then_some(())
+    });
+}

@@ -423,16 +423,37 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
             receive_once(shard, gid, &queues, max, invisible, bytes_max).await?;
         let now = Instant::now();
         if !leased.is_empty() || now >= deadline {
+            if let Some(d) = leased.iter().map(|l| l.lease.deadline_ms).min() {
+                shard.groups.kick_for(d);
+            }
             if !entries.is_empty() {
-                // A busy log keeps the entries in the journal's outbox
-                // (stored before anything later): alongside, the reply
-                // need not wait; before, it must.
-                let r = shard.groups.append(&shard.store, &entries, level);
-                shard.groups.kick.advance(shard.groups.kick.get() + 1);
                 if before {
+                    // A busy log keeps the entries in the journal's outbox
+                    // (stored before anything later); the reply waits for
+                    // them to be durable.
+                    let r = shard.groups.append(&shard.store, &entries, level);
+                    if r.is_err() {
+                        shard.groups.kick_for(0);
+                    }
                     if let Some(r) = r? {
                         shard.store.wait_durable(&r, level).await?;
                     }
+                } else if shard.groups.defer(&entries, level) {
+                    // Alongside: appended by a task that runs after this
+                    // one, so the reply is written first (any append before
+                    // then stores them first).
+                    let s = shard.clone();
+                    crate::runtime::spawn_local_into(
+                        async move {
+                            if s.groups.flush_outbox(&s.store).is_err() {
+                                // They wait in the outbox: the timer retries.
+                                s.groups.kick_for(0);
+                            }
+                        },
+                        shard.tq.data,
+                    )
+                    .expect("data queue")
+                    .detach();
                 }
             }
             return Ok(receive_reply(shard, gid, leased, batches));
@@ -833,6 +854,7 @@ pub async fn group_timer(shard: Rc<Shard>) {
             200
         };
         let seen = g.kick.get();
+        g.timer_wake_ms.set(now_ms() + sleep_ms);
         g.kick
             .wait_for_within(
                 seen + 1,

@@ -9,10 +9,16 @@ pub(super) async fn produce(shard: &Rc<Shard>, queue: Option<QueueIndex>, body: 
             ready(Err(e))
         }
         Ok((receipt, durability, queue, t0)) => {
+            // A `memory` batch is visible at once (long polls wake now, not
+            // after the reply's task gets its turn).
+            let published =
+                durability == Durability::Memory && shard.store.publish_if_ready(&receipt);
             let s = shard.clone();
             later(async move {
-                s.store.wait_durable(&receipt, durability).await?;
-                s.store.publish(&receipt);
+                if !published {
+                    s.store.wait_durable(&receipt, durability).await?;
+                    s.store.publish(&receipt);
+                }
                 let _ = s
                     .metrics
                     .borrow_mut()
