@@ -53,7 +53,7 @@ pub struct GroupConsumer {
     in_flight: HashMap<u64, u16>,
     /// Acks sent without waiting: request id → handles (sent again when
     /// the broker was busy).
-    unconfirmed: HashMap<u64, Vec<Bytes>>,
+    unconfirmed: HashMap<u64, Unsettled>,
     /// Those of `unconfirmed` that are resent after a `busy`: the first
     /// may have been applied, so `already_acked` is their success.
     resent: std::collections::HashSet<u64>,
@@ -72,6 +72,13 @@ pub struct GroupConsumer {
     lingering: Vec<Bytes>,
     lingering_since: Option<Instant>,
     ack_linger: Duration,
+}
+
+/// Acks or nacks sent without waiting, until confirmed.
+struct Unsettled {
+    handles: Vec<Bytes>,
+    /// `None`: acks; `Some(delay)`: nacks.
+    nack: Option<Option<Duration>>,
 }
 
 /// A push subscription's credit, on the client's side.
@@ -229,8 +236,8 @@ impl GroupConsumer {
                 }
                 return Ok(Vec::new());
             };
-            if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(id, code, body, handles)?;
+            if let Some(u) = self.unconfirmed.remove(&id) {
+                self.on_confirm(id, code, body, u)?;
                 continue;
             }
             let Some(shard) = self.in_flight.remove(&id) else {
@@ -368,8 +375,8 @@ impl GroupConsumer {
                 self.on_response(batch.shard, batch.response, len)
             }
             Incoming::Reply { id, code, body } => {
-                if let Some(handles) = self.unconfirmed.remove(&id) {
-                    return self.on_confirm(id, code, body, handles);
+                if let Some(u) = self.unconfirmed.remove(&id) {
+                    return self.on_confirm(id, code, body, u);
                 }
                 if let Some(p) = &mut self.push {
                     if p.grants.remove(&id) {
@@ -441,8 +448,8 @@ impl GroupConsumer {
             let Some((id, code, body)) = self.conn.recv_any(Some(deadline))? else {
                 break;
             };
-            if let Some(handles) = self.unconfirmed.remove(&id) {
-                self.on_confirm(id, code, body, handles)?;
+            if let Some(u) = self.unconfirmed.remove(&id) {
+                self.on_confirm(id, code, body, u)?;
             } else if let Some(shard) = self.in_flight.remove(&id) {
                 let resp = ReceiveResponse::decode(check(code, body)?)?;
                 self.on_response(shard, resp, 0)?;
@@ -457,18 +464,24 @@ impl GroupConsumer {
         id: u64,
         code: u16,
         body: Bytes,
-        handles: Vec<Bytes>,
+        u: Unsettled,
     ) -> Result<(), ClientError> {
         let resent = self.resent.remove(&id);
         if ErrorCode::from_u16(code).is_retriable() {
-            // Busy or a full disk: the acks may have been applied but not
+            // Busy or a full disk: they may have been applied but not
             // stored (the broker waited `SETTLE_WAIT_MAX` for room); send
-            // them again, and take `already_acked` as done.
-            return self.send_acks(&handles, true);
+            // them again, and take `already_acked` (an ack) or
+            // `stale_receipt` (a nack: the lease moved on) as done.
+            return self.send_settles(&u.handles, u.nack, true);
         }
+        let done_before = if u.nack.is_some() {
+            ErrorCode::StaleReceipt
+        } else {
+            ErrorCode::AlreadyAcked
+        };
         for c in decode_codes(check(code, body)?)? {
             let c = ErrorCode::from_u16(c);
-            if c != ErrorCode::Ok && !(resent && c == ErrorCode::AlreadyAcked) {
+            if c != ErrorCode::Ok && !(resent && c == done_before) {
                 self.refused += 1;
                 self.first_refusal.get_or_insert(c);
             }
@@ -524,10 +537,30 @@ impl GroupConsumer {
         if top_up && self.push.is_none() && self.ready.is_empty() {
             self.queue_receives();
         }
-        self.send_acks(&handles, false)
+        self.send_settles(&handles, None, false)
     }
 
-    fn send_acks(&mut self, handles: &[Bytes], resend: bool) -> Result<(), ClientError> {
+    /// Nacks without waiting for the broker, like
+    /// [`GroupConsumer::ack_nowait`] but sent at once (the retry delay
+    /// counts from the broker's receipt of the nack): each message is
+    /// redelivered after `delay`, or after the group's backoff for its
+    /// attempt when `None`.
+    pub fn nack_nowait(
+        &mut self,
+        handles: &[Bytes],
+        delay: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        self.send_settles(handles, Some(delay), false)
+    }
+
+    /// Sends acks (`nack` `None`) or nacks without waiting; their
+    /// confirmations are taken by later calls.
+    fn send_settles(
+        &mut self,
+        handles: &[Bytes],
+        nack: Option<Option<Duration>>,
+        resend: bool,
+    ) -> Result<(), ClientError> {
         let shard_of = |h: &Bytes| h.get(2..4).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
         let mut by_shard: HashMap<u16, Vec<Bytes>> = HashMap::new();
         for h in handles {
@@ -537,12 +570,19 @@ impl GroupConsumer {
             for chunk in hs.chunks(HANDLES_PER_REQUEST_MAX) {
                 let mut b = BytesMut::new();
                 SettleRequest {
-                    delay_ms: None,
+                    delay_ms: nack.flatten().map(|d| d.as_millis() as i64),
                     handles: chunk.to_vec(),
                 }
-                .encode(false, &mut b);
-                let id = self.conn.send(Op::Ack, &b)?;
-                self.unconfirmed.insert(id, chunk.to_vec());
+                .encode(nack.is_some(), &mut b);
+                let op = if nack.is_some() { Op::Nack } else { Op::Ack };
+                let id = self.conn.send(op, &b)?;
+                self.unconfirmed.insert(
+                    id,
+                    Unsettled {
+                        handles: chunk.to_vec(),
+                        nack,
+                    },
+                );
                 if resend {
                     self.resent.insert(id);
                 }
@@ -551,8 +591,9 @@ impl GroupConsumer {
         Ok(())
     }
 
-    /// Handles of [`GroupConsumer::ack_nowait`] acks the broker refused so
-    /// far, and the first reason.
+    /// Handles of [`GroupConsumer::ack_nowait`] acks (and
+    /// [`GroupConsumer::nack_nowait`] nacks) the broker refused so far, and
+    /// the first reason.
     pub fn refused(&self) -> (u64, Option<ErrorCode>) {
         (self.refused, self.first_refusal)
     }
@@ -644,8 +685,9 @@ impl GroupConsumer {
         // Confirmations of earlier unconfirmed acks first (they are older).
         while let Some(&id) = self.unconfirmed.keys().next() {
             let (code, body) = self.conn.wait_for(id, deadline)?;
-            let handles = self.unconfirmed.remove(&id).unwrap_or_default();
-            self.on_confirm(id, code, body, handles)?;
+            if let Some(u) = self.unconfirmed.remove(&id) {
+                self.on_confirm(id, code, body, u)?;
+            }
         }
         for (id, idx) in sent {
             let (code, body) = self.conn.wait_for(id, deadline)?;
@@ -723,8 +765,8 @@ impl GroupConsumer {
                         self.on_response(batch.shard, batch.response, 0)?;
                     }
                     Some(Incoming::Reply { id, code, body }) => {
-                        if let Some(handles) = self.unconfirmed.remove(&id) {
-                            self.on_confirm(id, code, body, handles)?;
+                        if let Some(u) = self.unconfirmed.remove(&id) {
+                            self.on_confirm(id, code, body, u)?;
                         }
                     }
                     Some(Incoming::Push { .. }) => {}

@@ -379,6 +379,22 @@ fn real_main() -> Result<()> {
         None
     };
     let rss = spawned.as_ref().and_then(|s| s.rss_bytes());
+    // The broker's own group-timer precision (how late its redelivery
+    // timers fired), worst shard, since the broker started.
+    let stats = (w.group == Some(workload::GroupMode::Message))
+        .then(|| keelmq::client::Admin::connect(&broker).ok()?.stats().ok())
+        .flatten();
+    let fire = stats
+        .as_ref()
+        .map(|s| broker_lateness(s, "redelivery_fire_lateness"));
+    let redelivered = stats
+        .as_ref()
+        .map(|s| broker_lateness(s, "redelivery_lateness"));
+    if let (Some((n, p99, max)), Some((rn, rp99, rmax))) = (fire, redelivered) {
+        eprintln!(
+            "       broker: redelivery timers ({n} fired) late p99 {p99} ms  max {max} ms · redeliveries ({rn}) received after due p99 {rp99} ms  max {rmax} ms"
+        );
+    }
     if a.json {
         let mut v = result_json(&results[best]);
         let o = v.as_object_mut().expect("object");
@@ -399,6 +415,16 @@ fn real_main() -> Result<()> {
             "broker_rss_bytes".into(),
             rss.map_or(Value::Null, Value::from),
         );
+        if let Some((n, p99, max)) = fire {
+            o.insert("redelivery_fire_count".into(), n.into());
+            o.insert("redelivery_fire_p99_ms".into(), p99.into());
+            o.insert("redelivery_fire_max_ms".into(), max.into());
+        }
+        if let Some((n, p99, max)) = redelivered {
+            o.insert("broker_redeliveries".into(), n.into());
+            o.insert("broker_redelivery_lateness_p99_ms".into(), p99.into());
+            o.insert("broker_redelivery_lateness_max_ms".into(), max.into());
+        }
         if let Some(f) = &floor {
             o.insert("floor_rtt_p50_us".into(), f.rtt_p50_us.into());
             o.insert("floor_rtt_p99_us".into(), f.rtt_p99_us.into());
@@ -422,4 +448,16 @@ fn real_main() -> Result<()> {
         bail!("a run failed, its counts are incomplete: {e}");
     }
     Ok(())
+}
+
+/// (count, p99 ms, max ms) of the broker's histogram `name`, worst shard.
+fn broker_lateness(stats: &Value, name: &str) -> (u64, u64, u64) {
+    let mut out = (0u64, 0u64, 0u64);
+    for sh in stats["shards"].as_array().into_iter().flatten() {
+        let h = &sh[name];
+        out.0 += h["count"].as_u64().unwrap_or(0);
+        out.1 = out.1.max(h["p99_ms"].as_u64().unwrap_or(0));
+        out.2 = out.2.max(h["max_ms"].as_u64().unwrap_or(0));
+    }
+    out
 }

@@ -392,7 +392,7 @@ impl GroupConsumerState {
         }
         if !nacks.is_empty() {
             self.g
-                .nack(&nacks, Some(Duration::from_millis(self.nack_delay_ms)))?;
+                .nack_nowait(&nacks, Some(Duration::from_millis(self.nack_delay_ms)))?;
         }
         self.base.received += first;
         shared.received.fetch_add(first, Ordering::Relaxed);

@@ -238,6 +238,12 @@ impl DeliveryWindow {
     /// become retries (or dead letters), retries whose time came become
     /// ready. Returns how many became ready or dead-lettering.
     pub fn advance(&mut self, now_ms: u64) -> usize {
+        self.advance_observed(now_ms, |_| {})
+    }
+
+    /// [`Window::advance`], telling `late` how long after its due time
+    /// each timer fired (ms).
+    pub fn advance_observed(&mut self, now_ms: u64, mut late: impl FnMut(u64)) -> usize {
         self.now_ms = self.now_ms.max(now_ms);
         let mut fired = 0;
         while let Some(&(due, offset)) = self.timers.first() {
@@ -246,6 +252,7 @@ impl DeliveryWindow {
             }
             self.timers.pop_first();
             fired += 1;
+            late(self.now_ms - due);
             let slot = *self.slot(offset).expect("timers name window slots");
             match slot.state {
                 State::InFlight { .. } => self.fail(offset, due),

@@ -764,11 +764,15 @@ impl GroupEngine {
 
     /// Moves every window's clock to `now_ms`; returns the dead letters to
     /// store and whether any window has messages ready.
-    pub fn advance_all(&self, now_ms: u64) -> (Vec<(GroupId, QueueId, u64, u32)>, bool) {
+    pub fn advance_all(
+        &self,
+        now_ms: u64,
+        mut late: impl FnMut(u64),
+    ) -> (Vec<(GroupId, QueueId, u64, u32)>, bool) {
         let mut dead = Vec::new();
         let mut ready = false;
         for (&(g, q), w) in self.windows.borrow_mut().iter_mut() {
-            w.w.advance(now_ms);
+            w.w.advance_observed(now_ms, &mut late);
             ready |= w.w.has_ready();
             dead.extend(
                 w.w.take_dead_letters()

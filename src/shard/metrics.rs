@@ -36,6 +36,10 @@ pub struct ShardMetrics {
     /// A redelivery's receive time − the time it became due, ms (the
     /// broker's clock; a redelivery waits for a receive to ask).
     pub redelivery_lateness_ms: Histogram<u64>,
+    /// Group timers (redeliveries, invisible times running out): how long
+    /// after its due time each fired, ms (the timer's own precision; the
+    /// redelivery itself waits for a receive).
+    pub redelivery_fire_lateness_ms: Histogram<u64>,
 }
 
 impl Default for ShardMetrics {
@@ -62,6 +66,8 @@ impl Default for ShardMetrics {
             group_nacks: 0,
             group_dead_letters: 0,
             redelivery_lateness_ms: Histogram::new_with_bounds(1, 86_400_000, 2)
+                .expect("static bounds"),
+            redelivery_fire_lateness_ms: Histogram::new_with_bounds(1, 86_400_000, 2)
                 .expect("static bounds"),
         }
     }

@@ -198,10 +198,12 @@ fn message_delivery_with_nacks_acks_everything_once_and_dead_letters_the_poison(
     let stats = b.admin().stats().unwrap();
     for sh in stats["shards"].as_array().unwrap() {
         eprintln!(
-            "shard {} redelivery lateness (broker clock, receive − due): {}",
-            sh["shard"], sh["redelivery_lateness"]
+            "shard {} redelivery lateness (broker clock, receive − due): {}; timers fired late by: {}",
+            sh["shard"], sh["redelivery_lateness"], sh["redelivery_fire_lateness"]
         );
         assert!(sh["counters"]["group_redeliveries"].as_u64().unwrap() > 0);
+        // The group timer fired retries and counted how late.
+        assert!(sh["redelivery_fire_lateness"]["count"].as_u64().unwrap() > 0);
     }
 }
 
@@ -1096,4 +1098,18 @@ fn acks_held_by_the_linger_go_out_when_due_and_at_close() {
     wait_until(Duration::from_secs(5), "an ack with no linger", || {
         (in_flight(&b, "lg") == 0).then_some(())
     });
+    // A nack without waiting: the message comes back at attempt 2.
+    produce_numbered(&b.addr, "l", 1, |_| None);
+    let d = wait_until(Duration::from_secs(10), "the eighth message", || {
+        c.receive(Duration::from_millis(200)).unwrap().pop()
+    });
+    assert_eq!(d.attempt, 1);
+    c.nack_nowait(&[d.handle], Some(Duration::ZERO)).unwrap();
+    let again = wait_until(Duration::from_secs(10), "the nacked message again", || {
+        c.receive(Duration::from_millis(200)).unwrap().pop()
+    });
+    assert_eq!(again.attempt, 2);
+    assert_eq!(again.message.payload, d.message.payload);
+    c.ack(&[again.handle]).unwrap();
+    assert_eq!(c.refused().0, 0);
 }

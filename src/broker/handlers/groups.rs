@@ -822,7 +822,12 @@ pub async fn group_timer(shard: Rc<Shard>) {
     let mut pending: Vec<(GroupId, QueueId, u64, u32)> = Vec::new();
     while !shard.stopping.get() {
         let now = now_ms();
-        let (dead, ready) = shard.groups.advance_all(now);
+        let (dead, ready) = {
+            let mut m = shard.metrics.borrow_mut();
+            shard.groups.advance_all(now, |late| {
+                let _ = m.redelivery_fire_lateness_ms.record(late);
+            })
+        };
         let g = &shard.groups;
         if ready {
             g.ready.advance(g.ready.get() + 1);
