@@ -72,6 +72,9 @@ pub struct GroupConsumer {
     lingering: Vec<Bytes>,
     lingering_since: Option<Instant>,
     ack_linger: Duration,
+    /// Shards whose last reply was at least half full (two receives in
+    /// flight there).
+    loaded: std::collections::HashSet<u16>,
 }
 
 /// Acks or nacks sent without waiting, until confirmed.
@@ -109,7 +112,10 @@ const PUSH_KEEPALIVE: Duration = Duration::from_secs(30);
 /// reads can land between a publish and its delivery).
 pub const ACK_LINGER_DEFAULT: Duration = Duration::from_millis(1);
 
-/// Receives kept in flight per shard.
+/// Most receives kept in flight per shard: two while the shard's replies
+/// come at least half full (the broker fills one while the caller works
+/// through the other), one otherwise (a second waiting receive would only
+/// wake with the first on every publish and find nothing).
 pub const RECEIVES_IN_FLIGHT_PER_SHARD: usize = 2;
 /// Most messages one receive asks for by default.
 pub const RECEIVE_BATCH_DEFAULT: u32 = 256;
@@ -137,6 +143,7 @@ impl GroupConsumer {
             lingering: Vec::new(),
             lingering_since: None,
             ack_linger: ACK_LINGER_DEFAULT,
+            loaded: std::collections::HashSet::new(),
         };
         c.ensure_group()?;
         c.refresh_shards()?;
@@ -244,22 +251,30 @@ impl GroupConsumer {
                 continue;
             };
             let resp = ReceiveResponse::decode(check(code, body)?)?;
+            if resp.leases.len() * 2 >= self.max_per_receive as usize {
+                self.loaded.insert(shard);
+            } else {
+                self.loaded.remove(&shard);
+            }
             self.on_response(shard, resp, 0)?;
         }
     }
 
     /// Queues receives (written with the next write) so that each shard
-    /// has [`RECEIVES_IN_FLIGHT_PER_SHARD`] in flight. The broker
+    /// has one in flight, or [`RECEIVES_IN_FLIGHT_PER_SHARD`] while its
+    /// replies come at least half full. The broker
     /// long-polls for `wait` whatever the caller's timeout: receives stay
     /// in flight across calls (a non-blocking caller does not flood the
     /// broker with empty receives).
     fn queue_receives(&mut self) {
         let wait = self.wait;
         for &s in &self.shards {
-            // Two per shard: the broker fills one while the caller works
-            // through the other.
-            if self.in_flight.values().filter(|&&v| v == s).count() >= RECEIVES_IN_FLIGHT_PER_SHARD
-            {
+            let want = if self.loaded.contains(&s) {
+                RECEIVES_IN_FLIGHT_PER_SHARD
+            } else {
+                1
+            };
+            if self.in_flight.values().filter(|&&v| v == s).count() >= want {
                 continue;
             }
             let mut b = BytesMut::new();
