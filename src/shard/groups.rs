@@ -915,3 +915,52 @@ pub async fn message_groups(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timer_is_kicked_only_for_a_deadline_before_its_wake() {
+        let g = GroupEngine::new(HandleKey([7; 16]), 1 << 20);
+        g.timer_wake_ms.set(10_000);
+        g.kick_for(10_000);
+        g.kick_for(25_000);
+        assert_eq!(g.kick.get(), 0, "deadlines at or after the wake");
+        g.kick_for(9_999);
+        assert_eq!(g.kick.get(), 1, "an earlier deadline");
+        // Kicked: the timer recomputes its wake from every deadline.
+        g.kick_for(5);
+        assert_eq!(g.kick.get(), 1);
+        g.timer_wake_ms.set(100);
+        g.kick_for(50);
+        assert_eq!(g.kick.get(), 2);
+    }
+
+    #[test]
+    fn deferred_entries_wait_in_order_and_ask_for_one_flush() {
+        let g = GroupEngine::new(HandleKey([7; 16]), 1 << 20);
+        let e = |generation| Entry::Begin { generation };
+        assert!(
+            g.defer(&[e(1)], Durability::Memory),
+            "the first asks for a flush"
+        );
+        assert!(!g.defer(&[e(2), e(3)], Durability::Fsync), "one is pending");
+        assert_eq!(g.outbox_len(), 3);
+        assert_eq!(
+            g.outbox_level.get(),
+            Durability::Fsync,
+            "the strongest level"
+        );
+        let order: Vec<u64> = g
+            .outbox
+            .borrow()
+            .iter()
+            .map(|e| match e {
+                Entry::Begin { generation } => *generation,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, [1, 2, 3]);
+    }
+}
