@@ -1113,3 +1113,80 @@ fn acks_held_by_the_linger_go_out_when_due_and_at_close() {
     c.ack(&[again.handle]).unwrap();
     assert_eq!(c.refused().0, 0);
 }
+
+#[test]
+fn large_receives_across_batch_boundaries_deliver_each_message_once() {
+    // Batches of 1 to 700 records into 4 queues while a push consumer
+    // (4096 messages of credit, group "bp") and a pull consumer (4096 per
+    // receive, group "bl") take them: every lease must name a record of
+    // its batch (the client checks) and each group must get every message
+    // exactly once.
+    let b = Broker::start(2, None);
+    b.admin().create_topic("big", 4, None).unwrap();
+    for g in ["bp", "bl"] {
+        create_group(
+            &b,
+            g,
+            serde_json::json!({"subscriptions": [{"topic": "big"}]}),
+        );
+    }
+    let addr = b.addr.clone();
+    let producer = std::thread::spawn(move || {
+        let mut p = Producer::connect(&addr).unwrap();
+        let (mut next, mut x) = (0u64, 0x2545_F491_4F6C_DD1Du64);
+        while next < 120_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = 1 + x % 700;
+            let records: Vec<Record> = (next..next + n)
+                .map(|i| Record::new(i.to_string()))
+                .collect();
+            let q = (x >> 32) as u32 % 4;
+            p.send_batch("big", keelmq::client::QueueSelector::Queue(q), &records)
+                .unwrap();
+            next += n;
+        }
+        next
+    });
+    let total = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for (group, push) in [("bp", true), ("bl", false)] {
+            let (addr, total) = (&b.addr, &total);
+            s.spawn(move || {
+                let mut c = GroupConsumer::connect(addr, group, "big").unwrap();
+                c.set_receive_batch(4096);
+                if push {
+                    c.subscribe(4096, 16 << 20).unwrap();
+                }
+                let mut seen = HashMap::<u64, u32>::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let t = total.load(std::sync::atomic::Ordering::Relaxed);
+                    if t > 0 && seen.len() as u64 >= t {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{group}: got {}", seen.len());
+                    let ds = c.receive(Duration::from_millis(100)).unwrap();
+                    for d in &ds {
+                        assert_eq!(d.attempt, 1, "{group}: message {} redelivered", id_of(d));
+                        *seen.entry(id_of(d)).or_default() += 1;
+                    }
+                    let handles: Vec<_> = ds.iter().map(|d| d.handle.clone()).collect();
+                    c.ack_nowait(&handles).unwrap();
+                }
+                c.close().unwrap();
+                assert_eq!(c.refused().0, 0);
+                let t = total.load(std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(seen.len() as u64, t, "{group}");
+                assert!(
+                    seen.values().all(|&n| n == 1),
+                    "{group}: a message came twice"
+                );
+                assert!((0..t).all(|i| seen.contains_key(&i)), "{group}");
+            });
+        }
+        let n = producer.join().unwrap();
+        total.store(n, std::sync::atomic::Ordering::Relaxed);
+    });
+}
