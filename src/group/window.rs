@@ -296,6 +296,25 @@ impl DeliveryWindow {
         visible_end: u64,
         mut group_of: impl FnMut(u64) -> MessageGroup,
     ) -> Vec<Lease> {
+        let mut out = self.receive_due(now_ms, max, invisible_ms);
+        while out.len() < max
+            && self.next() < visible_end
+            && self.slots.len() < self.cfg.inflight_max as usize
+        {
+            let offset = self.next();
+            if self.take(&mut group_of) {
+                out.push(self.deliver(offset, invisible_ms));
+            }
+        }
+        out
+    }
+
+    /// Leases up to `max` of the messages already in the window that are
+    /// due: retries whose time came (oldest first), then pending messages
+    /// whose group became free. [`DeliveryWindow::receive`] takes these
+    /// first too; a receive over many queues takes every queue's due ones
+    /// before any queue's new ones.
+    pub fn receive_due(&mut self, now_ms: u64, max: usize, invisible_ms: u64) -> Vec<Lease> {
         self.advance(now_ms);
         let mut out = Vec::new();
         while out.len() < max {
@@ -310,16 +329,18 @@ impl DeliveryWindow {
             };
             out.push(self.deliver(offset, invisible_ms));
         }
-        while out.len() < max
-            && self.next() < visible_end
-            && self.slots.len() < self.cfg.inflight_max as usize
-        {
-            let offset = self.next();
-            if self.take(&mut group_of) {
-                out.push(self.deliver(offset, invisible_ms));
-            }
-        }
         out
+    }
+
+    /// Whether [`DeliveryWindow::receive_due`] at `now_ms` may lease
+    /// something: a retry or unblocked message is ready, or a timer is due
+    /// (without moving the clock).
+    pub fn has_due(&self, now_ms: u64) -> bool {
+        self.has_ready()
+            || self
+                .timers
+                .first()
+                .is_some_and(|&(due, _)| due <= now_ms.max(self.now_ms))
     }
 
     /// Takes the next offset into the window; false when it must wait for
@@ -936,6 +957,30 @@ mod tests {
         assert!(w.receive(5000, 1, 1000, 1, |_| 0).is_empty());
         w.dead_lettered(0);
         assert_eq!(w.floor(), 1);
+    }
+
+    #[test]
+    fn receive_due_takes_only_what_is_due_and_has_due_says_so_first() {
+        let mut w = DeliveryWindow::new(cfg(false), 0, 1);
+        let got = w.receive(0, 2, 1000, 10, |_| 0);
+        w.nack(0, got[0].lease, Some(50)).unwrap();
+        assert!(!w.has_due(49));
+        assert!(w.receive_due(49, 8, 1000).is_empty());
+        // Due at 50: told before the clock moves, then leased alone (new
+        // offsets 2.. wait for `receive`).
+        assert!(w.has_due(50));
+        let due = w.receive_due(50, 8, 1000);
+        assert_eq!(
+            due.iter()
+                .map(|l| (l.offset, l.attempt))
+                .collect::<Vec<_>>(),
+            [(0, 2)]
+        );
+        assert!(!w.has_due(50));
+        // An expired lease is due at its deadline.
+        assert!(!w.has_due(999));
+        assert!(w.has_due(1000));
+        assert_eq!(w.receive_due(1000, 8, 1000)[0].offset, 1);
     }
 
     #[test]

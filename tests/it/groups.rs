@@ -1190,3 +1190,77 @@ fn large_receives_across_batch_boundaries_deliver_each_message_once() {
         total.store(n, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+#[test]
+fn retries_go_before_a_backlog_of_new_messages_in_other_queues() {
+    // A consumer behind on new messages in every queue still gets a
+    // retry as soon as it is due: a receive takes every queue's due
+    // messages before any queue's new ones (its queues are visited from a
+    // rotating start, so without that the retry would wait for its
+    // queue's turn).
+    use bytes::{Bytes, BytesMut};
+    use keelmq::client::Connection;
+    use keelmq::protocol::{Op, ReceiveRequest, ReceiveResponse, SettleRequest};
+    let b = Broker::start(1, None);
+    b.admin().create_topic("rb", 8, None).unwrap();
+    create_group(
+        &b,
+        "rbg",
+        serde_json::json!({"subscriptions": [{"topic": "rb"}]}),
+    );
+    let mut conn = Connection::connect(&b.addr).unwrap();
+    let receive = |conn: &mut Connection, max: u32| {
+        let mut body = BytesMut::new();
+        ReceiveRequest {
+            group: "rbg".into(),
+            topic: "rb".into(),
+            shard: 0,
+            max_messages: max,
+            invisible_ms: 0,
+            wait_ms: 0,
+        }
+        .encode(&mut body);
+        ReceiveResponse::decode(conn.call(Op::Receive, &body).unwrap()).unwrap()
+    };
+    let nack = |conn: &mut Connection, handle: Bytes| {
+        let mut body = BytesMut::new();
+        SettleRequest {
+            delay_ms: Some(200),
+            handles: vec![handle],
+        }
+        .encode(true, &mut body);
+        conn.call(Op::Nack, &body).unwrap();
+    };
+    produce_numbered(&b.addr, "rb", 1, |_| None);
+    let first = receive(&mut conn, 1);
+    assert_eq!(first.leases.len(), 1);
+    let (queue, offset) = (first.leases[0].queue, first.leases[0].offset);
+    nack(&mut conn, first.leases[0].handle.clone());
+    // 200 new messages in every queue.
+    produce_numbered(&b.addr, "rb", 1600, |_| None);
+    for round in 0..3u32 {
+        std::thread::sleep(Duration::from_millis(300));
+        let got = receive(&mut conn, 4);
+        assert_eq!(got.leases.len(), 4, "round {round}");
+        let retry = got
+            .leases
+            .iter()
+            .find(|l| l.queue == queue && l.offset == offset)
+            .unwrap_or_else(|| {
+                panic!(
+                    "round {round}: the due retry (queue {queue}, offset {offset}) was not \
+                     in the receive: {:?}",
+                    got.leases
+                        .iter()
+                        .map(|l| (l.queue, l.offset, l.attempt))
+                        .collect::<Vec<_>>()
+                )
+            });
+        assert_eq!(retry.attempt, round + 2);
+        assert!(
+            got.leases.iter().filter(|l| l.attempt > 1).count() == 1,
+            "only the retry is a redelivery"
+        );
+        nack(&mut conn, retry.handle.clone());
+    }
+}

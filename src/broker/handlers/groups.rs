@@ -481,7 +481,50 @@ type Received = (
     bool,
 );
 
+/// What one receive has gathered so far.
+struct Gathered {
+    leased: Vec<Leased>,
+    batches: Vec<Bytes>,
+    /// (queue, base offset, next offset, index in `batches`) of each batch.
+    spans: Vec<(QueueId, u64, u64, u32)>,
+    bytes: u64,
+    entries: Vec<crate::group::entry::Entry>,
+    level: Durability,
+    before: bool,
+}
+
+impl Gathered {
+    fn new() -> Gathered {
+        Gathered {
+            leased: Vec::new(),
+            batches: Vec::new(),
+            spans: Vec::new(),
+            bytes: 0,
+            entries: Vec::new(),
+            level: Durability::Memory,
+            before: false,
+        }
+    }
+
+    fn full(&self, max: usize, bytes_max: u64) -> bool {
+        self.leased.len() >= max || self.bytes >= bytes_max
+    }
+}
+
+/// Which messages a pass over one queue's window leases.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// Only those already in the window and due: retries whose time came,
+    /// orderly messages whose group became free.
+    Due,
+    /// Due ones, then new offsets below `visible_end`.
+    All { visible_end: u64 },
+}
+
 /// One pass over the queues: leases what is ready, with the batches.
+/// Messages already due in any queue go first (a pass over every queue
+/// that has some), then new ones queue by queue from a rotating start, so
+/// a consumer behind on new messages still gets its retries on time.
 async fn receive_once(
     shard: &Rc<Shard>,
     gid: GroupId,
@@ -491,29 +534,33 @@ async fn receive_once(
     bytes_max: u64,
 ) -> Result<Received, HandlerError> {
     use crate::group::entry::Entry;
-    let mut leased: Vec<Leased> = Vec::new();
-    let mut batches: Vec<Bytes> = Vec::new();
-    let mut spans: Vec<(QueueId, u64, u64, u32)> = Vec::new();
-    let mut bytes = 0u64;
-    let mut entries = Vec::new();
-    let mut level = Durability::Memory;
-    let mut before = false;
+    let mut g = Gathered::new();
     let n = queues.len().max(1);
     let start = shard.round_robin.get() as usize % n;
     shard
         .round_robin
         .set(shard.round_robin.get().wrapping_add(1));
+    let now = now_ms();
     for k in 0..queues.len() {
-        if leased.len() >= max || bytes >= bytes_max {
+        if g.full(max, bytes_max) {
+            break;
+        }
+        let q = queues[(start + k) % n];
+        if shard.groups.with_window(gid, q, |w| w.w.has_due(now)) == Some(true) {
+            lease_from(shard, gid, q, Take::Due, invisible, max, bytes_max, &mut g).await?;
+        }
+    }
+    for k in 0..queues.len() {
+        if g.full(max, bytes_max) {
             break;
         }
         let q = queues[(start + k) % n];
         let Ok(o) = shard.store.offsets(q) else {
             continue;
         };
-        let Some((orderly, next, empty)) = shard
+        let Some((next, empty)) = shard
             .groups
-            .with_window(gid, q, |w| (w.orderly, w.w.next(), w.w.is_empty()))
+            .with_window(gid, q, |w| (w.w.next(), w.w.is_empty()))
         else {
             continue;
         };
@@ -532,7 +579,7 @@ async fn receive_once(
                         .groups
                         .with_window(gid, q, |w| w.w.snapshot())
                         .expect("window");
-                    entries.push(Entry::Snapshot {
+                    g.entries.push(Entry::Snapshot {
                         group: gid,
                         queue: q,
                         snapshot: snap,
@@ -542,76 +589,108 @@ async fn receive_once(
                 }
             }
         }
-        let groups = if orderly && next < visible_end {
-            let to = visible_end.min(next + 100_000);
-            let m = message_groups(&shard.store, q, next, to).await?;
-            let mut end = next;
-            while m.contains_key(&end) {
-                end += 1;
-            }
-            visible_end = end;
-            m
-        } else {
-            Default::default()
-        };
-        loop {
-            if leased.len() >= max || bytes >= bytes_max {
-                break;
-            }
-            let now = now_ms();
-            let got = shard.groups.with_window(gid, q, |w| {
-                let l = w.w.receive(now, 1, invisible, visible_end, |o| {
-                    groups.get(&o).copied().unwrap_or(0)
-                });
-                (l, w.index, w.level, w.journal_before)
-            });
-            let Some((l, index, lvl, jb)) = got else {
-                break;
-            };
-            let Some(lease) = l.into_iter().next() else {
-                break;
-            };
-            level = level.max_level(lvl);
-            before |= jb;
-            let off = lease.offset;
-            let batch = match spans.iter().find(|s| s.0 == q && s.1 <= off && off < s.2) {
-                Some(s) => Some(s.3),
-                None => match batch_holding(shard, q, off).await? {
-                    Some(b) => {
-                        let h = BatchHeader::parse(&b).expect("checked");
-                        let i = batches.len() as u32;
-                        bytes += b.len() as u64;
-                        spans.push((q, h.base_offset, h.next_offset(), i));
-                        batches.push(b);
-                        Some(i)
-                    }
-                    None => None,
-                },
-            };
-            match batch {
-                Some(batch) => leased.push(Leased {
-                    queue: q,
-                    index,
-                    lease,
-                    batch,
-                }),
-                None => {
-                    // Nothing to deliver at this offset: finished.
-                    shard
-                        .groups
-                        .with_window(gid, q, |w| w.w.ack(off, lease.lease));
+        let take = Take::All { visible_end };
+        lease_from(shard, gid, q, take, invisible, max, bytes_max, &mut g).await?;
+    }
+    Ok((g.leased, g.batches, g.entries, g.level, g.before))
+}
+
+/// Leases from one queue's window into `g` until it is full or the window
+/// has nothing more to give, then takes the window's journal events.
+#[allow(clippy::too_many_arguments)]
+async fn lease_from(
+    shard: &Rc<Shard>,
+    gid: GroupId,
+    q: QueueId,
+    take: Take,
+    invisible: u64,
+    max: usize,
+    bytes_max: u64,
+    g: &mut Gathered,
+) -> Result<(), HandlerError> {
+    use crate::group::entry::Entry;
+    let orderly = shard.groups.with_window(gid, q, |w| w.orderly) == Some(true);
+    let (visible_end, groups) = match take {
+        Take::Due => (0, Default::default()),
+        Take::All { visible_end } => {
+            let next = shard
+                .groups
+                .with_window(gid, q, |w| w.w.next())
+                .unwrap_or(0);
+            if orderly && next < visible_end {
+                let to = visible_end.min(next + 100_000);
+                let m = message_groups(&shard.store, q, next, to).await?;
+                let mut end = next;
+                while m.contains_key(&end) {
+                    end += 1;
                 }
+                (end, m)
+            } else {
+                (visible_end, Default::default())
             }
         }
-        if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
-            entries.extend(events.into_iter().map(|event| Entry::Window {
+    };
+    loop {
+        if g.full(max, bytes_max) {
+            break;
+        }
+        let now = now_ms();
+        let got = shard.groups.with_window(gid, q, |w| {
+            let l = match take {
+                Take::Due => w.w.receive_due(now, 1, invisible),
+                Take::All { .. } => w.w.receive(now, 1, invisible, visible_end, |o| {
+                    groups.get(&o).copied().unwrap_or(0)
+                }),
+            };
+            (l, w.index, w.level, w.journal_before)
+        });
+        let Some((l, index, lvl, jb)) = got else {
+            break;
+        };
+        let Some(lease) = l.into_iter().next() else {
+            break;
+        };
+        g.level = g.level.max_level(lvl);
+        g.before |= jb;
+        let off = lease.offset;
+        let batch = match g.spans.iter().find(|s| s.0 == q && s.1 <= off && off < s.2) {
+            Some(s) => Some(s.3),
+            None => match batch_holding(shard, q, off).await? {
+                Some(b) => {
+                    let h = BatchHeader::parse(&b).expect("checked");
+                    let i = g.batches.len() as u32;
+                    g.bytes += b.len() as u64;
+                    g.spans.push((q, h.base_offset, h.next_offset(), i));
+                    g.batches.push(b);
+                    Some(i)
+                }
+                None => None,
+            },
+        };
+        match batch {
+            Some(batch) => g.leased.push(Leased {
+                queue: q,
+                index,
+                lease,
+                batch,
+            }),
+            None => {
+                // Nothing to deliver at this offset: finished.
+                shard
+                    .groups
+                    .with_window(gid, q, |w| w.w.ack(off, lease.lease));
+            }
+        }
+    }
+    if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
+        g.entries
+            .extend(events.into_iter().map(|event| Entry::Window {
                 group: gid,
                 queue: q,
                 event,
             }));
-        }
     }
-    Ok((leased, batches, entries, level, before))
+    Ok(())
 }
 
 fn receive_reply(
