@@ -106,6 +106,12 @@ struct Args {
     /// credit instead of answering long-poll receives.
     #[arg(long)]
     push: bool,
+    /// Consume-only throughput: produce this many messages as fast as
+    /// possible with the consumers idle, then start them and report how
+    /// fast they drain it (`drain_msgs_per_s`; e2e then includes the
+    /// wait). Replaces --rate and --duration.
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
 }
 
 fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
@@ -125,6 +131,7 @@ fn workload(a: &Args) -> Result<Workload> {
                 .with_context(|| format!("--rate must be a number or max, not '{r}'"))?,
         ),
     };
+    let rate = if a.backlog > 0 { None } else { rate };
     let batch_max = a.batch_max.unwrap_or(if rate.is_none() { 1000 } else { 1 });
     if let Some(path) = &a.workload {
         let text =
@@ -134,6 +141,7 @@ fn workload(a: &Args) -> Result<Workload> {
         w.nack_ratio = a.nack_ratio;
         w.nack_delay_ms = a.nack_delay_ms;
         w.push = a.push;
+        w.backlog = a.backlog;
         if w.rate.is_none() {
             w.batch_max = a.batch_max.unwrap_or(1000);
         }
@@ -169,6 +177,7 @@ fn workload(a: &Args) -> Result<Workload> {
         nack_ratio: a.nack_ratio,
         nack_delay_ms: a.nack_delay_ms,
         push: a.push,
+        backlog: a.backlog,
     })
 }
 
@@ -181,6 +190,8 @@ fn result_json(r: &run::RunResult) -> Value {
         "duplicates": r.duplicates,
         "errors": r.errors,
         "rate_msgs": r.rate_msgs.round(),
+        "drain_msgs_per_s": r.drain_msgs_per_s.map(f64::round),
+        "drain_s": r.drain_s.map(|s| (s * 1000.0).round() / 1000.0),
         "mb_per_s": (r.mb_per_s * 100.0).round() / 100.0,
         "ack_p50_us": quantile_us(&r.ack, 0.5),
         "ack_p99_us": quantile_us(&r.ack, 0.99),
@@ -221,6 +232,11 @@ fn print_table(i: u32, r: &run::RunResult) {
         quantile_us(&r.e2e, 0.9999),
         r.e2e.max()
     );
+    if let (Some(rate), Some(s)) = (r.drain_msgs_per_s, r.drain_s) {
+        eprintln!(
+            "       backlog drained in {s:.3} s: {rate:.0} msg/s consumed (e2e includes the wait)"
+        );
+    }
     if !r.group_ack.is_empty() {
         eprintln!(
             "       group ack/commit call p50 {:>7} µs  p99 {:>7} µs",
@@ -406,6 +422,7 @@ fn real_main() -> Result<()> {
             w.group.map_or(Value::Null, |g| g.name().into()),
         );
         o.insert("push".into(), w.push.into());
+        o.insert("backlog".into(), w.backlog.into());
         o.insert("size".into(), w.size.into());
         o.insert(
             "rate".into(),

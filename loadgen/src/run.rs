@@ -60,6 +60,10 @@ pub struct RunResult {
     pub group_ack: Histogram<u64>,
     /// Redelivery lateness: received − (nacked + delay), ms.
     pub redelivery_ms: Histogram<u64>,
+    /// `--backlog`: how long the consumers took from their start to the
+    /// last message, and the messages per second that makes.
+    pub drain_s: Option<f64>,
+    pub drain_msgs_per_s: Option<f64>,
 }
 
 struct Shared {
@@ -73,6 +77,13 @@ struct Shared {
     /// Deliveries each acked message gets: the members of a broadcast
     /// group, else 1.
     fanout: u64,
+    /// `--backlog`: consumers wait for the producers to finish.
+    backlog: bool,
+    /// When the consumers started on the backlog (ns since t0; `u64::MAX`
+    /// before).
+    drain_from_ns: AtomicU64,
+    /// When a consumer last took something (ns since t0).
+    last_received_ns: AtomicU64,
 }
 
 impl Shared {
@@ -98,6 +109,8 @@ struct ProducerState {
     /// Offset of this producer's schedule (producers interleave).
     phase_ns: f64,
     next_seq: u32,
+    /// `--backlog`: this producer's share; done once sent.
+    limit: Option<u32>,
     end_ns: u64,
     warmup_ns: u64,
     batch_max: usize,
@@ -144,11 +157,14 @@ impl ProducerState {
                     }
                 }
                 None => {
-                    if now >= self.end_ns {
+                    let left = self
+                        .limit
+                        .map_or(usize::MAX, |l| (l - self.next_seq) as usize);
+                    if now >= self.end_ns || left == 0 {
                         self.done = true;
                         (0, 0)
                     } else {
-                        (self.batch_max, now)
+                        (self.batch_max.min(left), now)
                     }
                 }
             };
@@ -484,8 +500,16 @@ enum Task {
 /// Runs the workload once against topics that already exist.
 pub fn run(spec: &RunSpec) -> Result<RunResult> {
     let w = spec.workload;
-    let warmup_ns = (w.warmup_s * 1e9) as u64;
-    let end_ns = warmup_ns + (w.duration_s * 1e9) as u64;
+    let backlog = w.backlog > 0;
+    // A backlog is produced to the end, and every message counts.
+    let (warmup_ns, end_ns) = if backlog {
+        (0, u64::MAX)
+    } else {
+        let warmup_ns = (w.warmup_s * 1e9) as u64;
+        (warmup_ns, warmup_ns + (w.duration_s * 1e9) as u64)
+    };
+    let share = w.backlog.div_ceil(u64::from(w.producers.max(1)));
+    let share = backlog.then(|| u32::try_from(share).unwrap_or(u32::MAX));
     let mut tasks: Vec<Task> = Vec::new();
     let fresh_consumer = || ConsumerState {
         c: None,
@@ -589,6 +613,7 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             phase_ns: interval_ns
                 .map_or(0.0, |i| i * f64::from(id) / f64::from(w.producers.max(1))),
             next_seq: 0,
+            limit: share,
             end_ns,
             warmup_ns,
             batch_max: w.batch_max.max(1),
@@ -614,6 +639,9 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             Some(crate::workload::GroupMode::Broadcast) => u64::from(w.consumers.max(1)),
             _ => 1,
         },
+        backlog,
+        drain_from_ns: AtomicU64::new(u64::MAX),
+        last_received_ns: AtomicU64::new(0),
     });
     let n_producers = w.producers.max(1) as u64;
     // Busy-poll: deal the tasks to one worker per CPU. Blocking: a thread
@@ -681,21 +709,39 @@ fn worker(
     let mut drain: Option<(Instant, u64, Instant)> = None;
     loop {
         let mut busy = false;
+        let consuming = !shared.backlog || shared.drain_from_ns.load(Ordering::Relaxed) != u64::MAX;
         for t in tasks.iter_mut() {
-            match t {
+            let took = match t {
                 Task::P(p) => {
                     let was_done = p.done && p.in_flight.is_empty();
                     busy |= p.step(&shared, blocking)?;
                     if !was_done && p.done && p.in_flight.is_empty() {
                         shared.producers_done.fetch_add(1, Ordering::Relaxed);
                     }
+                    false
                 }
-                Task::C(c) => busy |= c.step(&shared, blocking)?,
-                Task::G(g) => busy |= g.step(&shared, blocking)?,
-                Task::M(m) => busy |= m.step(&shared, blocking)?,
+                // `--backlog`: consumers wait for the producers.
+                _ if !consuming => false,
+                Task::C(c) => c.step(&shared, blocking)?,
+                Task::G(g) => g.step(&shared, blocking)?,
+                Task::M(m) => m.step(&shared, blocking)?,
+            };
+            if took {
+                busy = true;
+                shared
+                    .last_received_ns
+                    .fetch_max(shared.now_ns(), Ordering::Relaxed);
             }
         }
         let producers_done = shared.producers_done.load(Ordering::Relaxed) >= n_producers;
+        if producers_done && shared.backlog {
+            let _ = shared.drain_from_ns.compare_exchange(
+                u64::MAX,
+                shared.now_ns(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let caught_up = shared.received.load(Ordering::Relaxed)
             >= shared.acked.load(Ordering::Relaxed) * shared.fanout;
         let my_producers_done = tasks.iter().all(|t| match t {
@@ -831,6 +877,11 @@ fn summarize(
         }
         seen_by.push(seen);
     }
+    let drain_s = shared.backlog.then(|| {
+        let from = shared.drain_from_ns.load(Ordering::Relaxed);
+        let last = shared.last_received_ns.load(Ordering::Relaxed);
+        last.saturating_sub(from) as f64 / 1e9
+    });
     let (mut lost, mut duplicates) = (0u64, 0u64);
     for seen in &seen_by {
         for (pid, acked) in &acked_by {
@@ -856,8 +907,16 @@ fn summarize(
         lost,
         duplicates,
         errors: shared.errors.load(Ordering::Relaxed),
-        rate_msgs: window_msgs as f64 / w.duration_s,
-        mb_per_s: window_bytes as f64 / w.duration_s / 1e6,
+        rate_msgs: match drain_s {
+            Some(s) if s > 0.0 => window_msgs as f64 / s,
+            _ => window_msgs as f64 / w.duration_s,
+        },
+        drain_s,
+        drain_msgs_per_s: drain_s.filter(|s| *s > 0.0).map(|s| received as f64 / s),
+        mb_per_s: match drain_s {
+            Some(s) if s > 0.0 => window_bytes as f64 / s / 1e6,
+            _ => window_bytes as f64 / w.duration_s / 1e6,
+        },
         ack,
         e2e,
         steal_pct,

@@ -78,6 +78,9 @@ pub struct Workload {
     /// Message delivery: the broker pushes (credit-based) instead of long
     /// polls.
     pub push: bool,
+    /// Consume-only: produce this many messages at full speed before the
+    /// consumers start, then measure how fast they drain it (0: off).
+    pub backlog: u64,
 }
 
 /// The OpenMessaging Benchmark workload format (the fields KeelMQ uses).
@@ -144,6 +147,7 @@ impl Workload {
             nack_ratio: 0.0,
             push: false,
             nack_delay_ms: 100,
+            backlog: 0,
         })
     }
 }

@@ -226,6 +226,7 @@ mod tests {
                     offset: 5,
                     lease: 6,
                     now_ms: 7,
+                    count: 3,
                 },
             },
             Entry::Snapshot {

@@ -297,16 +297,47 @@ impl DeliveryWindow {
         mut group_of: impl FnMut(u64) -> MessageGroup,
     ) -> Vec<Lease> {
         let mut out = self.receive_due(now_ms, max, invisible_ms);
-        while out.len() < max
+        let left = max - out.len();
+        self.take_new(left, invisible_ms, visible_end, &mut group_of, &mut out);
+        out
+    }
+
+    /// Leases up to `max` new offsets below `visible_end` (taking them into
+    /// the window while it has room), and nothing already in it: for a
+    /// receive that took the due ones first with
+    /// [`DeliveryWindow::receive_due`]. Appends to `out`.
+    pub fn receive_new(
+        &mut self,
+        now_ms: u64,
+        max: usize,
+        invisible_ms: u64,
+        visible_end: u64,
+        mut group_of: impl FnMut(u64) -> MessageGroup,
+        out: &mut Vec<Lease>,
+    ) {
+        self.advance(now_ms);
+        self.take_new(max, invisible_ms, visible_end, &mut group_of, out);
+    }
+
+    fn take_new(
+        &mut self,
+        max: usize,
+        invisible_ms: u64,
+        visible_end: u64,
+        group_of: &mut impl FnMut(u64) -> MessageGroup,
+        out: &mut Vec<Lease>,
+    ) {
+        let mut n = 0;
+        while n < max
             && self.next() < visible_end
             && self.slots.len() < self.cfg.inflight_max as usize
         {
             let offset = self.next();
-            if self.take(&mut group_of) {
+            if self.take(group_of) {
                 out.push(self.deliver(offset, invisible_ms));
+                n += 1;
             }
         }
-        out
     }
 
     /// Leases up to `max` of the messages already in the window that are
@@ -378,14 +409,23 @@ impl DeliveryWindow {
             },
         };
         self.deliver_as(l);
-        self.journal.push(Event::Deliver {
+        self.journaled(Event::Deliver {
             offset,
             lease: l.lease,
             attempt: l.attempt,
             deadline_ms: l.deadline_ms,
             now_ms: self.now_ms,
+            count: 1,
         });
         l
+    }
+
+    /// Journals a transition, extending the last record's run when it
+    /// continues it.
+    fn journaled(&mut self, e: Event) {
+        if !self.journal.last_mut().is_some_and(|last| last.extend(&e)) {
+            self.journal.push(e);
+        }
     }
 
     /// Leases a due slot (already out of the ready or unblocked set).
@@ -438,10 +478,11 @@ impl DeliveryWindow {
             _ => unreachable!("checked"),
         }
         self.finish(offset);
-        self.journal.push(Event::Ack {
+        self.journaled(Event::Ack {
             offset,
             lease,
             now_ms: self.now_ms,
+            count: 1,
         });
         Ok(())
     }
@@ -584,6 +625,15 @@ impl DeliveryWindow {
         e: &Event,
         mut group_of: impl FnMut(u64) -> MessageGroup,
     ) -> Result<(), JournalError> {
+        e.each()
+            .try_for_each(|one| self.apply_one(&one, &mut group_of))
+    }
+
+    fn apply_one(
+        &mut self,
+        e: &Event,
+        group_of: &mut impl FnMut(u64) -> MessageGroup,
+    ) -> Result<(), JournalError> {
         self.advance(e.now_ms());
         let journaled = self.journal.len();
         let r = match *e {
@@ -601,7 +651,7 @@ impl DeliveryWindow {
                     deadline_ms,
                     due_ms: None,
                 },
-                &mut group_of,
+                group_of,
             ),
             Event::Ack { offset, lease, .. } => self.ack(offset, lease).map_err(|_| "ack"),
             Event::Nack {

@@ -372,10 +372,10 @@ impl GroupEngine {
                     Some(w) => (w.orderly, w.w.next()),
                 };
                 let groups = match event {
-                    crate::group::journal::Event::Deliver { offset, .. }
-                        if orderly && offset >= from =>
+                    crate::group::journal::Event::Deliver { offset, count, .. }
+                        if orderly && offset + u64::from(count) > from =>
                     {
-                        message_groups(store, queue, from, offset + 1)
+                        message_groups(store, queue, from, offset + u64::from(count))
                             .await
                             .unwrap_or_default()
                     }

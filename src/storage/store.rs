@@ -967,8 +967,14 @@ impl<I: Io> QueueStore<I> {
             {
                 Ok(file) => {
                     let mut snaps = self.snapshots.borrow_mut();
-                    // Retention may have removed the segment meanwhile.
+                    // Retention may have removed the segment meanwhile (and
+                    // its index file, possibly before this created it).
                     let Some(state) = snaps.segments.get_mut(&seg.base) else {
+                        drop((snaps, file));
+                        let _ = self
+                            .io
+                            .remove(&index_path(&self.cfg.log.dir, seg.base))
+                            .await;
                         continue;
                     };
                     state.file = Some(file);

@@ -157,6 +157,7 @@ pub struct ReceiveResponse {
 impl ReceiveResponse {
     /// The head (everything before the batches).
     pub fn encode_head(leases: &[LeaseInfo], batches: &[Bytes], out: &mut BytesMut) {
+        out.reserve(12 + leases.len() * LEASE_INFO_BYTES);
         let mut w = Writer(out);
         w.u32(leases.len() as u32);
         for l in leases {

@@ -5,7 +5,7 @@
 use super::*;
 use crate::batch::{BatchBuilder, Record as BatchRecord, RecordIter};
 use crate::group::config::{Delivery, GroupConfig};
-use crate::group::receipt::Receipt;
+use crate::group::receipt::{Receipt, RECEIPT_HANDLE_BYTES};
 use crate::group::window::{Lease, LeaseError, INVISIBLE_MS_MAX, INVISIBLE_MS_MIN};
 use crate::ids::GroupId;
 use crate::shard::groups::message_groups;
@@ -630,55 +630,86 @@ async fn lease_from(
             }
         }
     };
+    let now = now_ms();
+    // Due ones first, one per window call (they may lie in any batch); then
+    // new offsets, as many per call as the batch holding the next one has
+    // (so one window call and one batch lookup per run of a batch).
+    let mut due = true;
+    let mut got: Vec<Lease> = Vec::new();
     loop {
         if g.full(max, bytes_max) {
             break;
         }
-        let now = now_ms();
-        let got = shard.groups.with_window(gid, q, |w| {
-            let l = match take {
-                Take::Due => w.w.receive_due(now, 1, invisible),
-                Take::All { .. } => w.w.receive(now, 1, invisible, visible_end, |o| {
-                    groups.get(&o).copied().unwrap_or(0)
-                }),
-            };
-            (l, w.index, w.level, w.journal_before)
+        let left = max - g.leased.len();
+        let span = g.spans.last().filter(|s| s.0 == q).map(|s| (s.1, s.2));
+        got.clear();
+        let meta = shard.groups.with_window(gid, q, |w| {
+            if due {
+                got = w.w.receive_due(now, 1, invisible);
+            }
+            if got.is_empty() && take != Take::Due {
+                due = false;
+                let next = w.w.next();
+                let n = match span {
+                    Some((base, end)) if base <= next && next < end => {
+                        left.min((end - next) as usize)
+                    }
+                    _ => 1,
+                };
+                w.w.receive_new(
+                    now,
+                    n,
+                    invisible,
+                    visible_end,
+                    |o| groups.get(&o).copied().unwrap_or(0),
+                    &mut got,
+                );
+            }
+            (w.index, w.level, w.journal_before)
         });
-        let Some((l, index, lvl, jb)) = got else {
+        let Some((index, lvl, jb)) = meta else {
             break;
         };
-        let Some(lease) = l.into_iter().next() else {
+        if got.is_empty() {
             break;
-        };
+        }
         g.level = g.level.max_level(lvl);
         g.before |= jb;
-        let off = lease.offset;
-        let batch = match g.spans.iter().find(|s| s.0 == q && s.1 <= off && off < s.2) {
-            Some(s) => Some(s.3),
-            None => match batch_holding(shard, q, off).await? {
-                Some(b) => {
-                    let h = BatchHeader::parse(&b).expect("checked");
-                    let i = g.batches.len() as u32;
-                    g.bytes += b.len() as u64;
-                    g.spans.push((q, h.base_offset, h.next_offset(), i));
-                    g.batches.push(b);
-                    Some(i)
+        for lease in got.drain(..) {
+            let off = lease.offset;
+            let known = |s: &&(QueueId, u64, u64, u32)| s.0 == q && s.1 <= off && off < s.2;
+            let batch = match g
+                .spans
+                .last()
+                .filter(known)
+                .or_else(|| g.spans.iter().rev().find(known))
+            {
+                Some(s) => Some(s.3),
+                None => match batch_holding(shard, q, off).await? {
+                    Some(b) => {
+                        let h = BatchHeader::parse(&b).expect("checked");
+                        let i = g.batches.len() as u32;
+                        g.bytes += b.len() as u64;
+                        g.spans.push((q, h.base_offset, h.next_offset(), i));
+                        g.batches.push(b);
+                        Some(i)
+                    }
+                    None => None,
+                },
+            };
+            match batch {
+                Some(batch) => g.leased.push(Leased {
+                    queue: q,
+                    index,
+                    lease,
+                    batch,
+                }),
+                None => {
+                    // Nothing to deliver at this offset: finished.
+                    shard
+                        .groups
+                        .with_window(gid, q, |w| w.w.ack(off, lease.lease));
                 }
-                None => None,
-            },
-        };
-        match batch {
-            Some(batch) => g.leased.push(Leased {
-                queue: q,
-                index,
-                lease,
-                batch,
-            }),
-            None => {
-                // Nothing to deliver at this offset: finished.
-                shard
-                    .groups
-                    .with_window(gid, q, |w| w.w.ack(off, lease.lease));
             }
         }
     }
@@ -699,6 +730,8 @@ fn receive_reply(
     leased: Vec<Leased>,
     batches: Vec<Bytes>,
 ) -> Vec<Bytes> {
+    // Every handle in one allocation, each a slice of it.
+    let mut handles = BytesMut::with_capacity(leased.len() * RECEIPT_HANDLE_BYTES);
     let leases: Vec<LeaseInfo> = leased
         .iter()
         .map(|l| {
@@ -716,7 +749,10 @@ fn receive_reply(
                 offset: l.lease.offset,
                 attempt: l.lease.attempt,
                 deadline_ms: l.lease.deadline_ms,
-                handle: Bytes::copy_from_slice(&handle),
+                handle: {
+                    handles.extend_from_slice(&handle);
+                    handles.split().freeze()
+                },
                 batch: l.batch,
             }
         })
@@ -745,6 +781,33 @@ fn receive_reply(
     out
 }
 
+/// Adds a window's transition to a request's journal entries, extending
+/// the last entry's run when it continues it (a batch of acks in delivery
+/// order is then one record per run).
+fn journal_event(
+    entries: &mut Vec<crate::group::entry::Entry>,
+    group: GroupId,
+    queue: QueueId,
+    event: crate::group::journal::Event,
+) {
+    use crate::group::entry::Entry;
+    if let Some(Entry::Window {
+        group: g,
+        queue: q,
+        event: last,
+    }) = entries.last_mut()
+    {
+        if *g == group && *q == queue && last.extend(&event) {
+            return;
+        }
+    }
+    entries.push(Entry::Window {
+        group,
+        queue,
+        event,
+    });
+}
+
 fn lease_code(e: LeaseError) -> ErrorCode {
     match e {
         LeaseError::Finished(_) => ErrorCode::AlreadyAcked,
@@ -757,7 +820,6 @@ fn lease_code(e: LeaseError) -> ErrorCode {
 
 /// Ack (or nack) handles of this shard; one code per handle.
 pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResult {
-    use crate::group::entry::Entry;
     let req = SettleRequest::decode(body, nack)?;
     let delay = match req.delay_ms {
         Some(d) if d < 0 => {
@@ -801,11 +863,9 @@ pub(super) async fn settle(shard: &Rc<Shard>, body: Bytes, nack: bool) -> HResul
                     // An ack can free an ordered message group, a nack make a
                     // retry due at once: only then do waiting receives wake.
                     wake |= w.w.has_ready();
-                    entries.extend(w.w.take_journal().into_iter().map(|event| Entry::Window {
-                        group: r.group,
-                        queue: r.queue,
-                        event,
-                    }));
+                    for event in w.w.take_journal() {
+                        journal_event(&mut entries, r.group, r.queue, event);
+                    }
                     res
                 });
                 match res {

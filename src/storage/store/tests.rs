@@ -313,15 +313,25 @@ fn retention_removes_segments_and_trims_indexes() {
             o.earliest
         );
         // Nothing was ever synced (written level), yet no handle may keep a
-        // deleted segment open: its space must come back to the disk.
-        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-        let held: Vec<String> = std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
-            .map(|p| p.display().to_string())
-            .filter(|p| p.starts_with(&*path.to_string_lossy()) && p.ends_with("(deleted)"))
-            .collect();
-        assert!(held.is_empty(), "deleted segments still open: {held:?}");
+        // deleted segment open: its space must come back to the disk (an
+        // index snapshot write in flight may hold one until it completes).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+            let held: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+                .map(|p| p.display().to_string())
+                .filter(|p| p.starts_with(&*path.to_string_lossy()) && p.ends_with("(deleted)"))
+                .collect();
+            if held.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deleted segments still open: {held:?}"
+            );
+        }
         store.close().await.unwrap();
         let _ = last;
     });
