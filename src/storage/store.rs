@@ -966,17 +966,19 @@ impl<I: Io> QueueStore<I> {
                 .await
             {
                 Ok(file) => {
-                    let mut snaps = self.snapshots.borrow_mut();
                     // Retention may have removed the segment meanwhile (and
                     // its index file, possibly before this created it).
-                    let Some(state) = snaps.segments.get_mut(&seg.base) else {
-                        drop((snaps, file));
+                    let gone = !self.snapshots.borrow().segments.contains_key(&seg.base);
+                    if gone {
+                        drop(file);
                         let _ = self
                             .io
                             .remove(&index_path(&self.cfg.log.dir, seg.base))
                             .await;
                         continue;
-                    };
+                    }
+                    let mut snaps = self.snapshots.borrow_mut();
+                    let state = snaps.segments.get_mut(&seg.base).expect("checked");
                     state.file = Some(file);
                     state.covered_end = covered;
                     state.sealed = sealed;
