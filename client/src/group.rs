@@ -752,7 +752,8 @@ impl GroupConsumer {
     /// still in flight and hands back every message they and earlier
     /// receives leased but the caller never got (a nack with no delay), so
     /// nothing waits out its invisible time. Dropping the consumer does
-    /// the same.
+    /// the same. A handed-back message was delivered: its next delivery is
+    /// the next attempt (it counts toward `attempts_max`).
     pub fn close(&mut self) -> Result<(), ClientError> {
         if let Some(p) = self.push.take() {
             // Pushes sent before the unsubscribe's reply arrive before it.

@@ -152,6 +152,17 @@ impl QueueState {
 }
 
 /// Where an append went.
+/// Where a stored batch is ([`QueueStore::locate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLocation {
+    pub position: LogPosition,
+    /// Bytes.
+    pub len: u32,
+    pub base_offset: QueueOffset,
+    /// The offset after its last record.
+    pub next_offset: QueueOffset,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AppendReceipt {
     pub queue_id: QueueId,
@@ -638,11 +649,38 @@ impl<I: Io> QueueStore<I> {
             }
             (o, entries)
         };
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            out.push(self.batch_at_entry(e.position, e.len as usize).await?);
-        }
+        // The reads not served by the tail cache go to the disk together.
+        let out = futures_util::future::try_join_all(
+            entries
+                .iter()
+                .map(|e| self.batch_at_entry(e.position, e.len as usize)),
+        )
+        .await?;
         Ok((offsets, out))
+    }
+
+    /// Where the visible batch holding `offset` of a queue is (none in a
+    /// gap or past the visible end): to read it with
+    /// [`QueueStore::read_located`], and its size before reading.
+    pub fn locate(&self, queue: QueueId, offset: QueueOffset) -> Option<BatchLocation> {
+        let queues = self.queues.borrow();
+        let q = queues.get(&queue.0)?;
+        let latest = q.offsets().latest;
+        let e = q.consume.get(q.consume.find(offset.0)?)?;
+        (e.base_offset <= offset.0 && offset.0 < e.next_offset() && e.base_offset < latest).then(
+            || BatchLocation {
+                position: LogPosition(e.position),
+                len: e.len,
+                base_offset: QueueOffset(e.base_offset),
+                next_offset: QueueOffset(e.next_offset()),
+            },
+        )
+    }
+
+    /// The batch at a location from [`QueueStore::locate`], read and
+    /// checked like any read.
+    pub async fn read_located(&self, at: &BatchLocation) -> Result<Bytes, StoreError> {
+        self.batch_at_entry(at.position.0, at.len as usize).await
     }
 
     /// The batch an index entry points at: from the tail cache, else read

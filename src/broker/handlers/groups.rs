@@ -487,6 +487,9 @@ struct Gathered {
     batches: Vec<Bytes>,
     /// (queue, base offset, next offset, index in `batches`) of each batch.
     spans: Vec<(QueueId, u64, u64, u32)>,
+    /// Batches still to read, and their index in `batches` (read together
+    /// at the end, so the disk reads of retries overlap).
+    reads: Vec<(u32, crate::storage::store::BatchLocation)>,
     bytes: u64,
     entries: Vec<crate::group::entry::Entry>,
     level: Durability,
@@ -499,6 +502,7 @@ impl Gathered {
             leased: Vec::new(),
             batches: Vec::new(),
             spans: Vec::new(),
+            reads: Vec::new(),
             bytes: 0,
             entries: Vec::new(),
             level: Durability::Memory,
@@ -517,8 +521,13 @@ enum Take {
     /// Only those already in the window and due: retries whose time came,
     /// orderly messages whose group became free.
     Due,
-    /// Due ones, then new offsets below `visible_end`.
-    All { visible_end: u64 },
+    /// Due ones, then new offsets below `visible_end` (the window's next
+    /// offset is `next`).
+    All {
+        visible_end: u64,
+        next: u64,
+        orderly: bool,
+    },
 }
 
 /// One pass over the queues: leases what is ready, with the batches.
@@ -558,10 +567,9 @@ async fn receive_once(
         let Ok(o) = shard.store.offsets(q) else {
             continue;
         };
-        let Some((next, empty)) = shard
-            .groups
-            .with_window(gid, q, |w| (w.w.next(), w.w.is_empty()))
-        else {
+        let Some((mut next, empty, orderly, due)) = shard.groups.with_window(gid, q, |w| {
+            (w.w.next(), w.w.is_empty(), w.orderly, w.w.has_due(now))
+        }) else {
             continue;
         };
         // Offsets that hold no message (a crash's gap, retention) are
@@ -575,6 +583,7 @@ async fn receive_once(
             if first > next {
                 if empty {
                     shard.groups.with_window(gid, q, |w| w.w.skip_to(first));
+                    next = first;
                     let snap = shard
                         .groups
                         .with_window(gid, q, |w| w.w.snapshot())
@@ -589,8 +598,32 @@ async fn receive_once(
                 }
             }
         }
-        let take = Take::All { visible_end };
+        if next >= visible_end && !due {
+            continue;
+        }
+        let take = Take::All {
+            visible_end,
+            next,
+            orderly,
+        };
         lease_from(shard, gid, q, take, invisible, max, bytes_max, &mut g).await?;
+    }
+    // Every batch not in the tail cache is read from the disk at once.
+    let read = futures_util::future::try_join_all(
+        g.reads.iter().map(|(_, at)| shard.store.read_located(at)),
+    )
+    .await;
+    let read = match read {
+        Ok(r) => r,
+        Err(e) => {
+            // The leases stand (they time out and come back): their
+            // journal entries must be stored all the same.
+            let _ = shard.groups.append(&shard.store, &g.entries, g.level);
+            return Err(store_err(e));
+        }
+    };
+    for ((i, _), b) in g.reads.iter().zip(read) {
+        g.batches[*i as usize] = b;
     }
     Ok((g.leased, g.batches, g.entries, g.level, g.before))
 }
@@ -609,14 +642,13 @@ async fn lease_from(
     g: &mut Gathered,
 ) -> Result<(), HandlerError> {
     use crate::group::entry::Entry;
-    let orderly = shard.groups.with_window(gid, q, |w| w.orderly) == Some(true);
     let (visible_end, groups) = match take {
         Take::Due => (0, Default::default()),
-        Take::All { visible_end } => {
-            let next = shard
-                .groups
-                .with_window(gid, q, |w| w.w.next())
-                .unwrap_or(0);
+        Take::All {
+            visible_end,
+            next,
+            orderly,
+        } => {
             if orderly && next < visible_end {
                 let to = visible_end.min(next + 100_000);
                 let m = message_groups(&shard.store, q, next, to).await?;
@@ -685,13 +717,13 @@ async fn lease_from(
                 .or_else(|| g.spans.iter().rev().find(known))
             {
                 Some(s) => Some(s.3),
-                None => match batch_holding(shard, q, off).await? {
-                    Some(b) => {
-                        let h = BatchHeader::parse(&b).expect("checked");
+                None => match shard.store.locate(q, QueueOffset(off)) {
+                    Some(at) => {
                         let i = g.batches.len() as u32;
-                        g.bytes += b.len() as u64;
-                        g.spans.push((q, h.base_offset, h.next_offset(), i));
-                        g.batches.push(b);
+                        g.bytes += u64::from(at.len);
+                        g.spans.push((q, at.base_offset.0, at.next_offset.0, i));
+                        g.batches.push(Bytes::new());
+                        g.reads.push((i, at));
                         Some(i)
                     }
                     None => None,
