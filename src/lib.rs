@@ -12,6 +12,7 @@ pub use keelmq_protocol::{batch, ids};
 
 pub mod broker;
 pub mod config;
+pub mod filter;
 pub mod group;
 pub mod runtime;
 pub mod shard;
