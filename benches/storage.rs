@@ -32,6 +32,7 @@ fn index_lookup(c: &mut Criterion) {
                 position: i * 4096,
                 len: 4096,
                 count: 10,
+                tags: 0,
             });
         }
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -118,7 +119,7 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                             .await
                             .unwrap();
                         let r = store
-                            .append(QueueId(1), &batch, &header, Durability::Written)
+                            .append(QueueId(1), &batch, &header, 0, Durability::Written)
                             .unwrap();
                         if wait_each {
                             store.wait_durable(&r, Durability::Written).await.unwrap();

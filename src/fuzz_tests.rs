@@ -104,7 +104,7 @@ proptest! {
         cut in any::<usize>(),
     ) {
         let mut b = BytesMut::new();
-        FetchRequest { topic, queue, offset, max_bytes: 7, wait_ms: 9 }.encode(&mut b);
+        FetchRequest { topic, queue, offset, max_bytes: 7, wait_ms: 9, filter: None }.encode(&mut b);
         let mut v = b.to_vec();
         for (i, x) in flips {
             let n = v.len();
@@ -202,6 +202,7 @@ mod recovery_scan {
                 base_offset: i as u64,
                 count: 1,
                 append_time_ms: 1,
+                tags: crate::batch::tag_summary(&b),
             });
             at += b.len();
         }

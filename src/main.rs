@@ -3,7 +3,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use keelmq::client::{
-    Admin, Consumer, GroupConsumer, Message, MessageId, Producer, QueueSelector, Record, SeekTo,
+    Admin, Consumer, FilterSpec, GroupConsumer, Message, MessageId, Producer, QueueSelector,
+    Record, SeekTo,
 };
 use keelmq::config::Config;
 use keelmq::protocol::Durability;
@@ -85,6 +86,15 @@ enum Command {
         /// group's backoff), ack the others.
         #[arg(long, requires = "group")]
         nack_every: Option<u64>,
+        /// Only messages with one of these tags: "TagA||TagB" (filtered in
+        /// the broker; with --group, the group's filter).
+        #[arg(long, conflicts_with = "sql")]
+        tag: Option<String>,
+        /// Only messages this SQL92 expression passes, over properties and
+        /// TAGS, KEYS, BORN_TIMESTAMP, STORE_TIMESTAMP:
+        /// "price > 100 AND desk = 'fx'".
+        #[arg(long)]
+        sql: Option<String>,
     },
     /// Manage consumer groups.
     Group {
@@ -180,6 +190,12 @@ enum GroupCommand {
         /// latest (default) or earliest: where the group starts.
         #[arg(long)]
         start: Option<String>,
+        /// Deliver only messages with one of these tags: "TagA||TagB".
+        #[arg(long, conflicts_with = "filter_sql")]
+        filter_tag: Option<String>,
+        /// Deliver only messages this SQL92 expression passes.
+        #[arg(long)]
+        filter_sql: Option<String>,
     },
     /// List consumer groups.
     List,
@@ -262,12 +278,19 @@ fn main() {
             group,
             ack,
             nack_every,
-        } => match group {
-            Some(g) => consume_group(
-                &broker, &g, &topic, count, timeout_ms, json, ack, nack_every,
-            ),
-            None => consume(&broker, &topic, queue, &from, count, timeout_ms, json),
-        },
+            tag,
+            sql,
+        } => {
+            let filter = filter_spec(tag, sql);
+            match group {
+                Some(g) => consume_group(
+                    &broker, &g, &topic, count, timeout_ms, json, ack, nack_every, filter,
+                ),
+                None => consume(
+                    &broker, &topic, queue, &from, count, timeout_ms, json, filter,
+                ),
+            }
+        }
         Command::Group { command, broker } => group(&broker, command),
         Command::Dlq { command, broker } => dlq(&broker, command),
         Command::Message { command, broker } => match command {
@@ -580,6 +603,12 @@ fn print_message(out: &mut impl Write, m: &Message, json: bool) -> std::io::Resu
     }
 }
 
+/// The filter of `--tag`/`--sql` (or `--filter-tag`/`--filter-sql`).
+fn filter_spec(tag: Option<String>, sql: Option<String>) -> Option<FilterSpec> {
+    tag.map(FilterSpec::tag).or(sql.map(FilterSpec::sql))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn consume(
     broker: &str,
     topic: &str,
@@ -588,10 +617,12 @@ fn consume(
     count: Option<u64>,
     timeout_ms: u64,
     json: bool,
+    filter: Option<FilterSpec>,
 ) -> Result<()> {
     let seek = parse_from(from)?;
     let mut consumer =
         Consumer::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    consumer.set_filter(filter);
     match queue {
         Some(q) => consumer.assign(topic, &[q])?,
         None => consumer.assign_all(topic)?,
@@ -634,11 +665,12 @@ fn consume_group(
     json: bool,
     ack: bool,
     nack_every: Option<u64>,
+    filter: Option<FilterSpec>,
 ) -> Result<()> {
     if nack_every == Some(0) {
         bail!("--nack-every must be at least 1");
     }
-    let mut c = GroupConsumer::connect(broker, group, topic)
+    let mut c = GroupConsumer::connect_filtered(broker, group, topic, filter)
         .with_context(|| format!("cannot join group {group} at {broker}"))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -706,12 +738,26 @@ fn group(broker: &str, command: GroupCommand) -> Result<()> {
             durability,
             journal_deliveries,
             start,
+            filter_tag,
+            filter_sql,
         } => {
+            let filter = filter_spec(filter_tag, filter_sql);
+            let subscriptions: Vec<serde_json::Value> = topics
+                .iter()
+                .map(|t| match &filter {
+                    None => serde_json::json!({"topic": t}),
+                    Some(f) => serde_json::json!({
+                        "topic": t,
+                        "filter": f.expression,
+                        "filter_type": f.kind.name(),
+                    }),
+                })
+                .collect();
             let mut v = serde_json::json!({
                 "mode": mode,
                 "delivery": delivery,
                 "orderly": orderly,
-                "subscriptions": topics.iter().map(|t| serde_json::json!({"topic": t})).collect::<Vec<_>>(),
+                "subscriptions": subscriptions,
             });
             if let Some(a) = attempts_max {
                 v["attempts_max"] = a.into();

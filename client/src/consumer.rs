@@ -58,6 +58,7 @@ pub struct Consumer {
     ready: VecDeque<Message>,
     fetch_bytes_max: u32,
     fetch_wait: Option<Duration>,
+    filter: Option<FilterSpec>,
 }
 
 /// Most queues in one fetch-many request (12 bytes each on the wire).
@@ -79,6 +80,7 @@ impl Consumer {
             ready: VecDeque::new(),
             fetch_bytes_max: 1 << 20,
             fetch_wait: None,
+            filter: None,
         }
     }
 
@@ -99,6 +101,22 @@ impl Consumer {
     /// flooding the broker with empty fetches.
     pub fn set_fetch_wait(&mut self, wait: Option<Duration>) {
         self.fetch_wait = wait;
+    }
+
+    /// Sets the filter the broker applies to every fetch (`None`: every
+    /// message). Records it does not pass never reach this consumer; the
+    /// positions still move past them. A bad expression is refused at the
+    /// next `poll` with where and why (`invalid_filter`).
+    pub fn set_filter(&mut self, filter: Option<FilterSpec>) {
+        if self.filter != filter {
+            // Replies in flight were filtered by the old one.
+            for g in &mut self.groups {
+                if let Some(id) = g.in_flight.take() {
+                    self.fetches.remove(&id);
+                }
+            }
+            self.filter = filter;
+        }
     }
 
     /// Sets the most bytes one fetch returns (over all queues of a group).
@@ -250,6 +268,7 @@ impl Consumer {
                 topic: self.topic.to_string(),
                 max_bytes: self.fetch_bytes_max,
                 wait_ms,
+                filter: self.filter.clone(),
                 queues: head
                     .iter()
                     .chain(tail)
@@ -299,6 +318,10 @@ impl Consumer {
                     next = m.offset + 1;
                     self.ready.push_back(m);
                 }
+            }
+            // Under a filter the broker looked past what it sent.
+            if e.next > next && e.next <= e.offsets.latest {
+                next = e.next;
             }
             let cursor = self.cursors.get_mut(&e.queue).expect("cursor");
             cursor.next = next;

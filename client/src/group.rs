@@ -124,6 +124,20 @@ impl GroupConsumer {
     /// Connects, and subscribes to `topic` as a member of `group`, which is
     /// created (message delivery, the defaults) when it does not exist.
     pub fn connect(addr: &str, group: &str, topic: &str) -> Result<GroupConsumer, ClientError> {
+        GroupConsumer::connect_filtered(addr, group, topic, None)
+    }
+
+    /// [`GroupConsumer::connect`] with the subscription's filter: a group
+    /// created now gets it (the broker filters for the whole group:
+    /// messages it does not pass are finished unsent); an existing group
+    /// must have this very filter on `topic` (`invalid_argument` if not:
+    /// a group's filter is set when it is created).
+    pub fn connect_filtered(
+        addr: &str,
+        group: &str,
+        topic: &str,
+        filter: Option<FilterSpec>,
+    ) -> Result<GroupConsumer, ClientError> {
         let conn = Connection::connect(addr)?;
         let mut c = GroupConsumer {
             conn,
@@ -145,15 +159,20 @@ impl GroupConsumer {
             ack_linger: ACK_LINGER_DEFAULT,
             loaded: std::collections::HashSet::new(),
         };
-        c.ensure_group()?;
+        c.ensure_group(filter.as_ref())?;
         c.refresh_shards()?;
         Ok(c)
     }
 
-    fn ensure_group(&mut self) -> Result<(), ClientError> {
+    fn ensure_group(&mut self, filter: Option<&FilterSpec>) -> Result<(), ClientError> {
         let mut b = BytesMut::new();
+        let mut subscription = serde_json::json!({ "topic": self.topic });
+        if let Some(f) = filter {
+            subscription["filter"] = f.expression.clone().into();
+            subscription["filter_type"] = f.kind.name().into();
+        }
         let settings = serde_json::json!({
-            "subscriptions": [{ "topic": self.topic }],
+            "subscriptions": [subscription],
         });
         CreateGroupRequest {
             name: self.group.clone(),
@@ -165,7 +184,32 @@ impl GroupConsumer {
             Err(ClientError::Broker {
                 code: ErrorCode::GroupExists,
                 ..
-            }) => Ok(()),
+            }) => match filter {
+                None => Ok(()),
+                Some(f) => {
+                    let mut b = BytesMut::new();
+                    GroupRequest {
+                        name: self.group.clone(),
+                    }
+                    .encode(&mut b);
+                    let body = self.conn.call(Op::DescribeGroup, &b)?;
+                    let v: serde_json::Value = serde_json::from_slice(&body)
+                        .map_err(|e| ClientError::Protocol(format!("describe: {e}")))?;
+                    let has = crate::subscription_filter(&v["settings"], &self.topic);
+                    if has.as_ref() == Some(f) {
+                        Ok(())
+                    } else {
+                        Err(ClientError::InvalidArgument(format!(
+                            "group {} filters `{}` with {}; this consumer asks for {} `{}` (a group's filter is set when it is created)",
+                            self.group,
+                            self.topic,
+                            has.map_or("nothing".to_owned(), |h| format!("{} `{}`", h.kind.name(), h.expression)),
+                            f.kind.name(),
+                            f.expression
+                        )))
+                    }
+                }
+            },
             Err(e) => Err(e),
         }
     }

@@ -31,7 +31,7 @@ mod producer;
 
 pub use crate::batch::Record;
 pub use crate::ids::MessageId;
-pub use crate::protocol::{Durability, ErrorCode, QueueOffsets, TopicInfo};
+pub use crate::protocol::{Durability, ErrorCode, FilterSpec, FilterType, QueueOffsets, TopicInfo};
 pub use admin::Admin;
 pub use conn::{Connection, Incoming};
 pub use consumer::{Consumer, SeekTo};
@@ -142,8 +142,29 @@ impl Message {
     }
 }
 
-/// Decodes the records of a stored batch into messages, skipping those
-/// before `from_offset`. `shard` owns the queue (part of the message id).
+/// The filter a group's settings (the `settings` of a describe) give its
+/// subscription to `topic`; `None` for `*` or no such subscription.
+pub fn subscription_filter(settings: &serde_json::Value, topic: &str) -> Option<FilterSpec> {
+    let s = settings["subscriptions"]
+        .as_array()?
+        .iter()
+        .find(|s| s["topic"] == topic)?;
+    let expression = s["filter"].as_str().unwrap_or("*");
+    if expression.trim() == "*" {
+        return None;
+    }
+    let kind = s["filter_type"]
+        .as_str()
+        .and_then(FilterType::parse)
+        .unwrap_or(FilterType::Tag);
+    Some(FilterSpec {
+        kind,
+        expression: expression.to_owned(),
+    })
+}
+
+/// Decodes the records of a stored batch (or of a filtered copy) into
+/// messages, skipping those before `from_offset`. `shard` owns the queue (part of the message id).
 pub fn decode_batch(
     topic: &std::sync::Arc<str>,
     queue: u32,
@@ -154,9 +175,10 @@ pub fn decode_batch(
     let h = crate::batch::check_fetched(batch)
         .map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
     let mut out = Vec::with_capacity(h.record_count as usize);
-    for (i, r) in crate::batch::RecordIter::new(batch).enumerate() {
+    for r in crate::batch::RecordIter::new(batch) {
         let r = r.map_err(|e| ClientError::Protocol(format!("fetched batch: {e}")))?;
-        let offset = h.base_offset + i as u64;
+        let i = r.index;
+        let offset = h.base_offset + u64::from(i);
         if offset < from_offset {
             continue;
         }
@@ -167,7 +189,7 @@ pub fn decode_batch(
             id: MessageId {
                 shard: crate::ids::ShardId(shard),
                 position: crate::ids::LogPosition(h.log_position),
-                index: i as u32,
+                index: i,
             },
             key: r.key.map(|k| batch.slice_ref(k)),
             tag: r.tag.map(str::to_owned),

@@ -104,9 +104,13 @@ impl GroupMember {
         }
         let info = control.topic_info(topic)?;
         let now = Instant::now();
+        // The broker applies the group's filter to the member's fetches
+        // (skipped messages still move the committed offset on).
+        let mut consumer = Consumer::connect(addr)?;
+        consumer.set_filter(crate::subscription_filter(s, topic));
         let mut m = GroupMember {
             control,
-            consumer: Consumer::connect(addr)?,
+            consumer,
             group: group.to_owned(),
             topic: topic.to_owned(),
             instance: instance.to_owned(),

@@ -30,7 +30,8 @@
 //! 32  u64 log_position   stamped: where the batch sits in the shard's log
 //! 40  u64 term           replication term (0 until replication)
 //! 48  u32 body_crc       CRC32 of bytes 52..batch_len, by the producer
-//! 52  u16 attributes     batch flags (none defined yet: 0)
+//! 52  u16 attributes     0 in a stored batch; bit 0 FILTERED in a copy
+//!                        the broker made of some of its records
 //! 54  u16 reserved       0
 //! 56  u32 record_count
 //! 60  u32 reserved       0
@@ -38,6 +39,15 @@
 //! 72  i64 max_timestamp_ms    producer clock
 //! 80  records...
 //! ```
+//!
+//! A *filtered copy* ([`filtered_copy`]) is what the broker sends when a
+//! consumer's filter keeps some but not all records of a stored batch: the
+//! same header (stamped fields kept, `header_mac` 0, its own `batch_len`,
+//! `record_count` and `body_crc`, `attributes` = [`BATCH_ATTR_FILTERED`]),
+//! then `record_count` × u32 record index (the record's place in the stored
+//! batch, increasing), then those records unchanged. Record `j` of a copy
+//! has queue offset `base_offset + index[j]`. Copies are never stored and a
+//! produce carrying one is refused.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use std::hash::Hasher;
@@ -51,6 +61,9 @@ pub const BATCH_MAGIC: u16 = 0x4B51;
 pub const BATCH_VERSION: u8 = 1;
 /// Fixed bytes of a record before its variable fields (length included).
 pub const RECORD_FIXED_BYTES: usize = 4 + 1 + 1 + 2 + 8 + 8;
+
+/// `attributes` bit of a filtered copy (never stored or produced).
+pub const BATCH_ATTR_FILTERED: u16 = 1;
 
 /// Bytes the header MAC covers: every stamped field and the body CRC.
 const HEADER_MAC_RANGE: std::ops::Range<usize> = 4..52;
@@ -186,6 +199,15 @@ pub fn peek_batch_len(b: &[u8]) -> Option<u32> {
 /// Checks a batch as a producer sent it: lengths, magic, version, body CRC
 /// and every record's framing. Broker-stamped fields are ignored.
 pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader, BatchError> {
+    validate_produced_tags(b, batch_bytes_max).map(|(h, _)| h)
+}
+
+/// [`validate_produced`], also returning the batch's tag summary: the
+/// union of [`tag_bloom`] over its records' tags (0: no record has a tag).
+pub fn validate_produced_tags(
+    b: &[u8],
+    batch_bytes_max: usize,
+) -> Result<(BatchHeader, u32), BatchError> {
     if b.len() > batch_bytes_max {
         return Err(BatchError::TooLarge(b.len(), batch_bytes_max));
     }
@@ -194,8 +216,11 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
         return Err(BatchError::Empty);
     }
     let mut actual = 0u32;
+    let mut tags = 0u32;
     for record in RecordIter::new(b) {
-        record?;
+        if let Some(t) = record?.tag {
+            tags |= tag_bloom(t.as_bytes());
+        }
         actual += 1;
     }
     if actual != header.record_count {
@@ -204,7 +229,15 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
             actual,
         });
     }
-    Ok(header)
+    Ok((header, tags))
+}
+
+/// The tag summary of a stored batch (see [`validate_produced_tags`]).
+pub fn tag_summary(b: &[u8]) -> u32 {
+    RecordIter::new(b)
+        .map_while(Result::ok)
+        .filter_map(|r| r.tag)
+        .fold(0, |acc, t| acc | tag_bloom(t.as_bytes()))
 }
 
 fn check_body_crc(b: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
@@ -280,7 +313,85 @@ pub fn check_stored_header(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, Ba
 /// reserved fields (a client does not hold the segment key, so the header
 /// MAC is the broker's to check).
 pub fn check_fetched(b: &[u8]) -> Result<BatchHeader, BatchError> {
-    check_whole(b, BatchHeader::parse(b)?)
+    let header = BatchHeader::parse(b)?;
+    if header.attributes != BATCH_ATTR_FILTERED {
+        return check_whole(b, header);
+    }
+    // A filtered copy: everything but `attributes` as in a stored batch,
+    // and an index table of `record_count` increasing record indexes.
+    if header.batch_len as usize != b.len() {
+        return Err(BatchError::LengthMismatch {
+            declared: header.batch_len,
+            actual: b.len(),
+        });
+    }
+    check_body_crc(b, &header)?;
+    if b[11] != 0 || u16_at(b, 54) != 0 || u32_at(b, 60) != 0 {
+        return Err(BatchError::ReservedNotZero("filtered copy header"));
+    }
+    let n = header.record_count as usize;
+    let table = n
+        .checked_mul(4)
+        .and_then(|t| b.get(BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + t))
+        .ok_or(BatchError::BadRecord {
+            index: 0,
+            reason: "filtered copy's index table runs past the batch",
+        })?;
+    let mut last = None;
+    for (j, t) in table.chunks_exact(4).enumerate() {
+        let i = u32::from_le_bytes(t.try_into().unwrap());
+        if last.is_some_and(|l| i <= l) {
+            return Err(BatchError::BadRecord {
+                index: j as u32,
+                reason: "filtered copy's record indexes do not increase",
+            });
+        }
+        last = Some(i);
+    }
+    Ok(header)
+}
+
+/// A filtered copy of the stored batch `stored` holding only the records
+/// whose indexes are in `keep` (increasing, each below the batch's record
+/// count); see the module docs. `stored` passed [`check_stored`].
+pub fn filtered_copy(stored: &[u8], keep: &[u32]) -> Bytes {
+    let mut out = BytesMut::with_capacity(BATCH_HEADER_BYTES + keep.len() * 4 + 256);
+    out.extend_from_slice(&stored[..BATCH_HEADER_BYTES]);
+    for &i in keep {
+        out.put_u32_le(i);
+    }
+    let mut want = keep.iter().copied().peekable();
+    let mut at = BATCH_HEADER_BYTES;
+    let mut i = 0u32;
+    while let Some(&next) = want.peek() {
+        let Some(len) = stored.get(at..at + 4) else {
+            break;
+        };
+        let end = at + 4 + u32::from_le_bytes(len.try_into().unwrap()) as usize;
+        if i == next {
+            out.extend_from_slice(&stored[at..end]);
+            want.next();
+        }
+        at = end;
+        i += 1;
+    }
+    assert!(want.peek().is_none(), "filtered_copy: index past the batch");
+    let len = out.len() as u32;
+    out[0..4].copy_from_slice(&0u32.to_le_bytes());
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    out[52..54].copy_from_slice(&BATCH_ATTR_FILTERED.to_le_bytes());
+    out[56..60].copy_from_slice(&(keep.len() as u32).to_le_bytes());
+    let crc = crc32fast::hash(&out[BODY_CRC_START..]);
+    out[48..52].copy_from_slice(&crc.to_le_bytes());
+    out.freeze()
+}
+
+/// The bits a tag sets in a batch's tag summary: a 32-bit Bloom filter of
+/// the tags of its records (two bits per tag, from its CRC-32), kept in the
+/// consume index so a tag filter skips batches without reading them.
+pub fn tag_bloom(tag: &[u8]) -> u32 {
+    let h = crc32fast::hash(tag);
+    (1 << (h & 31)) | (1 << ((h >> 5) & 31))
 }
 
 /// The checks every whole batch passes, on its parsed header: the declared
@@ -300,6 +411,10 @@ fn check_whole(b: &[u8], header: BatchHeader) -> Result<BatchHeader, BatchError>
 /// One record inside a batch, borrowed from the batch bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordView<'a> {
+    /// The record's index in its stored batch (queue offset `base_offset +
+    /// index`); in a stored batch its place, in a filtered copy from the
+    /// copy's index table.
+    pub index: u32,
     pub priority: u8,
     pub timestamp_ms: i64,
     pub deliver_at_ms: i64,
@@ -316,18 +431,37 @@ pub struct RecordIter<'a> {
     batch: &'a [u8],
     at: usize,
     index: u32,
+    /// A filtered copy's index table (empty for a stored batch).
+    table: &'a [u8],
     failed: bool,
 }
 
 impl<'a> RecordIter<'a> {
-    /// Iterates records of `batch` (the whole batch, header included).
+    /// Iterates records of `batch` (the whole batch, header included; a
+    /// stored batch or a filtered copy).
     pub fn new(batch: &'a [u8]) -> Self {
-        RecordIter {
+        let mut it = RecordIter {
             batch,
             at: BATCH_HEADER_BYTES.min(batch.len()),
             index: 0,
+            table: &[],
             failed: false,
+        };
+        if batch.len() >= BATCH_HEADER_BYTES && u16_at(batch, 52) & BATCH_ATTR_FILTERED != 0 {
+            let n = u32_at(batch, 56) as usize;
+            match n
+                .checked_mul(4)
+                .and_then(|t| BATCH_HEADER_BYTES.checked_add(t))
+                .filter(|&end| end <= batch.len())
+            {
+                Some(end) => {
+                    it.table = &batch[BATCH_HEADER_BYTES..end];
+                    it.at = end;
+                }
+                None => it.failed = true,
+            }
         }
+        it
     }
 }
 
@@ -361,7 +495,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn parse_record(rec: &[u8], base: usize) -> Result<RecordView<'_>, &'static str> {
+fn parse_record(rec: &[u8], base: usize, index: u32) -> Result<RecordView<'_>, &'static str> {
     let mut c = Cursor { b: rec, at: 0 };
     let flags = c.take(1).ok_or("truncated")?[0];
     if flags & !RECORD_FLAGS_KNOWN != 0 {
@@ -395,6 +529,7 @@ fn parse_record(rec: &[u8], base: usize) -> Result<RecordView<'_>, &'static str>
         return Err("record length does not match its fields");
     }
     Ok(RecordView {
+        index,
         priority,
         timestamp_ms,
         deliver_at_ms,
@@ -426,7 +561,15 @@ impl<'a> Iterator for RecordIter<'a> {
         let Some(end) = start.checked_add(len).filter(|&e| e <= self.batch.len()) else {
             return fail(self, "record runs past the batch");
         };
-        match parse_record(&self.batch[start..end], start) {
+        let stored_index = if self.table.is_empty() {
+            index
+        } else {
+            match self.table.get(index as usize * 4..index as usize * 4 + 4) {
+                Some(t) => u32::from_le_bytes(t.try_into().unwrap()),
+                None => return fail(self, "more records than the copy's index table"),
+            }
+        };
+        match parse_record(&self.batch[start..end], start, stored_index) {
             Ok(view) => {
                 self.at = end;
                 self.index += 1;
@@ -641,6 +784,80 @@ mod tests {
     }
 
     const KEY: SegmentKey = SegmentKey([7; 16]);
+
+    #[test]
+    fn a_filtered_copy_keeps_the_chosen_records_with_their_indexes() {
+        let records: Vec<Record> = (0..5)
+            .map(|i| Record {
+                tag: Some(format!("T{i}")),
+                ..record(&format!("m{i}"))
+            })
+            .collect();
+        let mut stored = BytesMut::from(&build(&records)[..]);
+        stamp(&mut stored, 3, 100, 42, 8192, &KEY);
+        let copy = filtered_copy(&stored, &[1, 3]);
+        let h = check_fetched(&copy).unwrap();
+        assert_eq!(
+            (h.record_count, h.base_offset, h.log_position),
+            (2, 100, 8192)
+        );
+        assert_eq!(h.attributes, BATCH_ATTR_FILTERED);
+        let got: Vec<(u32, Vec<u8>)> = RecordIter::new(&copy)
+            .map(|r| r.unwrap())
+            .map(|r| (r.index, r.payload.to_vec()))
+            .collect();
+        assert_eq!(got, vec![(1, b"m1".to_vec()), (3, b"m3".to_vec())]);
+        // A copy is never taken as a produced or a stored batch.
+        assert!(matches!(
+            validate_produced(&copy, 1 << 20),
+            Err(BatchError::ReservedNotZero(_))
+        ));
+        assert!(check_stored(&copy, &KEY).is_err());
+        // Indexes that do not increase are refused.
+        let mut bad = BytesMut::from(&filtered_copy(&stored, &[1, 3])[..]);
+        bad[84..88].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&bad[52..]);
+        bad[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            check_fetched(&bad),
+            Err(BatchError::BadRecord { index: 1, .. })
+        ));
+        // A table longer than the batch is refused, not read past.
+        let mut long = BytesMut::from(&copy[..]);
+        long[56..60].copy_from_slice(&1000u32.to_le_bytes());
+        let crc = crc32fast::hash(&long[52..]);
+        long[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert!(check_fetched(&long).is_err());
+        assert!(RecordIter::new(&long).next().is_none());
+    }
+
+    #[test]
+    fn the_tag_summary_covers_every_tag_of_the_batch() {
+        let records: Vec<Record> = ["A", "B", "C"]
+            .iter()
+            .map(|t| Record {
+                tag: Some(t.to_string()),
+                ..record("x")
+            })
+            .chain([Record {
+                tag: None,
+                ..record("y")
+            }])
+            .collect();
+        let b = build(&records);
+        let (_, tags) = validate_produced_tags(&b, 1 << 20).unwrap();
+        assert_eq!(tags, tag_summary(&b));
+        for t in ["A", "B", "C"] {
+            let bits = tag_bloom(t.as_bytes());
+            assert_eq!(bits.count_ones().clamp(1, 2), bits.count_ones());
+            assert_eq!(tags & bits, bits, "{t}");
+        }
+        let untagged = build(&[Record {
+            tag: None,
+            ..record("z")
+        }]);
+        assert_eq!(tag_summary(&untagged), 0);
+    }
 
     #[test]
     fn encode_validate_stamp_check_round_trip() {

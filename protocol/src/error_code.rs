@@ -54,6 +54,9 @@ pub enum ErrorCode {
     /// A membership request carried an old generation or a lost member id:
     /// rejoin.
     StaleGeneration = 23,
+    /// A filter expression that does not parse (the message names the byte
+    /// position and what was expected), is over 4096 bytes, or is empty.
+    InvalidFilter = 24,
 }
 
 impl ErrorCode {
@@ -84,6 +87,7 @@ impl ErrorCode {
             21 => StaleReceipt,
             22 => AlreadyAcked,
             23 => StaleGeneration,
+            24 => InvalidFilter,
             _ => Internal,
         }
     }
@@ -122,6 +126,7 @@ impl ErrorCode {
             StaleReceipt => "stale_receipt",
             AlreadyAcked => "already_acked",
             StaleGeneration => "stale_generation",
+            InvalidFilter => "invalid_filter",
         }
     }
 }
@@ -132,7 +137,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for v in 0..=23u16 {
+        for v in 0..=24u16 {
             assert_eq!(ErrorCode::from_u16(v) as u16, v);
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Internal);

@@ -4,9 +4,11 @@
 //! expressions"). Plain code, no I/O: the broker parses a filter once at
 //! subscribe time and evaluates it per message against a [`Fields`] view.
 
+pub mod select;
 pub mod sql;
 pub mod tag;
 
+pub use select::{MessageFilter, Selection};
 pub use sql::{SqlFilter, Value};
 pub use tag::TagFilter;
 
@@ -55,6 +57,15 @@ pub enum Filter {
 pub enum FilterKind {
     Tag,
     Sql,
+}
+
+impl From<crate::protocol::FilterType> for FilterKind {
+    fn from(t: crate::protocol::FilterType) -> FilterKind {
+        match t {
+            crate::protocol::FilterType::Tag => FilterKind::Tag,
+            crate::protocol::FilterType::Sql92 => FilterKind::Sql,
+        }
+    }
 }
 
 impl Filter {

@@ -823,4 +823,6 @@ impl Parser {
 }
 
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;

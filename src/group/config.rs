@@ -17,8 +17,6 @@ use crate::protocol::Durability;
 pub const GROUP_NAME_BYTES_MAX: usize = 200;
 /// Most subscriptions of one group.
 pub const SUBSCRIPTIONS_MAX: usize = 64;
-/// Longest filter expression, in bytes.
-pub const FILTER_BYTES_MAX: usize = 4096;
 /// Most deliveries of one message a group may allow.
 pub const ATTEMPTS_MAX_LIMIT: u32 = 1000;
 /// Default invisible time of a receive: 30 s, in milliseconds.
@@ -86,9 +84,40 @@ pub enum StartFrom {
 #[serde(deny_unknown_fields)]
 pub struct Subscription {
     pub topic: String,
-    /// `*` (everything); tag and SQL92 expressions come with filters.
+    /// The filter's expression: `*` (everything), tags (`A || B`) or a
+    /// SQL92 expression, as `filter_type` says.
     #[serde(default = "every_message")]
     pub filter: String,
+    #[serde(default)]
+    pub filter_type: FilterLanguage,
+}
+
+/// The language of a subscription's filter (`"TAG"` or `"SQL92"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterLanguage {
+    #[default]
+    #[serde(rename = "TAG", alias = "tag")]
+    Tag,
+    #[serde(rename = "SQL92", alias = "sql92", alias = "sql", alias = "SQL")]
+    Sql92,
+}
+
+impl FilterLanguage {
+    pub fn kind(self) -> crate::filter::FilterKind {
+        match self {
+            FilterLanguage::Tag => crate::filter::FilterKind::Tag,
+            FilterLanguage::Sql92 => crate::filter::FilterKind::Sql,
+        }
+    }
+}
+
+impl Subscription {
+    /// The parsed filter; `None` for `*`.
+    pub fn message_filter(
+        &self,
+    ) -> Result<Option<crate::filter::MessageFilter>, crate::filter::FilterError> {
+        crate::filter::MessageFilter::parse(self.filter_type.kind(), &self.filter)
+    }
 }
 
 /// A consumer group's settings.
@@ -139,8 +168,11 @@ pub enum GroupConfigError {
     DuplicateSubscription(String),
     #[error("subscription topic `{0}` is not a valid topic name")]
     Topic(String),
-    #[error("filter `{0}` is not supported yet: only `*`")]
-    Filter(String),
+    #[error("filter of the subscription to `{topic}`: {error}")]
+    Filter {
+        topic: String,
+        error: crate::filter::FilterError,
+    },
     #[error(
         "a broadcast group delivers every message to every instance: delivery must be `queue`"
     )]
@@ -200,9 +232,11 @@ impl GroupConfig {
             if self.subscriptions[..i].iter().any(|o| o.topic == s.topic) {
                 return Err(GroupConfigError::DuplicateSubscription(s.topic.clone()));
             }
-            if s.filter.trim() != "*" {
-                let shown: String = s.filter.chars().take(FILTER_BYTES_MAX).collect();
-                return Err(GroupConfigError::Filter(shown));
+            if let Err(error) = s.message_filter() {
+                return Err(GroupConfigError::Filter {
+                    topic: s.topic.clone(),
+                    error,
+                });
             }
         }
         Ok(())
@@ -255,6 +289,7 @@ mod tests {
         Subscription {
             topic: topic.into(),
             filter: "*".into(),
+            filter_type: FilterLanguage::Tag,
         }
     }
 
@@ -327,9 +362,32 @@ mod tests {
             with(&|g| g.subscriptions = vec![sub("%DLQ%x")]),
             GroupConfigError::Topic("%DLQ%x".into())
         );
-        assert_eq!(
-            with(&|g| g.subscriptions[0].filter = "TagA".into()),
-            GroupConfigError::Filter("TagA".into())
-        );
+        assert!(matches!(
+            with(&|g| g.subscriptions[0].filter = "TagA ||".into()),
+            GroupConfigError::Filter { topic, error: crate::filter::FilterError::Syntax { position: 7, .. } }
+                if topic == "orders"
+        ));
+        assert!(matches!(
+            with(&|g| {
+                g.subscriptions[0].filter = "a >".into();
+                g.subscriptions[0].filter_type = FilterLanguage::Sql92;
+            }),
+            GroupConfigError::Filter { .. }
+        ));
+        assert!(matches!(
+            with(&|g| g.subscriptions[0].filter = "x".repeat(4097)),
+            GroupConfigError::Filter {
+                error: crate::filter::FilterError::TooLong(4097),
+                ..
+            }
+        ));
+        // Good filters of both languages validate and persist.
+        let mut g = ok.clone();
+        g.subscriptions[0].filter = "a > 1 AND b LIKE 'x%'".into();
+        g.subscriptions[0].filter_type = FilterLanguage::Sql92;
+        g.validate().unwrap();
+        let json = serde_json::to_string(&g).unwrap();
+        assert!(json.contains("\"filter_type\":\"SQL92\""), "{json}");
+        assert_eq!(serde_json::from_str::<GroupConfig>(&json).unwrap(), g);
     }
 }

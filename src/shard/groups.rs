@@ -614,7 +614,7 @@ impl GroupEngine {
             let bytes = b.finish();
             let header = BatchHeader::parse(&bytes).expect("a built batch parses");
             let r = store
-                .append(GROUP_JOURNAL_QUEUE, &bytes, &header, level)
+                .append(GROUP_JOURNAL_QUEUE, &bytes, &header, 0, level)
                 .map_err(|e| (first, e))?;
             self.journal_bytes
                 .set(self.journal_bytes.get() + bytes.len() as u64);

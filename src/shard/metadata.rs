@@ -655,6 +655,7 @@ mod tests {
         let sub = |t: &str| Subscription {
             topic: t.into(),
             filter: "*".into(),
+            filter_type: Default::default(),
         };
         let g = GroupConfig::new("risk", vec![sub("orders")]);
         let id = m.create_group(g.clone(), 5).unwrap();

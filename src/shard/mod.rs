@@ -61,6 +61,15 @@ pub struct Shard {
     /// Next queue for produce requests that name neither queue nor key.
     pub round_robin: Cell<u32>,
     pub stopping: Cell<bool>,
+    /// Parsed group subscription filters, by (group, topic); at most
+    /// `FILTER_CACHE_ENTRIES_MAX` (broker::handlers).
+    #[allow(clippy::type_complexity)]
+    pub filters: RefCell<
+        std::collections::HashMap<
+            (crate::ids::GroupId, String),
+            Option<Rc<crate::filter::MessageFilter>>,
+        >,
+    >,
 }
 
 impl Shard {
@@ -210,6 +219,7 @@ pub async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<Started, String> {
         meta_lock: Semaphore::new(1),
         round_robin: Cell::new(id as u32),
         stopping: Cell::new(false),
+        filters: Default::default(),
     });
     shard.apply_metadata(spec.metadata);
     let listener = runtime::bind_listener(spec.listen)

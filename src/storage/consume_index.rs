@@ -11,6 +11,9 @@ pub struct IndexEntry {
     pub position: u64,
     pub len: u32,
     pub count: u32,
+    /// Tag summary of the batch's records (`batch::tag_summary`): a tag
+    /// filter skips a batch whose summary lacks every tag it names.
+    pub tags: u32,
 }
 
 impl IndexEntry {
@@ -103,6 +106,7 @@ mod tests {
             position,
             len: 100,
             count,
+            tags: 0,
         }
     }
 

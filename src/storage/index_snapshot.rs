@@ -17,7 +17,7 @@
 //!        | u32 flags (bit 0: sealed) | u32 crc32 (bytes 0..20 and 24..32,
 //!        then the entries) | u64 from
 //!        | n × (u64 position, u64 base_offset, i64 append_time_ms,
-//!             u32 queue_id, u32 len, u32 count, u32 reserved 0)
+//!             u32 queue_id, u32 len, u32 count, u32 tags)
 //!        | zeros to the next page
 //! ```
 //! A block lists every batch of the segment starting in `[from,
@@ -31,7 +31,11 @@ use std::path::Path;
 use super::io::{Io, IoBuffer, IoFile, IoResult};
 use super::{align_up, BatchEntry};
 
-const MAGIC: u32 = 0x4B49_5831;
+/// Blocks written now ("KIX2": entries carry their batch's tag summary).
+const MAGIC: u32 = 0x4B49_5832;
+/// Blocks of older files ("KIX1": the last entry field was reserved, so
+/// their tag summaries read as unknown, all ones).
+const MAGIC_V1: u32 = 0x4B49_5831;
 const BLOCK_HEAD_BYTES: usize = 32;
 const ENTRY_BYTES: usize = 40;
 const FLAG_SEALED: u32 = 1;
@@ -70,6 +74,7 @@ pub fn encode_block(entries: &[BatchEntry], from: u64, covered_end: u64, sealed:
         b[at + 24..at + 28].copy_from_slice(&e.queue_id.to_le_bytes());
         b[at + 28..at + 32].copy_from_slice(&e.len.to_le_bytes());
         b[at + 32..at + 36].copy_from_slice(&e.count.to_le_bytes());
+        b[at + 36..at + 40].copy_from_slice(&e.tags.to_le_bytes());
         at += ENTRY_BYTES;
     }
     let crc = block_crc(&b[..BLOCK_HEAD_BYTES], &b[BLOCK_HEAD_BYTES..body]);
@@ -97,7 +102,8 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
     while at + BLOCK_HEAD_BYTES <= b.len() {
         let u32_at = |i: usize| u32::from_le_bytes(b[at + i..at + i + 4].try_into().unwrap());
         let n = u32_at(4) as usize;
-        if u32_at(0) != MAGIC || n > BLOCK_ENTRIES_MAX {
+        let magic = u32_at(0);
+        if (magic != MAGIC && magic != MAGIC_V1) || n > BLOCK_ENTRIES_MAX {
             break;
         }
         let body = BLOCK_HEAD_BYTES + n * ENTRY_BYTES;
@@ -124,6 +130,11 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
                 queue_id: u32::from_le_bytes(c[24..28].try_into().unwrap()),
                 len: u32::from_le_bytes(c[28..32].try_into().unwrap()),
                 count: u32::from_le_bytes(c[32..36].try_into().unwrap()),
+                tags: if magic == MAGIC {
+                    u32::from_le_bytes(c[36..40].try_into().unwrap())
+                } else {
+                    u32::MAX
+                },
             })
             .collect();
         // Blocks only ever extend the list, in log order.
@@ -206,7 +217,31 @@ mod tests {
             base_offset,
             count: 3,
             append_time_ms: 1000 + position as i64,
+            tags: (position as u32).rotate_left(7) ^ queue_id,
         }
+    }
+
+    #[test]
+    fn tag_summaries_round_trip_and_old_blocks_read_them_as_unknown() {
+        let entries = [e(4096, 100, 1, 0), e(4196, 50, 2, 0)];
+        let block = encode_block(&entries, 4096, 4246, false);
+        assert_eq!(decode_file(&block, 4096).entries, entries);
+        // The same block as an older broker wrote it: magic KIX1 and the
+        // last field reserved (0), which must not read as "no tags".
+        let mut old = block.clone();
+        old[0..4].copy_from_slice(&MAGIC_V1.to_le_bytes());
+        for i in 0..entries.len() {
+            let at = BLOCK_HEAD_BYTES + i * ENTRY_BYTES + 36;
+            old[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        }
+        let crc = block_crc(
+            &old[..BLOCK_HEAD_BYTES],
+            &old[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + entries.len() * ENTRY_BYTES],
+        );
+        old[20..24].copy_from_slice(&crc.to_le_bytes());
+        let got = decode_file(&old, 4096).entries;
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|g| g.tags == u32::MAX));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct BatchEntry {
     pub base_offset: u64,
     pub count: u32,
     pub append_time_ms: i64,
+    /// Tag summary of its records (`batch::tag_summary`; all ones when
+    /// unknown, as for entries of old index snapshots).
+    pub tags: u32,
 }
 
 impl BatchEntry {

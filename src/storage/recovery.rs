@@ -321,6 +321,7 @@ async fn probe_once<F: IoFile>(
             base_offset: h.base_offset,
             count: h.record_count,
             append_time_ms: h.append_time_ms,
+            tags: crate::batch::tag_summary(&whole),
         }),
         Err(e) => Probe::Invalid(e.to_string()),
     })

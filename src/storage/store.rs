@@ -161,6 +161,8 @@ pub struct BatchLocation {
     pub base_offset: QueueOffset,
     /// The offset after its last record.
     pub next_offset: QueueOffset,
+    /// Its tag summary (`batch::tag_summary`).
+    pub tags: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,6 +244,7 @@ impl<I: Io> QueueStore<I> {
                 position: b.position,
                 len: b.len,
                 count: b.count,
+                tags: b.tags,
             });
             q.time.push(b.append_time_ms, b.base_offset);
             q.next_offset = b.next_offset();
@@ -386,12 +389,14 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// Stamps a validated produced batch for `queue_id` and appends it, to
-    /// be acknowledged at `level`.
+    /// be acknowledged at `level`. `tags` is its tag summary
+    /// (`batch::validate_produced_tags`), kept in the consume index.
     pub fn append(
         &self,
         queue: QueueId,
         produced: &[u8],
         header: &BatchHeader,
+        tags: u32,
         level: Durability,
     ) -> Result<AppendReceipt, StoreError> {
         let queue_id = queue.0;
@@ -429,6 +434,7 @@ impl<I: Io> QueueStore<I> {
             position,
             len: len as u32,
             count: header.record_count,
+            tags,
         });
         q.time.push(now, base);
         q.next_offset = base + count;
@@ -447,6 +453,7 @@ impl<I: Io> QueueStore<I> {
             base_offset: base,
             count: header.record_count,
             append_time_ms: now,
+            tags,
         });
         Ok(AppendReceipt {
             queue_id: queue,
@@ -659,6 +666,63 @@ impl<I: Io> QueueStore<I> {
         Ok((offsets, out))
     }
 
+    /// Visible batches of a queue from `offset` that `may_match` (given a
+    /// batch's tag summary) lets through, up to `max_bytes` (at least one
+    /// when any is visible) and looking at most `look_max` index entries.
+    /// Also returns the offset after the last entry looked at: batches
+    /// skipped unread count as looked at, so a filtered reader moves past
+    /// them.
+    pub async fn read_where(
+        &self,
+        queue: QueueId,
+        offset: QueueOffset,
+        max_bytes: u32,
+        look_max: usize,
+        may_match: impl Fn(u32) -> bool,
+    ) -> Result<(QueueOffsets, QueueOffset, Vec<Bytes>), StoreError> {
+        let (queue_id, offset) = (queue.0, offset.0);
+        let (offsets, looked_to, entries) = {
+            let queues = self.queues.borrow();
+            let q = queues
+                .get(&queue_id)
+                .ok_or(StoreError::UnknownQueue(queue_id))?;
+            let o = q.offsets();
+            if offset < o.earliest || offset > o.latest {
+                return Err(StoreError::OffsetOutOfRange {
+                    offset,
+                    earliest: o.earliest,
+                    latest: o.latest,
+                });
+            }
+            let mut entries = Vec::new();
+            let (mut bytes, mut looked_to) = (0u64, offset);
+            if let Some(mut i) = q.consume.find(offset) {
+                let end = i.saturating_add(look_max.max(1));
+                while let Some(e) = q.consume.get(i).filter(|_| i < end) {
+                    if e.base_offset >= o.latest
+                        || (!entries.is_empty() && bytes + u64::from(e.len) > u64::from(max_bytes))
+                    {
+                        break;
+                    }
+                    if may_match(e.tags) {
+                        bytes += u64::from(e.len);
+                        entries.push(*e);
+                    }
+                    looked_to = e.next_offset().min(o.latest).max(looked_to);
+                    i += 1;
+                }
+            }
+            (o, looked_to, entries)
+        };
+        let out = futures_util::future::try_join_all(
+            entries
+                .iter()
+                .map(|e| self.batch_at_entry(e.position, e.len as usize)),
+        )
+        .await?;
+        Ok((offsets, QueueOffset(looked_to), out))
+    }
+
     /// Where the visible batch holding `offset` of a queue is (none in a
     /// gap or past the visible end): to read it with
     /// [`QueueStore::read_located`], and its size before reading.
@@ -673,6 +737,7 @@ impl<I: Io> QueueStore<I> {
                 len: e.len,
                 base_offset: QueueOffset(e.base_offset),
                 next_offset: QueueOffset(e.next_offset()),
+                tags: e.tags,
             },
         )
     }

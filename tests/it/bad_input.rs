@@ -228,6 +228,7 @@ fn fetch_many_frame(topic: &str, queues: &[(u32, u64)], id: u64) -> BytesMut {
         topic: topic.into(),
         max_bytes: 1 << 20,
         wait_ms: 0,
+        filter: None,
         queues: queues.to_vec(),
     }
     .encode(&mut body);

@@ -62,6 +62,7 @@ fn a_client_that_pipelines_and_never_reads_costs_a_bounded_amount() {
         offset: 0,
         max_bytes: 4 << 20,
         wait_ms: 0,
+        filter: None,
     }
     .encode(&mut body);
     let mut frames = BytesMut::new();
@@ -301,6 +302,7 @@ fn connection_timers_cover_a_slow_first_frame_a_trickled_frame_and_idle_after_a_
         offset: 0,
         max_bytes: 1 << 20,
         wait_ms: 3000,
+        filter: None,
     }
     .encode(&mut fetch);
     let mut frame = BytesMut::new();
@@ -331,6 +333,7 @@ fn connection_timers_cover_a_slow_first_frame_a_trickled_frame_and_idle_after_a_
         offset: 0,
         max_bytes: 1 << 20,
         wait_ms: 0,
+        filter: None,
     }
     .encode(&mut ping);
     encode_frame(&mut first, Op::Fetch as u16, 1, 0, &ping);

@@ -70,6 +70,7 @@ fn seed_frames() -> Vec<(u16, Vec<u8>)> {
             offset: 0,
             max_bytes: 1 << 20,
             wait_ms: 5,
+            filter: None,
         }
         .encode(b)
     });
@@ -78,6 +79,7 @@ fn seed_frames() -> Vec<(u16, Vec<u8>)> {
             topic: "junk".into(),
             max_bytes: 1 << 20,
             wait_ms: 5,
+            filter: None,
             queues: vec![(0, 0), (1, 0)],
         }
         .encode(b)

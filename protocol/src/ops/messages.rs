@@ -83,7 +83,8 @@ impl ProduceResponse {
 }
 
 /// Fetch request: batches of one queue from `offset`, waiting up to
-/// `wait_ms` when nothing is there yet.
+/// `wait_ms` when nothing is there yet; with a filter, only the records it
+/// passes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchRequest {
     pub topic: String,
@@ -91,16 +92,18 @@ pub struct FetchRequest {
     pub offset: u64,
     pub max_bytes: u32,
     pub wait_ms: u32,
+    pub filter: Option<FilterSpec>,
 }
 
 impl FetchRequest {
     pub fn encode(&self, out: &mut BytesMut) {
-        Writer(out)
-            .str(&self.topic)
+        let mut w = Writer(out);
+        w.str(&self.topic)
             .u32(self.queue)
             .u64(self.offset)
             .u32(self.max_bytes)
             .u32(self.wait_ms);
+        encode_filter(&mut w, self.filter.as_ref());
     }
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
@@ -110,17 +113,97 @@ impl FetchRequest {
             offset: r.u64("offset")?,
             max_bytes: r.u32("max_bytes")?,
             wait_ms: r.u32("wait_ms")?,
+            filter: decode_filter(&mut r)?,
         };
         r.finish()?;
         Ok(v)
     }
 }
 
-/// Fetch response: whole stored batches, back to back. The first batch may
-/// start before the requested offset; the client skips those records.
+/// The filter language of an expression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FilterType {
+    /// `*` or tags joined by `||`.
+    Tag = 1,
+    /// RocketMQ's SQL92 over properties and built-ins, plus `LIKE`.
+    Sql92 = 2,
+}
+
+impl FilterType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterType::Tag => "TAG",
+            FilterType::Sql92 => "SQL92",
+        }
+    }
+    /// `TAG` or `SQL92` (any case; `SQL` also names SQL92).
+    pub fn parse(s: &str) -> Option<FilterType> {
+        match s.to_ascii_uppercase().as_str() {
+            "TAG" => Some(FilterType::Tag),
+            "SQL92" | "SQL" => Some(FilterType::Sql92),
+            _ => None,
+        }
+    }
+}
+
+/// A filter as a request carries it: its language and its text (parsed by
+/// the broker, which refuses a bad one with where and why).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FilterSpec {
+    pub kind: FilterType,
+    pub expression: String,
+}
+
+impl FilterSpec {
+    pub fn tag(expression: impl Into<String>) -> FilterSpec {
+        FilterSpec {
+            kind: FilterType::Tag,
+            expression: expression.into(),
+        }
+    }
+    pub fn sql(expression: impl Into<String>) -> FilterSpec {
+        FilterSpec {
+            kind: FilterType::Sql92,
+            expression: expression.into(),
+        }
+    }
+}
+
+/// `filter_type: u8` (0 none, 1 TAG, 2 SQL92), `filter: string` (empty
+/// when none).
+pub(crate) fn encode_filter(w: &mut Writer, f: Option<&FilterSpec>) {
+    match f {
+        None => w.u8(0).str(""),
+        Some(f) => w.u8(f.kind as u8).str(&f.expression),
+    };
+}
+
+pub(crate) fn decode_filter(r: &mut Reader) -> Result<Option<FilterSpec>, DecodeError> {
+    let kind = r.u8("filter_type")?;
+    let expression = r.str("filter")?;
+    let kind = match kind {
+        0 if expression.is_empty() => return Ok(None),
+        1 => FilterType::Tag,
+        2 => FilterType::Sql92,
+        v => {
+            return Err(DecodeError::BadValue {
+                field: "filter_type",
+                value: u64::from(v),
+            })
+        }
+    };
+    Ok(Some(FilterSpec { kind, expression }))
+}
+
+/// Fetch response: whole stored batches (or, under a filter, filtered
+/// copies of the batches it keeps only some records of), back to back. The
+/// first batch may start before the requested offset; the client skips
+/// those records. `next` is where to fetch from next: past the last batch
+/// returned, or, under a filter, past every record the broker looked at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchResponse {
     pub offsets: QueueOffsets,
+    pub next: u64,
     pub batches: Vec<Bytes>,
 }
 
@@ -131,6 +214,7 @@ impl FetchResponse {
         Writer(out)
             .u64(self.offsets.earliest)
             .u64(self.offsets.latest)
+            .u64(self.next)
             .u32(total as u32);
         for b in &self.batches {
             out.extend_from_slice(b);
@@ -141,10 +225,12 @@ impl FetchResponse {
         let mut r = Reader::new(body);
         let earliest = r.u64("earliest")?;
         let latest = r.u64("latest")?;
+        let next = r.u64("next")?;
         let all = r.bytes32("batches")?;
         r.finish()?;
         Ok(FetchResponse {
             offsets: QueueOffsets { earliest, latest },
+            next,
             batches: split_batches(all)?,
         })
     }
@@ -163,6 +249,8 @@ pub struct FetchManyRequest {
     pub topic: String,
     pub max_bytes: u32,
     pub wait_ms: u32,
+    /// One filter for every queue named.
+    pub filter: Option<FilterSpec>,
     /// (queue, offset)
     pub queues: Vec<(u32, u64)>,
 }
@@ -170,10 +258,9 @@ pub struct FetchManyRequest {
 impl FetchManyRequest {
     pub fn encode(&self, out: &mut BytesMut) {
         let mut w = Writer(out);
-        w.str(&self.topic)
-            .u32(self.max_bytes)
-            .u32(self.wait_ms)
-            .u32(self.queues.len() as u32);
+        w.str(&self.topic).u32(self.max_bytes).u32(self.wait_ms);
+        encode_filter(&mut w, self.filter.as_ref());
+        w.u32(self.queues.len() as u32);
         for &(q, o) in &self.queues {
             w.u32(q).u64(o);
         }
@@ -185,6 +272,7 @@ impl FetchManyRequest {
         let topic = r.str("topic")?;
         r.u32("max_bytes")?;
         r.u32("wait_ms")?;
+        decode_filter(&mut r)?;
         let n = bounded_count(&mut r, "queue_count", FETCH_MANY_QUEUES_MAX)?;
         let first = if n > 0 { Some(r.u32("queue")?) } else { None };
         Ok((topic, first))
@@ -194,6 +282,7 @@ impl FetchManyRequest {
         let topic = r.str("topic")?;
         let max_bytes = r.u32("max_bytes")?;
         let wait_ms = r.u32("wait_ms")?;
+        let filter = decode_filter(&mut r)?;
         let n = bounded_count(&mut r, "queue_count", FETCH_MANY_QUEUES_MAX)?;
         let mut queues = Vec::with_capacity(n);
         for _ in 0..n {
@@ -204,6 +293,7 @@ impl FetchManyRequest {
             topic,
             max_bytes,
             wait_ms,
+            filter,
             queues,
         })
     }
@@ -228,6 +318,8 @@ pub struct FetchManyEntry {
     /// [`super::ErrorCode`] for this queue (0: ok).
     pub error: u16,
     pub offsets: QueueOffsets,
+    /// Where to fetch this queue from next (as in [`FetchResponse`]).
+    pub next: u64,
     pub batches: Vec<Bytes>,
 }
 
@@ -250,6 +342,7 @@ impl FetchManyResponse {
                 .u16(e.error)
                 .u64(e.offsets.earliest)
                 .u64(e.offsets.latest)
+                .u64(e.next)
                 .u32(total as u32);
             out.push(head.split().freeze());
             out.extend(e.batches.iter().cloned());
@@ -268,11 +361,13 @@ impl FetchManyResponse {
             let error = r.u16("error")?;
             let earliest = r.u64("earliest")?;
             let latest = r.u64("latest")?;
+            let next = r.u64("next")?;
             let all = r.bytes32("batches")?;
             entries.push(FetchManyEntry {
                 queue,
                 error,
                 offsets: QueueOffsets { earliest, latest },
+                next,
                 batches: split_batches(all)?,
             });
         }

@@ -398,6 +398,19 @@ mod tests {
                 offset: 2,
                 max_bytes: 3,
                 wait_ms: 4,
+                filter: None,
+            },
+            FetchRequest::encode,
+            FetchRequest::decode,
+        );
+        round(
+            FetchRequest {
+                topic: "t".into(),
+                queue: 1,
+                offset: 2,
+                max_bytes: 3,
+                wait_ms: 4,
+                filter: Some(FilterSpec::sql("a > 1")),
             },
             FetchRequest::encode,
             FetchRequest::decode,
@@ -407,6 +420,7 @@ mod tests {
                 topic: "t".into(),
                 max_bytes: 3,
                 wait_ms: 4,
+                filter: Some(FilterSpec::tag("A || B")),
                 queues: vec![(1, 2), (7, 0)],
             },
             FetchManyRequest::encode,
@@ -465,6 +479,7 @@ mod tests {
                         earliest: 0,
                         latest: 2,
                     },
+                    next: 2,
                     batches: vec![b1.clone(), b1.clone()],
                 },
                 FetchManyEntry {
@@ -474,6 +489,7 @@ mod tests {
                         earliest: 5,
                         latest: 6,
                     },
+                    next: 5,
                     batches: vec![],
                 },
             ],
@@ -486,7 +502,13 @@ mod tests {
         assert!(FetchManyResponse::decode(body.slice(..body.len() - 1)).is_err());
         // A count beyond the limit is refused before any allocation.
         let mut huge = BytesMut::new();
-        Writer(&mut huge).str("t").u32(1).u32(0).u32(u32::MAX);
+        Writer(&mut huge)
+            .str("t")
+            .u32(1)
+            .u32(0)
+            .u8(0)
+            .str("")
+            .u32(u32::MAX);
         assert!(FetchManyRequest::decode(huge.freeze()).is_err());
     }
 
@@ -498,6 +520,7 @@ mod tests {
                 earliest: 0,
                 latest: 2,
             },
+            next: 2,
             batches: vec![b1.clone(), b1.clone()],
         };
         let mut out = BytesMut::new();

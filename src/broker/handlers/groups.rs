@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::batch::{BatchBuilder, Record as BatchRecord, RecordIter};
+use crate::filter::MessageFilter;
 use crate::group::config::{Delivery, GroupConfig};
 use crate::group::receipt::{Receipt, RECEIPT_HANDLE_BYTES};
 use crate::group::window::{Lease, LeaseError, INVISIBLE_MS_MAX, INVISIBLE_MS_MIN};
@@ -357,7 +358,7 @@ pub fn receive_target(
     group: &str,
     topic: &str,
     invisible_ms: u64,
-) -> Result<(GroupId, u64), HandlerError> {
+) -> Result<(GroupId, u64, Option<Rc<MessageFilter>>), HandlerError> {
     let (gid, cfg) = group_by_name(shard, group)?;
     if cfg.delivery != Delivery::Message {
         return Err(herr(
@@ -368,12 +369,12 @@ pub fn receive_target(
             ),
         ));
     }
-    if !cfg.subscriptions.iter().any(|s| s.topic == topic) {
+    let Some(subscription) = cfg.subscriptions.iter().find(|s| s.topic == topic) else {
         return Err(herr(
             ErrorCode::InvalidArgument,
             format!("group `{group}` does not subscribe to `{topic}`"),
         ));
-    }
+    };
     let invisible = if invisible_ms == 0 {
         cfg.invisible_ms
     } else {
@@ -397,12 +398,45 @@ pub fn receive_target(
             "the group journal could not store its state (the disk is full); receives resume once it does",
         ));
     }
-    Ok((gid, invisible))
+    let filter = subscription_filter(shard, gid, subscription)?;
+    Ok((gid, invisible, filter))
+}
+
+/// Most parsed subscription filters a shard keeps (past it the cache is
+/// emptied and filled again as receives come).
+pub const FILTER_CACHE_ENTRIES_MAX: usize = 1024;
+
+/// A group subscription's parsed filter (`None` for `*`), parsed once per
+/// shard: group ids are never reused and settings do not change.
+fn subscription_filter(
+    shard: &Shard,
+    gid: GroupId,
+    s: &crate::group::config::Subscription,
+) -> Result<Option<Rc<MessageFilter>>, HandlerError> {
+    let key = (gid, s.topic.clone());
+    if let Some(f) = shard.filters.borrow().get(&key) {
+        return Ok(f.clone());
+    }
+    let f = s
+        .message_filter()
+        .map_err(|e| {
+            herr(
+                ErrorCode::InvalidFilter,
+                format!("filter of `{}`: {e}", s.topic),
+            )
+        })?
+        .map(Rc::new);
+    let mut cache = shard.filters.borrow_mut();
+    if cache.len() >= FILTER_CACHE_ENTRIES_MAX {
+        cache.clear();
+    }
+    cache.insert(key, f.clone());
+    Ok(f)
 }
 
 pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = ReceiveRequest::decode(body)?;
-    let (gid, invisible) = receive_target(shard, &req.group, &req.topic, req.invisible_ms)?;
+    let (gid, invisible, filter) = receive_target(shard, &req.group, &req.topic, req.invisible_ms)?;
     let max = req.max_messages.clamp(1, RECEIVE_MESSAGES_MAX) as usize;
     let queues: Vec<QueueId> = shard
         .metadata
@@ -419,9 +453,26 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
     loop {
         let seen = shard.groups.ready.get();
         let waiter = shard.store.watch_queues(&queues);
-        let (leased, batches, entries, level, before) =
-            receive_once(shard, gid, &queues, max, invisible, bytes_max).await?;
+        let (leased, batches, entries, level, before, filtered) = receive_once(
+            shard,
+            gid,
+            &queues,
+            max,
+            invisible,
+            bytes_max,
+            filter.as_deref(),
+        )
+        .await?;
         let now = Instant::now();
+        if leased.is_empty() && filtered > 0 && now < deadline {
+            // Everything this pass leased was filtered out (and is
+            // finished): look again at once, after letting others run.
+            if !entries.is_empty() {
+                let _ = shard.groups.append(&shard.store, &entries, level);
+            }
+            futures_lite::future::yield_now().await;
+            continue;
+        }
         if !leased.is_empty() || now >= deadline {
             if let Some(d) = leased.iter().map(|l| l.lease.deadline_ms).min() {
                 shard.groups.kick_for(d);
@@ -473,12 +524,15 @@ pub(super) async fn receive(shard: &Rc<Shard>, body: Bytes) -> HResult {
     }
 }
 
+/// Leases, batches, journal entries (at a level, before the reply or
+/// not), and how many leased messages the filter finished unsent.
 type Received = (
     Vec<Leased>,
     Vec<Bytes>,
     Vec<crate::group::entry::Entry>,
     Durability,
     bool,
+    usize,
 );
 
 /// What one receive has gathered so far.
@@ -494,6 +548,8 @@ struct Gathered {
     entries: Vec<crate::group::entry::Entry>,
     level: Durability,
     before: bool,
+    /// Messages the filter finished without sending.
+    filtered: usize,
 }
 
 impl Gathered {
@@ -507,13 +563,23 @@ impl Gathered {
             entries: Vec::new(),
             level: Durability::Memory,
             before: false,
+            filtered: 0,
         }
     }
 
     fn full(&self, max: usize, bytes_max: u64) -> bool {
-        self.leased.len() >= max || self.bytes >= bytes_max
+        self.leased.len() >= max
+            || self.bytes >= bytes_max
+            || self.filtered >= FILTERED_PER_PASS_MAX
     }
 }
+
+/// Most messages one receive pass finishes unsent because its filter does
+/// not pass them (then the receive yields and looks again).
+pub const FILTERED_PER_PASS_MAX: usize = 65_536;
+
+/// A span's batch index meaning "skipped unread by its tag summary".
+const SKIPPED_BATCH: u32 = u32::MAX;
 
 /// Which messages a pass over one queue's window leases.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -541,6 +607,7 @@ async fn receive_once(
     max: usize,
     invisible: u64,
     bytes_max: u64,
+    filter: Option<&MessageFilter>,
 ) -> Result<Received, HandlerError> {
     use crate::group::entry::Entry;
     let mut g = Gathered::new();
@@ -556,7 +623,18 @@ async fn receive_once(
         }
         let q = queues[(start + k) % n];
         if shard.groups.with_window(gid, q, |w| w.w.has_due(now)) == Some(true) {
-            lease_from(shard, gid, q, Take::Due, invisible, max, bytes_max, &mut g).await?;
+            lease_from(
+                shard,
+                gid,
+                q,
+                Take::Due,
+                invisible,
+                max,
+                bytes_max,
+                filter,
+                &mut g,
+            )
+            .await?;
         }
     }
     for k in 0..queues.len() {
@@ -606,7 +684,10 @@ async fn receive_once(
             next,
             orderly,
         };
-        lease_from(shard, gid, q, take, invisible, max, bytes_max, &mut g).await?;
+        lease_from(
+            shard, gid, q, take, invisible, max, bytes_max, filter, &mut g,
+        )
+        .await?;
     }
     // Every batch not in the tail cache is read from the disk at once.
     let read = futures_util::future::try_join_all(
@@ -625,7 +706,78 @@ async fn receive_once(
     for ((i, _), b) in g.reads.iter().zip(read) {
         g.batches[*i as usize] = b;
     }
-    Ok((g.leased, g.batches, g.entries, g.level, g.before))
+    if let Some(f) = filter {
+        apply_filter(shard, gid, f, &mut g);
+    }
+    Ok((
+        g.leased, g.batches, g.entries, g.level, g.before, g.filtered,
+    ))
+}
+
+/// Finishes (acks) every leased message the group's filter does not pass,
+/// so it is never sent and never comes back, and sends what is left: whole
+/// batches where every record passes, filtered copies where some do, none
+/// where no lease is left.
+fn apply_filter(shard: &Shard, gid: GroupId, f: &MessageFilter, g: &mut Gathered) {
+    use crate::filter::Selection;
+    use crate::group::entry::Entry;
+    // What the filter keeps of each batch, by index in the stored batch.
+    let selections: Vec<Selection> = g.batches.iter().map(|b| f.select(b, 0)).collect();
+    let passes = |batch: u32, offset: u64| match &selections[batch as usize] {
+        Selection::All => true,
+        Selection::None => false,
+        Selection::Some(keep) => BatchHeader::parse(&g.batches[batch as usize]).is_ok_and(|h| {
+            keep.binary_search(&((offset - h.base_offset) as u32))
+                .is_ok()
+        }),
+    };
+    let mut dropped: Vec<QueueId> = Vec::new();
+    let mut kept = Vec::with_capacity(g.leased.len());
+    for l in g.leased.drain(..) {
+        if passes(l.batch, l.lease.offset) {
+            kept.push(l);
+            continue;
+        }
+        shard
+            .groups
+            .with_window(gid, l.queue, |w| w.w.ack(l.lease.offset, l.lease.lease));
+        g.filtered += 1;
+        if !dropped.contains(&l.queue) {
+            dropped.push(l.queue);
+        }
+    }
+    g.leased = kept;
+    for q in dropped {
+        if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
+            g.entries
+                .extend(events.into_iter().map(|event| Entry::Window {
+                    group: gid,
+                    queue: q,
+                    event,
+                }));
+        }
+    }
+    // Only batches some lease still points into go out, renumbered.
+    let mut used = vec![false; g.batches.len()];
+    for l in &g.leased {
+        used[l.batch as usize] = true;
+    }
+    let mut renumber = vec![0u32; g.batches.len()];
+    let mut out = Vec::with_capacity(g.batches.len());
+    for (i, b) in std::mem::take(&mut g.batches).into_iter().enumerate() {
+        if !used[i] {
+            continue;
+        }
+        renumber[i] = out.len() as u32;
+        out.push(match &selections[i] {
+            Selection::Some(keep) => batch::filtered_copy(&b, keep),
+            _ => b,
+        });
+    }
+    for l in &mut g.leased {
+        l.batch = renumber[l.batch as usize];
+    }
+    g.batches = out;
 }
 
 /// Leases from one queue's window into `g` until it is full or the window
@@ -639,6 +791,7 @@ async fn lease_from(
     invisible: u64,
     max: usize,
     bytes_max: u64,
+    filter: Option<&MessageFilter>,
     g: &mut Gathered,
 ) -> Result<(), HandlerError> {
     use crate::group::entry::Entry;
@@ -716,8 +869,20 @@ async fn lease_from(
                 .filter(known)
                 .or_else(|| g.spans.iter().rev().find(known))
             {
+                Some(s) if s.3 == SKIPPED_BATCH => {
+                    g.filtered += 1;
+                    None
+                }
                 Some(s) => Some(s.3),
                 None => match shard.store.locate(q, QueueOffset(off)) {
+                    // A batch whose tag summary rules the filter out is
+                    // finished unread.
+                    Some(at) if filter.is_some_and(|f| !f.may_match_tags(at.tags)) => {
+                        g.spans
+                            .push((q, at.base_offset.0, at.next_offset.0, SKIPPED_BATCH));
+                        g.filtered += 1;
+                        None
+                    }
                     Some(at) => {
                         let i = g.batches.len() as u32;
                         g.bytes += u64::from(at.len);

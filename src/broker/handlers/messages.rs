@@ -67,16 +67,17 @@ pub(super) async fn produce_append(
             format!("queue {queue} moved to shard {}", route.shard),
         ));
     }
-    let header: BatchHeader =
-        batch::validate_produced(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
+    let (header, tags): (BatchHeader, u32) =
+        batch::validate_produced_tags(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
     let wait = Duration::from_millis(shard.config.storage.memory_pending_wait_ms);
     shard
         .store
         .wait_appendable(req.batch.len() as u64, wait)
         .await?;
-    let receipt = shard
-        .store
-        .append(route.queue_id, &req.batch, &header, route.durability)?;
+    let receipt =
+        shard
+            .store
+            .append(route.queue_id, &req.batch, &header, tags, route.durability)?;
     let mut m = shard.metrics.borrow_mut();
     m.produce_requests += 1;
     m.messages_in += u64::from(header.record_count);
@@ -86,36 +87,188 @@ pub(super) async fn produce_append(
 
 pub(super) async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = FetchRequest::decode(body)?;
+    let filter = parse_filter(req.filter.as_ref())?;
     let route = shard
         .metadata
         .borrow()
         .route(&req.topic, QueueIndex(req.queue))?;
-    let offset = QueueOffset(req.offset);
     let limits = &shard.config.limits;
     let max_bytes = req.max_bytes.clamp(1, limits.fetch_bytes_max);
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
-    let o = shard.store.offsets(route.queue_id)?;
-    if req.offset == o.latest {
-        shard
-            .store
-            .wait_visible(route.queue_id, offset, wait)
-            .await?;
-    }
-    let (offsets, batches) = shard.store.read(route.queue_id, offset, max_bytes).await?;
-    let total: usize = batches.iter().map(Bytes::len).sum();
-    let mut head = BytesMut::with_capacity(20);
+    let deadline = Instant::now() + wait;
+    let mut offset = req.offset;
+    let r = loop {
+        let o = shard.store.offsets(route.queue_id)?;
+        let now = Instant::now();
+        if offset == o.latest {
+            shard
+                .store
+                .wait_visible(
+                    route.queue_id,
+                    QueueOffset(offset),
+                    deadline.saturating_duration_since(now),
+                )
+                .await?;
+        }
+        let r = read_queue(shard, route.queue_id, offset, max_bytes, filter.as_ref()).await?;
+        // Under a filter, a read that kept nothing but reached the end
+        // waits for more within the same long poll.
+        if filter.is_none()
+            || !r.batches.is_empty()
+            || r.next < r.offsets.latest
+            || Instant::now() >= deadline
+        {
+            break r;
+        }
+        offset = r.next;
+    };
+    let total: usize = r.batches.iter().map(Bytes::len).sum();
+    let mut head = BytesMut::with_capacity(28);
     Writer(&mut head)
-        .u64(offsets.earliest)
-        .u64(offsets.latest)
+        .u64(r.offsets.earliest)
+        .u64(r.offsets.latest)
+        .u64(r.next)
         .u32(total as u32);
     let mut m = shard.metrics.borrow_mut();
     m.fetch_requests += 1;
     m.bytes_out += total as u64;
-    m.messages_out += messages_from(&batches, req.offset);
-    let mut out = Vec::with_capacity(batches.len() + 1);
+    m.messages_out += r.messages;
+    let mut out = Vec::with_capacity(r.batches.len() + 1);
     out.push(head.freeze());
-    out.extend(batches);
+    out.extend(r.batches);
     Ok(out)
+}
+
+/// Most bytes one filtered fetch (or one queue of a fetch-many) reads from
+/// the log looking for records its filter passes, before it replies with
+/// what it found and where it stopped.
+pub const FILTER_READ_BYTES_MAX: u64 = 16 << 20;
+/// Most consume-index entries (batches) one filtered read looks at,
+/// skipped by their tag summary or read.
+pub const FILTER_LOOK_BATCHES_MAX: usize = 65_536;
+
+/// Most queues a filtered fetch-many answers with only a new position (the
+/// others are looked at again by the next request).
+pub const FETCH_MANY_MOVED_MAX: usize = 64;
+
+/// Parses a request's filter (`None` also for `*`): `invalid_filter` names
+/// where and why.
+pub(super) fn parse_filter(
+    f: Option<&FilterSpec>,
+) -> Result<Option<crate::filter::MessageFilter>, HandlerError> {
+    let Some(f) = f else {
+        return Ok(None);
+    };
+    crate::filter::MessageFilter::parse(f.kind.into(), &f.expression).map_err(|e| {
+        herr(
+            ErrorCode::InvalidFilter,
+            format!("{} filter `{}`: {e}", f.kind.name(), shown(&f.expression)),
+        )
+    })
+}
+
+/// An expression as error messages show it (at most 200 characters).
+pub(super) fn shown(e: &str) -> String {
+    match e.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &e[..at]),
+        None => e.to_owned(),
+    }
+}
+
+/// What one queue's read returned.
+pub(super) struct QueueRead {
+    pub offsets: QueueOffsets,
+    /// Where the next read of the queue starts.
+    pub next: u64,
+    /// Stored batches, or filtered copies of them.
+    pub batches: Vec<Bytes>,
+    /// Records handed out.
+    pub messages: u64,
+}
+
+/// Reads a queue from `offset`, up to `max_bytes`, through `filter`:
+/// batches the consume index's tag summary rules out are skipped unread,
+/// the others are read and sent whole when every record passes, as a
+/// filtered copy when some do, not at all when none do; at most
+/// [`FILTER_READ_BYTES_MAX`] read and [`FILTER_LOOK_BATCHES_MAX`] looked at.
+pub(super) async fn read_queue(
+    shard: &Shard,
+    queue: QueueId,
+    offset: u64,
+    max_bytes: u32,
+    filter: Option<&crate::filter::MessageFilter>,
+) -> Result<QueueRead, StoreError> {
+    let Some(f) = filter else {
+        let (offsets, batches) = shard
+            .store
+            .read(queue, QueueOffset(offset), max_bytes)
+            .await?;
+        let next = batches
+            .last()
+            .and_then(|b| BatchHeader::parse(b).ok())
+            .map_or(offset, |h| h.next_offset());
+        let messages = messages_from(&batches, offset);
+        return Ok(QueueRead {
+            offsets,
+            next,
+            batches,
+            messages,
+        });
+    };
+    let (mut next, mut read, mut looked, mut kept) = (offset, 0u64, 0usize, 0u64);
+    let mut out = QueueRead {
+        offsets: shard.store.offsets(queue)?,
+        next,
+        batches: Vec::new(),
+        messages: 0,
+    };
+    loop {
+        let budget = (u64::from(max_bytes) - kept).min(FILTER_READ_BYTES_MAX - read) as u32;
+        let (offsets, looked_to, batches) = shard
+            .store
+            .read_where(
+                queue,
+                QueueOffset(next),
+                budget,
+                FILTER_LOOK_BATCHES_MAX - looked,
+                |tags| f.may_match_tags(tags),
+            )
+            .await?;
+        out.offsets = offsets;
+        for b in batches {
+            read += b.len() as u64;
+            let Ok(h) = BatchHeader::parse(&b) else {
+                continue;
+            };
+            let from = next.max(h.base_offset);
+            let sent = match f.select(&b, from) {
+                crate::filter::Selection::None => continue,
+                crate::filter::Selection::All => {
+                    out.messages += h.next_offset() - from;
+                    b
+                }
+                crate::filter::Selection::Some(keep) => {
+                    out.messages += keep.len() as u64;
+                    batch::filtered_copy(&b, &keep)
+                }
+            };
+            kept += sent.len() as u64;
+            out.batches.push(sent);
+        }
+        // Entries looked at, roughly: a batch read or skipped each.
+        looked += usize::try_from(looked_to.0 - next)
+            .unwrap_or(usize::MAX)
+            .min(FILTER_LOOK_BATCHES_MAX);
+        next = looked_to.0;
+        let done = next >= offsets.latest
+            || kept >= u64::from(max_bytes)
+            || read >= FILTER_READ_BYTES_MAX
+            || looked >= FILTER_LOOK_BATCHES_MAX;
+        if done {
+            out.next = next;
+            return Ok(out);
+        }
+    }
 }
 
 /// Messages a fetch from `offset` hands out in `batches` (the first batch
@@ -130,14 +283,17 @@ pub(super) fn messages_from(batches: &[Bytes], offset: u64) -> u64 {
 
 /// Fetch over many queues of this shard: one scan in request order, one
 /// long poll (woken by any publish on the shard) when nothing is there.
+/// Under a filter, queues whose reads kept nothing but moved on are
+/// answered with their new position (and no batches) in the same reply.
 pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
     let req = FetchManyRequest::decode(body)?;
+    let filter = parse_filter(req.filter.as_ref())?;
     let limits = &shard.config.limits;
     let max_bytes = u64::from(req.max_bytes.clamp(1, limits.fetch_bytes_max));
     let wait = Duration::from_millis(u64::from(req.wait_ms.min(limits.fetch_wait_ms_max)));
     let deadline = Instant::now() + wait;
     // Resolve every queue once: its id here, or why it cannot be served.
-    let resolved: Vec<(u32, Result<QueueId, ErrorCode>, u64)> = {
+    let mut resolved: Vec<(u32, Result<QueueId, ErrorCode>, u64)> = {
         let meta = shard.metadata.borrow();
         let queues = meta.queues(&req.topic)?;
         req.queues
@@ -154,11 +310,14 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             .collect()
     };
     let entry =
-        |queue: u32, error: ErrorCode, offsets: QueueOffsets, batches: Vec<Bytes>| FetchManyEntry {
-            queue,
-            error: error as u16,
-            offsets,
-            batches,
+        |queue: u32, error: ErrorCode, offsets: QueueOffsets, next: u64, batches: Vec<Bytes>| {
+            FetchManyEntry {
+                queue,
+                error: error as u16,
+                offsets,
+                next,
+                batches,
+            }
         };
     let no_offsets = QueueOffsets {
         earliest: 0,
@@ -170,6 +329,9 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
         let ids: Vec<QueueId> = resolved.iter().filter_map(|(_, id, _)| id.ok()).collect();
         shard.store.watch_queues(&ids)
     });
+    // Queues a filtered read moved past records it did not keep: (index in
+    // `resolved`, offsets), answered with the reply whatever else it holds.
+    let mut moved: Vec<(usize, QueueOffsets)> = Vec::new();
     let mut look_at: Vec<usize> = (0..resolved.len()).collect();
     loop {
         let mut entries = Vec::new();
@@ -182,7 +344,7 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             let id = match id {
                 Ok(id) => id,
                 Err(code) => {
-                    entries.push(entry(queue, code, no_offsets, Vec::new()));
+                    entries.push(entry(queue, code, no_offsets, offset, Vec::new()));
                     continue;
                 }
             };
@@ -194,21 +356,36 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
                         queue,
                         HandlerError::from(e).code,
                         no_offsets,
+                        offset,
                         Vec::new(),
                     ));
                     continue;
                 }
             }
-            match shard
-                .store
-                .read(id, QueueOffset(offset), (max_bytes - bytes) as u32)
-                .await
+            match read_queue(
+                shard,
+                id,
+                offset,
+                (max_bytes - bytes) as u32,
+                filter.as_ref(),
+            )
+            .await
             {
-                Ok((o, batches)) => {
-                    bytes += batches.iter().map(|b| b.len() as u64).sum::<u64>();
-                    messages += messages_from(&batches, offset);
-                    if !batches.is_empty() {
-                        entries.push(entry(queue, ErrorCode::Ok, o, batches));
+                Ok(r) => {
+                    bytes += r.batches.iter().map(|b| b.len() as u64).sum::<u64>();
+                    messages += r.messages;
+                    if !r.batches.is_empty() {
+                        moved.retain(|&(j, _)| j != i);
+                        entries.push(entry(queue, ErrorCode::Ok, r.offsets, r.next, r.batches));
+                        resolved[i].2 = r.next;
+                    } else if r.next > offset {
+                        if let Some(m) = moved.iter_mut().find(|(j, _)| *j == i) {
+                            m.1 = r.offsets;
+                            resolved[i].2 = r.next;
+                        } else if moved.len() < FETCH_MANY_MOVED_MAX {
+                            moved.push((i, r.offsets));
+                            resolved[i].2 = r.next;
+                        }
                     }
                 }
                 Err(StoreError::OffsetOutOfRange {
@@ -217,6 +394,7 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
                     queue,
                     ErrorCode::OffsetOutOfRange,
                     QueueOffsets { earliest, latest },
+                    offset,
                     Vec::new(),
                 )),
                 Err(e) => return Err(e.into()),
@@ -227,6 +405,10 @@ pub(super) async fn fetch_many(shard: &Rc<Shard>, body: Bytes) -> HResult {
             .as_ref()
             .filter(|_| entries.is_empty() && now < deadline)
         else {
+            for (i, offsets) in moved {
+                let (queue, _, next) = resolved[i];
+                entries.push(entry(queue, ErrorCode::Ok, offsets, next, Vec::new()));
+            }
             let mut m = shard.metrics.borrow_mut();
             m.fetch_requests += 1;
             m.bytes_out += bytes;

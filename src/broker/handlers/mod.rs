@@ -102,6 +102,9 @@ impl From<MetadataError> for HandlerError {
             MetadataError::UnknownSubscription { .. } => ErrorCode::UnknownTopic,
             MetadataError::GroupExists(_) => ErrorCode::GroupExists,
             MetadataError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            MetadataError::Group(crate::group::config::GroupConfigError::Filter { .. }) => {
+                ErrorCode::InvalidFilter
+            }
             MetadataError::TooManyGroups
             | MetadataError::GroupIdsExhausted
             | MetadataError::Group(_) => ErrorCode::InvalidArgument,

@@ -271,18 +271,25 @@ async fn producer_run(
         let admitted = store
             .wait_appendable(batch.len() as u64, Duration::from_millis(50))
             .await;
-        let receipt =
-            match admitted.and_then(|_| store.append(QueueId(queue), &batch, &header, level)) {
-                Ok(r) => r,
-                Err(e) => {
-                    if std::env::var("KEELMQ_VOPR_DEBUG").is_ok() {
-                        eprintln!("refused: {e}");
-                    }
-                    m.borrow_mut().refused += 1;
-                    io.sim.sleep(Duration::from_millis(1 + rng.below(5))).await;
-                    continue;
+        let receipt = match admitted.and_then(|_| {
+            store.append(
+                QueueId(queue),
+                &batch,
+                &header,
+                crate::batch::tag_summary(&batch),
+                level,
+            )
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                if std::env::var("KEELMQ_VOPR_DEBUG").is_ok() {
+                    eprintln!("refused: {e}");
                 }
-            };
+                m.borrow_mut().refused += 1;
+                io.sim.sleep(Duration::from_millis(1 + rng.below(5))).await;
+                continue;
+            }
+        };
         {
             let mut m = m.borrow_mut();
             m.appends += 1;

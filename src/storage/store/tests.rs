@@ -94,7 +94,9 @@ async fn append_now(
         .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
         .await
         .unwrap();
-    store.append(QueueId(queue), b, h, level).unwrap()
+    store
+        .append(QueueId(queue), b, h, batch::tag_summary(b), level)
+        .unwrap()
 }
 
 /// Recovers `path` again (the store closed) on a fresh executor.
@@ -140,7 +142,9 @@ fn appends_roll_segments_and_recover_exactly() {
                 .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
                 .await
                 .unwrap();
-            let r = store.append(QueueId(q), &b, &h, level).unwrap();
+            let r = store
+                .append(QueueId(q), &b, &h, batch::tag_summary(&b), level)
+                .unwrap();
             assert_eq!(r.base_offset, QueueOffset((i / 2) as u64 * 3));
             store.wait_durable(&r, level).await.unwrap();
             store.publish(&r);
@@ -219,7 +223,15 @@ fn visibility_waits_for_the_durability_level() {
             .wait_appendable(b.len() as u64, std::time::Duration::from_secs(5))
             .await
             .unwrap();
-        let r = store.append(QueueId(7), &b, &h, Durability::Fsync).unwrap();
+        let r = store
+            .append(
+                QueueId(7),
+                &b,
+                &h,
+                batch::tag_summary(&b),
+                Durability::Fsync,
+            )
+            .unwrap();
         // Appended but not published: consumers see nothing yet.
         assert_eq!(store.offsets(QueueId(7)).unwrap().latest, 0);
         let (_, none) = store
@@ -244,7 +256,15 @@ fn visibility_waits_for_the_durability_level() {
             s.offsets(QueueId(7)).unwrap().latest
         });
         let (b, h) = produced("w", 1, 10);
-        let r = store.append(QueueId(7), &b, &h, Durability::Fsync).unwrap();
+        let r = store
+            .append(
+                QueueId(7),
+                &b,
+                &h,
+                batch::tag_summary(&b),
+                Durability::Fsync,
+            )
+            .unwrap();
         store.wait_durable(&r, Durability::Fsync).await.unwrap();
         store.publish(&r);
         assert_eq!(waiter.await, 3);
@@ -258,7 +278,15 @@ fn visibility_waits_for_the_durability_level() {
         );
         store.close().await.unwrap();
         assert!(
-            store.append(QueueId(7), &b, &h, Durability::Fsync).is_err(),
+            store
+                .append(
+                    QueueId(7),
+                    &b,
+                    &h,
+                    batch::tag_summary(&b),
+                    Durability::Fsync
+                )
+                .is_err(),
             "a closed store takes no appends"
         );
     });
@@ -279,7 +307,13 @@ fn retention_removes_segments_and_trims_indexes() {
                 .await
                 .unwrap();
             let r = store
-                .append(QueueId(1), &b, &h, Durability::Written)
+                .append(
+                    QueueId(1),
+                    &b,
+                    &h,
+                    batch::tag_summary(&b),
+                    Durability::Written,
+                )
                 .unwrap();
             store.wait_durable(&r, Durability::Written).await.unwrap();
             store.publish(&r);
@@ -356,7 +390,13 @@ fn unawaited_appends_are_written_without_anyone_asking() {
             .await
             .unwrap();
         let r = store
-            .append(QueueId(1), &b, &h, Durability::Memory)
+            .append(
+                QueueId(1),
+                &b,
+                &h,
+                batch::tag_summary(&b),
+                Durability::Memory,
+            )
             .unwrap();
         let t0 = std::time::Instant::now();
         while store.log().written_position() < r.end_position.0 {
@@ -368,7 +408,13 @@ fn unawaited_appends_are_written_without_anyone_asking() {
         }
         // And a waiter gets its write without the delay's help.
         let r2 = store
-            .append(QueueId(1), &b, &h, Durability::Written)
+            .append(
+                QueueId(1),
+                &b,
+                &h,
+                batch::tag_summary(&b),
+                Durability::Written,
+            )
             .unwrap();
         store.wait_durable(&r2, Durability::Written).await.unwrap();
         assert!(store.log().written_position() >= r2.end_position.0);
@@ -400,7 +446,13 @@ fn producers_that_outrun_the_disk_wait_within_the_pending_bound() {
                 .await
                 .unwrap();
             store
-                .append(QueueId(1), &b, &h, Durability::Memory)
+                .append(
+                    QueueId(1),
+                    &b,
+                    &h,
+                    batch::tag_summary(&b),
+                    Durability::Memory,
+                )
                 .unwrap();
             max_pending = max_pending.max(store.log().pending_bytes());
         }
