@@ -203,6 +203,7 @@ mod recovery_scan {
                 count: 1,
                 append_time_ms: 1,
                 tags: crate::batch::tag_summary(&b),
+                attributes: 0,
             });
             at += b.len();
         }

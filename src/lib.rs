@@ -15,6 +15,7 @@ pub mod config;
 pub mod filter;
 pub mod group;
 pub mod runtime;
+pub mod schedule;
 pub mod shard;
 pub mod storage;
 

@@ -163,8 +163,9 @@ pub fn subscription_filter(settings: &serde_json::Value, topic: &str) -> Option<
     })
 }
 
-/// Decodes the records of a stored batch (or of a filtered copy) into
-/// messages, skipping those before `from_offset`. `shard` owns the queue (part of the message id).
+/// Decodes the records of a stored batch (or of a view: a filter's
+/// selection, or fired scheduled messages) into messages, skipping those
+/// before `from_offset`. `shard` owns the queue (part of the message id).
 pub fn decode_batch(
     topic: &std::sync::Arc<str>,
     queue: u32,
@@ -188,8 +189,8 @@ pub fn decode_batch(
             offset,
             id: MessageId {
                 shard: crate::ids::ShardId(shard),
-                position: crate::ids::LogPosition(h.log_position),
-                index: i,
+                position: crate::ids::LogPosition(r.origin_position),
+                index: r.origin_index,
             },
             key: r.key.map(|k| batch.slice_ref(k)),
             tag: r.tag.map(str::to_owned),

@@ -30,24 +30,39 @@
 //! 32  u64 log_position   stamped: where the batch sits in the shard's log
 //! 40  u64 term           replication term (0 until replication)
 //! 48  u32 body_crc       CRC32 of bytes 52..batch_len, by the producer
-//! 52  u16 attributes     0 in a stored batch; bit 0 FILTERED in a copy
-//!                        the broker made of some of its records
+//! 52  u16 attributes     0 in a produced batch; see below
 //! 54  u16 reserved       0
 //! 56  u32 record_count
-//! 60  u32 reserved       0
+//! 60  u32 extra          0, but for a scheduled batch (its target queue id)
+//!                        and a view (the record count of its source)
 //! 64  i64 first_timestamp_ms  producer clock
 //! 72  i64 max_timestamp_ms    producer clock
 //! 80  records...
 //! ```
 //!
-//! A *filtered copy* ([`filtered_copy`]) is what the broker sends when a
-//! consumer's filter keeps some but not all records of a stored batch: the
-//! same header (stamped fields kept, `header_mac` 0, its own `batch_len`,
-//! `record_count` and `body_crc`, `attributes` = [`BATCH_ATTR_FILTERED`]),
-//! then `record_count` × u32 record index (the record's place in the stored
-//! batch, increasing), then those records unchanged. Record `j` of a copy
-//! has queue offset `base_offset + index[j]`. Copies are never stored and a
-//! produce carrying one is refused.
+//! `attributes` (a produced batch has 0; a produce with any bit set is
+//! refused):
+//! - [`BATCH_ATTR_VIEW`] (bit 0): a *view*, only ever sent to consumers,
+//!   never stored: some records of a stored batch (a filter kept only
+//!   them) or the messages a reference batch points at. The header is its
+//!   source's (stamped fields kept, `header_mac` 0, its own `batch_len`,
+//!   `record_count` and `body_crc`, `extra` = the source's record count,
+//!   so the view covers queue offsets `base_offset .. base_offset +
+//!   extra`), then `record_count` × 16 bytes (u32 offset delta, strictly
+//!   increasing; u32 origin index; u64 origin position), then the records.
+//!   Record `j` has queue offset `base_offset + delta[j]` and message id
+//!   (shard, origin position, origin index).
+//! - [`BATCH_ATTR_SCHEDULED`] (bit 1), stored only: a produced batch
+//!   holding scheduled records, kept in the shard's timer queue; `extra` is
+//!   the queue its records are delivered in (the broker rewrites the body
+//!   CRC). Its records keep their places, so their ids are the batch's
+//!   position and their index, as for any batch.
+//! - [`BATCH_ATTR_CARRIED`] (bit 2), stored only: scheduled records copied
+//!   forward in the timer queue (before retention removes the segment of
+//!   their batch).
+//! - [`BATCH_ATTR_REFERENCE`] (bit 3), stored only: fired scheduled
+//!   messages in their queue. Each record's payload is a [`Reference`]
+//!   (where the message is stored, and its id); readers serve views.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use std::hash::Hasher;
@@ -62,8 +77,18 @@ pub const BATCH_VERSION: u8 = 1;
 /// Fixed bytes of a record before its variable fields (length included).
 pub const RECORD_FIXED_BYTES: usize = 4 + 1 + 1 + 2 + 8 + 8;
 
-/// `attributes` bit of a filtered copy (never stored or produced).
-pub const BATCH_ATTR_FILTERED: u16 = 1;
+/// `attributes` bit of a view (sent only; see the module docs).
+pub const BATCH_ATTR_VIEW: u16 = 1;
+/// `attributes` bit of a stored batch of scheduled records.
+pub const BATCH_ATTR_SCHEDULED: u16 = 2;
+/// `attributes` bit of a stored batch of carried scheduled records.
+pub const BATCH_ATTR_CARRIED: u16 = 4;
+/// `attributes` bit of a stored batch of references to fired messages.
+pub const BATCH_ATTR_REFERENCE: u16 = 8;
+/// Bytes of one entry of a view's table.
+pub const VIEW_ENTRY_BYTES: usize = 16;
+/// Highest record priority.
+pub const PRIORITY_MAX: u8 = 9;
 
 /// Bytes the header MAC covers: every stamped field and the body CRC.
 const HEADER_MAC_RANGE: std::ops::Range<usize> = 4..52;
@@ -139,6 +164,9 @@ pub struct BatchHeader {
     pub body_crc: u32,
     pub attributes: u16,
     pub record_count: u32,
+    /// Bytes 60..64: a scheduled batch's target queue id, a view's source
+    /// record count, else 0.
+    pub extra: u32,
     pub first_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
 }
@@ -180,14 +208,35 @@ impl BatchHeader {
             body_crc: u32_at(b, 48),
             attributes: u16_at(b, 52),
             record_count: u32_at(b, 56),
+            extra: u32_at(b, 60),
             first_timestamp_ms: i64_at(b, 64),
             max_timestamp_ms: i64_at(b, 72),
         })
     }
 
-    /// Queue offset one past the last record of this batch.
+    /// Queue offset one past the last record of this batch (of a view:
+    /// of its source).
     pub fn next_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.record_count)
+        self.base_offset + u64::from(self.offset_count())
+    }
+
+    /// Queue offsets the batch covers (a view: its source's).
+    pub fn offset_count(&self) -> u32 {
+        if self.attributes & BATCH_ATTR_VIEW != 0 {
+            self.extra
+        } else {
+            self.record_count
+        }
+    }
+
+    /// Whether this is a view ([`BATCH_ATTR_VIEW`]).
+    pub fn is_view(&self) -> bool {
+        self.attributes & BATCH_ATTR_VIEW != 0
+    }
+
+    /// Whether this stored batch holds references to fired messages.
+    pub fn is_reference(&self) -> bool {
+        self.attributes & BATCH_ATTR_REFERENCE != 0
     }
 }
 
@@ -211,14 +260,23 @@ pub fn validate_produced_tags(
     if b.len() > batch_bytes_max {
         return Err(BatchError::TooLarge(b.len(), batch_bytes_max));
     }
-    let header = check_whole(b, BatchHeader::parse(b)?)?;
+    let header = BatchHeader::parse(b)?;
+    check_len_crc(b, &header)?;
+    check_reserved(b, 0)?;
     if header.record_count == 0 {
         return Err(BatchError::Empty);
     }
     let mut actual = 0u32;
     let mut tags = 0u32;
     for record in RecordIter::new(b) {
-        if let Some(t) = record?.tag {
+        let r = record?;
+        if r.priority > PRIORITY_MAX {
+            return Err(BatchError::BadRecord {
+                index: r.index,
+                reason: "priority above 9",
+            });
+        }
+        if let Some(t) = r.tag {
             tags |= tag_bloom(t.as_bytes());
         }
         actual += 1;
@@ -232,12 +290,17 @@ pub fn validate_produced_tags(
     Ok((header, tags))
 }
 
-/// The tag summary of a stored batch (see [`validate_produced_tags`]).
+/// The tag summary of a stored batch (see [`validate_produced_tags`]): of
+/// a reference batch, the union its references carry.
 pub fn tag_summary(b: &[u8]) -> u32 {
+    let reference = BatchHeader::parse(b).is_ok_and(|h| h.is_reference());
     RecordIter::new(b)
         .map_while(Result::ok)
-        .filter_map(|r| r.tag)
-        .fold(0, |acc, t| acc | tag_bloom(t.as_bytes()))
+        .fold(0, |acc, r| match (reference, r.tag) {
+            (true, _) => acc | Reference::decode(r.payload).map_or(u32::MAX, |x| x.tags),
+            (false, Some(t)) => acc | tag_bloom(t.as_bytes()),
+            (false, None) => acc,
+        })
 }
 
 fn check_body_crc(b: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
@@ -252,21 +315,48 @@ fn check_body_crc(b: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
 }
 
 /// Reserved header fields must be zero, so a later version can give them a
-/// meaning without old data being misread.
-fn check_reserved(b: &[u8]) -> Result<(), BatchError> {
+/// meaning without old data being misread. `attributes` must be one of
+/// `allowed` (a produced batch: 0 only); `extra` may be set only on a
+/// scheduled batch and a view.
+fn check_reserved(b: &[u8], allowed: u16) -> Result<(), BatchError> {
     if b[11] != 0 {
         return Err(BatchError::ReservedNotZero("header byte 11"));
     }
-    if u16_at(b, 52) != 0 {
+    let attributes = u16_at(b, 52);
+    if attributes != 0 && (attributes & !allowed != 0 || !attributes.is_power_of_two()) {
         return Err(BatchError::ReservedNotZero("attributes"));
     }
     if u16_at(b, 54) != 0 {
         return Err(BatchError::ReservedNotZero("header bytes 54..56"));
     }
-    if u32_at(b, 60) != 0 {
+    if u32_at(b, 60) != 0 && attributes & (BATCH_ATTR_SCHEDULED | BATCH_ATTR_VIEW) == 0 {
         return Err(BatchError::ReservedNotZero("header bytes 60..64"));
     }
     Ok(())
+}
+
+/// Attributes a stored batch may carry.
+const STORED_ATTRIBUTES: u16 = BATCH_ATTR_SCHEDULED | BATCH_ATTR_CARRIED | BATCH_ATTR_REFERENCE;
+
+/// Marks a validated produced batch as a scheduled batch for `target`
+/// (the queue id its records are delivered in): attributes, `extra` and
+/// the body CRC. The broker stores it in the shard's timer queue.
+pub fn mark_scheduled(b: &mut [u8], target: u32) {
+    b[52..54].copy_from_slice(&BATCH_ATTR_SCHEDULED.to_le_bytes());
+    b[60..64].copy_from_slice(&target.to_le_bytes());
+    let crc = crc32fast::hash(&b[BODY_CRC_START..]);
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The time a record is due, in ms since the epoch, given the broker's
+/// clock at append: `deliver_at_ms` 0 is now, a positive value that
+/// instant, a negative one a delay of `-deliver_at_ms` ms from `now_ms`.
+pub fn due_ms(deliver_at_ms: i64, now_ms: i64) -> i64 {
+    match deliver_at_ms {
+        0 => now_ms,
+        d if d < 0 => now_ms.saturating_add(d.saturating_neg()),
+        d => d,
+    }
 }
 
 /// Writes the broker-owned fields and the header MAC into a batch that
@@ -293,7 +383,10 @@ pub fn stamp(
 /// MAC under the segment's key, length, body CRC, reserved fields. `b` must
 /// hold exactly `batch_len` bytes.
 pub fn check_stored(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, BatchError> {
-    check_whole(b, check_stored_header(b, key)?)
+    let header = check_stored_header(b, key)?;
+    check_len_crc(b, &header)?;
+    check_reserved(b, STORED_ATTRIBUTES)?;
+    Ok(header)
 }
 
 /// Checks only the header of a stored batch (magic, version, MAC, a sane
@@ -309,81 +402,142 @@ pub fn check_stored_header(b: &[u8], key: &SegmentKey) -> Result<BatchHeader, Ba
     Ok(header)
 }
 
-/// Checks a batch a client fetched: lengths, magic, version, body CRC and
-/// reserved fields (a client does not hold the segment key, so the header
-/// MAC is the broker's to check).
+/// Checks a batch a client fetched (a stored batch or a view): lengths,
+/// magic, version, body CRC, reserved fields and a view's table (a client
+/// does not hold the key, so the header MAC is the broker's to check).
 pub fn check_fetched(b: &[u8]) -> Result<BatchHeader, BatchError> {
     let header = BatchHeader::parse(b)?;
-    if header.attributes != BATCH_ATTR_FILTERED {
-        return check_whole(b, header);
+    check_len_crc(b, &header)?;
+    check_reserved(b, BATCH_ATTR_VIEW)?;
+    if !header.is_view() {
+        return Ok(header);
     }
-    // A filtered copy: everything but `attributes` as in a stored batch,
-    // and an index table of `record_count` increasing record indexes.
-    if header.batch_len as usize != b.len() {
-        return Err(BatchError::LengthMismatch {
-            declared: header.batch_len,
-            actual: b.len(),
-        });
-    }
-    check_body_crc(b, &header)?;
-    if b[11] != 0 || u16_at(b, 54) != 0 || u32_at(b, 60) != 0 {
-        return Err(BatchError::ReservedNotZero("filtered copy header"));
-    }
-    let n = header.record_count as usize;
-    let table = n
-        .checked_mul(4)
-        .and_then(|t| b.get(BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + t))
-        .ok_or(BatchError::BadRecord {
-            index: 0,
-            reason: "filtered copy's index table runs past the batch",
-        })?;
+    let table = view_table(b).ok_or(BatchError::BadRecord {
+        index: 0,
+        reason: "view's table runs past the batch",
+    })?;
     let mut last = None;
-    for (j, t) in table.chunks_exact(4).enumerate() {
-        let i = u32::from_le_bytes(t.try_into().unwrap());
-        if last.is_some_and(|l| i <= l) {
+    for (j, t) in table.chunks_exact(VIEW_ENTRY_BYTES).enumerate() {
+        let d = u32_at(t, 0);
+        if last.is_some_and(|l| d <= l) || d >= header.extra {
             return Err(BatchError::BadRecord {
                 index: j as u32,
-                reason: "filtered copy's record indexes do not increase",
+                reason: "view's offset deltas do not increase within its source",
             });
         }
-        last = Some(i);
+        last = Some(d);
     }
     Ok(header)
 }
 
-/// A filtered copy of the stored batch `stored` holding only the records
-/// whose indexes are in `keep` (increasing, each below the batch's record
-/// count); see the module docs. `stored` passed [`check_stored`].
-pub fn filtered_copy(stored: &[u8], keep: &[u32]) -> Bytes {
-    let mut out = BytesMut::with_capacity(BATCH_HEADER_BYTES + keep.len() * 4 + 256);
-    out.extend_from_slice(&stored[..BATCH_HEADER_BYTES]);
-    for &i in keep {
-        out.put_u32_le(i);
+/// A view's table (`None` if it runs past the batch).
+fn view_table(b: &[u8]) -> Option<&[u8]> {
+    let n = u32_at(b, 56) as usize;
+    let end = n
+        .checked_mul(VIEW_ENTRY_BYTES)?
+        .checked_add(BATCH_HEADER_BYTES)?;
+    b.get(BATCH_HEADER_BYTES..end)
+}
+
+/// One record of a view being built: its offset delta from the view's
+/// base offset, its id (origin position and index) and its bytes as
+/// framed in a batch ([`RecordView::raw`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ViewRecord<'a> {
+    pub delta: u32,
+    pub origin_position: u64,
+    pub origin_index: u32,
+    pub raw: &'a [u8],
+}
+
+/// Builds a view (see the module docs) with the header of `source` (a
+/// stored batch, reference batch or view) covering `source_count` offsets
+/// from its base offset, holding `records` (deltas increasing).
+pub fn build_view(source: &[u8], source_count: u32, records: &[ViewRecord<'_>]) -> Bytes {
+    let n = records.len();
+    let body: usize = records.iter().map(|r| r.raw.len()).sum();
+    let mut out = BytesMut::with_capacity(BATCH_HEADER_BYTES + n * VIEW_ENTRY_BYTES + body);
+    out.extend_from_slice(&source[..BATCH_HEADER_BYTES]);
+    for r in records {
+        out.put_u32_le(r.delta);
+        out.put_u32_le(r.origin_index);
+        out.put_u64_le(r.origin_position);
     }
-    let mut want = keep.iter().copied().peekable();
-    let mut at = BATCH_HEADER_BYTES;
-    let mut i = 0u32;
-    while let Some(&next) = want.peek() {
-        let Some(len) = stored.get(at..at + 4) else {
-            break;
-        };
-        let end = at + 4 + u32::from_le_bytes(len.try_into().unwrap()) as usize;
-        if i == next {
-            out.extend_from_slice(&stored[at..end]);
-            want.next();
-        }
-        at = end;
-        i += 1;
+    for r in records {
+        out.extend_from_slice(r.raw);
     }
-    assert!(want.peek().is_none(), "filtered_copy: index past the batch");
     let len = out.len() as u32;
     out[0..4].copy_from_slice(&0u32.to_le_bytes());
     out[4..8].copy_from_slice(&len.to_le_bytes());
-    out[52..54].copy_from_slice(&BATCH_ATTR_FILTERED.to_le_bytes());
-    out[56..60].copy_from_slice(&(keep.len() as u32).to_le_bytes());
+    out[52..54].copy_from_slice(&BATCH_ATTR_VIEW.to_le_bytes());
+    out[56..60].copy_from_slice(&(n as u32).to_le_bytes());
+    out[60..64].copy_from_slice(&source_count.to_le_bytes());
     let crc = crc32fast::hash(&out[BODY_CRC_START..]);
     out[48..52].copy_from_slice(&crc.to_le_bytes());
     out.freeze()
+}
+
+/// A view of `batch` (a checked stored batch or a view) holding only its
+/// records at the places `keep` lists (increasing positions in iteration
+/// order, each below its record count).
+pub fn select_records(batch: &[u8], keep: &[u32]) -> Bytes {
+    let h = BatchHeader::parse(batch).expect("select_records: a checked batch");
+    let records: Vec<RecordView<'_>> = RecordIter::new(batch).map_while(Result::ok).collect();
+    assert!(
+        keep.iter().all(|&k| (k as usize) < records.len()),
+        "select_records: a place past the batch"
+    );
+    let chosen: Vec<ViewRecord<'_>> = keep
+        .iter()
+        .map(|&k| {
+            let r = &records[k as usize];
+            ViewRecord {
+                delta: r.index,
+                origin_position: r.origin_position,
+                origin_index: r.origin_index,
+                raw: r.raw,
+            }
+        })
+        .collect();
+    build_view(batch, h.offset_count(), &chosen)
+}
+
+/// Where a fired scheduled message is stored and what it is: the payload
+/// of one record of a reference batch ([`BATCH_ATTR_REFERENCE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// Its id: the position and index it was scheduled at.
+    pub origin_position: u64,
+    pub origin_index: u32,
+    /// Where its record is now (its origin, or where it was carried).
+    pub location_position: u64,
+    pub location_index: u32,
+    /// Its tag's bits ([`tag_bloom`]; 0 without a tag).
+    pub tags: u32,
+}
+
+/// Bytes of an encoded [`Reference`].
+pub const REFERENCE_BYTES: usize = 28;
+
+impl Reference {
+    pub fn encode(&self) -> [u8; REFERENCE_BYTES] {
+        let mut b = [0u8; REFERENCE_BYTES];
+        b[0..8].copy_from_slice(&self.origin_position.to_le_bytes());
+        b[8..12].copy_from_slice(&self.origin_index.to_le_bytes());
+        b[12..20].copy_from_slice(&self.location_position.to_le_bytes());
+        b[20..24].copy_from_slice(&self.location_index.to_le_bytes());
+        b[24..28].copy_from_slice(&self.tags.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Option<Reference> {
+        (b.len() == REFERENCE_BYTES).then(|| Reference {
+            origin_position: u64_at(b, 0),
+            origin_index: u32_at(b, 8),
+            location_position: u64_at(b, 12),
+            location_index: u32_at(b, 20),
+            tags: u32_at(b, 24),
+        })
+    }
 }
 
 /// The bits a tag sets in a batch's tag summary: a 32-bit Bloom filter of
@@ -394,27 +548,27 @@ pub fn tag_bloom(tag: &[u8]) -> u32 {
     (1 << (h & 31)) | (1 << ((h >> 5) & 31))
 }
 
-/// The checks every whole batch passes, on its parsed header: the declared
-/// length is the bytes present, the body CRC holds, reserved fields are 0.
-fn check_whole(b: &[u8], header: BatchHeader) -> Result<BatchHeader, BatchError> {
+/// The declared length is the bytes present and the body CRC holds.
+fn check_len_crc(b: &[u8], header: &BatchHeader) -> Result<(), BatchError> {
     if header.batch_len as usize != b.len() {
         return Err(BatchError::LengthMismatch {
             declared: header.batch_len,
             actual: b.len(),
         });
     }
-    check_body_crc(b, &header)?;
-    check_reserved(b)?;
-    Ok(header)
+    check_body_crc(b, header)
 }
 
 /// One record inside a batch, borrowed from the batch bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordView<'a> {
-    /// The record's index in its stored batch (queue offset `base_offset +
-    /// index`); in a stored batch its place, in a filtered copy from the
-    /// copy's index table.
+    /// Its queue offset's delta from the batch's base offset: in a stored
+    /// batch its place, in a view from the view's table.
     pub index: u32,
+    /// Its id's log position and index: in a stored batch the batch's
+    /// position and its place, in a view from the view's table.
+    pub origin_position: u64,
+    pub origin_index: u32,
     pub priority: u8,
     pub timestamp_ms: i64,
     pub deliver_at_ms: i64,
@@ -424,6 +578,8 @@ pub struct RecordView<'a> {
     pub payload: &'a [u8],
     /// Byte range of the payload inside the batch (for zero-copy slicing).
     pub payload_range: std::ops::Range<usize>,
+    /// The record as framed in the batch (its length included).
+    pub raw: &'a [u8],
 }
 
 /// Iterates the records of a batch, checking their framing.
@@ -431,34 +587,35 @@ pub struct RecordIter<'a> {
     batch: &'a [u8],
     at: usize,
     index: u32,
-    /// A filtered copy's index table (empty for a stored batch).
+    /// A view's table (empty for a stored batch).
     table: &'a [u8],
+    /// The batch's log position (a stored batch's records' ids).
+    position: u64,
     failed: bool,
 }
 
 impl<'a> RecordIter<'a> {
     /// Iterates records of `batch` (the whole batch, header included; a
-    /// stored batch or a filtered copy).
+    /// stored batch or a view).
     pub fn new(batch: &'a [u8]) -> Self {
         let mut it = RecordIter {
             batch,
             at: BATCH_HEADER_BYTES.min(batch.len()),
             index: 0,
             table: &[],
+            position: 0,
             failed: false,
         };
-        if batch.len() >= BATCH_HEADER_BYTES && u16_at(batch, 52) & BATCH_ATTR_FILTERED != 0 {
-            let n = u32_at(batch, 56) as usize;
-            match n
-                .checked_mul(4)
-                .and_then(|t| BATCH_HEADER_BYTES.checked_add(t))
-                .filter(|&end| end <= batch.len())
-            {
-                Some(end) => {
-                    it.table = &batch[BATCH_HEADER_BYTES..end];
-                    it.at = end;
+        if batch.len() >= BATCH_HEADER_BYTES {
+            it.position = u64_at(batch, 32);
+            if u16_at(batch, 52) & BATCH_ATTR_VIEW != 0 {
+                match view_table(batch) {
+                    Some(t) => {
+                        it.table = t;
+                        it.at = BATCH_HEADER_BYTES + t.len();
+                    }
+                    None => it.failed = true,
                 }
-                None => it.failed = true,
             }
         }
         it
@@ -495,7 +652,14 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn parse_record(rec: &[u8], base: usize, index: u32) -> Result<RecordView<'_>, &'static str> {
+/// Parses the record `rec` (its body, after the length) found at byte
+/// `base` of its batch; `raw` is the record with its length.
+fn parse_record<'a>(
+    rec: &'a [u8],
+    raw: &'a [u8],
+    base: usize,
+    (index, origin_position, origin_index): (u32, u64, u32),
+) -> Result<RecordView<'a>, &'static str> {
     let mut c = Cursor { b: rec, at: 0 };
     let flags = c.take(1).ok_or("truncated")?[0];
     if flags & !RECORD_FLAGS_KNOWN != 0 {
@@ -530,6 +694,8 @@ fn parse_record(rec: &[u8], base: usize, index: u32) -> Result<RecordView<'_>, &
     }
     Ok(RecordView {
         index,
+        origin_position,
+        origin_index,
         priority,
         timestamp_ms,
         deliver_at_ms,
@@ -538,6 +704,7 @@ fn parse_record(rec: &[u8], base: usize, index: u32) -> Result<RecordView<'_>, &
         properties,
         payload,
         payload_range: base + start..base + start + n as usize,
+        raw,
     })
 }
 
@@ -561,15 +728,21 @@ impl<'a> Iterator for RecordIter<'a> {
         let Some(end) = start.checked_add(len).filter(|&e| e <= self.batch.len()) else {
             return fail(self, "record runs past the batch");
         };
-        let stored_index = if self.table.is_empty() {
-            index
+        let place = if self.table.is_empty() {
+            (index, self.position, index)
         } else {
-            match self.table.get(index as usize * 4..index as usize * 4 + 4) {
-                Some(t) => u32::from_le_bytes(t.try_into().unwrap()),
-                None => return fail(self, "more records than the copy's index table"),
+            let at = index as usize * VIEW_ENTRY_BYTES;
+            match self.table.get(at..at + VIEW_ENTRY_BYTES) {
+                Some(t) => (u32_at(t, 0), u64_at(t, 8), u32_at(t, 4)),
+                None => return fail(self, "more records than the view's table"),
             }
         };
-        match parse_record(&self.batch[start..end], start, stored_index) {
+        match parse_record(
+            &self.batch[start..end],
+            &self.batch[self.at..end],
+            start,
+            place,
+        ) {
             Ok(view) => {
                 self.at = end;
                 self.index += 1;
@@ -589,9 +762,12 @@ pub struct Record {
     pub payload: Bytes,
     /// Producer clock, milliseconds since the Unix epoch.
     pub timestamp_ms: i64,
-    /// Reserved for priority delivery; 0 is the default priority.
+    /// 0 (the default, lowest) to 9 (highest): group consumers in message
+    /// delivery and push get higher priorities first.
     pub priority: u8,
-    /// Reserved for scheduled delivery; 0 means "now".
+    /// When the message becomes visible: 0 now, a positive value that
+    /// instant (ms since the epoch, the broker's clock), a negative one a
+    /// delay of that many ms from when the broker takes it.
     pub deliver_at_ms: i64,
 }
 
@@ -631,6 +807,9 @@ impl Record {
         }
         if self.payload.len() > u32::MAX as usize / 2 {
             return Err("payload too large");
+        }
+        if self.priority > PRIORITY_MAX {
+            return Err("priority above 9");
         }
         Ok(())
     }
@@ -756,6 +935,25 @@ impl Record {
         self.properties.push((key.into(), value.into()));
         self
     }
+    /// Sets the priority (0 to 9, 9 highest).
+    pub fn with_priority(mut self, priority: u8) -> Record {
+        self.priority = priority;
+        self
+    }
+    /// Delivers the message `delay` after the broker takes it (by the
+    /// broker's clock, so the producer's clock does not matter); a zero
+    /// delay is now.
+    pub fn deliver_after(mut self, delay: std::time::Duration) -> Record {
+        let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        self.deliver_at_ms = ms.saturating_neg();
+        self
+    }
+    /// Delivers the message at `at_ms` (ms since the Unix epoch, the
+    /// broker's clock); a time already past is now.
+    pub fn deliver_at(mut self, at_ms: i64) -> Record {
+        self.deliver_at_ms = at_ms.max(1);
+        self
+    }
 }
 
 #[cfg(test)]
@@ -786,7 +984,7 @@ mod tests {
     const KEY: SegmentKey = SegmentKey([7; 16]);
 
     #[test]
-    fn a_filtered_copy_keeps_the_chosen_records_with_their_indexes() {
+    fn a_view_keeps_the_chosen_records_with_their_offsets_and_ids() {
         let records: Vec<Record> = (0..5)
             .map(|i| Record {
                 tag: Some(format!("T{i}")),
@@ -795,27 +993,46 @@ mod tests {
             .collect();
         let mut stored = BytesMut::from(&build(&records)[..]);
         stamp(&mut stored, 3, 100, 42, 8192, &KEY);
-        let copy = filtered_copy(&stored, &[1, 3]);
+        let copy = select_records(&stored, &[1, 3]);
         let h = check_fetched(&copy).unwrap();
         assert_eq!(
             (h.record_count, h.base_offset, h.log_position),
             (2, 100, 8192)
         );
-        assert_eq!(h.attributes, BATCH_ATTR_FILTERED);
-        let got: Vec<(u32, Vec<u8>)> = RecordIter::new(&copy)
+        assert_eq!(h.attributes, BATCH_ATTR_VIEW);
+        assert_eq!(h.next_offset(), 105, "a view covers its source's offsets");
+        let got: Vec<(u32, u64, u32, Vec<u8>)> = RecordIter::new(&copy)
             .map(|r| r.unwrap())
-            .map(|r| (r.index, r.payload.to_vec()))
+            .map(|r| {
+                (
+                    r.index,
+                    r.origin_position,
+                    r.origin_index,
+                    r.payload.to_vec(),
+                )
+            })
             .collect();
-        assert_eq!(got, vec![(1, b"m1".to_vec()), (3, b"m3".to_vec())]);
-        // A copy is never taken as a produced or a stored batch.
+        assert_eq!(
+            got,
+            vec![(1, 8192, 1, b"m1".to_vec()), (3, 8192, 3, b"m3".to_vec())]
+        );
+        // A view of a view keeps the first one's offsets and ids.
+        let again = select_records(&copy, &[1]);
+        let got: Vec<(u32, u32)> = RecordIter::new(&again)
+            .map(|r| r.unwrap())
+            .map(|r| (r.index, r.origin_index))
+            .collect();
+        assert_eq!(got, vec![(3, 3)]);
+        assert_eq!(check_fetched(&again).unwrap().next_offset(), 105);
+        // A view is never taken as a produced or a stored batch.
         assert!(matches!(
             validate_produced(&copy, 1 << 20),
             Err(BatchError::ReservedNotZero(_))
         ));
         assert!(check_stored(&copy, &KEY).is_err());
-        // Indexes that do not increase are refused.
-        let mut bad = BytesMut::from(&filtered_copy(&stored, &[1, 3])[..]);
-        bad[84..88].copy_from_slice(&1u32.to_le_bytes());
+        // Deltas that do not increase are refused.
+        let mut bad = BytesMut::from(&copy[..]);
+        bad[96..100].copy_from_slice(&1u32.to_le_bytes());
         let crc = crc32fast::hash(&bad[52..]);
         bad[48..52].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(
@@ -829,6 +1046,92 @@ mod tests {
         long[48..52].copy_from_slice(&crc.to_le_bytes());
         assert!(check_fetched(&long).is_err());
         assert!(RecordIter::new(&long).next().is_none());
+        // An empty view (every record dropped) still covers its offsets.
+        let none = select_records(&stored, &[]);
+        let h = check_fetched(&none).unwrap();
+        assert_eq!((h.record_count, h.next_offset()), (0, 105));
+    }
+
+    #[test]
+    fn stored_attributes_are_the_brokers_alone() {
+        let b = build(&[record("a")]);
+        for attr in [
+            BATCH_ATTR_VIEW,
+            BATCH_ATTR_SCHEDULED,
+            BATCH_ATTR_CARRIED,
+            BATCH_ATTR_REFERENCE,
+        ] {
+            let mut x = BytesMut::from(&b[..]);
+            x[52..54].copy_from_slice(&attr.to_le_bytes());
+            let crc = crc32fast::hash(&x[52..]);
+            x[48..52].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(
+                    validate_produced(&x, 1 << 20),
+                    Err(BatchError::ReservedNotZero(_))
+                ),
+                "a produce with attributes {attr} is refused"
+            );
+        }
+        // A scheduled batch carries its target; stored, it checks.
+        let mut s = BytesMut::from(&b[..]);
+        mark_scheduled(&mut s, 77);
+        stamp(&mut s, 9, 0, 1, 4096, &KEY);
+        let h = check_stored(&s, &KEY).unwrap();
+        assert_eq!((h.attributes, h.extra), (BATCH_ATTR_SCHEDULED, 77));
+        // Two bits at once, or `extra` on another kind, are not stored.
+        let mut two = BytesMut::from(&s[..]);
+        two[52..54].copy_from_slice(&(BATCH_ATTR_SCHEDULED | BATCH_ATTR_CARRIED).to_le_bytes());
+        let crc = crc32fast::hash(&two[52..]);
+        two[48..52].copy_from_slice(&crc.to_le_bytes());
+        stamp(&mut two, 9, 0, 1, 4096, &KEY);
+        assert!(check_stored(&two, &KEY).is_err());
+        let mut carried = BytesMut::from(&s[..]);
+        carried[52..54].copy_from_slice(&BATCH_ATTR_CARRIED.to_le_bytes());
+        let crc = crc32fast::hash(&carried[52..]);
+        carried[48..52].copy_from_slice(&crc.to_le_bytes());
+        stamp(&mut carried, 9, 0, 1, 4096, &KEY);
+        assert!(check_stored(&carried, &KEY).is_err());
+    }
+
+    #[test]
+    fn priorities_above_nine_are_refused_and_delays_resolve_on_the_brokers_clock() {
+        let b = build(&[Record {
+            priority: 10,
+            ..record("x")
+        }]);
+        assert!(matches!(
+            validate_produced(&b, 1 << 20),
+            Err(BatchError::BadRecord { index: 0, reason }) if reason.contains("priority")
+        ));
+        assert!(Record::new("x").with_priority(10).check().is_err());
+        let r = Record::new("x").deliver_after(std::time::Duration::from_millis(250));
+        assert_eq!(r.deliver_at_ms, -250);
+        assert_eq!(due_ms(r.deliver_at_ms, 1_000), 1_250);
+        assert_eq!(due_ms(0, 1_000), 1_000);
+        assert_eq!(due_ms(5_000, 1_000), 5_000);
+        assert_eq!(due_ms(i64::MIN, 1_000), i64::MAX);
+        assert_eq!(Record::new("x").deliver_at(0).deliver_at_ms, 1);
+    }
+
+    #[test]
+    fn references_round_trip_and_give_their_tags_to_the_summary() {
+        let r = Reference {
+            origin_position: 1 << 40,
+            origin_index: 3,
+            location_position: 1 << 41,
+            location_index: 7,
+            tags: tag_bloom(b"A"),
+        };
+        assert_eq!(Reference::decode(&r.encode()), Some(r));
+        assert_eq!(Reference::decode(&r.encode()[1..]), None);
+        let mut b = BatchBuilder::new();
+        b.push(&Record::new(Bytes::copy_from_slice(&r.encode())));
+        let mut x = BytesMut::from(&b.finish()[..]);
+        x[52..54].copy_from_slice(&BATCH_ATTR_REFERENCE.to_le_bytes());
+        let crc = crc32fast::hash(&x[52..]);
+        x[48..52].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(tag_summary(&x), tag_bloom(b"A"));
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub struct QueueId(pub u32);
 /// fetched or looked up by clients.
 pub const GROUP_JOURNAL_QUEUE: QueueId = QueueId(0);
 
+/// The queue id each shard keeps its timer in (`schedule`): scheduled
+/// messages until they fire, and the timer's journal. Metadata never hands
+/// it out (queue ids stop below `u32::MAX`); never listed or fetched by
+/// clients.
+pub const TIMER_QUEUE: QueueId = QueueId(u32::MAX);
+
 /// Broker-wide id of one consumer group, assigned once by metadata and
 /// never reused (a receipt handle of a deleted group never names a new one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

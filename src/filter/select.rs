@@ -22,7 +22,8 @@ pub enum Selection {
     All,
     /// No record: send nothing.
     None,
-    /// These record indexes (increasing): send a filtered copy.
+    /// The records at these places (increasing, in iteration order): send
+    /// a view of them (`batch::select_records`).
     Some(Vec<u32>),
 }
 
@@ -64,21 +65,21 @@ impl MessageFilter {
         }
     }
 
-    /// What the filter keeps of `stored` (a checked stored batch) from
-    /// queue offset `from` on; records before `from` are the consumer's
-    /// to skip, so they do not stop a batch going out whole.
-    pub fn select(&self, stored: &[u8], from: u64) -> Selection {
-        let Ok(h) = BatchHeader::parse(stored) else {
+    /// What the filter keeps of `batch` (a checked stored batch or a
+    /// view) from queue offset `from` on; records before `from` are the
+    /// consumer's to skip, so they do not stop a batch going out whole.
+    pub fn select(&self, batch: &[u8], from: u64) -> Selection {
+        let Ok(h) = BatchHeader::parse(batch) else {
             return Selection::None;
         };
         let mut keep = Vec::new();
         let mut whole = true;
-        for r in RecordIter::new(stored).map_while(Result::ok) {
+        for (place, r) in RecordIter::new(batch).map_while(Result::ok).enumerate() {
             if h.base_offset + u64::from(r.index) < from {
                 continue;
             }
             if self.matches(&h, &r) {
-                keep.push(r.index);
+                keep.push(place as u32);
             } else {
                 whole = false;
             }

@@ -19,5 +19,5 @@ pub mod journal;
 pub mod membership;
 pub mod receipt;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod window;

@@ -81,7 +81,10 @@ impl Shard {
             self.store.ensure_queue(q);
         }
         for q in self.store.queue_ids() {
-            if q != crate::ids::GROUP_JOURNAL_QUEUE && !owned.contains(&q) {
+            if q != crate::ids::GROUP_JOURNAL_QUEUE
+                && q != crate::ids::TIMER_QUEUE
+                && !owned.contains(&q)
+            {
                 self.store.remove_queue(q);
             }
         }

@@ -14,6 +14,8 @@ pub struct IndexEntry {
     /// Tag summary of the batch's records (`batch::tag_summary`): a tag
     /// filter skips a batch whose summary lacks every tag it names.
     pub tags: u32,
+    /// A reference batch (fired scheduled messages: readers resolve it).
+    pub reference: bool,
 }
 
 impl IndexEntry {
@@ -78,6 +80,19 @@ impl ConsumeIndex {
         i.checked_sub(1).map(|i| self.entries[i].next_offset())
     }
 
+    /// Index of the entry whose batch starts at `position` (positions grow
+    /// with offsets within a queue).
+    pub fn find_position(&self, position: u64) -> Option<usize> {
+        let i = self.entries.partition_point(|e| e.position < position);
+        (self.entries.get(i)?.position == position).then_some(i)
+    }
+
+    /// Entries of batches starting at or after `position`.
+    pub fn since_position(&self, position: u64) -> impl Iterator<Item = &IndexEntry> {
+        let i = self.entries.partition_point(|e| e.position < position);
+        self.entries.range(i..)
+    }
+
     /// Drops entries of batches that start before `position`; returns how many.
     pub fn trim_before(&mut self, position: u64) -> usize {
         let n = self.entries.partition_point(|e| e.position < position);
@@ -107,6 +122,7 @@ mod tests {
             len: 100,
             count,
             tags: 0,
+            reference: false,
         }
     }
 

@@ -13,12 +13,18 @@
 //! page and the last batch (to check the snapshot against the log).
 //!
 //! ```text
-//! block: u32 magic 0x4B495831 ("KIX1") | u32 n | u64 covered_end
+//! block: u32 magic 0x4B495832 ("KIX2") | u32 n | u64 covered_end
 //!        | u32 flags (bit 0: sealed) | u32 crc32 (bytes 0..20 and 24..32,
 //!        then the entries) | u64 from
 //!        | n × (u64 position, u64 base_offset, i64 append_time_ms,
-//!             u32 queue_id, u32 len, u32 count, u32 tags)
+//!             u32 queue_id, u32 len, u32 count, u32 tags,
+//!             u16 attributes, 6 bytes 0)
 //!        | zeros to the next page
+//! ```
+//! Files of older brokers have "KIX1" blocks: 40-byte entries ending at
+//! `count` and a reserved u32 (tag summaries then read as unknown, all
+//! ones, and attributes as 0: no stored batch had any).
+//! ```text
 //! ```
 //! A block lists every batch of the segment starting in `[from,
 //! covered_end)`; the first block's `from` is the segment's first batch
@@ -31,13 +37,14 @@ use std::path::Path;
 use super::io::{Io, IoBuffer, IoFile, IoResult};
 use super::{align_up, BatchEntry};
 
-/// Blocks written now ("KIX2": entries carry their batch's tag summary).
+/// Blocks written now ("KIX2": entries carry their batch's tag summary
+/// and attributes).
 const MAGIC: u32 = 0x4B49_5832;
-/// Blocks of older files ("KIX1": the last entry field was reserved, so
-/// their tag summaries read as unknown, all ones).
+/// Blocks of older files ("KIX1").
 const MAGIC_V1: u32 = 0x4B49_5831;
 const BLOCK_HEAD_BYTES: usize = 32;
-const ENTRY_BYTES: usize = 40;
+const ENTRY_BYTES: usize = 48;
+const ENTRY_BYTES_V1: usize = 40;
 const FLAG_SEALED: u32 = 1;
 /// Most entries one block holds (a block stays a few MiB at most).
 pub const BLOCK_ENTRIES_MAX: usize = 65_536;
@@ -75,6 +82,7 @@ pub fn encode_block(entries: &[BatchEntry], from: u64, covered_end: u64, sealed:
         b[at + 28..at + 32].copy_from_slice(&e.len.to_le_bytes());
         b[at + 32..at + 36].copy_from_slice(&e.count.to_le_bytes());
         b[at + 36..at + 40].copy_from_slice(&e.tags.to_le_bytes());
+        b[at + 40..at + 42].copy_from_slice(&e.attributes.to_le_bytes());
         at += ENTRY_BYTES;
     }
     let crc = block_crc(&b[..BLOCK_HEAD_BYTES], &b[BLOCK_HEAD_BYTES..body]);
@@ -106,7 +114,12 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
         if (magic != MAGIC && magic != MAGIC_V1) || n > BLOCK_ENTRIES_MAX {
             break;
         }
-        let body = BLOCK_HEAD_BYTES + n * ENTRY_BYTES;
+        let entry_bytes = if magic == MAGIC {
+            ENTRY_BYTES
+        } else {
+            ENTRY_BYTES_V1
+        };
+        let body = BLOCK_HEAD_BYTES + n * entry_bytes;
         let len = align_up(body as u64) as usize;
         if at + len > b.len()
             || block_crc(
@@ -121,7 +134,7 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
         if from != snap.covered_end {
             break;
         }
-        let entries = b[at + BLOCK_HEAD_BYTES..at + body].chunks_exact(ENTRY_BYTES);
+        let entries = b[at + BLOCK_HEAD_BYTES..at + body].chunks_exact(entry_bytes);
         let decoded: Vec<BatchEntry> = entries
             .map(|c| BatchEntry {
                 position: u64::from_le_bytes(c[0..8].try_into().unwrap()),
@@ -134,6 +147,11 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
                     u32::from_le_bytes(c[36..40].try_into().unwrap())
                 } else {
                     u32::MAX
+                },
+                attributes: if magic == MAGIC {
+                    u16::from_le_bytes([c[40], c[41]])
+                } else {
+                    0
                 },
             })
             .collect();
@@ -218,30 +236,36 @@ mod tests {
             count: 3,
             append_time_ms: 1000 + position as i64,
             tags: (position as u32).rotate_left(7) ^ queue_id,
+            attributes: 0,
         }
     }
 
     #[test]
-    fn tag_summaries_round_trip_and_old_blocks_read_them_as_unknown() {
-        let entries = [e(4096, 100, 1, 0), e(4196, 50, 2, 0)];
+    fn tag_summaries_and_attributes_round_trip_and_old_blocks_read_as_unknown() {
+        let mut entries = [e(4096, 100, 1, 0), e(4196, 50, 2, 0)];
+        entries[1].attributes = crate::batch::BATCH_ATTR_REFERENCE;
         let block = encode_block(&entries, 4096, 4246, false);
         assert_eq!(decode_file(&block, 4096).entries, entries);
-        // The same block as an older broker wrote it: magic KIX1 and the
-        // last field reserved (0), which must not read as "no tags".
-        let mut old = block.clone();
+        // The same entries as an older broker wrote them: magic KIX1,
+        // 40-byte entries, the last field reserved (0), which must not
+        // read as "no tags".
+        let body = BLOCK_HEAD_BYTES + entries.len() * ENTRY_BYTES_V1;
+        let mut old = vec![0u8; align_up(body as u64) as usize];
+        old[..BLOCK_HEAD_BYTES].copy_from_slice(&block[..BLOCK_HEAD_BYTES]);
         old[0..4].copy_from_slice(&MAGIC_V1.to_le_bytes());
         for i in 0..entries.len() {
-            let at = BLOCK_HEAD_BYTES + i * ENTRY_BYTES + 36;
-            old[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+            let (from, to) = (
+                BLOCK_HEAD_BYTES + i * ENTRY_BYTES,
+                BLOCK_HEAD_BYTES + i * ENTRY_BYTES_V1,
+            );
+            old[to..to + 36].copy_from_slice(&block[from..from + 36]);
         }
-        let crc = block_crc(
-            &old[..BLOCK_HEAD_BYTES],
-            &old[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + entries.len() * ENTRY_BYTES],
-        );
+        let crc = block_crc(&old[..BLOCK_HEAD_BYTES], &old[BLOCK_HEAD_BYTES..body]);
         old[20..24].copy_from_slice(&crc.to_le_bytes());
         let got = decode_file(&old, 4096).entries;
         assert_eq!(got.len(), 2);
-        assert!(got.iter().all(|g| g.tags == u32::MAX));
+        assert_eq!((got[1].position, got[1].len, got[1].count), (4196, 50, 3));
+        assert!(got.iter().all(|g| g.tags == u32::MAX && g.attributes == 0));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct BatchEntry {
     /// Tag summary of its records (`batch::tag_summary`; all ones when
     /// unknown, as for entries of old index snapshots).
     pub tags: u32,
+    /// The batch's `attributes` (`batch::BATCH_ATTR_*`).
+    pub attributes: u16,
 }
 
 impl BatchEntry {

@@ -322,6 +322,7 @@ async fn probe_once<F: IoFile>(
             count: h.record_count,
             append_time_ms: h.append_time_ms,
             tags: crate::batch::tag_summary(&whole),
+            attributes: h.attributes,
         }),
         Err(e) => Probe::Invalid(e.to_string()),
     })

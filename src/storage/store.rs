@@ -35,8 +35,8 @@ use super::segment::index_path;
 use super::tail_cache::TailCache;
 use super::time_index::TimeIndex;
 use super::BatchEntry;
-use crate::batch::{self, BatchHeader, BATCH_HEADER_BYTES};
-use crate::ids::{IdMap, LogPosition, QueueId, QueueOffset};
+use crate::batch::{self, BatchHeader, RecordIter, BATCH_HEADER_BYTES};
+use crate::ids::{IdMap, LogPosition, QueueId, QueueOffset, TIMER_QUEUE};
 use crate::protocol::{Durability, QueueOffsets};
 use crate::runtime::Watch;
 
@@ -163,6 +163,8 @@ pub struct BatchLocation {
     pub next_offset: QueueOffset,
     /// Its tag summary (`batch::tag_summary`).
     pub tags: u32,
+    /// A reference batch (read as a view of the messages it points at).
+    pub reference: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +247,7 @@ impl<I: Io> QueueStore<I> {
                 len: b.len,
                 count: b.count,
                 tags: b.tags,
+                reference: b.attributes & batch::BATCH_ATTR_REFERENCE != 0,
             });
             q.time.push(b.append_time_ms, b.base_offset);
             q.next_offset = b.next_offset();
@@ -435,6 +438,7 @@ impl<I: Io> QueueStore<I> {
             len: len as u32,
             count: header.record_count,
             tags,
+            reference: header.is_reference(),
         });
         q.time.push(now, base);
         q.next_offset = base + count;
@@ -454,6 +458,7 @@ impl<I: Io> QueueStore<I> {
             count: header.record_count,
             append_time_ms: now,
             tags,
+            attributes: header.attributes,
         });
         Ok(AppendReceipt {
             queue_id: queue,
@@ -657,12 +662,7 @@ impl<I: Io> QueueStore<I> {
             (o, entries)
         };
         // The reads not served by the tail cache go to the disk together.
-        let out = futures_util::future::try_join_all(
-            entries
-                .iter()
-                .map(|e| self.batch_at_entry(e.position, e.len as usize)),
-        )
-        .await?;
+        let out = self.read_entries(&entries).await?;
         Ok((offsets, out))
     }
 
@@ -714,12 +714,7 @@ impl<I: Io> QueueStore<I> {
             }
             (o, looked_to, entries)
         };
-        let out = futures_util::future::try_join_all(
-            entries
-                .iter()
-                .map(|e| self.batch_at_entry(e.position, e.len as usize)),
-        )
-        .await?;
+        let out = self.read_entries(&entries).await?;
         Ok((offsets, QueueOffset(looked_to), out))
     }
 
@@ -738,6 +733,7 @@ impl<I: Io> QueueStore<I> {
                 base_offset: QueueOffset(e.base_offset),
                 next_offset: QueueOffset(e.next_offset()),
                 tags: e.tags,
+                reference: e.reference,
             },
         )
     }
@@ -745,7 +741,138 @@ impl<I: Io> QueueStore<I> {
     /// The batch at a location from [`QueueStore::locate`], read and
     /// checked like any read.
     pub async fn read_located(&self, at: &BatchLocation) -> Result<Bytes, StoreError> {
-        self.batch_at_entry(at.position.0, at.len as usize).await
+        let b = self.batch_at_entry(at.position.0, at.len as usize).await?;
+        self.serve(b, at.reference).await
+    }
+
+    /// A stored batch as readers get it: a reference batch becomes a view
+    /// of the messages it points at ([`QueueStore::resolve_references`]).
+    async fn serve(&self, b: Bytes, reference: bool) -> Result<Bytes, StoreError> {
+        if reference {
+            self.resolve_references(&b).await
+        } else {
+            Ok(b)
+        }
+    }
+
+    /// The batches of `entries` as readers get them, the reads not served
+    /// by the tail cache issued together.
+    async fn read_entries(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>, StoreError> {
+        futures_util::future::try_join_all(entries.iter().map(|e| async move {
+            let b = self.batch_at_entry(e.position, e.len as usize).await?;
+            self.serve(b, e.reference).await
+        }))
+        .await
+    }
+
+    /// A view of the fired scheduled messages a reference batch points at
+    /// (their records, read where the timer queue keeps them, with their
+    /// ids; `batch::build_view`). A message whose stored record is gone
+    /// (retention) is left out of the view; its offset stays covered.
+    pub async fn resolve_references(&self, stored: &Bytes) -> Result<Bytes, StoreError> {
+        let h = BatchHeader::parse(stored).map_err(|e| StoreError::Corrupt {
+            position: 0,
+            reason: e.to_string(),
+        })?;
+        let refs: Vec<batch::Reference> = RecordIter::new(stored)
+            .map_while(Result::ok)
+            .map(|r| batch::Reference::decode(r.payload))
+            .collect::<Option<_>>()
+            .ok_or_else(|| StoreError::Corrupt {
+                position: h.log_position,
+                reason: "a reference record does not decode".into(),
+            })?;
+        let mut locations: Vec<u64> = refs.iter().map(|r| r.location_position).collect();
+        locations.sort_unstable();
+        locations.dedup();
+        let located: Vec<Option<IndexEntry>> = {
+            let queues = self.queues.borrow();
+            let timer = queues.get(&TIMER_QUEUE.0);
+            locations
+                .iter()
+                .map(|&p| {
+                    timer.and_then(|q| {
+                        q.consume
+                            .find_position(p)
+                            .and_then(|i| q.consume.get(i).copied())
+                    })
+                })
+                .collect()
+        };
+        let originals = futures_util::future::try_join_all(located.iter().map(|e| async move {
+            match e {
+                Some(e) => self
+                    .batch_at_entry(e.position, e.len as usize)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        }))
+        .await?;
+        // Each original's records, by index, as framed bytes.
+        let records: Vec<Vec<&[u8]>> = originals
+            .iter()
+            .map(|b| {
+                b.as_ref().map_or(Vec::new(), |b| {
+                    RecordIter::new(b)
+                        .map_while(Result::ok)
+                        .map(|r| r.raw)
+                        .collect()
+                })
+            })
+            .collect();
+        let chosen: Vec<batch::ViewRecord<'_>> = refs
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| {
+                let k = locations.binary_search(&r.location_position).ok()?;
+                let raw = *records[k].get(r.location_index as usize)?;
+                Some(batch::ViewRecord {
+                    delta: j as u32,
+                    origin_position: r.origin_position,
+                    origin_index: r.origin_index,
+                    raw,
+                })
+            })
+            .collect();
+        Ok(batch::build_view(stored, h.record_count, &chosen))
+    }
+
+    /// Index entries of reference batches stored at or after `position`,
+    /// over every queue (the timer's recovery: fires since its snapshot).
+    pub fn references_since(&self, position: LogPosition) -> Vec<(QueueId, IndexEntry)> {
+        let queues = self.queues.borrow();
+        let mut out: Vec<(QueueId, IndexEntry)> = queues
+            .iter()
+            .flat_map(|(&id, q)| {
+                q.consume
+                    .since_position(position.0)
+                    .filter(|e| e.reference)
+                    .map(move |e| (QueueId(id), *e))
+            })
+            .collect();
+        out.sort_by_key(|(_, e)| e.position);
+        out
+    }
+
+    /// The stored batch of the timer queue starting at `position` (a
+    /// scheduled or carried batch), if the index has one there.
+    pub async fn timer_batch_at(&self, position: LogPosition) -> Result<Option<Bytes>, StoreError> {
+        let e = {
+            let queues = self.queues.borrow();
+            queues.get(&TIMER_QUEUE.0).and_then(|q| {
+                q.consume
+                    .find_position(position.0)
+                    .and_then(|i| q.consume.get(i).copied())
+            })
+        };
+        match e {
+            Some(e) => self
+                .batch_at_entry(e.position, e.len as usize)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The batch an index entry points at: from the tail cache, else read
@@ -865,10 +992,11 @@ impl<I: Io> QueueStore<I> {
             }
             entry
         };
-        match cached {
-            Some(b) => Ok(b),
-            None => self.batch_at_entry(position, entry.len as usize).await,
-        }
+        let b = match cached {
+            Some(b) => b,
+            None => self.batch_at_entry(position, entry.len as usize).await?,
+        };
+        self.serve(b, entry.reference).await
     }
 
     /// The checkpoint of what is durable now; with `clean_end`, of a clean

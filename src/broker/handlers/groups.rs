@@ -706,30 +706,50 @@ async fn receive_once(
     for ((i, _), b) in g.reads.iter().zip(read) {
         g.batches[*i as usize] = b;
     }
-    if let Some(f) = filter {
-        apply_filter(shard, gid, f, &mut g);
-    }
+    settle_batches(shard, gid, filter, &mut g);
     Ok((
         g.leased, g.batches, g.entries, g.level, g.before, g.filtered,
     ))
 }
 
-/// Finishes (acks) every leased message the group's filter does not pass,
-/// so it is never sent and never comes back, and sends what is left: whole
-/// batches where every record passes, filtered copies where some do, none
-/// where no lease is left.
-fn apply_filter(shard: &Shard, gid: GroupId, f: &MessageFilter, g: &mut Gathered) {
+/// Finishes (acks) every leased message that is not to be sent, so it
+/// never comes back: those the group's filter does not pass, and those a
+/// view lacks (a fired scheduled message whose record retention removed).
+/// Sends what is left: whole batches where every record goes, views of
+/// the records that go where only some do, nothing where none does.
+fn settle_batches(shard: &Shard, gid: GroupId, filter: Option<&MessageFilter>, g: &mut Gathered) {
     use crate::filter::Selection;
     use crate::group::entry::Entry;
-    // What the filter keeps of each batch, by index in the stored batch.
-    let selections: Vec<Selection> = g.batches.iter().map(|b| f.select(b, 0)).collect();
-    let passes = |batch: u32, offset: u64| match &selections[batch as usize] {
-        Selection::All => true,
-        Selection::None => false,
-        Selection::Some(keep) => BatchHeader::parse(&g.batches[batch as usize]).is_ok_and(|h| {
-            keep.binary_search(&((offset - h.base_offset) as u32))
-                .is_ok()
-        }),
+    let views = g
+        .batches
+        .iter()
+        .any(|b| BatchHeader::parse(b).is_ok_and(|h| h.is_view()));
+    if filter.is_none() && !views {
+        return;
+    }
+    // Per batch: what goes (the filter's selection), and the offset deltas
+    // of the records that go (`None`: every offset of a stored batch).
+    let mut selections = Vec::with_capacity(g.batches.len());
+    let mut sendable: Vec<Option<Vec<u32>>> = Vec::with_capacity(g.batches.len());
+    for b in &g.batches {
+        let sel = filter.map_or(Selection::All, |f| f.select(b, 0));
+        let view = BatchHeader::parse(b).is_ok_and(|h| h.is_view());
+        let deltas = || RecordIter::new(b).map_while(Result::ok).map(|r| r.index);
+        sendable.push(match &sel {
+            Selection::All if !view => None,
+            Selection::All => Some(deltas().collect()),
+            Selection::None => Some(Vec::new()),
+            Selection::Some(keep) => {
+                let all: Vec<u32> = deltas().collect();
+                Some(keep.iter().map(|&k| all[k as usize]).collect())
+            }
+        });
+        selections.push(sel);
+    }
+    let passes = |batch: u32, offset: u64| match &sendable[batch as usize] {
+        None => true,
+        Some(d) => BatchHeader::parse(&g.batches[batch as usize])
+            .is_ok_and(|h| d.binary_search(&((offset - h.base_offset) as u32)).is_ok()),
     };
     let mut dropped: Vec<QueueId> = Vec::new();
     let mut kept = Vec::with_capacity(g.leased.len());
@@ -770,7 +790,7 @@ fn apply_filter(shard: &Shard, gid: GroupId, f: &MessageFilter, g: &mut Gathered
         }
         renumber[i] = out.len() as u32;
         out.push(match &selections[i] {
-            Selection::Some(keep) => batch::filtered_copy(&b, keep),
+            Selection::Some(keep) => batch::select_records(&b, keep),
             _ => b,
         });
     }

@@ -249,7 +249,7 @@ pub(super) async fn read_queue(
                 }
                 crate::filter::Selection::Some(keep) => {
                     out.messages += keep.len() as u64;
-                    batch::filtered_copy(&b, &keep)
+                    batch::select_records(&b, &keep)
                 }
             };
             kept += sent.len() as u64;

@@ -100,6 +100,7 @@ impl LogImage {
             count: payloads.len() as u32,
             append_time_ms: 1000 + self.batches.len() as i64,
             tags: crate::batch::tag_summary(&b),
+            attributes: 0,
         };
         let seg = &mut self.segments.last_mut().unwrap().1;
         let rel = (self.at - base) as usize;
