@@ -204,6 +204,7 @@ mod recovery_scan {
                 append_time_ms: 1,
                 tags: crate::batch::tag_summary(&b),
                 attributes: 0,
+                view_len: 0,
             });
             at += b.len();
         }

@@ -253,6 +253,29 @@ enum MessageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a scheduled message that is not due yet (it is never
+    /// delivered).
+    Cancel { id: String },
+}
+
+/// Parses "250ms", "5s", "2m", "1h", "3d" or a bare number of ms.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration such as 250ms, 5s, 2m, 1h or 3d"))?;
+    let scale = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        u => return Err(format!("unknown unit '{u}' in '{s}' (ms, s, m, h or d)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("'{s}' is too long"))
 }
 
 fn main() {
@@ -295,6 +318,7 @@ fn main() {
         Command::Dlq { command, broker } => dlq(&broker, command),
         Command::Message { command, broker } => match command {
             MessageCommand::Get { id, json } => message_get(&broker, &id, json),
+            MessageCommand::Cancel { id } => message_cancel(&broker, &id),
         },
         Command::Stats { broker, json } => stats(&broker, json),
     };
@@ -415,6 +439,18 @@ struct ProduceArgs {
     /// A property k=v (repeatable).
     #[arg(long = "prop", value_name = "K=V")]
     props: Vec<String>,
+    /// Deliver each message this long after the broker takes it: "250ms",
+    /// "5s", "2m", "1h", "3d" (a bare number is ms). Prints each
+    /// scheduled message's id, for `keelmq message cancel`.
+    #[arg(long, conflicts_with = "at", value_parser = parse_duration_ms)]
+    delay: Option<u64>,
+    /// Deliver at this time, ms since the Unix epoch (broker clock; a
+    /// time already past is now).
+    #[arg(long)]
+    at: Option<i64>,
+    /// Priority, 0 (default, lowest) to 9 (highest).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: u8,
     /// Most messages per batch.
     #[arg(long, default_value_t = 1000)]
     batch_max: usize,
@@ -473,12 +509,31 @@ fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
         (None, Some(k)) => QueueSelector::Key(k.clone().into()),
         (None, None) => QueueSelector::RoundRobin,
     };
+    let deliver_at_ms = match (a.delay, a.at) {
+        (Some(d), _) => i64::try_from(d).unwrap_or(i64::MAX).saturating_neg(),
+        (None, Some(at)) => at.max(1),
+        (None, None) => 0,
+    };
     let make = |payload: String| Record {
         key: a.key.clone().map(Into::into),
         tag: a.tag.clone(),
         properties: properties.clone(),
         payload: payload.into(),
+        priority: a.priority,
+        deliver_at_ms,
         ..Record::default()
+    };
+    let show_ids = deliver_at_ms != 0;
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let mut print_ids = |receipts: Vec<keelmq::client::SendReceipt>| -> Result<()> {
+        if show_ids {
+            for r in receipts.iter().filter(|r| r.is_scheduled()) {
+                writeln!(out, "scheduled {}", r.id)?;
+            }
+            out.flush()?;
+        }
+        Ok(())
     };
     let batch_max = a.batch_max.max(1);
     let budget = producer.batch_bytes_max().saturating_sub(1024);
@@ -555,7 +610,7 @@ fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
             // Keep sending while there is room and input is ready.
             if producer.in_flight() < a.in_flight_max.max(1) {
                 if let Some((t, r)) = producer.poll_ack(Duration::ZERO)? {
-                    r?;
+                    print_ids(r?)?;
                     acks.ack(t);
                 }
                 continue;
@@ -568,7 +623,7 @@ fn produce_inner(a: &ProduceArgs, acks: &mut AckPrefix) -> Result<()> {
                 Duration::from_secs(60)
             };
             if let Some((t, r)) = producer.poll_ack(wait)? {
-                r?;
+                print_ids(r?)?;
                 acks.ack(t);
             }
         }
@@ -999,6 +1054,16 @@ fn dlq(broker: &str, command: DlqCommand) -> Result<()> {
             println!("resent {sent} dead letters");
         }
     }
+    Ok(())
+}
+
+fn message_cancel(broker: &str, id: &str) -> Result<()> {
+    let id = MessageId::parse(id)
+        .ok_or_else(|| anyhow!("'{id}' is not a message id (28 hex digits)"))?;
+    let mut admin =
+        Admin::connect(broker).with_context(|| format!("cannot reach broker {broker}"))?;
+    admin.cancel_message(id)?;
+    println!("cancelled {id}");
     Ok(())
 }
 

@@ -165,6 +165,16 @@ impl Admin {
             .ok_or_else(|| ClientError::Protocol("message index outside its batch".into()))
     }
 
+    /// Cancels a scheduled message that is not due yet, so it is never
+    /// delivered. A message that is not pending (unknown, delivered
+    /// already, or cancelled) is a `message_not_found` error.
+    pub fn cancel_message(&mut self, id: MessageId) -> Result<(), ClientError> {
+        let mut b = BytesMut::new();
+        encode_message_id(&mut b, &id);
+        self.conn.call(Op::CancelMessage, &b)?;
+        Ok(())
+    }
+
     /// The broker's stats document.
     pub fn stats(&mut self) -> Result<serde_json::Value, ClientError> {
         let body = self.conn.call(Op::Stats, &[])?;

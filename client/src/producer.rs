@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::conn::{check, Connection, CALL_TIMEOUT};
 use super::{ClientError, MessageId, Record};
 use crate::batch::BatchBuilder;
+pub use crate::protocol::SCHEDULED_OFFSET;
 use crate::protocol::{Op, ProduceRequest, ProduceResponse, QUEUE_BY_KEY};
 
 /// Which queue of the topic a batch goes to.
@@ -27,12 +28,21 @@ pub enum QueueSelector {
 pub struct SendReceipt {
     /// Queue index.
     pub queue: u32,
-    /// Offset in the queue.
+    /// Offset in the queue; [`SCHEDULED_OFFSET`] for a scheduled message
+    /// (its offset is assigned when it is delivered).
     pub offset: u64,
     /// Broker-assigned message id.
     pub id: MessageId,
     /// Broker time of the append, ms since the epoch.
     pub append_time_ms: i64,
+}
+
+impl SendReceipt {
+    /// Whether the message was scheduled (delivered later, when its time
+    /// comes; cancel it with `Admin::cancel_message(id)`).
+    pub fn is_scheduled(&self) -> bool {
+        self.offset == SCHEDULED_OFFSET
+    }
 }
 
 /// A producer over one connection.
@@ -200,7 +210,11 @@ fn receipts(resp: &ProduceResponse) -> Vec<SendReceipt> {
     (0..resp.count)
         .map(|i| SendReceipt {
             queue: resp.queue,
-            offset: resp.base_offset + u64::from(i),
+            offset: if resp.base_offset == SCHEDULED_OFFSET {
+                SCHEDULED_OFFSET
+            } else {
+                resp.base_offset + u64::from(i)
+            },
             id: resp.message_id(i),
             append_time_ms: resp.append_time_ms,
         })

@@ -33,8 +33,10 @@
 //! 52  u16 attributes     0 in a produced batch; see below
 //! 54  u16 reserved       0
 //! 56  u32 record_count
-//! 60  u32 extra          0, but for a scheduled batch (its target queue id)
-//!                        and a view (the record count of its source)
+//! 60  u32 extra          0, but for a scheduled batch (its target queue
+//!                        id), a reference batch (the bytes of the view it
+//!                        resolves to) and a view (the record count of its
+//!                        source)
 //! 64  i64 first_timestamp_ms  producer clock
 //! 72  i64 max_timestamp_ms    producer clock
 //! 80  records...
@@ -248,15 +250,23 @@ pub fn peek_batch_len(b: &[u8]) -> Option<u32> {
 /// Checks a batch as a producer sent it: lengths, magic, version, body CRC
 /// and every record's framing. Broker-stamped fields are ignored.
 pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader, BatchError> {
-    validate_produced_tags(b, batch_bytes_max).map(|(h, _)| h)
+    validate_produced_tags(b, batch_bytes_max).map(|p| p.header)
 }
 
-/// [`validate_produced`], also returning the batch's tag summary: the
-/// union of [`tag_bloom`] over its records' tags (0: no record has a tag).
-pub fn validate_produced_tags(
-    b: &[u8],
-    batch_bytes_max: usize,
-) -> Result<(BatchHeader, u32), BatchError> {
+/// What [`validate_produced_tags`] learns of a produced batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Produced {
+    pub header: BatchHeader,
+    /// The union of [`tag_bloom`] over its records' tags (0: none has a
+    /// tag).
+    pub tags: u32,
+    /// Some record has a `deliver_at_ms` (it may be scheduled).
+    pub timed: bool,
+}
+
+/// [`validate_produced`], also returning the batch's tag summary and
+/// whether a record is timed.
+pub fn validate_produced_tags(b: &[u8], batch_bytes_max: usize) -> Result<Produced, BatchError> {
     if b.len() > batch_bytes_max {
         return Err(BatchError::TooLarge(b.len(), batch_bytes_max));
     }
@@ -268,6 +278,7 @@ pub fn validate_produced_tags(
     }
     let mut actual = 0u32;
     let mut tags = 0u32;
+    let mut timed = false;
     for record in RecordIter::new(b) {
         let r = record?;
         if r.priority > PRIORITY_MAX {
@@ -279,6 +290,7 @@ pub fn validate_produced_tags(
         if let Some(t) = r.tag {
             tags |= tag_bloom(t.as_bytes());
         }
+        timed |= r.deliver_at_ms != 0;
         actual += 1;
     }
     if actual != header.record_count {
@@ -287,7 +299,11 @@ pub fn validate_produced_tags(
             actual,
         });
     }
-    Ok((header, tags))
+    Ok(Produced {
+        header,
+        tags,
+        timed,
+    })
 }
 
 /// The tag summary of a stored batch (see [`validate_produced_tags`]): of
@@ -329,7 +345,9 @@ fn check_reserved(b: &[u8], allowed: u16) -> Result<(), BatchError> {
     if u16_at(b, 54) != 0 {
         return Err(BatchError::ReservedNotZero("header bytes 54..56"));
     }
-    if u32_at(b, 60) != 0 && attributes & (BATCH_ATTR_SCHEDULED | BATCH_ATTR_VIEW) == 0 {
+    if u32_at(b, 60) != 0
+        && attributes & (BATCH_ATTR_SCHEDULED | BATCH_ATTR_VIEW | BATCH_ATTR_REFERENCE) == 0
+    {
         return Err(BatchError::ReservedNotZero("header bytes 60..64"));
     }
     Ok(())
@@ -1148,7 +1166,7 @@ mod tests {
             }])
             .collect();
         let b = build(&records);
-        let (_, tags) = validate_produced_tags(&b, 1 << 20).unwrap();
+        let tags = validate_produced_tags(&b, 1 << 20).unwrap().tags;
         assert_eq!(tags, tag_summary(&b));
         for t in ["A", "B", "C"] {
             let bits = tag_bloom(t.as_bytes());

@@ -36,6 +36,10 @@ pub async fn run(spec: ShardSpec, tq: TaskQueues) -> Result<(), String> {
         .expect("data queue")
         .detach();
     let s = shard.clone();
+    runtime::spawn_local_into(crate::shard::timer::run(s), tq.data)
+        .expect("data queue")
+        .detach();
+    let s = shard.clone();
     runtime::spawn_local_into(s.background(), tq.background)
         .expect("background queue")
         .detach();

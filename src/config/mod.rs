@@ -74,6 +74,12 @@ pub struct LimitsConfig {
     pub connection_reply_bytes_max: u64,
     /// Committed group offsets per shard.
     pub group_offsets_max: u32,
+    /// Furthest a scheduled message may be due, from when the broker takes
+    /// it (at most `schedule::WHEEL_RANGE_MS`, about 782 days).
+    pub schedule_delay_ms_max: u64,
+    /// Scheduled messages pending per shard (each costs about 80 bytes of
+    /// memory, never its payload); past it, scheduled produces get `busy`.
+    pub scheduled_messages_max: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -130,6 +136,8 @@ impl Default for Config {
                 connection_first_frame_ms_max: 10_000,
                 connection_reply_bytes_max: 64 << 20,
                 group_offsets_max: 1_000_000,
+                schedule_delay_ms_max: 365 * 24 * 3600 * 1000,
+                scheduled_messages_max: 10_000_000,
             },
             storage: StorageConfig {
                 segment_bytes_max: 1 << 30,
@@ -189,6 +197,8 @@ struct FileLimits {
     connection_first_frame_ms_max: Option<u64>,
     connection_reply_bytes_max: Option<u64>,
     group_offsets_max: Option<u32>,
+    schedule_delay_ms_max: Option<u64>,
+    scheduled_messages_max: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -260,6 +270,8 @@ impl Config {
                 l.connection_reply_bytes_max
             );
             set!(self.limits.group_offsets_max, l.group_offsets_max);
+            set!(self.limits.schedule_delay_ms_max, l.schedule_delay_ms_max);
+            set!(self.limits.scheduled_messages_max, l.scheduled_messages_max);
         }
         if let Some(s) = f.storage {
             set!(self.storage.segment_bytes_max, s.segment_bytes_max);
@@ -359,6 +371,17 @@ impl Config {
         }
         if l.in_flight_requests_max == 0 {
             return bad("limits.in_flight_requests_max", "must be at least 1".into());
+        }
+        if l.schedule_delay_ms_max == 0 || l.schedule_delay_ms_max > crate::schedule::WHEEL_RANGE_MS
+        {
+            return bad(
+                "limits.schedule_delay_ms_max",
+                format!(
+                    "{} must be between 1 and {} (782 days)",
+                    l.schedule_delay_ms_max,
+                    crate::schedule::WHEEL_RANGE_MS
+                ),
+            );
         }
         if l.topic_queues_max == 0 {
             return bad("limits.topic_queues_max", "must be at least 1".into());

@@ -13,17 +13,18 @@
 //! | 1 | cancelled | origin position u64, origin index u32 |
 //! | 2 | carried | origin position u64, origin index u32, location position u64, location index u32 |
 //! | 3 | generation begins | generation u64 |
-//! | 4 | snapshot part | generation u64, count u32, count × 41-byte timer |
+//! | 4 | snapshot part | generation u64, count u32, count × 45-byte timer |
 //! | 5 | pins part | generation u64, count u32, count × (bucket u64, lowest position u64) |
 //! | 6 | generation ends | generation u64, timer-queue offset of its begin u64 |
 //!
 //! A timer: due ms u64, origin (position u64, index u32), location
-//! (position u64, index u32), target queue u32, tag bits u32, priority u8.
+//! (position u64, index u32), target queue u32, tag bits u32, record bytes
+//! u32, priority u8.
 
 use super::{Pending, RecordAt, Timer};
 
 /// Bytes of one timer in a snapshot part.
-pub const TIMER_BYTES: usize = 41;
+pub const TIMER_BYTES: usize = 45;
 
 /// One record of the timer journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +133,7 @@ impl TimerEntry {
                     put_at(out, t.location);
                     out.extend_from_slice(&t.pending.target.to_le_bytes());
                     out.extend_from_slice(&t.pending.tags.to_le_bytes());
+                    out.extend_from_slice(&t.pending.len.to_le_bytes());
                     out.push(t.pending.priority);
                 }
             }
@@ -181,6 +183,7 @@ impl TimerEntry {
                             origin,
                             target: c.u32()?,
                             tags: c.u32()?,
+                            len: c.u32()?,
                             priority: c.u8()?,
                         },
                         location,
@@ -238,6 +241,7 @@ mod tests {
                 origin: at(1 << 33, 4),
                 target: 77,
                 tags: 0xDEAD_BEEF,
+                len: 321,
                 priority: 9,
             },
             location: at(1 << 34, 1),

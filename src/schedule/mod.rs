@@ -43,6 +43,8 @@ pub struct Pending {
     pub target: u32,
     /// Its tag's bits (`batch::tag_bloom`; 0 without a tag).
     pub tags: u32,
+    /// Bytes of its record as framed in a batch (what a view of it holds).
+    pub len: u32,
     pub priority: u8,
 }
 
@@ -301,6 +303,7 @@ mod tests {
             origin: RecordAt { position, index },
             target,
             tags: 0,
+            len: 40,
             priority: 0,
         }
     }

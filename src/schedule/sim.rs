@@ -62,6 +62,7 @@ fn run(seed: u64, log: &mut Log) -> Result<(), String> {
                         origin: RecordAt { position, index },
                         target: rng.below(4) as u32,
                         tags: rng.next_u64() as u32,
+                        len: 30 + rng.below(200) as u32,
                         priority: rng.below(10) as u8,
                     };
                     log.push(|| {

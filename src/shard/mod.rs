@@ -11,6 +11,7 @@ pub mod groups;
 pub mod mesh;
 pub mod metadata;
 pub mod metrics;
+pub mod timer;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -56,6 +57,8 @@ pub struct Shard {
     pub mesh: Mesh,
     pub metrics: RefCell<ShardMetrics>,
     pub groups: GroupEngine,
+    /// Scheduled messages of the queues this shard owns.
+    pub timer: timer::TimerEngine,
     /// Serialises metadata changes on shard 0 (persist + broadcast).
     pub meta_lock: Semaphore,
     /// Next queue for produce requests that name neither queue nor key.
@@ -111,16 +114,36 @@ impl Shard {
             if let Err(e) = self.groups.maybe_write_generation(&self.store).await {
                 tracing::warn!(shard = self.id, "group journal generation failed: {e}");
             }
+            if let Err(e) = self.timer.maybe_write_generation(&self.store).await {
+                tracing::warn!(shard = self.id, "timer generation failed: {e}");
+            }
             since_retention += tick;
             if since_retention >= retention_every {
                 since_retention = Duration::ZERO;
                 if let Err(e) = self.groups.refresh_pin(&self.store).await {
                     tracing::warn!(shard = self.id, "group journal generation failed: {e}");
                 }
-                let pin = self.groups.retention_pin();
+                let mut pin = self.groups.retention_pin();
+                if let Some(cutoff) = self.store.retention_cutoff(policy) {
+                    // Scheduled messages stored there are carried first;
+                    // what the timer still needs stays.
+                    match self.timer.prepare_retention(&self.store, cutoff).await {
+                        Ok(Some(p)) => pin = pin.min(crate::ids::LogPosition(p)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(shard = self.id, "timer: retention waits: {e}");
+                            continue;
+                        }
+                    }
+                }
                 match self.store.apply_retention(policy, pin).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(shard = self.id, "retention deleted {n} segments"),
+                    Ok(n) => {
+                        if let Some(first) = self.store.log().segments().first() {
+                            self.timer.removed_below(first.base);
+                        }
+                        tracing::info!(shard = self.id, "retention deleted {n} segments")
+                    }
                     Err(e) => tracing::warn!(shard = self.id, "retention failed: {e}"),
                 }
             }
@@ -203,7 +226,17 @@ pub async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<Started, String> {
     )
     .await
     .map_err(|e| format!("shard {id}: {e}"))?;
-    let recovery_line = format!("shard {id} recovery: {report}; {group_report}");
+    let (timer, timer_report) = timer::TimerEngine::recover(
+        &store,
+        &spec.metadata,
+        id,
+        cfg.limits.batch_bytes_max as usize,
+        cfg.limits.schedule_delay_ms_max,
+        cfg.limits.scheduled_messages_max,
+    )
+    .await
+    .map_err(|e| format!("shard {id}: {e}"))?;
+    let recovery_line = format!("shard {id} recovery: {report}; {group_report}; {timer_report}");
     tracing::info!("{recovery_line}");
     let (mesh, receivers) = Mesh::connect(id, spec.mesh).await;
     tracing::debug!(shard = id, "startup: mesh connected");
@@ -219,6 +252,7 @@ pub async fn start(spec: ShardSpec, tq: TaskQueues) -> Result<Started, String> {
         mesh,
         metrics: RefCell::new(ShardMetrics::default()),
         groups,
+        timer,
         meta_lock: Semaphore::new(1),
         round_robin: Cell::new(id as u32),
         stopping: Cell::new(false),

@@ -14,11 +14,25 @@ pub struct IndexEntry {
     /// Tag summary of the batch's records (`batch::tag_summary`): a tag
     /// filter skips a batch whose summary lacks every tag it names.
     pub tags: u32,
-    /// A reference batch (fired scheduled messages: readers resolve it).
-    pub reference: bool,
+    /// For a reference batch (fired scheduled messages, which readers
+    /// resolve), the bytes of the view readers get; 0 for any other batch.
+    pub view_len: u32,
 }
 
 impl IndexEntry {
+    /// Whether readers resolve this batch into a view.
+    pub fn is_reference(&self) -> bool {
+        self.view_len != 0
+    }
+    /// Bytes a reader gets of this batch (what fetch budgets count).
+    pub fn read_len(&self) -> u32 {
+        if self.view_len != 0 {
+            self.view_len
+        } else {
+            self.len
+        }
+    }
+
     /// Offset after the last record of the batch.
     pub fn next_offset(&self) -> u64 {
         self.base_offset + u64::from(self.count)
@@ -122,7 +136,7 @@ mod tests {
             len: 100,
             count,
             tags: 0,
-            reference: false,
+            view_len: 0,
         }
     }
 

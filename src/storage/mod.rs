@@ -56,6 +56,8 @@ pub struct BatchEntry {
     pub tags: u32,
     /// The batch's `attributes` (`batch::BATCH_ATTR_*`).
     pub attributes: u16,
+    /// A reference batch's view size (its header's `extra`); else 0.
+    pub view_len: u32,
 }
 
 impl BatchEntry {

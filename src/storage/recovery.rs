@@ -323,6 +323,7 @@ async fn probe_once<F: IoFile>(
             append_time_ms: h.append_time_ms,
             tags: crate::batch::tag_summary(&whole),
             attributes: h.attributes,
+            view_len: if h.is_reference() { h.extra.max(1) } else { 0 },
         }),
         Err(e) => Probe::Invalid(e.to_string()),
     })

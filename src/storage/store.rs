@@ -163,8 +163,20 @@ pub struct BatchLocation {
     pub next_offset: QueueOffset,
     /// Its tag summary (`batch::tag_summary`).
     pub tags: u32,
-    /// A reference batch (read as a view of the messages it points at).
-    pub reference: bool,
+    /// A reference batch's view size (read as a view of the messages it
+    /// points at); 0 for any other batch.
+    pub view_len: u32,
+}
+
+impl BatchLocation {
+    /// Bytes a reader gets of this batch.
+    pub fn read_len(&self) -> u32 {
+        if self.view_len != 0 {
+            self.view_len
+        } else {
+            self.len
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,7 +259,7 @@ impl<I: Io> QueueStore<I> {
                 len: b.len,
                 count: b.count,
                 tags: b.tags,
-                reference: b.attributes & batch::BATCH_ATTR_REFERENCE != 0,
+                view_len: b.view_len,
             });
             q.time.push(b.append_time_ms, b.base_offset);
             q.next_offset = b.next_offset();
@@ -438,7 +450,11 @@ impl<I: Io> QueueStore<I> {
             len: len as u32,
             count: header.record_count,
             tags,
-            reference: header.is_reference(),
+            view_len: if header.is_reference() {
+                header.extra.max(1)
+            } else {
+                0
+            },
         });
         q.time.push(now, base);
         q.next_offset = base + count;
@@ -459,6 +475,11 @@ impl<I: Io> QueueStore<I> {
             append_time_ms: now,
             tags,
             attributes: header.attributes,
+            view_len: if header.is_reference() {
+                header.extra.max(1)
+            } else {
+                0
+            },
         });
         Ok(AppendReceipt {
             queue_id: queue,
@@ -650,11 +671,12 @@ impl<I: Io> QueueStore<I> {
             if let Some(mut i) = q.consume.find(offset) {
                 while let Some(e) = q.consume.get(i) {
                     if e.base_offset >= o.latest
-                        || (!entries.is_empty() && bytes + u64::from(e.len) > u64::from(max_bytes))
+                        || (!entries.is_empty()
+                            && bytes + u64::from(e.read_len()) > u64::from(max_bytes))
                     {
                         break;
                     }
-                    bytes += u64::from(e.len);
+                    bytes += u64::from(e.read_len());
                     entries.push(*e);
                     i += 1;
                 }
@@ -700,12 +722,13 @@ impl<I: Io> QueueStore<I> {
                 let end = i.saturating_add(look_max.max(1));
                 while let Some(e) = q.consume.get(i).filter(|_| i < end) {
                     if e.base_offset >= o.latest
-                        || (!entries.is_empty() && bytes + u64::from(e.len) > u64::from(max_bytes))
+                        || (!entries.is_empty()
+                            && bytes + u64::from(e.read_len()) > u64::from(max_bytes))
                     {
                         break;
                     }
                     if may_match(e.tags) {
-                        bytes += u64::from(e.len);
+                        bytes += u64::from(e.read_len());
                         entries.push(*e);
                     }
                     looked_to = e.next_offset().min(o.latest).max(looked_to);
@@ -733,7 +756,7 @@ impl<I: Io> QueueStore<I> {
                 base_offset: QueueOffset(e.base_offset),
                 next_offset: QueueOffset(e.next_offset()),
                 tags: e.tags,
-                reference: e.reference,
+                view_len: e.view_len,
             },
         )
     }
@@ -742,7 +765,7 @@ impl<I: Io> QueueStore<I> {
     /// checked like any read.
     pub async fn read_located(&self, at: &BatchLocation) -> Result<Bytes, StoreError> {
         let b = self.batch_at_entry(at.position.0, at.len as usize).await?;
-        self.serve(b, at.reference).await
+        self.serve(b, at.view_len != 0).await
     }
 
     /// A stored batch as readers get it: a reference batch becomes a view
@@ -760,7 +783,7 @@ impl<I: Io> QueueStore<I> {
     async fn read_entries(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>, StoreError> {
         futures_util::future::try_join_all(entries.iter().map(|e| async move {
             let b = self.batch_at_entry(e.position, e.len as usize).await?;
-            self.serve(b, e.reference).await
+            self.serve(b, e.is_reference()).await
         }))
         .await
     }
@@ -847,7 +870,7 @@ impl<I: Io> QueueStore<I> {
             .flat_map(|(&id, q)| {
                 q.consume
                     .since_position(position.0)
-                    .filter(|e| e.reference)
+                    .filter(|e| e.is_reference())
                     .map(move |e| (QueueId(id), *e))
             })
             .collect();
@@ -996,7 +1019,7 @@ impl<I: Io> QueueStore<I> {
             Some(b) => b,
             None => self.batch_at_entry(position, entry.len as usize).await?,
         };
-        self.serve(b, entry.reference).await
+        self.serve(b, entry.is_reference()).await
     }
 
     /// The checkpoint of what is durable now; with `clean_end`, of a clean
@@ -1296,6 +1319,15 @@ impl<I: Io> QueueStore<I> {
     /// their snapshots and trims the indexes. Returns the number deleted.
     /// Nothing at or past `keep_from` goes (the group journal's last
     /// generation: state that is not in a newer record).
+    /// Where the segments `policy` would delete now end (ignoring pins):
+    /// the cut retention wants. `None` when it would delete nothing.
+    pub fn retention_cutoff(&self, policy: RetentionPolicy) -> Option<u64> {
+        let all = self.log.segments();
+        let wanted = segments_to_delete(&all, policy, self.io.now_ms(), u64::MAX);
+        let last = *wanted.last()?;
+        all.iter().find(|s| s.base == last).map(|s| s.end())
+    }
+
     pub async fn apply_retention(
         &self,
         policy: RetentionPolicy,
@@ -1387,9 +1419,9 @@ impl<I: Io> QueueStore<I> {
             .collect()
     }
 
-    /// Reads the batch of an index entry, checked (tests).
-    #[cfg(test)]
-    pub(crate) async fn read_entry(&self, e: &IndexEntry) -> Result<Bytes, StoreError> {
+    /// The stored batch of an index entry, read and checked as stored (a
+    /// reference batch is not resolved).
+    pub async fn read_entry(&self, e: &IndexEntry) -> Result<Bytes, StoreError> {
         self.batch_at_entry(e.position, e.len as usize).await
     }
 }

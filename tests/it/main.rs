@@ -5,6 +5,7 @@ mod bad_input;
 mod config;
 mod disk_full;
 mod durability;
+mod filters;
 mod forged;
 mod groups;
 mod limits;
@@ -12,6 +13,7 @@ mod net_fuzz;
 mod produce;
 mod readme;
 mod retention;
+mod schedule;
 mod seek;
 mod tidy;
 

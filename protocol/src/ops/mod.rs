@@ -50,10 +50,12 @@ pub enum Op {
     Subscribe = 27,
     Credit = 28,
     Unsubscribe = 29,
+    // 30 is the push frame (`PUSH_FRAME_OP`), never a request.
+    CancelMessage = 31,
 }
 
 /// Every operation this broker serves, for the handshake.
-pub const ALL_OPS: [Op; 29] = [
+pub const ALL_OPS: [Op; 30] = [
     Op::Handshake,
     Op::Metadata,
     Op::CreateTopic,
@@ -83,6 +85,7 @@ pub const ALL_OPS: [Op; 29] = [
     Op::Subscribe,
     Op::Credit,
     Op::Unsubscribe,
+    Op::CancelMessage,
 ];
 
 /// Lowest and highest version of every operation.
@@ -98,6 +101,10 @@ impl Op {
 
 /// Queue selector in a produce request meaning "hash the routing key".
 pub const QUEUE_BY_KEY: u32 = u32::MAX;
+
+/// `base_offset` of a produce response for a scheduled batch: its
+/// messages get their offsets when they are delivered.
+pub const SCHEDULED_OFFSET: u64 = u64::MAX;
 
 /// Durability level of a topic, on the wire as a `u8`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -301,6 +308,14 @@ mod tests {
         let mut longer = BytesMut::from(&bytes[..]);
         longer.extend_from_slice(b"x");
         assert!(dec(longer.freeze()).is_err(), "trailing byte accepted");
+    }
+
+    #[test]
+    fn no_operation_shares_the_push_frames_code() {
+        assert!(ALL_OPS
+            .iter()
+            .all(|op| *op as u16 != super::groups::PUSH_FRAME_OP));
+        assert!(Op::from_u16(super::groups::PUSH_FRAME_OP).is_none());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub fn shard_stats(shard: &Shard) -> serde_json::Value {
         "append_latency": histogram_json(&m.append_us),
         "redelivery_lateness": crate::shard::metrics::histogram_ms_json(&m.redelivery_lateness_ms),
         "redelivery_fire_lateness": crate::shard::metrics::histogram_ms_json(&m.redelivery_fire_lateness_ms),
+        "schedule": shard.timer.stats_json(),
         "write_latency": histogram_json(&write_us),
         "fsync_latency": histogram_json(&fsync_us),
         "log": {

@@ -905,7 +905,7 @@ async fn lease_from(
                     }
                     Some(at) => {
                         let i = g.batches.len() as u32;
-                        g.bytes += u64::from(at.len);
+                        g.bytes += u64::from(at.read_len());
                         g.spans.push((q, at.base_offset.0, at.next_offset.0, i));
                         g.batches.push(Bytes::new());
                         g.reads.push((i, at));

@@ -8,7 +8,7 @@ pub(super) async fn produce(shard: &Rc<Shard>, queue: Option<QueueIndex>, body: 
             shard.metrics.borrow_mut().errors += 1;
             ready(Err(e))
         }
-        Ok((receipt, durability, queue, t0)) => {
+        Ok((receipt, durability, queue, t0, scheduled)) => {
             // A `memory` batch is visible at once (long polls wake now, not
             // after the reply's task gets its turn).
             let published =
@@ -26,7 +26,11 @@ pub(super) async fn produce(shard: &Rc<Shard>, queue: Option<QueueIndex>, body: 
                     .record(t0.elapsed().as_micros() as u64);
                 let resp = ProduceResponse {
                     queue: queue.0,
-                    base_offset: receipt.base_offset.0,
+                    base_offset: if scheduled {
+                        crate::protocol::SCHEDULED_OFFSET
+                    } else {
+                        receipt.base_offset.0
+                    },
                     count: receipt.count,
                     shard: s.id,
                     position: receipt.position.0,
@@ -51,6 +55,7 @@ pub(super) async fn produce_append(
         Durability,
         QueueIndex,
         Instant,
+        bool,
     ),
     HandlerError,
 > {
@@ -67,22 +72,66 @@ pub(super) async fn produce_append(
             format!("queue {queue} moved to shard {}", route.shard),
         ));
     }
-    let (header, tags): (BatchHeader, u32) =
+    let produced =
         batch::validate_produced_tags(&req.batch, shard.config.limits.batch_bytes_max as usize)?;
+    let header: BatchHeader = produced.header;
+    let scheduled = produced.timed && check_schedule(shard, &req.batch, header.record_count)?;
     let wait = Duration::from_millis(shard.config.storage.memory_pending_wait_ms);
     shard
         .store
         .wait_appendable(req.batch.len() as u64, wait)
         .await?;
-    let receipt =
+    let receipt = if scheduled {
         shard
-            .store
-            .append(route.queue_id, &req.batch, &header, tags, route.durability)?;
+            .timer
+            .schedule(&shard.store, route.queue_id, &req.batch, route.durability)?
+    } else {
+        shard.store.append(
+            route.queue_id,
+            &req.batch,
+            &header,
+            produced.tags,
+            route.durability,
+        )?
+    };
     let mut m = shard.metrics.borrow_mut();
     m.produce_requests += 1;
     m.messages_in += u64::from(header.record_count);
     m.bytes_in += req.batch.len() as u64;
-    Ok((receipt, route.durability, queue, t0))
+    Ok((receipt, route.durability, queue, t0, scheduled))
+}
+
+/// Whether a produced batch whose records carry `deliver_at_ms` holds one
+/// due later than now (broker clock): then the whole batch is scheduled.
+/// A record due beyond `limits.schedule_delay_ms_max` is refused, and so
+/// is a batch past the shard's `limits.scheduled_messages_max`.
+fn check_schedule(shard: &Shard, b: &[u8], count: u32) -> Result<bool, HandlerError> {
+    let now = crate::runtime::now_ms();
+    let max = shard.config.limits.schedule_delay_ms_max;
+    let mut later = false;
+    for (i, r) in batch::RecordIter::new(b).map_while(Result::ok).enumerate() {
+        let due = batch::due_ms(r.deliver_at_ms, now);
+        let ahead = due.saturating_sub(now);
+        if ahead > i64::try_from(max).unwrap_or(i64::MAX) {
+            return Err(herr(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "record {i} is due in {ahead} ms, beyond limits.schedule_delay_ms_max ({max} ms)"
+                ),
+            ));
+        }
+        later |= ahead > 0;
+    }
+    if later && shard.timer.pending() as u64 + u64::from(count) > shard.timer.pending_max {
+        return Err(herr(
+            ErrorCode::Busy,
+            format!(
+                "shard {} holds limits.scheduled_messages_max ({}) scheduled messages",
+                shard.id, shard.timer.pending_max
+            ),
+        ));
+    }
+    Ok(later)
 }
 
 pub(super) async fn fetch(shard: &Rc<Shard>, body: Bytes) -> HResult {
@@ -448,29 +497,95 @@ pub(super) async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
             format!("message {id} not found"),
         )
     };
-    let batch = shard
-        .store
-        .batch_at(id.position)
-        .await
-        .map_err(|e| match e {
-            StoreError::Log(LogError::NotFound(_)) => not_found(),
-            e => HandlerError::from(e),
-        })?;
+    let origin = crate::schedule::RecordAt {
+        position: id.position.0,
+        index: id.index,
+    };
+    let found = match shard.timer.location_of(origin) {
+        // A scheduled message carried away from where it was produced.
+        Some(at) if at != origin => {
+            shard
+                .store
+                .timer_batch_at(crate::ids::LogPosition(at.position))
+                .await
+        }
+        _ => shard.store.batch_at(id.position).await.map(Some),
+    };
+    let (batch, at) = match found {
+        Ok(Some(b)) => (b, shard.timer.location_of(origin).unwrap_or(origin)),
+        Ok(None) | Err(StoreError::Log(LogError::NotFound(_))) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
     let h = BatchHeader::parse(&batch).map_err(|_| not_found())?;
-    if id.index >= h.record_count {
+    if at.index >= h.record_count {
         return Err(not_found());
     }
+    // A scheduled (or carried) message: the queue it is for, and a view of
+    // its record under its id.
+    let (queue_id, batch, index) = if h.attributes == 0 {
+        (h.queue_id, batch, id.index)
+    } else {
+        let target = shard.timer.get(origin).map(|t| t.pending.target);
+        let raw = batch::RecordIter::new(&batch)
+            .map_while(Result::ok)
+            .nth(at.index as usize)
+            .map(|r| r.raw)
+            .ok_or_else(not_found)?;
+        let view = batch::build_view(
+            &batch,
+            1,
+            &[batch::ViewRecord {
+                delta: 0,
+                origin_position: origin.position,
+                origin_index: origin.index,
+                raw,
+            }],
+        );
+        let queue = target.unwrap_or(if h.attributes == batch::BATCH_ATTR_SCHEDULED {
+            h.extra
+        } else {
+            u32::MAX
+        });
+        (queue, view, 0)
+    };
     let (topic, queue) = shard
         .metadata
         .borrow()
-        .locate(QueueId(h.queue_id))
+        .locate(QueueId(queue_id))
         .map(|(t, q)| (t.to_owned(), q))
         .ok_or_else(not_found)?;
     let resp = GetMessageResponse {
         topic,
         queue: queue.0,
-        index: id.index,
+        index,
         batch,
     };
     Ok(body_of(|b| resp.encode(b)))
+}
+
+/// Cancels a scheduled message that is not due yet: it is never
+/// delivered. `message_not_found` when it is not pending (unknown,
+/// delivered already, or cancelled).
+pub(super) async fn cancel_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
+    let id: MessageId = decode_message_id(body)?;
+    let origin = crate::schedule::RecordAt {
+        position: id.position.0,
+        index: id.index,
+    };
+    let level = shard
+        .timer
+        .get(origin)
+        .and_then(|t| {
+            let meta = shard.metadata.borrow();
+            let (topic, index) = meta.locate(QueueId(t.pending.target))?;
+            meta.route(topic, index).ok().map(|r| r.durability)
+        })
+        .unwrap_or(Durability::Fsync);
+    match shard.timer.cancel(&shard.store, origin, level).await? {
+        crate::shard::timer::Cancelled::Done => Ok(Vec::new()),
+        crate::shard::timer::Cancelled::NotPending => Err(herr(
+            ErrorCode::MessageNotFound,
+            format!("message {id} is not scheduled: unknown, delivered already or cancelled"),
+        )),
+    }
 }

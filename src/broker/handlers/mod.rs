@@ -271,7 +271,7 @@ fn route(shard: &Shard, op: Op, body: &Bytes) -> Result<(u16, Option<QueueIndex>
             let req = GroupOffsetRequest::decode(body.clone(), op == Op::CommitOffset)?;
             owner(&req.topic, req.queue)
         }
-        Op::GetMessage => {
+        Op::GetMessage | Op::CancelMessage => {
             let id = decode_message_id(body.clone())?;
             if id.shard.0 >= shard.shard_count {
                 return Err(herr(
@@ -372,6 +372,7 @@ pub async fn execute_local(
             ready(describe_group_internal(shard, body))
         }
         (Some(Op::GetMessage), _) => later(async move { get_message(&s, body).await }),
+        (Some(Op::CancelMessage), _) => later(async move { cancel_message(&s, body).await }),
         (Some(Op::Stats), _) => later(async move { stats(&s).await }),
         (None, OP_INTERNAL_APPLY_METADATA) if from_mesh => ready(apply_metadata(shard, body)),
         (None, OP_INTERNAL_STATS) if from_mesh => ready(Ok(body_json(&shard_stats(shard)))),

@@ -101,6 +101,7 @@ impl LogImage {
             append_time_ms: 1000 + self.batches.len() as i64,
             tags: crate::batch::tag_summary(&b),
             attributes: 0,
+            view_len: 0,
         };
         let seg = &mut self.segments.last_mut().unwrap().1;
         let rel = (self.at - base) as usize;
