@@ -33,7 +33,7 @@ fn index_lookup(c: &mut Criterion) {
                 len: 4096,
                 count: 10,
                 tags: 0,
-                reference: false,
+                view_len: 0,
             });
         }
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
