@@ -53,10 +53,10 @@ pub const TIMER_GENERATION_BYTES: u64 = 16 << 20;
 /// records), so its batches are admitted beside producers' when the disk
 /// is behind.
 pub const TIMER_BATCH_BYTES_MAX: usize = 64 << 10;
-/// Timers in one snapshot part (45 bytes each: a part fits one batch).
-const SNAPSHOT_PART_TIMERS: usize = 1400;
-/// References in one reference batch (56 bytes each).
-const REFERENCES_PER_BATCH_MAX: usize = 1000;
+/// Bytes of one reference record in a batch (its framing and payload).
+const REFERENCE_RECORD_BYTES: usize = batch::RECORD_FIXED_BYTES + 4 + batch::REFERENCE_BYTES;
+/// Room a journal batch keeps for its header and a record's framing.
+const BATCH_OVERHEAD_BYTES: usize = 256;
 /// Bytes of the view one reference batch resolves to (the records it
 /// points at, and the view's table): at most this or
 /// `limits.batch_bytes_max`, whichever is smaller, unless one record alone
@@ -474,7 +474,9 @@ impl TimerEngine {
                 // As many as the batch and its view may hold (at least one).
                 let mut n = 0;
                 let mut view = batch::BATCH_HEADER_BYTES;
-                while n < rest.len().min(REFERENCES_PER_BATCH_MAX) {
+                let per_batch =
+                    ((self.batch_bytes_max - BATCH_OVERHEAD_BYTES) / REFERENCE_RECORD_BYTES).max(1);
+                while n < rest.len().min(per_batch) {
                     let add = batch::VIEW_ENTRY_BYTES + rest[n].pending.len as usize;
                     if n > 0 && view + add > view_max {
                         break;
@@ -567,9 +569,13 @@ impl TimerEngine {
         };
         self.journal_bytes.set(0);
         self.force_generation.set(false);
-        for part in timers.chunks(SNAPSHOT_PART_TIMERS) {
+        // Parts that fit one batch each.
+        let part_timers = ((self.batch_bytes_max - BATCH_OVERHEAD_BYTES)
+            / crate::schedule::entry::TIMER_BYTES)
+            .max(1);
+        for part in timers.chunks(part_timers) {
             store
-                .wait_appendable(TIMER_BATCH_BYTES_MAX as u64, Duration::from_secs(10))
+                .wait_appendable(self.batch_bytes_max as u64, Duration::from_secs(10))
                 .await?;
             self.append_entries(
                 store,
@@ -580,9 +586,9 @@ impl TimerEngine {
                 Durability::Fsync,
             )?;
         }
-        for part in pins.chunks(SNAPSHOT_PART_TIMERS) {
+        for part in pins.chunks(((self.batch_bytes_max - BATCH_OVERHEAD_BYTES) / 16).max(1)) {
             store
-                .wait_appendable(TIMER_BATCH_BYTES_MAX as u64, Duration::from_secs(10))
+                .wait_appendable(self.batch_bytes_max as u64, Duration::from_secs(10))
                 .await?;
             self.append_entries(
                 store,
@@ -661,9 +667,8 @@ impl TimerEngine {
             let mut b = BatchBuilder::new();
             let mut moved: Vec<RecordAt> = Vec::new();
             let mut cache: Option<(u64, Bytes)> = None;
-            while i < timers.len() && b.encoded_len() < self.batch_bytes_max / 2 {
+            while i < timers.len() {
                 let t = timers[i];
-                i += 1;
                 let at = t.location.position;
                 if cache.as_ref().is_none_or(|(p, _)| *p != at) {
                     match store.timer_batch_at(LogPosition(at)).await? {
@@ -674,6 +679,7 @@ impl TimerEngine {
                                 t.pending.origin,
                                 t.location
                             );
+                            i += 1;
                             continue;
                         }
                     }
@@ -683,8 +689,14 @@ impl TimerEngine {
                     .map_while(Result::ok)
                     .nth(t.location.index as usize)
                 else {
+                    i += 1;
                     continue;
                 };
+                // A batch holds what fits (at least one record).
+                if !b.is_empty() && b.encoded_len() + r.raw.len() > self.batch_bytes_max {
+                    break;
+                }
+                i += 1;
                 b.push(&Record {
                     key: r.key.map(Bytes::copy_from_slice),
                     tag: r.tag.map(str::to_owned),
@@ -703,10 +715,13 @@ impl TimerEngine {
             if moved.is_empty() {
                 continue;
             }
-            store
-                .wait_appendable(TIMER_BATCH_BYTES_MAX as u64 * 2, Duration::from_secs(10))
-                .await?;
             let mut bytes = BytesMut::from(&b.finish()[..]);
+            store
+                .wait_appendable(
+                    (bytes.len() + self.batch_bytes_max) as u64,
+                    Duration::from_secs(10),
+                )
+                .await?;
             mark(&mut bytes, batch::BATCH_ATTR_CARRIED);
             let h = BatchHeader::parse(&bytes).expect("a built batch parses");
             let r = store.append(TIMER_QUEUE, &bytes, &h, 0, Durability::Fsync)?;
@@ -875,7 +890,7 @@ pub async fn run(shard: Rc<super::Shard>) {
             let _ = shard
                 .store
                 .wait_appendable(
-                    TIMER_BATCH_BYTES_MAX as u64,
+                    t.batch_bytes_max as u64,
                     Duration::from_millis(FIRE_RETRY_MS),
                 )
                 .await;

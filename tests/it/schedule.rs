@@ -331,3 +331,75 @@ fn a_group_receives_scheduled_messages_once_with_their_ids() {
     }
     assert_eq!(names.len(), 5);
 }
+
+const SMALL_SEGMENTS: &str = r#"
+[storage]
+segment_bytes_max = 65536
+retention_bytes = 196608
+retention_check_interval_ms = 50
+checkpoint_interval_ms = 50
+write_bytes_max = 65536
+tail_cache_bytes_max = 4096
+[limits]
+batch_bytes_max = 16384
+frame_bytes_max = 32768
+"#;
+
+/// Retention deletes the segments scheduled messages were produced to
+/// long before they are due: they are carried forward first (and survive
+/// a `kill -9` after that, from the timer's generation), and delivered
+/// once, whole, under their ids.
+#[test]
+fn scheduled_messages_outlive_the_retention_of_their_segments() {
+    let mut b = Broker::start(1, Some(SMALL_SEGMENTS));
+    b.admin().create_topic("late", 1, None).unwrap();
+    b.admin().create_topic("filler", 1, None).unwrap();
+    let mut p = Producer::connect(&b.addr).unwrap();
+    let mut want: HashMap<MessageId, String> = HashMap::new();
+    let due = now_ms() + 9_000;
+    for i in 0..30 {
+        let body = format!("late-{i}-{}", "y".repeat(200));
+        let r = p
+            .send("late", Record::new(body.clone()).deliver_at(due + i))
+            .unwrap();
+        want.insert(r.id, body);
+    }
+    let first = segment_files(&b.data_dir(), 0)[0].clone();
+    // ~1 MB of other traffic over 64 KiB segments with a 192 KiB cap.
+    let filler = "x".repeat(900);
+    for i in 0..100 {
+        let recs: Vec<Record> = (0..10)
+            .map(|j| Record::new(format!("{i}-{j}-{filler}")))
+            .collect();
+        p.send_batch("filler", QueueSelector::Queue(0), &recs)
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(8),
+        "retention to delete the scheduled messages' segment",
+        || (!first.exists()).then_some(()),
+    );
+    let stats = b.admin().stats().unwrap();
+    assert!(
+        stats["shards"][0]["schedule"]["carried"].as_u64().unwrap() >= 30,
+        "{}",
+        stats["shards"][0]["schedule"]
+    );
+    // Their ids still find them before they are due.
+    let some = *want.keys().next().unwrap();
+    assert_eq!(
+        b.admin().get_message(some).unwrap().payload,
+        want[&some].as_bytes()
+    );
+    b.kill9();
+    b.restart();
+    let got = consume_all(&b.addr, "late", 30, Duration::from_secs(15));
+    assert_eq!(got.len(), 30, "{}", b.log());
+    for (m, _) in &got {
+        assert_eq!(
+            std::str::from_utf8(&m.payload).unwrap(),
+            want.remove(&m.id).expect("each id once"),
+        );
+        assert!(m.broker_timestamp_ms >= due);
+    }
+}
