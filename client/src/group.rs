@@ -138,6 +138,9 @@ impl GroupConsumer {
         topic: &str,
         filter: Option<FilterSpec>,
     ) -> Result<GroupConsumer, ClientError> {
+        // `*` is every message: no filter.
+        let filter =
+            filter.filter(|f| !(f.kind == crate::FilterType::Tag && f.expression.trim() == "*"));
         let conn = Connection::connect(addr)?;
         let mut c = GroupConsumer {
             conn,
@@ -668,27 +671,26 @@ impl GroupConsumer {
         let n = resp.leases.len().max(1) as u32;
         let (share, mut extra) = (cost / n, cost % n);
         let topic: std::sync::Arc<str> = self.topic.as_str().into();
-        let mut decoded: HashMap<u32, Vec<Option<Message>>> = HashMap::new();
+        // Per batch, its messages by offset (a view holds only some of its
+        // source's offsets); each is leased at most once per receive.
+        let mut decoded: HashMap<u32, Vec<(u64, Option<Message>)>> = HashMap::new();
         for l in resp.leases {
             let msgs = match decoded.entry(l.batch) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(
                     decode_batch(&topic, l.queue, shard, &resp.batches[l.batch as usize], 0)?
                         .into_iter()
-                        .map(Some)
+                        .map(|m| (m.offset, Some(m)))
                         .collect(),
                 ),
             };
-            // A batch's records have consecutive offsets; each is leased
-            // at most once per receive.
             let base = resp.batches[l.batch as usize]
                 .get(16..24)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-            let at = base
-                .and_then(|f| l.offset.checked_sub(f))
-                .and_then(|i| msgs.get_mut(i as usize))
-                .and_then(Option::take)
-                .filter(|m| m.offset == l.offset);
+            let at = msgs
+                .binary_search_by_key(&l.offset, |(o, _)| *o)
+                .ok()
+                .and_then(|i| msgs[i].1.take());
             let Some(m) = at else {
                 return Err(ClientError::Protocol(format!(
                     "receive: offset {} of queue {} is not in its batch {} (base {base:?}, {} records; {} batches, {} leases)",

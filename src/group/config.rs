@@ -141,6 +141,10 @@ pub struct GroupConfig {
     /// Where the group starts in a queue it had no position in.
     pub start: StartFrom,
     pub subscriptions: Vec<Subscription>,
+    /// Priority's starvation guard (message delivery, not orderly): a
+    /// waiting message counts one priority higher per this many ms waited
+    /// (0: never; at most a day).
+    pub priority_age_boost_ms: u64,
 }
 
 impl Default for GroupConfig {
@@ -168,6 +172,8 @@ pub enum GroupConfigError {
     DuplicateSubscription(String),
     #[error("subscription topic `{0}` is not a valid topic name")]
     Topic(String),
+    #[error("priority_age_boost_ms {0} must be at most 86400000 (a day)")]
+    PriorityAgeBoost(u64),
     #[error("filter of the subscription to `{topic}`: {error}")]
     Filter {
         topic: String,
@@ -199,12 +205,18 @@ impl GroupConfig {
             journal_deliveries: JournalDeliveries::Alongside,
             start: StartFrom::Latest,
             subscriptions,
+            priority_age_boost_ms: crate::group::window::PRIORITY_AGE_BOOST_MS_DEFAULT,
         }
     }
 
     pub fn validate(&self) -> Result<(), GroupConfigError> {
         if !is_valid_name(&self.name, GROUP_NAME_BYTES_MAX) {
             return Err(GroupConfigError::Name(self.name.clone()));
+        }
+        if self.priority_age_boost_ms > 86_400_000 {
+            return Err(GroupConfigError::PriorityAgeBoost(
+                self.priority_age_boost_ms,
+            ));
         }
         if !(1..=ATTEMPTS_MAX_LIMIT).contains(&self.attempts_max) {
             return Err(GroupConfigError::AttemptsMax(self.attempts_max));
@@ -254,6 +266,7 @@ impl GroupConfig {
             attempts_max: self.attempts_max,
             orderly: self.orderly,
             backoff: self.backoff.clone(),
+            priority_age_boost_ms: self.priority_age_boost_ms,
         }
     }
 

@@ -27,12 +27,19 @@
 //! - orderly: a message group has at most one unfinished message out of the
 //!   pending ones, the lowest offset of the group; the next is delivered
 //!   only once it is finished, so a failed message blocks only its group;
-//! - every message is eventually delivered while consumers receive.
+//! - every message is eventually delivered while consumers receive;
+//! - priority (non-orderly windows, [`DeliveryWindow::receive_prioritized`]):
+//!   the window takes every visible message it has room for and leases the
+//!   one of highest priority first (retries keep theirs), FIFO within a
+//!   priority, except that the oldest deliverable message goes first once
+//!   its priority plus one per `priority_age_boost_ms` it has waited
+//!   reaches the best one's (so no priority starves).
 //!
 //! Memory: a slot is 40 bytes and an in-flight or retry slot one ordered
 //! timer entry (16 bytes plus B-tree overhead), about 70 bytes per
 //! in-flight message, 0.7 MB for a full default window of 10,000.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use super::backoff::Backoff;
@@ -62,7 +69,16 @@ pub struct WindowConfig {
     pub orderly: bool,
     /// How long a nacked message waits when the nack names no delay.
     pub backoff: Backoff,
+    /// Priority's starvation guard: a waiting message counts one priority
+    /// higher per this many ms it has waited (0: no aging).
+    pub priority_age_boost_ms: u64,
 }
+
+/// Default `priority_age_boost_ms`: a message waiting 1 s counts one
+/// priority higher, so the lowest goes first after at most 9 s.
+pub const PRIORITY_AGE_BOOST_MS_DEFAULT: u64 = 1000;
+/// Highest priority.
+pub const PRIORITY_MAX: u8 = 9;
 
 impl Default for WindowConfig {
     fn default() -> WindowConfig {
@@ -71,6 +87,7 @@ impl Default for WindowConfig {
             attempts_max: ATTEMPTS_MAX_DEFAULT,
             orderly: false,
             backoff: Backoff::default(),
+            priority_age_boost_ms: PRIORITY_AGE_BOOST_MS_DEFAULT,
         }
     }
 }
@@ -126,7 +143,11 @@ struct Slot {
     attempt: u32,
     /// Lease number of the last delivery (0: none yet).
     lease: u64,
+    /// Orderly: the message group. Otherwise, for a pending slot: when it
+    /// was taken into the window (ms; priority aging).
     group: MessageGroup,
+    /// 0 to 9.
+    priority: u8,
 }
 
 /// A message whose attempts ran out: the shard appends it to the group's
@@ -147,6 +168,12 @@ pub struct DeliveryWindow {
     timers: BTreeSet<(u64, u64)>,
     /// Retry slots whose time came: delivered first, oldest first.
     ready: BTreeSet<u64>,
+    /// The same, by priority (highest first), then offset.
+    ready_by_priority: BTreeSet<(Reverse<u8>, u64)>,
+    /// Non-orderly pending slots (taken ahead for priority), by priority,
+    /// then offset; and by offset.
+    pending_by_priority: BTreeSet<(Reverse<u8>, u64)>,
+    pending: BTreeSet<u64>,
     /// Orderly: pending slots whose message group became free.
     unblocked: BTreeSet<u64>,
     /// Orderly: the unfinished, non-pending offset of each busy group.
@@ -175,6 +202,9 @@ impl DeliveryWindow {
             slots: VecDeque::new(),
             timers: BTreeSet::new(),
             ready: BTreeSet::new(),
+            ready_by_priority: BTreeSet::new(),
+            pending_by_priority: BTreeSet::new(),
+            pending: BTreeSet::new(),
             unblocked: BTreeSet::new(),
             busy: HashMap::new(),
             waiting: HashMap::new(),
@@ -222,7 +252,26 @@ impl DeliveryWindow {
     /// Whether a receive now would deliver something already in the window
     /// (a retry whose time came, an unblocked pending message).
     pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty() || !self.unblocked.is_empty()
+        !self.ready.is_empty() || !self.unblocked.is_empty() || !self.pending.is_empty()
+    }
+
+    /// Whether priority decides what goes next: pending slots taken ahead
+    /// are waiting, or a ready retry has a priority above 0. (Without, the
+    /// FIFO path gives the same order.)
+    pub fn has_priorities(&self) -> bool {
+        !self.pending.is_empty() || self.ready_by_priority.first().is_some_and(|(p, _)| p.0 > 0)
+    }
+
+    fn ready_insert(&mut self, offset: u64) {
+        let p = self.slot(offset).map_or(0, |s| s.priority);
+        self.ready.insert(offset);
+        self.ready_by_priority.insert((Reverse(p), offset));
+    }
+
+    fn ready_remove(&mut self, offset: u64) -> bool {
+        let p = self.slot(offset).map_or(0, |s| s.priority);
+        self.ready_by_priority.remove(&(Reverse(p), offset));
+        self.ready.remove(&offset)
     }
 
     fn slot(&self, offset: u64) -> Option<&Slot> {
@@ -256,9 +305,7 @@ impl DeliveryWindow {
             let slot = *self.slot(offset).expect("timers name window slots");
             match slot.state {
                 State::InFlight { .. } => self.fail(offset, due),
-                State::Retry { .. } => {
-                    self.ready.insert(offset);
-                }
+                State::Retry { .. } => self.ready_insert(offset),
                 s => unreachable!("a timer for a {s:?} slot"),
             }
         }
@@ -278,7 +325,7 @@ impl DeliveryWindow {
         }
         slot.state = State::Retry { not_before_ms: due };
         if due <= self.now_ms {
-            self.ready.insert(offset);
+            self.ready_insert(offset);
         } else {
             self.timers.insert((due, offset));
         }
@@ -333,7 +380,7 @@ impl DeliveryWindow {
             && self.slots.len() < self.cfg.inflight_max as usize
         {
             let offset = self.next();
-            if self.take(group_of) {
+            if self.take(group_of, None) {
                 out.push(self.deliver(offset, invisible_ms));
                 n += 1;
             }
@@ -349,9 +396,10 @@ impl DeliveryWindow {
         self.advance(now_ms);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(offset) = self.ready.pop_first() else {
+            let Some(&offset) = self.ready.first() else {
                 break;
             };
+            self.ready_remove(offset);
             out.push(self.deliver(offset, invisible_ms));
         }
         while out.len() < max {
@@ -374,21 +422,104 @@ impl DeliveryWindow {
                 .is_some_and(|&(due, _)| due <= now_ms.max(self.now_ms))
     }
 
-    /// Takes the next offset into the window; false when it must wait for
-    /// its message group (orderly).
-    fn take(&mut self, group_of: &mut impl FnMut(u64) -> MessageGroup) -> bool {
-        let offset = self.next();
-        let group = if self.cfg.orderly {
-            group_of(offset)
+    /// Leases up to `max` messages by priority (non-orderly windows): first
+    /// takes every new offset below `visible_end` the window has room for
+    /// (`priority_of` gives each one's priority, 0 to 9), then leases, one
+    /// at a time, the deliverable message (a ready retry or a pending one)
+    /// of highest priority, the lowest offset among equals; unless the
+    /// oldest deliverable one, aged one priority per
+    /// `priority_age_boost_ms` it waited, reaches that priority: then it.
+    /// Appends to `out`.
+    pub fn receive_prioritized(
+        &mut self,
+        now_ms: u64,
+        max: usize,
+        invisible_ms: u64,
+        visible_end: u64,
+        mut priority_of: impl FnMut(u64) -> u8,
+        out: &mut Vec<Lease>,
+    ) {
+        debug_assert!(!self.cfg.orderly, "priority is for non-orderly windows");
+        self.advance(now_ms);
+        while self.next() < visible_end && self.slots.len() < self.cfg.inflight_max as usize {
+            self.take(&mut |_| 0, Some(&mut priority_of));
+        }
+        for _ in 0..max {
+            let Some(offset) = self.pick() else {
+                break;
+            };
+            if !self.ready_remove(offset) {
+                let p = self.slot(offset).map_or(0, |s| s.priority);
+                self.pending.remove(&offset);
+                self.pending_by_priority.remove(&(Reverse(p), offset));
+            }
+            out.push(self.deliver(offset, invisible_ms));
+        }
+    }
+
+    /// The next message [`DeliveryWindow::receive_prioritized`] leases.
+    fn pick(&self) -> Option<u64> {
+        let best = match (
+            self.ready_by_priority.first(),
+            self.pending_by_priority.first(),
+        ) {
+            (Some(a), Some(b)) => *a.min(b),
+            (Some(a), None) => *a,
+            (None, Some(b)) => *b,
+            (None, None) => return None,
+        };
+        let oldest = match (self.ready.first(), self.pending.first()) {
+            (Some(&a), Some(&b)) => a.min(b),
+            (Some(&a), None) => a,
+            (None, Some(&b)) => b,
+            (None, None) => return None,
+        };
+        let boost = self.cfg.priority_age_boost_ms;
+        if oldest == best.1 || boost == 0 {
+            return Some(best.1);
+        }
+        let slot = self.slot(oldest).expect("a deliverable slot");
+        let since = match slot.state {
+            State::Retry { not_before_ms } => not_before_ms,
+            _ => slot.group,
+        };
+        let waited = self.now_ms.saturating_sub(since) / boost;
+        let aged = u64::from(slot.priority).saturating_add(waited);
+        if aged >= u64::from(best.0 .0) {
+            Some(oldest)
         } else {
-            0
+            Some(best.1)
+        }
+    }
+
+    /// Takes the next offset into the window; false when it must wait for
+    /// its message group (orderly). With `priority_of` (a non-orderly
+    /// window taking ahead, or a replay), the slot gets its priority and
+    /// waits among the pending ones until leased; without, the caller
+    /// leases it at once.
+    fn take(
+        &mut self,
+        group_of: &mut impl FnMut(u64) -> MessageGroup,
+        priority_of: Option<&mut dyn FnMut(u64) -> u8>,
+    ) -> bool {
+        let offset = self.next();
+        let orderly = self.cfg.orderly;
+        let (group, priority) = match priority_of {
+            _ if orderly => (group_of(offset), 0),
+            Some(p) => (self.now_ms.max(1), p(offset).min(PRIORITY_MAX)),
+            None => (0, 0),
         };
         self.slots.push_back(Slot {
             state: State::Pending,
             attempt: 0,
             lease: 0,
             group,
+            priority,
         });
+        if !orderly && group != 0 {
+            self.pending.insert(offset);
+            self.pending_by_priority.insert((Reverse(priority), offset));
+        }
         if self.cfg.orderly && self.busy.contains_key(&group) {
             self.waiting.entry(group).or_default().push_back(offset);
             return false;
@@ -432,6 +563,10 @@ impl DeliveryWindow {
     fn deliver_as(&mut self, l: Lease) {
         self.next_lease = self.next_lease.max(l.lease + 1);
         let orderly = self.cfg.orderly;
+        if self.pending.remove(&l.offset) {
+            let p = self.slot(l.offset).map_or(0, |s| s.priority);
+            self.pending_by_priority.remove(&(Reverse(p), l.offset));
+        }
         let slot = self.slot_mut(l.offset);
         debug_assert!(matches!(slot.state, State::Pending | State::Retry { .. }));
         slot.attempt = l.attempt;
@@ -473,7 +608,7 @@ impl DeliveryWindow {
             }
             State::Retry { not_before_ms } => {
                 self.timers.remove(&(not_before_ms, offset));
-                self.ready.remove(&offset);
+                self.ready_remove(offset);
             }
             _ => unreachable!("checked"),
         }
@@ -623,16 +758,28 @@ impl DeliveryWindow {
     pub fn apply(
         &mut self,
         e: &Event,
+        group_of: impl FnMut(u64) -> MessageGroup,
+    ) -> Result<(), JournalError> {
+        self.apply_with(e, group_of, |_| 0)
+    }
+
+    /// [`DeliveryWindow::apply`], with `priority_of` giving the priority of
+    /// offsets a non-orderly window takes in.
+    pub fn apply_with(
+        &mut self,
+        e: &Event,
         mut group_of: impl FnMut(u64) -> MessageGroup,
+        mut priority_of: impl FnMut(u64) -> u8,
     ) -> Result<(), JournalError> {
         e.each()
-            .try_for_each(|one| self.apply_one(&one, &mut group_of))
+            .try_for_each(|one| self.apply_one(&one, &mut group_of, &mut priority_of))
     }
 
     fn apply_one(
         &mut self,
         e: &Event,
         group_of: &mut impl FnMut(u64) -> MessageGroup,
+        priority_of: &mut impl FnMut(u64) -> u8,
     ) -> Result<(), JournalError> {
         self.advance(e.now_ms());
         let journaled = self.journal.len();
@@ -652,6 +799,7 @@ impl DeliveryWindow {
                     due_ms: None,
                 },
                 group_of,
+                priority_of,
             ),
             Event::Ack { offset, lease, .. } => self.ack(offset, lease).map_err(|_| "ack"),
             Event::Nack {
@@ -687,6 +835,7 @@ impl DeliveryWindow {
         &mut self,
         l: Lease,
         group_of: &mut impl FnMut(u64) -> MessageGroup,
+        priority_of: &mut impl FnMut(u64) -> u8,
     ) -> Result<(), &'static str> {
         if l.offset < self.floor || l.lease < self.next_lease {
             return Err("deliver of a finished offset or with an old lease");
@@ -695,7 +844,7 @@ impl DeliveryWindow {
             return Err("deliver beyond the window");
         }
         while self.next() <= l.offset {
-            self.take(group_of);
+            self.take(group_of, Some(priority_of));
         }
         let slot = *self.slot(l.offset).expect("taken");
         let due = match slot.state {
@@ -713,7 +862,7 @@ impl DeliveryWindow {
         if !due || l.attempt != slot.attempt + 1 {
             return Err("deliver of a message that was not due");
         }
-        self.ready.remove(&l.offset);
+        self.ready_remove(l.offset);
         self.unblocked.remove(&l.offset);
         self.deliver_as(l);
         Ok(())
@@ -817,8 +966,9 @@ impl DeliveryWindow {
     /// slot count u32, floor u64, next lease u64, clock u64, CRC-32 u32 of
     /// the other header bytes and the slots, 4 reserved) and one 32-byte
     /// record per slot from the floor (state u8: 1 pending, 2 in flight,
-    /// 3 retry, 4 dead-lettering, 5 done; 3 reserved; attempt u32; lease
-    /// u64; deadline or retry time u64; message group u64). Restored, with
+    /// 3 retry, 4 dead-lettering, 5 done; priority u8; 2 reserved; attempt
+    /// u32; lease u64; deadline or retry time u64; message group u64, or for
+    /// a non-orderly pending slot when it was taken). Restored, with
     /// the journal after it replayed, it is the window that ran.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut b = vec![0u8; SNAPSHOT_HEADER_BYTES];
@@ -837,6 +987,7 @@ impl DeliveryWindow {
             };
             let mut r = [0u8; SNAPSHOT_SLOT_BYTES];
             r[0] = kind;
+            r[1] = s.priority;
             r[4..8].copy_from_slice(&s.attempt.to_le_bytes());
             r[8..16].copy_from_slice(&s.lease.to_le_bytes());
             r[16..24].copy_from_slice(&time.to_le_bytes());
@@ -879,7 +1030,7 @@ impl DeliveryWindow {
             .chunks_exact(SNAPSHOT_SLOT_BYTES)
             .enumerate()
         {
-            if r[1..4] != [0, 0, 0] {
+            if r[1] > PRIORITY_MAX || r[2..4] != [0, 0] {
                 return Err(SnapshotError::NonZero("slot reserved"));
             }
             let time = u64_at(r, 16);
@@ -898,19 +1049,25 @@ impl DeliveryWindow {
                 attempt: u32_at(r, 4),
                 lease: u64_at(r, 8),
                 group: u64_at(r, 24),
+                priority: r[1],
             });
         }
         // What the slots imply: timers, the ready set, orderly blocking.
         let floor = w.floor;
         let mut heads: HashMap<MessageGroup, ()> = HashMap::new();
-        for (i, s) in w.slots.iter().enumerate() {
+        let slots: Vec<Slot> = w.slots.iter().copied().collect();
+        for (i, s) in slots.iter().enumerate() {
             let offset = floor + i as u64;
             match s.state {
                 State::InFlight { deadline_ms } => {
                     w.timers.insert((deadline_ms, offset));
                 }
                 State::Retry { not_before_ms } if not_before_ms <= w.now_ms => {
-                    w.ready.insert(offset);
+                    w.ready_insert(offset);
+                }
+                State::Pending if !w.cfg.orderly => {
+                    w.pending.insert(offset);
+                    w.pending_by_priority.insert((Reverse(s.priority), offset));
                 }
                 State::Retry { not_before_ms } => {
                     w.timers.insert((not_before_ms, offset));
@@ -957,6 +1114,7 @@ mod tests {
             attempts_max: 3,
             orderly,
             backoff: Backoff::new(vec![100, 200]).unwrap(),
+            priority_age_boost_ms: 1000,
         }
     }
 

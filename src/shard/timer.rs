@@ -523,7 +523,7 @@ impl TimerEngine {
             return true;
         }
         // Back first in line, in due order.
-        left.sort_by(|a, b| (a.due_ms, a.pending.origin).cmp(&(b.due_ms, b.pending.origin)));
+        left.sort_by_key(|t| (t.due_ms, t.pending.origin));
         let mut f = self.firing.borrow_mut();
         for t in left.into_iter().rev() {
             f.push_front(t);

@@ -87,7 +87,7 @@ fn scheduled_messages_arrive_once_never_early_in_due_order() {
         // Offsets are assigned at delivery, in due order.
         let prev = last_due.insert(q, d).unwrap_or(i64::MIN);
         assert!(prev <= d, "queue {q}: due {d} delivered after due {prev}");
-        assert_eq!(m.producer_timestamp_ms > 0, true);
+        assert!(m.producer_timestamp_ms > 0);
     }
     // The timer's own lateness is in the stats.
     let stats = b.admin().stats().unwrap();

@@ -42,6 +42,10 @@ struct Model {
     attempts: HashMap<u64, u32>,
     last_lease: u64,
     group_of: HashMap<u64, MessageGroup>,
+    /// Each offset's priority (priority seeds).
+    priority_of: HashMap<u64, u8>,
+    /// When the window took each offset in (priority seeds: aging).
+    taken_at: HashMap<u64, u64>,
     /// Dead letters reported and not yet stored.
     dlq_pending: Vec<u64>,
     /// The last lease of each delivered offset.
@@ -117,7 +121,15 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
         attempts_max: 1 + rng.below(5) as u32,
         orderly: rng.chance(500),
         backoff: Backoff::new(steps_ms).unwrap(),
+        priority_age_boost_ms: 0,
     };
+    // Half the non-orderly seeds receive by priority; some of those age.
+    let prioritized = !cfg.orderly && rng.chance(500);
+    let mut cfg = cfg;
+    if prioritized && rng.chance(300) {
+        cfg.priority_age_boost_ms = 1 + rng.below(200);
+    }
+    let levels = 1 + rng.below(10) as u8;
     let groups = 1 + rng.below(4);
     let floor = rng.below(3) * 1000;
     let first_lease = 1 + rng.below(5);
@@ -136,6 +148,8 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
         attempts: HashMap::new(),
         last_lease: 0,
         group_of: HashMap::new(),
+        priority_of: HashMap::new(),
+        taken_at: HashMap::new(),
         dlq_pending: Vec::new(),
         leases: HashMap::new(),
         floor,
@@ -168,6 +182,7 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                 let n = 1 + rng.below(8);
                 for o in m.visible_end..m.visible_end + n {
                     m.group_of.insert(o, rng.below(groups));
+                    m.priority_of.insert(o, rng.below(u64::from(levels)) as u8);
                 }
                 m.visible_end += n;
                 log.push(|| format!("produce {n} -> {}", m.visible_end));
@@ -298,9 +313,68 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                 let visible_end = m.visible_end;
                 let group_of = &m.group_of;
                 let heads = m.heads(m.floor + u64::from(cfg.inflight_max) + 1);
-                let got = w.receive(now, max, inv, visible_end, |o| group_of[&o]);
+                if prioritized {
+                    // The window takes in what it has room for, now.
+                    let end = visible_end.min(m.floor + u64::from(cfg.inflight_max));
+                    for o in m.floor..end {
+                        m.taken_at.entry(o).or_insert(m.now.max(1));
+                    }
+                }
+                let got = if prioritized {
+                    let prio = &m.priority_of;
+                    let mut out = Vec::new();
+                    w.receive_prioritized(now, max, inv, visible_end, |o| prio[&o], &mut out);
+                    out
+                } else {
+                    w.receive(now, max, inv, visible_end, |o| group_of[&o])
+                };
                 log.push(|| format!("receive {max} at {now} -> {got:?}"));
                 for l in &got {
+                    if prioritized {
+                        // The highest priority deliverable message, the
+                        // lowest offset among equals (with aging, also the
+                        // oldest deliverable one may go first).
+                        let end = visible_end.min(m.floor + u64::from(cfg.inflight_max));
+                        let eligible: Vec<u64> =
+                            (m.floor..end).filter(|&o| m.eligible(o, &heads)).collect();
+                        let best = eligible
+                            .iter()
+                            .copied()
+                            .min_by_key(|&o| (std::cmp::Reverse(m.priority_of[&o]), o));
+                        let oldest = eligible.first().copied();
+                        let aging = cfg.priority_age_boost_ms > 0;
+                        // Before any restart the model knows when each
+                        // message began to wait (a replay re-takes them
+                        // later): then the aged choice is exact.
+                        let want = match (best, oldest) {
+                            (Some(b), Some(o)) if aging && step < crash_at && o != b => {
+                                let since = match m.state.get(&o) {
+                                    Some(M::Waiting { due }) => *due,
+                                    _ => m.taken_at[&o],
+                                };
+                                let aged = u64::from(m.priority_of[&o])
+                                    + m.now.saturating_sub(since) / cfg.priority_age_boost_ms;
+                                if aged >= u64::from(m.priority_of[&b]) {
+                                    Some(o)
+                                } else {
+                                    Some(b)
+                                }
+                            }
+                            _ => best,
+                        };
+                        let loose = aging && step >= crash_at && Some(l.offset) == oldest;
+                        if Some(l.offset) != want && !loose {
+                            return Err(fail(
+                                log,
+                                format!(
+                                    "leased {} (priority {}) but {best:?} (priority {:?}) was deliverable",
+                                    l.offset,
+                                    m.priority_of[&l.offset],
+                                    best.map(|b| m.priority_of[&b])
+                                ),
+                            ));
+                        }
+                    }
                     if !m.eligible(l.offset, &heads) {
                         return Err(fail(
                             log,
@@ -448,7 +522,7 @@ fn check_replay(
 ) -> Result<(), String> {
     let mut r = DeliveryWindow::new(m.cfg.clone(), floor, first_lease);
     for (i, e) in journal.iter().enumerate() {
-        r.apply(e, |o| m.group_of[&o])
+        r.apply_with(e, |o| m.group_of[&o], |o| m.priority_of[&o])
             .map_err(|err| format!("replay of record {i} {e:?}: {err}"))?;
     }
     r.advance(m.now);
@@ -473,7 +547,7 @@ fn check_restore(
     let mut r =
         DeliveryWindow::restore(m.cfg.clone(), bytes).map_err(|e| format!("restore: {e}"))?;
     for (i, e) in journal[*from..].iter().enumerate() {
-        r.apply(e, |o| m.group_of[&o])
+        r.apply_with(e, |o| m.group_of[&o], |o| m.priority_of[&o])
             .map_err(|err| format!("replay after the snapshot, record {i} {e:?}: {err}"))?;
     }
     r.replayed();
