@@ -120,7 +120,13 @@ fn log_driver(records: usize, wait_each: bool) -> Driver {
                             .await
                             .unwrap();
                         let r = store
-                            .append(QueueId(1), &batch, &header, 0, Durability::Written)
+                            .append(
+                                QueueId(1),
+                                &batch,
+                                &header,
+                                keelmq::batch::Summary::NONE,
+                                Durability::Written,
+                            )
                             .unwrap();
                         if wait_each {
                             store.wait_durable(&r, Durability::Written).await.unwrap();

@@ -205,6 +205,7 @@ mod recovery_scan {
                 tags: crate::batch::tag_summary(&b),
                 attributes: 0,
                 view_len: 0,
+                max_priority: 0,
             });
             at += b.len();
         }

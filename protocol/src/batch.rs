@@ -257,11 +257,27 @@ pub fn validate_produced(b: &[u8], batch_bytes_max: usize) -> Result<BatchHeader
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Produced {
     pub header: BatchHeader,
-    /// The union of [`tag_bloom`] over its records' tags (0: none has a
-    /// tag).
-    pub tags: u32,
+    /// Its tag bits and highest priority.
+    pub summary: Summary,
     /// Some record has a `deliver_at_ms` (it may be scheduled).
     pub timed: bool,
+}
+
+/// What the broker's indexes keep of a batch's records, so readers skip
+/// batches unread: the union of [`tag_bloom`] over its records' tags (0:
+/// none has a tag) and its highest record priority.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub tags: u32,
+    pub max_priority: u8,
+}
+
+impl Summary {
+    /// A batch of untagged records of priority 0 (the broker's own).
+    pub const NONE: Summary = Summary {
+        tags: 0,
+        max_priority: 0,
+    };
 }
 
 /// [`validate_produced`], also returning the batch's tag summary and
@@ -278,6 +294,7 @@ pub fn validate_produced_tags(b: &[u8], batch_bytes_max: usize) -> Result<Produc
     }
     let mut actual = 0u32;
     let mut tags = 0u32;
+    let mut max_priority = 0u8;
     let mut timed = false;
     for record in RecordIter::new(b) {
         let r = record?;
@@ -291,6 +308,7 @@ pub fn validate_produced_tags(b: &[u8], batch_bytes_max: usize) -> Result<Produc
             tags |= tag_bloom(t.as_bytes());
         }
         timed |= r.deliver_at_ms != 0;
+        max_priority = max_priority.max(r.priority);
         actual += 1;
     }
     if actual != header.record_count {
@@ -301,13 +319,26 @@ pub fn validate_produced_tags(b: &[u8], batch_bytes_max: usize) -> Result<Produc
     }
     Ok(Produced {
         header,
-        tags,
+        summary: Summary { tags, max_priority },
         timed,
     })
 }
 
-/// The tag summary of a stored batch (see [`validate_produced_tags`]): of
-/// a reference batch, the union its references carry.
+/// The summary of a stored batch (see [`Summary`]): of a reference batch,
+/// the tags its references carry and its records' priorities (the fired
+/// messages').
+pub fn summary(b: &[u8]) -> Summary {
+    let max_priority = RecordIter::new(b)
+        .map_while(Result::ok)
+        .fold(0, |m, r| m.max(r.priority));
+    Summary {
+        tags: tag_summary(b),
+        max_priority,
+    }
+}
+
+/// The tag bits of a stored batch (see [`Summary`]): of a reference batch,
+/// the union its references carry.
 pub fn tag_summary(b: &[u8]) -> u32 {
     let reference = BatchHeader::parse(b).is_ok_and(|h| h.is_reference());
     RecordIter::new(b)
@@ -1166,7 +1197,7 @@ mod tests {
             }])
             .collect();
         let b = build(&records);
-        let tags = validate_produced_tags(&b, 1 << 20).unwrap().tags;
+        let tags = validate_produced_tags(&b, 1 << 20).unwrap().summary.tags;
         assert_eq!(tags, tag_summary(&b));
         for t in ["A", "B", "C"] {
             let bits = tag_bloom(t.as_bytes());

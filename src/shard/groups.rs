@@ -371,22 +371,40 @@ impl GroupEngine {
                     None => return meta_has_group(meta, group).is_none(),
                     Some(w) => (w.orderly, w.w.next()),
                 };
-                let groups = match event {
+                let (groups, priorities) = match event {
                     crate::group::journal::Event::Deliver { offset, count, .. }
-                        if orderly && offset + u64::from(count) > from =>
+                        if offset + u64::from(count) > from =>
                     {
-                        message_groups(store, queue, from, offset + u64::from(count))
-                            .await
-                            .unwrap_or_default()
+                        let to = offset + u64::from(count);
+                        if orderly {
+                            let g = message_groups(store, queue, from, to)
+                                .await
+                                .unwrap_or_default();
+                            (g, HashMap::new())
+                        } else if store.has_prioritized(queue, from, to) {
+                            // Replay takes these in with their priorities.
+                            let p = store
+                                .priorities(queue, from, to, u64::MAX)
+                                .await
+                                .map(|(_, p)| p.into_iter().collect())
+                                .unwrap_or_default();
+                            (HashMap::new(), p)
+                        } else {
+                            (HashMap::new(), HashMap::new())
+                        }
                     }
-                    _ => HashMap::new(),
+                    _ => (HashMap::new(), HashMap::new()),
                 };
                 let mut windows = self.windows.borrow_mut();
                 let Some(w) = windows.get_mut(&key) else {
                     return false;
                 };
-                w.w.apply(&event, |o| groups.get(&o).copied().unwrap_or(0))
-                    .is_ok()
+                w.w.apply_with(
+                    &event,
+                    |o| groups.get(&o).copied().unwrap_or(0),
+                    |o| priorities.get(&o).copied().unwrap_or(0),
+                )
+                .is_ok()
             }
         }
     }
@@ -614,7 +632,13 @@ impl GroupEngine {
             let bytes = b.finish();
             let header = BatchHeader::parse(&bytes).expect("a built batch parses");
             let r = store
-                .append(GROUP_JOURNAL_QUEUE, &bytes, &header, 0, level)
+                .append(
+                    GROUP_JOURNAL_QUEUE,
+                    &bytes,
+                    &header,
+                    crate::batch::Summary::NONE,
+                    level,
+                )
                 .map_err(|e| (first, e))?;
             self.journal_bytes
                 .set(self.journal_bytes.get() + bytes.len() as u64);

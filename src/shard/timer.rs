@@ -337,7 +337,7 @@ impl TimerEngine {
         let mut b = BytesMut::from(produced);
         batch::mark_scheduled(&mut b, target.0);
         let h = BatchHeader::parse(&b).expect("a validated batch parses");
-        let r = store.append(TIMER_QUEUE, &b, &h, 0, level)?;
+        let r = store.append(TIMER_QUEUE, &b, &h, batch::Summary::NONE, level)?;
         self.journal_bytes
             .set(self.journal_bytes.get() + b.len() as u64);
         let earliest = {
@@ -409,7 +409,7 @@ impl TimerEngine {
         let mut flush = |b: BatchBuilder| -> Result<(), StoreError> {
             let bytes = b.finish();
             let h = BatchHeader::parse(&bytes).expect("a built batch parses");
-            let r = store.append(TIMER_QUEUE, &bytes, &h, 0, level)?;
+            let r = store.append(TIMER_QUEUE, &bytes, &h, batch::Summary::NONE, level)?;
             self.journal_bytes
                 .set(self.journal_bytes.get() + bytes.len() as u64);
             last = Some(r);
@@ -724,7 +724,13 @@ impl TimerEngine {
                 .await?;
             mark(&mut bytes, batch::BATCH_ATTR_CARRIED);
             let h = BatchHeader::parse(&bytes).expect("a built batch parses");
-            let r = store.append(TIMER_QUEUE, &bytes, &h, 0, Durability::Fsync)?;
+            let r = store.append(
+                TIMER_QUEUE,
+                &bytes,
+                &h,
+                batch::Summary::NONE,
+                Durability::Fsync,
+            )?;
             let entries: Vec<TimerEntry> = moved
                 .iter()
                 .enumerate()
@@ -824,11 +830,11 @@ fn mark(b: &mut [u8], attributes: u16) {
 }
 
 /// A reference batch for `timers` (one target queue, due order) whose view
-/// takes `view_len` bytes: its bytes, tag summary and the lowest record
-/// position it points at.
-fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, u32, u64) {
+/// takes `view_len` bytes: its bytes, summary (the fired messages' tags and
+/// highest priority) and the lowest record position it points at.
+fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, batch::Summary, u64) {
     let mut b = BatchBuilder::new();
-    let (mut tags, mut min_location) = (0u32, u64::MAX);
+    let (mut tags, mut min_location, mut max_priority) = (0u32, u64::MAX, 0u8);
     for t in timers {
         let r = batch::Reference {
             origin_position: t.pending.origin.position,
@@ -838,6 +844,7 @@ fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, u32, u64) {
             tags: t.pending.tags,
         };
         tags |= t.pending.tags;
+        max_priority = max_priority.max(t.pending.priority);
         min_location = min_location.min(t.location.position);
         b.push(&Record {
             payload: Bytes::copy_from_slice(&r.encode()),
@@ -849,7 +856,11 @@ fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, u32, u64) {
     let mut bytes = BytesMut::from(&b.finish()[..]);
     bytes[60..64].copy_from_slice(&view_len.to_le_bytes());
     mark(&mut bytes, batch::BATCH_ATTR_REFERENCE);
-    (bytes.freeze(), tags, min_location)
+    (
+        bytes.freeze(),
+        batch::Summary { tags, max_priority },
+        min_location,
+    )
 }
 
 /// Publishes a fired batch once durable at its level (at once when a

@@ -18,7 +18,7 @@
 //!        then the entries) | u64 from
 //!        | n × (u64 position, u64 base_offset, i64 append_time_ms,
 //!             u32 queue_id, u32 len, u32 count, u32 tags,
-//!             u16 attributes, u32 view_len, 2 bytes 0)
+//!             u16 attributes, u32 view_len, u8 max_priority, 1 byte 0)
 //!        | zeros to the next page
 //! ```
 //! Files of older brokers have "KIX1" blocks: 40-byte entries ending at
@@ -84,6 +84,7 @@ pub fn encode_block(entries: &[BatchEntry], from: u64, covered_end: u64, sealed:
         b[at + 36..at + 40].copy_from_slice(&e.tags.to_le_bytes());
         b[at + 40..at + 42].copy_from_slice(&e.attributes.to_le_bytes());
         b[at + 42..at + 46].copy_from_slice(&e.view_len.to_le_bytes());
+        b[at + 46] = e.max_priority;
         at += ENTRY_BYTES;
     }
     let crc = block_crc(&b[..BLOCK_HEAD_BYTES], &b[BLOCK_HEAD_BYTES..body]);
@@ -159,6 +160,8 @@ pub fn decode_file(b: &[u8], data_start: u64) -> Snapshot {
                 } else {
                     0
                 },
+                // Old entries: unknown, so readers look (9).
+                max_priority: if magic == MAGIC { c[46] } else { 9 },
             })
             .collect();
         // Blocks only ever extend the list, in log order.
@@ -244,6 +247,7 @@ mod tests {
             tags: (position as u32).rotate_left(7) ^ queue_id,
             attributes: 0,
             view_len: 0,
+            max_priority: 0,
         }
     }
 
@@ -252,6 +256,7 @@ mod tests {
         let mut entries = [e(4096, 100, 1, 0), e(4196, 50, 2, 0)];
         entries[1].attributes = crate::batch::BATCH_ATTR_REFERENCE;
         entries[1].view_len = 12_345;
+        entries[1].max_priority = 7;
         let block = encode_block(&entries, 4096, 4246, false);
         assert_eq!(decode_file(&block, 4096).entries, entries);
         // The same entries as an older broker wrote them: magic KIX1,
@@ -273,9 +278,10 @@ mod tests {
         let got = decode_file(&old, 4096).entries;
         assert_eq!(got.len(), 2);
         assert_eq!((got[1].position, got[1].len, got[1].count), (4196, 50, 3));
-        assert!(got
-            .iter()
-            .all(|g| g.tags == u32::MAX && g.attributes == 0 && g.view_len == 0));
+        assert!(got.iter().all(|g| g.tags == u32::MAX
+            && g.attributes == 0
+            && g.view_len == 0
+            && g.max_priority == 9));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct BatchEntry {
     pub attributes: u16,
     /// A reference batch's view size (its header's `extra`); else 0.
     pub view_len: u32,
+    /// Its records' highest priority.
+    pub max_priority: u8,
 }
 
 impl BatchEntry {

@@ -322,6 +322,7 @@ async fn probe_once<F: IoFile>(
             count: h.record_count,
             append_time_ms: h.append_time_ms,
             tags: crate::batch::tag_summary(&whole),
+            max_priority: crate::batch::summary(&whole).max_priority,
             attributes: h.attributes,
             view_len: if h.is_reference() { h.extra.max(1) } else { 0 },
         }),

@@ -121,6 +121,10 @@ struct QueueState {
     appended_since_checkpoint: u64,
     /// Long polls over many queues that watch this one.
     waiters: Vec<Weak<FetchWaiter>>,
+    /// (base offset, next offset) of every indexed batch holding a record
+    /// of priority above 0, oldest first (trimmed with the consume index):
+    /// readers that order by priority read only these ahead.
+    prioritized: VecDeque<(u64, u64)>,
 }
 
 impl QueueState {
@@ -135,6 +139,7 @@ impl QueueState {
             reserve: ReserveKind::None,
             appended_since_checkpoint: 0,
             waiters: Vec::new(),
+            prioritized: VecDeque::new(),
         }
     }
     fn earliest(&self) -> u64 {
@@ -261,6 +266,9 @@ impl<I: Io> QueueStore<I> {
                 tags: b.tags,
                 view_len: b.view_len,
             });
+            if b.max_priority > 0 {
+                q.prioritized.push_back((b.base_offset, b.next_offset()));
+            }
             q.time.push(b.append_time_ms, b.base_offset);
             q.next_offset = b.next_offset();
             last_ms = last_ms.max(b.append_time_ms);
@@ -404,16 +412,17 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// Stamps a validated produced batch for `queue_id` and appends it, to
-    /// be acknowledged at `level`. `tags` is its tag summary
-    /// (`batch::validate_produced_tags`), kept in the consume index.
+    /// be acknowledged at `level`. `summary` (`batch::Summary`: tag bits and
+    /// highest priority) is kept in the indexes.
     pub fn append(
         &self,
         queue: QueueId,
         produced: &[u8],
         header: &BatchHeader,
-        tags: u32,
+        summary: batch::Summary,
         level: Durability,
     ) -> Result<AppendReceipt, StoreError> {
+        let tags = summary.tags;
         let queue_id = queue.0;
         let mut queues = self.queues.borrow_mut();
         let q = queues
@@ -456,6 +465,9 @@ impl<I: Io> QueueStore<I> {
                 0
             },
         });
+        if summary.max_priority > 0 {
+            q.prioritized.push_back((base, base + count));
+        }
         q.time.push(now, base);
         q.next_offset = base + count;
         q.appended_since_checkpoint += count;
@@ -480,6 +492,7 @@ impl<I: Io> QueueStore<I> {
             } else {
                 0
             },
+            max_priority: summary.max_priority,
         });
         Ok(AppendReceipt {
             queue_id: queue,
@@ -859,6 +872,69 @@ impl<I: Io> QueueStore<I> {
             })
             .collect();
         Ok(batch::build_view(stored, h.record_count, &chosen))
+    }
+
+    /// Whether a batch holding a record of priority above 0 overlaps the
+    /// offsets `[from, to)` of a queue.
+    pub fn has_prioritized(&self, queue: QueueId, from: u64, to: u64) -> bool {
+        let queues = self.queues.borrow();
+        let Some(q) = queues.get(&queue.0) else {
+            return false;
+        };
+        let i = q.prioritized.partition_point(|&(_, end)| end <= from);
+        q.prioritized.get(i).is_some_and(|&(base, _)| base < to)
+    }
+
+    /// The priorities of the records of priority above 0 at offsets
+    /// `[from, to)` of a queue (reading only the batches that hold any, at
+    /// most `max_bytes` of them, at least one), and the offset up to which
+    /// they are known (`to` unless the budget ran out first).
+    pub async fn priorities(
+        &self,
+        queue: QueueId,
+        from: u64,
+        to: u64,
+        max_bytes: u64,
+    ) -> Result<(u64, Vec<(u64, u8)>), StoreError> {
+        let (entries, known_to) = {
+            let queues = self.queues.borrow();
+            let q = queues
+                .get(&queue.0)
+                .ok_or(StoreError::UnknownQueue(queue.0))?;
+            let mut entries: Vec<IndexEntry> = Vec::new();
+            let mut bytes = 0u64;
+            let mut known_to = to;
+            let i = q.prioritized.partition_point(|&(_, end)| end <= from);
+            for &(base, _) in q.prioritized.range(i..) {
+                if base >= to {
+                    break;
+                }
+                let Some(e) = q.consume.find(base).and_then(|j| q.consume.get(j)) else {
+                    continue;
+                };
+                if !entries.is_empty() && bytes + u64::from(e.read_len()) > max_bytes {
+                    known_to = base.max(from);
+                    break;
+                }
+                bytes += u64::from(e.read_len());
+                entries.push(*e);
+            }
+            (entries, known_to)
+        };
+        let batches = self.read_entries(&entries).await?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let Ok(h) = BatchHeader::parse(b) else {
+                continue;
+            };
+            for r in RecordIter::new(b).map_while(Result::ok) {
+                let o = h.base_offset + u64::from(r.index);
+                if r.priority > 0 && (from..known_to).contains(&o) {
+                    out.push((o, r.priority));
+                }
+            }
+        }
+        Ok((known_to, out))
     }
 
     /// Index entries of reference batches stored at or after `position`,
@@ -1368,6 +1444,13 @@ impl<I: Io> QueueStore<I> {
                 q.consume.trim_before(cutoff);
                 let earliest = q.earliest();
                 q.time.trim_before(earliest);
+                while q
+                    .prioritized
+                    .front()
+                    .is_some_and(|&(_, end)| end <= earliest)
+                {
+                    q.prioritized.pop_front();
+                }
             }
             let mut snaps = self.snapshots.borrow_mut();
             snaps.pending.retain(|e| e.position >= cutoff);

@@ -10,6 +10,7 @@ mod forged;
 mod groups;
 mod limits;
 mod net_fuzz;
+mod priority;
 mod produce;
 mod readme;
 mod retention;

@@ -594,6 +594,28 @@ enum Take {
         next: u64,
         orderly: bool,
     },
+    /// By priority (`DeliveryWindow::receive_prioritized`): retries, the
+    /// messages taken ahead and new ones below `visible_end`, the highest
+    /// priority first.
+    Prioritized { visible_end: u64, next: u64 },
+}
+
+/// Most bytes of batches holding priorities a receive reads ahead of its
+/// window's next offset to learn them (the window takes in only what it
+/// knows the priorities of).
+pub const PRIORITY_READ_AHEAD_BYTES: u64 = 4 << 20;
+
+/// Whether a (group, queue) window delivers by priority now: not orderly,
+/// and messages of priority above 0 are waiting in it or visible ahead of
+/// it (else FIFO gives the same order, for less).
+fn by_priority(shard: &Shard, gid: GroupId, q: QueueId, visible_end: u64) -> bool {
+    shard
+        .groups
+        .with_window(gid, q, |w| {
+            !w.orderly
+                && (w.w.has_priorities() || shard.store.has_prioritized(q, w.w.next(), visible_end))
+        })
+        .unwrap_or(false)
 }
 
 /// One pass over the queues: leases what is ready, with the batches.
@@ -622,7 +644,10 @@ async fn receive_once(
             break;
         }
         let q = queues[(start + k) % n];
-        if shard.groups.with_window(gid, q, |w| w.w.has_due(now)) == Some(true) {
+        let latest = shard.store.offsets(q).map_or(0, |o| o.latest);
+        if shard.groups.with_window(gid, q, |w| w.w.has_due(now)) == Some(true)
+            && !by_priority(shard, gid, q, latest)
+        {
             lease_from(
                 shard,
                 gid,
@@ -676,13 +701,17 @@ async fn receive_once(
                 }
             }
         }
-        if next >= visible_end && !due {
-            continue;
-        }
-        let take = Take::All {
-            visible_end,
-            next,
-            orderly,
+        let take = if by_priority(shard, gid, q, visible_end) {
+            Take::Prioritized { visible_end, next }
+        } else {
+            if next >= visible_end && !due {
+                continue;
+            }
+            Take::All {
+                visible_end,
+                next,
+                orderly,
+            }
         };
         lease_from(
             shard, gid, q, take, invisible, max, bytes_max, filter, &mut g,
@@ -815,8 +844,25 @@ async fn lease_from(
     g: &mut Gathered,
 ) -> Result<(), HandlerError> {
     use crate::group::entry::Entry;
+    let mut priorities: HashMap<u64, u8> = HashMap::new();
     let (visible_end, groups) = match take {
         Take::Due => (0, Default::default()),
+        Take::Prioritized { visible_end, next } => {
+            // The priorities of what the window may take in: it takes no
+            // further than it knows them.
+            let cap = shard
+                .groups
+                .with_window(gid, q, |w| {
+                    w.w.floor() + u64::from(w.w.config().inflight_max)
+                })
+                .unwrap_or(next);
+            let (known_to, p) = shard
+                .store
+                .priorities(q, next, visible_end.min(cap), PRIORITY_READ_AHEAD_BYTES)
+                .await?;
+            priorities.extend(p);
+            (known_to.max(next).min(visible_end), Default::default())
+        }
         Take::All {
             visible_end,
             next,
@@ -848,7 +894,20 @@ async fn lease_from(
         let left = max - g.leased.len();
         let span = g.spans.last().filter(|s| s.0 == q).map(|s| (s.1, s.2));
         got.clear();
+        let prioritized = matches!(take, Take::Prioritized { .. });
         let meta = shard.groups.with_window(gid, q, |w| {
+            if prioritized {
+                w.w.receive_prioritized(
+                    now,
+                    left,
+                    invisible,
+                    visible_end,
+                    |o| priorities.get(&o).copied().unwrap_or(0),
+                    &mut got,
+                );
+                due = false;
+                return (w.index, w.level, w.journal_before);
+            }
             if due {
                 got = w.w.receive_due(now, 1, invisible);
             }

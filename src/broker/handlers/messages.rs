@@ -90,7 +90,7 @@ pub(super) async fn produce_append(
             route.queue_id,
             &req.batch,
             &header,
-            produced.tags,
+            produced.summary,
             route.durability,
         )?
     };

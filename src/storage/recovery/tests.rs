@@ -102,6 +102,7 @@ impl LogImage {
             tags: crate::batch::tag_summary(&b),
             attributes: 0,
             view_len: 0,
+            max_priority: 0,
         };
         let seg = &mut self.segments.last_mut().unwrap().1;
         let rel = (self.at - base) as usize;

@@ -276,7 +276,7 @@ async fn producer_run(
                 QueueId(queue),
                 &batch,
                 &header,
-                crate::batch::tag_summary(&batch),
+                crate::batch::summary(&batch),
                 level,
             )
         }) {

@@ -95,7 +95,7 @@ async fn append_now(
         .await
         .unwrap();
     store
-        .append(QueueId(queue), b, h, batch::tag_summary(b), level)
+        .append(QueueId(queue), b, h, batch::summary(b), level)
         .unwrap()
 }
 
@@ -143,7 +143,7 @@ fn appends_roll_segments_and_recover_exactly() {
                 .await
                 .unwrap();
             let r = store
-                .append(QueueId(q), &b, &h, batch::tag_summary(&b), level)
+                .append(QueueId(q), &b, &h, batch::summary(&b), level)
                 .unwrap();
             assert_eq!(r.base_offset, QueueOffset((i / 2) as u64 * 3));
             store.wait_durable(&r, level).await.unwrap();
@@ -224,13 +224,7 @@ fn visibility_waits_for_the_durability_level() {
             .await
             .unwrap();
         let r = store
-            .append(
-                QueueId(7),
-                &b,
-                &h,
-                batch::tag_summary(&b),
-                Durability::Fsync,
-            )
+            .append(QueueId(7), &b, &h, batch::summary(&b), Durability::Fsync)
             .unwrap();
         // Appended but not published: consumers see nothing yet.
         assert_eq!(store.offsets(QueueId(7)).unwrap().latest, 0);
@@ -257,13 +251,7 @@ fn visibility_waits_for_the_durability_level() {
         });
         let (b, h) = produced("w", 1, 10);
         let r = store
-            .append(
-                QueueId(7),
-                &b,
-                &h,
-                batch::tag_summary(&b),
-                Durability::Fsync,
-            )
+            .append(QueueId(7), &b, &h, batch::summary(&b), Durability::Fsync)
             .unwrap();
         store.wait_durable(&r, Durability::Fsync).await.unwrap();
         store.publish(&r);
@@ -279,13 +267,7 @@ fn visibility_waits_for_the_durability_level() {
         store.close().await.unwrap();
         assert!(
             store
-                .append(
-                    QueueId(7),
-                    &b,
-                    &h,
-                    batch::tag_summary(&b),
-                    Durability::Fsync
-                )
+                .append(QueueId(7), &b, &h, batch::summary(&b), Durability::Fsync)
                 .is_err(),
             "a closed store takes no appends"
         );
@@ -307,13 +289,7 @@ fn retention_removes_segments_and_trims_indexes() {
                 .await
                 .unwrap();
             let r = store
-                .append(
-                    QueueId(1),
-                    &b,
-                    &h,
-                    batch::tag_summary(&b),
-                    Durability::Written,
-                )
+                .append(QueueId(1), &b, &h, batch::summary(&b), Durability::Written)
                 .unwrap();
             store.wait_durable(&r, Durability::Written).await.unwrap();
             store.publish(&r);
@@ -390,13 +366,7 @@ fn unawaited_appends_are_written_without_anyone_asking() {
             .await
             .unwrap();
         let r = store
-            .append(
-                QueueId(1),
-                &b,
-                &h,
-                batch::tag_summary(&b),
-                Durability::Memory,
-            )
+            .append(QueueId(1), &b, &h, batch::summary(&b), Durability::Memory)
             .unwrap();
         let t0 = std::time::Instant::now();
         while store.log().written_position() < r.end_position.0 {
@@ -408,13 +378,7 @@ fn unawaited_appends_are_written_without_anyone_asking() {
         }
         // And a waiter gets its write without the delay's help.
         let r2 = store
-            .append(
-                QueueId(1),
-                &b,
-                &h,
-                batch::tag_summary(&b),
-                Durability::Written,
-            )
+            .append(QueueId(1), &b, &h, batch::summary(&b), Durability::Written)
             .unwrap();
         store.wait_durable(&r2, Durability::Written).await.unwrap();
         assert!(store.log().written_position() >= r2.end_position.0);
@@ -446,13 +410,7 @@ fn producers_that_outrun_the_disk_wait_within_the_pending_bound() {
                 .await
                 .unwrap();
             store
-                .append(
-                    QueueId(1),
-                    &b,
-                    &h,
-                    batch::tag_summary(&b),
-                    Durability::Memory,
-                )
+                .append(QueueId(1), &b, &h, batch::summary(&b), Durability::Memory)
                 .unwrap();
             max_pending = max_pending.max(store.log().pending_bytes());
         }
