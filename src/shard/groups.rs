@@ -924,9 +924,14 @@ pub async fn message_groups(
             let Ok(h) = BatchHeader::parse(b) else {
                 continue;
             };
-            for (i, r) in RecordIter::new(b).enumerate() {
+            // Offsets a view lacks (a record retention removed) take group
+            // 0 and are finished unsent when leased.
+            for o in h.base_offset.max(at)..h.next_offset().min(to) {
+                out.insert(o, 0);
+            }
+            for r in RecordIter::new(b) {
                 let Ok(r) = r else { break };
-                let o = h.base_offset + i as u64;
+                let o = h.base_offset + u64::from(r.index);
                 if o >= at && o < to {
                     out.insert(o, message_group_of(r.key));
                 }

@@ -1309,14 +1309,17 @@ async fn store_dead_letter(
     };
     if let Some(b) = batch_holding(shard, q, offset).await? {
         let h = BatchHeader::parse(&b).expect("checked");
+        // By offset: a view (fired scheduled messages) holds its records
+        // under their own ids.
+        let delta = (offset - h.base_offset) as u32;
         let rec = RecordIter::new(&b)
-            .nth((offset - h.base_offset) as usize)
-            .and_then(Result::ok)
+            .map_while(Result::ok)
+            .find(|r| r.index == delta)
             .ok_or_else(|| herr(ErrorCode::StorageError, "stored record does not decode"))?;
         let id = MessageId {
             shard: crate::ids::ShardId(shard.id),
-            position: crate::ids::LogPosition(h.log_position),
-            index: (offset - h.base_offset) as u32,
+            position: crate::ids::LogPosition(rec.origin_position),
+            index: rec.origin_index,
         };
         let mut properties: Vec<(String, String)> = rec
             .properties
