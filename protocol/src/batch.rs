@@ -166,8 +166,8 @@ pub struct BatchHeader {
     pub body_crc: u32,
     pub attributes: u16,
     pub record_count: u32,
-    /// Bytes 60..64: a scheduled batch's target queue id, a view's source
-    /// record count, else 0.
+    /// Bytes 60..64: a scheduled batch's target queue id, a reference
+    /// batch's view size, a view's source record count, else 0.
     pub extra: u32,
     pub first_timestamp_ms: i64,
     pub max_timestamp_ms: i64,

@@ -531,16 +531,21 @@ pub(super) async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
             .nth(at.index as usize)
             .map(|r| r.raw)
             .ok_or_else(not_found)?;
-        let view = batch::build_view(
-            &batch,
-            1,
-            &[batch::ViewRecord {
-                delta: 0,
-                origin_position: origin.position,
-                origin_index: origin.index,
-                raw,
-            }],
+        let mut view = BytesMut::from(
+            &batch::build_view(
+                &batch,
+                1,
+                &[batch::ViewRecord {
+                    delta: 0,
+                    origin_position: origin.position,
+                    origin_index: origin.index,
+                    raw,
+                }],
+            )[..],
         );
+        // No queue offset: it gets one when it is delivered.
+        view[16..24].copy_from_slice(&crate::protocol::SCHEDULED_OFFSET.to_le_bytes());
+        let view = view.freeze();
         let queue = target.unwrap_or(if h.attributes == batch::BATCH_ATTR_SCHEDULED {
             h.extra
         } else {
