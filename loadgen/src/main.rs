@@ -4,6 +4,7 @@
 
 mod floor;
 mod run;
+mod shape;
 mod spawn;
 mod sysstat;
 mod workload;
@@ -112,6 +113,65 @@ struct Args {
     /// wait). Replaces --rate and --duration.
     #[arg(long, default_value_t = 0)]
     backlog: u64,
+    /// Scheduled messages: each is due this many ms after its scheduled
+    /// send time (an absolute deliver-at from the loadgen's clock); the
+    /// run reports delivery lateness (received − due) and fails on an
+    /// early delivery.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Scheduled messages: plus a uniform extra delay in [0, S) ms.
+    #[arg(long, default_value_t = 0)]
+    delay_spread_ms: u64,
+    /// Scheduled burst: produce N messages as fast as possible, all due at
+    /// start + --delay-ms (spread over --delay-spread-ms); consumers wait
+    /// for them. Replaces --rate and --duration.
+    #[arg(long, default_value_t = 0)]
+    due_burst: u64,
+    /// Produce with priorities 0..N (1-10), each drawn at random, and report e2e
+    /// latency per priority (`e2e_by_priority`).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=10))]
+    priorities: Option<u8>,
+    /// Tag P% of messages `pass` (the others `other`) and consume with
+    /// the tag filter `pass`; only those are expected.
+    #[arg(long, conflicts_with = "filter_sql_pass_pct")]
+    filter_tag_pass_pct: Option<f64>,
+    /// Give P% of messages the property k=1 (the others k=0) and consume
+    /// with the SQL92 filter `k = 1`; only those are expected.
+    #[arg(long)]
+    filter_sql_pass_pct: Option<f64>,
+    /// Message delivery: the members together take at most R messages a
+    /// second (slow consumers: the backlog builds in the broker, which
+    /// picks by priority; for --priorities).
+    #[arg(long)]
+    consume_rate: Option<f64>,
+}
+
+/// The message shape (due times, priorities, filter) the flags ask for.
+fn shape(a: &Args) -> Result<shape::Shape> {
+    let scheduled = a.delay_ms > 0 || a.delay_spread_ms > 0 || a.due_burst > 0;
+    if scheduled && a.backlog > 0 {
+        bail!("--backlog cannot be combined with scheduled messages (--delay-ms, --delay-spread-ms, --due-burst)");
+    }
+    let filter = match (a.filter_tag_pass_pct, a.filter_sql_pass_pct) {
+        (Some(p), None) => Some((shape::FilterKind::Tag, p)),
+        (None, Some(p)) => Some((shape::FilterKind::Sql, p)),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("one filter at a time"),
+    };
+    if let Some((_, p)) = filter {
+        if !(0.0..=100.0).contains(&p) {
+            bail!("a filter's pass percentage must be within 0..=100");
+        }
+    }
+    Ok(shape::Shape {
+        due: scheduled.then_some(shape::DueSpec {
+            delay_ms: a.delay_ms,
+            spread_ms: a.delay_spread_ms,
+            burst: a.due_burst > 0,
+        }),
+        priorities: a.priorities,
+        filter: filter.map(|(kind, pass_pct)| shape::FilterShape { kind, pass_pct }),
+    })
 }
 
 fn quantile_us(h: &Histogram<u64>, q: f64) -> u64 {
@@ -131,7 +191,18 @@ fn workload(a: &Args) -> Result<Workload> {
                 .with_context(|| format!("--rate must be a number or max, not '{r}'"))?,
         ),
     };
-    let rate = if a.backlog > 0 { None } else { rate };
+    let rate = if a.backlog > 0 || a.due_burst > 0 {
+        None
+    } else {
+        rate
+    };
+    let shape = shape(a)?;
+    let consume_rate = a.consume_rate;
+    if let Some(r) = consume_rate {
+        if !r.is_finite() || r <= 0.0 || a.group_mode != Some(workload::GroupMode::Message) {
+            bail!("--consume-rate needs --group-mode message and a rate above 0");
+        }
+    }
     let batch_max = a.batch_max.unwrap_or(if rate.is_none() { 1000 } else { 1 });
     if let Some(path) = &a.workload {
         let text =
@@ -142,6 +213,13 @@ fn workload(a: &Args) -> Result<Workload> {
         w.nack_delay_ms = a.nack_delay_ms;
         w.push = a.push;
         w.backlog = a.backlog;
+        w.due_burst = a.due_burst;
+        w.shape = shape;
+        w.consume_rate = consume_rate;
+        if a.backlog > 0 || a.due_burst > 0 {
+            // Produced as fast as possible, whatever the file's rate.
+            w.rate = None;
+        }
         if w.rate.is_none() {
             w.batch_max = a.batch_max.unwrap_or(1000);
         }
@@ -178,10 +256,134 @@ fn workload(a: &Args) -> Result<Workload> {
         nack_delay_ms: a.nack_delay_ms,
         push: a.push,
         backlog: a.backlog,
+        due_burst: a.due_burst,
+        shape,
+        consume_rate,
     })
 }
 
-fn result_json(r: &run::RunResult) -> Value {
+/// A group's subscription to `topic`, with the run's filter.
+fn subscription(topic: &str, shape: &shape::Shape) -> Value {
+    let mut s = json!({ "topic": topic });
+    if let Some(f) = shape.filter.map(|f| f.spec()) {
+        s["filter"] = f.expression.into();
+        s["filter_type"] = f.kind.name().into();
+    }
+    s
+}
+
+/// What the run puts on its messages besides the defaults, in words.
+fn shape_line(w: &Workload) -> Option<String> {
+    let mut parts = Vec::new();
+    match (w.shape.due, w.due_burst) {
+        (Some(d), 0) => parts.push(format!(
+            "scheduled: each due {} ms (+0..{} ms) after its send time",
+            d.delay_ms, d.spread_ms
+        )),
+        (Some(d), n) => parts.push(format!(
+            "scheduled burst: {n} messages produced at once, all due {} ms (+0..{} ms) after the start",
+            d.delay_ms, d.spread_ms
+        )),
+        (None, _) => {}
+    }
+    if let Some(n) = w.shape.priorities {
+        parts.push(format!("priorities 0..{}", n - 1));
+    }
+    if let Some(f) = w.shape.filter {
+        parts.push(format!("filter {} passing {}%", f.describe(), f.pass_pct));
+    }
+    if let Some(r) = w.consume_rate {
+        parts.push(format!("consumers take ≤ {r}/s"));
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
+}
+
+/// µs as ms with three decimals.
+fn us_as_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// `e2e_by_priority`: one row per priority, highest first.
+fn priority_rows(hs: &[Histogram<u64>]) -> Vec<Value> {
+    hs.iter()
+        .enumerate()
+        .rev()
+        .map(|(p, h)| {
+            json!({
+                "priority": p,
+                "count": h.len(),
+                "p50_us": quantile_us(h, 0.5),
+                "p99_us": quantile_us(h, 0.99),
+                "p999_us": quantile_us(h, 0.999),
+                "max_us": h.max(),
+            })
+        })
+        .collect()
+}
+
+fn result_json(r: &run::RunResult, w: &Workload) -> Value {
+    let mut v = base_json(r);
+    let o = v.as_object_mut().expect("object");
+    o.insert(
+        "consumed_msgs_per_s".into(),
+        r.consumed_msgs_per_s.round().into(),
+    );
+    o.insert(
+        "filter".into(),
+        w.shape.filter.map_or(Value::Null, |f| f.describe().into()),
+    );
+    if let Some(f) = w.shape.filter {
+        o.insert("filter_pass_pct".into(), f.pass_pct.into());
+        o.insert("expected".into(), r.expected.into());
+        o.insert("unexpected".into(), r.unexpected.into());
+    }
+    if let Some(d) = w.shape.due {
+        o.insert("delay_ms".into(), d.delay_ms.into());
+        o.insert("delay_spread_ms".into(), d.spread_ms.into());
+        o.insert("due_burst".into(), w.due_burst.into());
+        o.insert("lateness_count".into(), r.lateness.len().into());
+        o.insert(
+            "lateness_p50_ms".into(),
+            us_as_ms(quantile_us(&r.lateness, 0.5)).into(),
+        );
+        o.insert(
+            "lateness_p99_ms".into(),
+            us_as_ms(quantile_us(&r.lateness, 0.99)).into(),
+        );
+        o.insert(
+            "lateness_p999_ms".into(),
+            us_as_ms(quantile_us(&r.lateness, 0.999)).into(),
+        );
+        o.insert("lateness_max_ms".into(), us_as_ms(r.lateness.max()).into());
+        o.insert("early".into(), r.early.into());
+        o.insert("acked_after_due".into(), r.acked_after_due.into());
+        o.insert(
+            "burst_s".into(),
+            r.burst_s
+                .map_or(Value::Null, |s| ((s * 1000.0).round() / 1000.0).into()),
+        );
+    }
+    if let Some(n) = w.shape.priorities {
+        o.insert("priorities".into(), n.into());
+        o.insert(
+            "e2e_by_priority".into(),
+            priority_rows(&r.e2e_by_priority).into(),
+        );
+    }
+    if let Some(r) = w.consume_rate {
+        o.insert("consume_rate".into(), r.into());
+    }
+    if w.shape != shape::Shape::default() {
+        o.insert("mismatched".into(), r.mismatched.into());
+        o.insert(
+            "first_mismatch".into(),
+            r.first_mismatch.clone().map_or(Value::Null, Value::from),
+        );
+    }
+    v
+}
+
+fn base_json(r: &run::RunResult) -> Value {
     json!({
         "sent": r.sent,
         "acked": r.acked,
@@ -213,7 +415,7 @@ fn result_json(r: &run::RunResult) -> Value {
     })
 }
 
-fn print_table(i: u32, r: &run::RunResult) {
+fn print_table(i: u32, r: &run::RunResult, w: &Workload) {
     eprintln!(
         "run {i}: sent {} acked {} received {} lost {} dup {} errors {} | {:.0} msg/s {:.1} MB/s | steal {:.1}% busy {:.1}%",
         r.sent, r.acked, r.received, r.lost, r.duplicates, r.errors, r.rate_msgs, r.mb_per_s, r.steal_pct, r.cpu_busy_pct
@@ -233,9 +435,16 @@ fn print_table(i: u32, r: &run::RunResult) {
         r.e2e.max()
     );
     if let (Some(rate), Some(s)) = (r.drain_msgs_per_s, r.drain_s) {
-        eprintln!(
-            "       backlog drained in {s:.3} s: {rate:.0} msg/s consumed (e2e includes the wait)"
-        );
+        if w.shape.filter.is_some() {
+            eprintln!(
+                "       backlog drained in {s:.3} s: {rate:.0} msg/s scanned (all produced), {:.0} msg/s delivered (e2e includes the wait)",
+                r.consumed_msgs_per_s
+            );
+        } else {
+            eprintln!(
+                "       backlog drained in {s:.3} s: {rate:.0} msg/s consumed (e2e includes the wait)"
+            );
+        }
     }
     if !r.group_ack.is_empty() {
         eprintln!(
@@ -251,6 +460,66 @@ fn print_table(i: u32, r: &run::RunResult) {
             quantile_us(&r.redelivery_ms, 0.5),
             quantile_us(&r.redelivery_ms, 0.99),
             r.redelivery_ms.max()
+        );
+    }
+    if let Some(f) = w.shape.filter {
+        eprintln!(
+            "       filter {} passing {}%: {} of {} acked expected, {:.0} msg/s delivered · unexpected {}",
+            f.describe(),
+            f.pass_pct,
+            r.expected,
+            r.acked,
+            r.consumed_msgs_per_s,
+            r.unexpected
+        );
+    }
+    if let Some(d) = w.shape.due {
+        let burst = r.burst_s.map_or(String::new(), |s| {
+            format!(
+                " · burst of {} delivered {s:.3} s after it came due ({:.0} msg/s)",
+                w.due_burst, r.consumed_msgs_per_s
+            )
+        });
+        eprintln!(
+            "       scheduled +{} ms (+0..{} ms): lateness p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms ({} measured) · early {} · acked after due {}{burst}",
+            d.delay_ms,
+            d.spread_ms,
+            us_as_ms(quantile_us(&r.lateness, 0.5)),
+            us_as_ms(quantile_us(&r.lateness, 0.99)),
+            us_as_ms(quantile_us(&r.lateness, 0.999)),
+            us_as_ms(r.lateness.max()),
+            r.lateness.len(),
+            r.early,
+            r.acked_after_due
+        );
+        eprintln!(
+            "       (e2e of scheduled messages includes their delay: lateness is the figure)"
+        );
+    }
+    for (p, h) in r.e2e_by_priority.iter().enumerate().rev() {
+        eprintln!(
+            "       e2e priority {p}: {:>9} msgs  p50 {:>7} µs  p99 {:>7} µs  p99.9 {:>7} µs  max {:>8} µs",
+            h.len(),
+            quantile_us(h, 0.5),
+            quantile_us(h, 0.99),
+            quantile_us(h, 0.999),
+            h.max()
+        );
+    }
+    if r.mismatched > 0 {
+        eprintln!(
+            "       !! {} deliveries not as produced, first: {}",
+            r.mismatched,
+            r.first_mismatch.as_deref().unwrap_or("?")
+        );
+    }
+    if r.early > 0 {
+        eprintln!("!!!!! {} SCHEDULED MESSAGES DELIVERED EARLY !!!!!", r.early);
+    }
+    if r.unexpected > 0 {
+        eprintln!(
+            "!!!!! {} MESSAGES DELIVERED THAT THE FILTER DROPS !!!!!",
+            r.unexpected
         );
     }
     if r.lost > 0 {
@@ -312,6 +581,9 @@ fn real_main() -> Result<()> {
         w.batch_max,
         w.durability.name()
     );
+    if let Some(extra) = shape_line(&w) {
+        eprintln!("keelmq-loadgen: {extra}");
+    }
     let mut results = Vec::new();
     for i in 0..a.repeat.max(1) {
         let mut admin =
@@ -337,7 +609,7 @@ fn real_main() -> Result<()> {
                 &json!({
                     "mode": if mode == workload::GroupMode::Broadcast { "broadcast" } else { "clustering" },
                     "delivery": if mode == workload::GroupMode::Message { "message" } else { "queue" },
-                    "subscriptions": topics.iter().map(|t| json!({"topic": t})).collect::<Vec<_>>(),
+                    "subscriptions": topics.iter().map(|t| subscription(t, &w.shape)).collect::<Vec<_>>(),
                 }),
             )?;
         }
@@ -357,7 +629,7 @@ fn real_main() -> Result<()> {
         for t in &topics {
             let _ = admin.delete_topic(t);
         }
-        print_table(i + 1, &r);
+        print_table(i + 1, &r, &w);
         results.push(r);
     }
     let best = results
@@ -397,22 +669,36 @@ fn real_main() -> Result<()> {
     let rss = spawned.as_ref().and_then(|s| s.rss_bytes());
     // The broker's own group-timer precision (how late its redelivery
     // timers fired), worst shard, since the broker started.
-    let stats = (w.group == Some(workload::GroupMode::Message))
+    let stats = (w.group == Some(workload::GroupMode::Message) || w.shape.due.is_some())
         .then(|| keelmq::client::Admin::connect(&broker).ok()?.stats().ok())
         .flatten();
+    let message_group = w.group == Some(workload::GroupMode::Message);
     let fire = stats
         .as_ref()
+        .filter(|_| message_group)
         .map(|s| broker_lateness(s, "redelivery_fire_lateness"));
     let redelivered = stats
         .as_ref()
+        .filter(|_| message_group)
         .map(|s| broker_lateness(s, "redelivery_lateness"));
+    // The broker's scheduled-message timers: how late they fired.
+    let schedule = stats
+        .as_ref()
+        .filter(|_| w.shape.due.is_some())
+        .map(schedule_stats);
+    if let Some(s) = &schedule {
+        eprintln!(
+            "       broker: scheduled timers ({} fired, {} pending) late p50 {} ms  p99 {} ms  p99.9 {} ms  max {} ms",
+            s.fired, s.pending, s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms
+        );
+    }
     if let (Some((n, p99, max)), Some((rn, rp99, rmax))) = (fire, redelivered) {
         eprintln!(
             "       broker: redelivery timers ({n} fired) late p99 {p99} ms  max {max} ms · redeliveries ({rn}) received after due p99 {rp99} ms  max {rmax} ms"
         );
     }
     if a.json {
-        let mut v = result_json(&results[best]);
+        let mut v = result_json(&results[best], &w);
         let o = v.as_object_mut().expect("object");
         o.insert("mode".into(), mode.into());
         o.insert("workload".into(), w.name.clone().into());
@@ -442,6 +728,15 @@ fn real_main() -> Result<()> {
             o.insert("broker_redelivery_lateness_p99_ms".into(), p99.into());
             o.insert("broker_redelivery_lateness_max_ms".into(), max.into());
         }
+        if let Some(s) = &schedule {
+            o.insert("schedule_fired".into(), s.fired.into());
+            o.insert("schedule_pending".into(), s.pending.into());
+            o.insert("schedule_fire_lateness_count".into(), s.count.into());
+            o.insert("schedule_fire_lateness_p50_ms".into(), s.p50_ms.into());
+            o.insert("schedule_fire_lateness_p99_ms".into(), s.p99_ms.into());
+            o.insert("schedule_fire_lateness_p999_ms".into(), s.p999_ms.into());
+            o.insert("schedule_fire_lateness_max_ms".into(), s.max_ms.into());
+        }
         if let Some(f) = &floor {
             o.insert("floor_rtt_p50_us".into(), f.rtt_p50_us.into());
             o.insert("floor_rtt_p99_us".into(), f.rtt_p99_us.into());
@@ -452,7 +747,11 @@ fn real_main() -> Result<()> {
         if results.len() > 1 {
             o.insert(
                 "runs".into(),
-                results.iter().map(result_json).collect::<Vec<_>>().into(),
+                results
+                    .iter()
+                    .map(|r| result_json(r, &w))
+                    .collect::<Vec<_>>()
+                    .into(),
             );
             o.insert("best_run".into(), (best + 1).into());
         }
@@ -460,6 +759,12 @@ fn real_main() -> Result<()> {
     }
     if results.iter().any(|r| r.lost > 0) {
         bail!("acknowledged messages were lost");
+    }
+    if results.iter().any(|r| r.early > 0) {
+        bail!("scheduled messages were delivered before they were due");
+    }
+    if results.iter().any(|r| r.unexpected > 0) {
+        bail!("the consumers got messages their filter drops");
     }
     if let Some(e) = results.iter().find_map(|r| r.first_error.as_ref()) {
         bail!("a run failed, its counts are incomplete: {e}");
@@ -477,4 +782,154 @@ fn broker_lateness(stats: &Value, name: &str) -> (u64, u64, u64) {
         out.2 = out.2.max(h["max_ms"].as_u64().unwrap_or(0));
     }
     out
+}
+
+/// The broker's scheduled-message timers over its shards (since it
+/// started): counts summed, percentiles the worst shard's.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ScheduleStats {
+    fired: u64,
+    pending: u64,
+    count: u64,
+    p50_ms: u64,
+    p99_ms: u64,
+    p999_ms: u64,
+    max_ms: u64,
+}
+
+fn schedule_stats(stats: &Value) -> ScheduleStats {
+    let mut out = ScheduleStats::default();
+    for sh in stats["shards"].as_array().into_iter().flatten() {
+        let s = &sh["schedule"];
+        let u = |v: &Value| v.as_u64().unwrap_or(0);
+        out.fired += u(&s["fired"]);
+        out.pending += u(&s["pending"]);
+        let h = &s["fire_lateness"];
+        out.count += u(&h["count"]);
+        out.p50_ms = out.p50_ms.max(u(&h["p50_ms"]));
+        out.p99_ms = out.p99_ms.max(u(&h["p99_ms"]));
+        out.p999_ms = out.p999_ms.max(u(&h["p999_ms"]));
+        out.max_ms = out.max_ms.max(u(&h["max_ms"]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("keelmq-loadgen").chain(extra.iter().copied()))
+            .expect("flags parse")
+    }
+
+    #[test]
+    fn defaults_keep_the_plain_shape() {
+        let w = workload(&args(&[])).unwrap();
+        assert_eq!(w.shape, shape::Shape::default());
+        assert_eq!(w.due_burst, 0);
+        assert_eq!(w.rate, Some(10_000.0));
+        assert_eq!(w.batch_max, 1);
+    }
+
+    #[test]
+    fn new_flags_make_the_shape() {
+        let w = workload(&args(&[
+            "--delay-ms",
+            "1000",
+            "--delay-spread-ms",
+            "500",
+            "--priorities",
+            "4",
+            "--filter-sql-pass-pct",
+            "1",
+        ]))
+        .unwrap();
+        let d = w.shape.due.unwrap();
+        assert_eq!((d.delay_ms, d.spread_ms, d.burst), (1000, 500, false));
+        assert_eq!(w.shape.priorities, Some(4));
+        assert_eq!(w.shape.filter.unwrap().describe(), "SQL92 k = 1");
+        assert_eq!(w.rate, Some(10_000.0));
+        // A burst is produced as fast as possible.
+        let b = workload(&args(&["--due-burst", "500000", "--delay-ms", "20000"])).unwrap();
+        assert!(b.shape.due.unwrap().burst);
+        assert_eq!((b.rate, b.batch_max, b.due_burst), (None, 1000, 500_000));
+        // Refused: out of range, both filters, a backlog of scheduled messages.
+        assert!(Args::try_parse_from(["x", "--priorities", "11"]).is_err());
+        assert!(Args::try_parse_from(["x", "--priorities", "0"]).is_err());
+        assert!(workload(&args(&["--filter-tag-pass-pct", "101"])).is_err());
+        assert!(Args::try_parse_from([
+            "x",
+            "--filter-tag-pass-pct",
+            "1",
+            "--filter-sql-pass-pct",
+            "1"
+        ])
+        .is_err());
+        assert!(workload(&args(&["--backlog", "10", "--delay-ms", "5"])).is_err());
+    }
+
+    #[test]
+    fn group_subscription_carries_the_filter() {
+        let w = workload(&args(&["--filter-tag-pass-pct", "1"])).unwrap();
+        let s = subscription("t", &w.shape);
+        assert_eq!(
+            s,
+            json!({"topic": "t", "filter": "pass", "filter_type": "TAG"})
+        );
+        // What the client reads back from a group's settings.
+        let settings = json!({ "subscriptions": [s] });
+        assert_eq!(
+            keelmq::client::subscription_filter(&settings, "t"),
+            w.shape.filter.map(|f| f.spec())
+        );
+        assert_eq!(
+            subscription("t", &shape::Shape::default()),
+            json!({"topic": "t"})
+        );
+    }
+
+    #[test]
+    fn priority_rows_highest_first() {
+        let mut hs: Vec<Histogram<u64>> = (0..3)
+            .map(|_| Histogram::new_with_bounds(1, 600_000_000, 3).unwrap())
+            .collect();
+        for v in 1..=100u64 {
+            hs[0].record(v * 1000).unwrap();
+            hs[2].record(v).unwrap();
+        }
+        let rows = priority_rows(&hs);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0]["priority"], 2);
+        assert_eq!(rows[0]["count"], 100);
+        assert_eq!(rows[0]["p50_us"], 50);
+        assert_eq!(rows[0]["max_us"], 100);
+        assert_eq!(rows[1]["priority"], 1);
+        assert_eq!(rows[1]["count"], 0);
+        assert_eq!(rows[1]["p99_us"], 0);
+        assert_eq!(rows[2]["priority"], 0);
+        let p99 = rows[2]["p99_us"].as_u64().unwrap();
+        assert!((99_000..=99_100).contains(&p99), "{p99}");
+    }
+
+    #[test]
+    fn schedule_stats_over_shards() {
+        let stats = json!({"shards": [
+            {"schedule": {"pending": 3, "fired": 10, "fire_lateness": {"count": 10, "p50_ms": 1, "p99_ms": 2, "p999_ms": 3, "max_ms": 4}}},
+            {"schedule": {"pending": 0, "fired": 5, "fire_lateness": {"count": 5, "p50_ms": 2, "p99_ms": 1, "p999_ms": 7, "max_ms": 9}}},
+            {}
+        ]});
+        assert_eq!(
+            schedule_stats(&stats),
+            ScheduleStats {
+                fired: 15,
+                pending: 3,
+                count: 15,
+                p50_ms: 2,
+                p99_ms: 2,
+                p999_ms: 7,
+                max_ms: 9
+            }
+        );
+    }
 }

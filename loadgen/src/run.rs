@@ -13,10 +13,11 @@ use keelmq::client::{
     Consumer, GroupConsumer, GroupMember, Message, Producer, QueueSelector, Record, SeekTo,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::shape::{priority_of, wall_ns, Shape};
 use crate::workload::Workload;
 
 /// Bytes of the stamp at the head of every payload.
@@ -64,6 +65,38 @@ pub struct RunResult {
     /// last message, and the messages per second that makes.
     pub drain_s: Option<f64>,
     pub drain_msgs_per_s: Option<f64>,
+    /// Acknowledged messages the consumers must get (those the filter
+    /// passes; all without one).
+    pub expected: u64,
+    /// Messages delivered per second: over the drain with `--backlog`,
+    /// else in the measured window (`rate_msgs`).
+    pub consumed_msgs_per_s: f64,
+    /// Scheduled messages: received − due, µs (first deliveries in the
+    /// measured window).
+    pub lateness: Histogram<u64>,
+    /// Scheduled messages delivered before their due time (must be 0).
+    pub early: u64,
+    /// Scheduled messages whose produce ack came after their due time
+    /// (their lateness includes the produce).
+    pub acked_after_due: u64,
+    /// Deliveries whose deliver-at, priority or tag/property is not what
+    /// was produced.
+    pub mismatched: u64,
+    pub first_mismatch: Option<String>,
+    /// Deliveries of messages the filter should have dropped (must be 0).
+    pub unexpected: u64,
+    /// `--priorities`: e2e latency by priority, µs.
+    pub e2e_by_priority: Vec<Histogram<u64>>,
+    /// `--due-burst`: from the burst's first due time to the last
+    /// delivery, s.
+    pub burst_s: Option<f64>,
+}
+
+/// Adds each priority's histogram of `from` to `into`'s.
+fn merge_by_priority(into: &mut [Histogram<u64>], from: &[Histogram<u64>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        a.add(b).expect("same bounds");
+    }
 }
 
 struct Shared {
@@ -84,6 +117,15 @@ struct Shared {
     drain_from_ns: AtomicU64,
     /// When a consumer last took something (ns since t0).
     last_received_ns: AtomicU64,
+    /// `t0` on the wall clock, ns since the epoch (due times are computed
+    /// from it, on the clock the broker's timers use).
+    epoch0_ns: u64,
+    shape: Shape,
+    /// Acknowledged messages the consumers must get.
+    expected: AtomicU64,
+    /// The latest due time of any scheduled message sent, ms since the
+    /// epoch (0: none).
+    last_due_ms: AtomicI64,
 }
 
 impl Shared {
@@ -96,6 +138,8 @@ struct InFlight {
     first_seq: u32,
     /// Scheduled send time of each message (ns since t0).
     sched_ns: Vec<u64>,
+    /// Scheduled messages: the due time of each (ms since the epoch).
+    due_ms: Vec<i64>,
 }
 
 /// One open-loop producer, driven step by step by a worker.
@@ -123,6 +167,7 @@ struct ProducerState {
     ack_us: Histogram<u64>,
     filler: Bytes,
     done: bool,
+    acked_after_due: u64,
 }
 
 impl ProducerState {
@@ -201,15 +246,27 @@ impl ProducerState {
             match result {
                 Ok(_) => {
                     let at = shared.now_ns();
+                    let mut expected = 0u64;
                     for (i, s) in f.sched_ns.iter().enumerate() {
-                        self.acked[f.first_seq as usize + i] = true;
+                        let seq = f.first_seq + i as u32;
+                        // `acked` holds what the consumers must get.
+                        if shared.shape.expected(seq) {
+                            self.acked[seq as usize] = true;
+                            expected += 1;
+                        }
                         if *s >= self.warmup_ns {
                             let _ = self.ack_us.record((at.saturating_sub(*s) / 1000).max(1));
                         }
                     }
+                    if !f.due_ms.is_empty() {
+                        let wall_ms = (wall_ns() / 1_000_000) as i64;
+                        self.acked_after_due +=
+                            f.due_ms.iter().filter(|&&d| d < wall_ms).count() as u64;
+                    }
                     shared
                         .acked
                         .fetch_add(f.sched_ns.len() as u64, Ordering::Relaxed);
+                    shared.expected.fetch_add(expected, Ordering::Relaxed);
                 }
                 Err(_) => {
                     shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +279,8 @@ impl ProducerState {
     fn send(&mut self, n: usize, now: u64, shared: &Shared) -> Result<()> {
         let mut records = Vec::with_capacity(n);
         let mut sched = Vec::with_capacity(n);
+        let shape = shared.shape;
+        let mut due = Vec::with_capacity(if shape.due.is_some() { n } else { 0 });
         for i in 0..n {
             let seq = self.next_seq + i as u32;
             let s = match self.interval_ns {
@@ -238,6 +297,17 @@ impl ProducerState {
                 let k = (u64::from(seq) * 2_654_435_761) % self.keys.len() as u64;
                 r.key = Some(self.keys[k as usize].clone());
             }
+            if let Some(d) = shape.due {
+                let at = d.due_ms(shared.epoch0_ns, self.id, seq, s);
+                r = r.deliver_at(at);
+                due.push(at);
+            }
+            if let Some(np) = shape.priorities {
+                r = r.with_priority(priority_of(self.id, seq, np));
+            }
+            if let Some(f) = shape.filter {
+                r = f.mark(r, f.passes(seq));
+            }
             records.push(r);
             sched.push(s);
         }
@@ -248,6 +318,7 @@ impl ProducerState {
             None => QueueSelector::Queue(queue),
         };
         let ticket = self.p.submit_batch(&topic, sel, &records)?;
+        let last_due = due.iter().max().copied();
         let first_seq = self.next_seq;
         self.next_seq += n as u32;
         if self.acked.len() < self.next_seq as usize {
@@ -258,8 +329,12 @@ impl ProducerState {
             InFlight {
                 first_seq,
                 sched_ns: sched,
+                due_ms: due,
             },
         );
+        if let Some(last) = last_due {
+            shared.last_due_ms.fetch_max(last, Ordering::Relaxed);
+        }
         shared.sent.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -276,9 +351,45 @@ struct ConsumerState {
     window_bytes: u64,
     warmup_ns: u64,
     end_ns: u64,
+    /// Scheduled messages: received − due, µs.
+    lateness_us: Histogram<u64>,
+    early: u64,
+    mismatched: u64,
+    first_mismatch: Option<String>,
+    unexpected: u64,
+    /// `--priorities`: e2e by the priority the message was produced with.
+    e2e_by_priority: Vec<Histogram<u64>>,
 }
 
 impl ConsumerState {
+    fn new(c: Option<Consumer>, warmup_ns: u64, end_ns: u64, shape: &Shape) -> ConsumerState {
+        ConsumerState {
+            c,
+            seen: Vec::new(),
+            e2e_us: histogram(),
+            received: 0,
+            window_msgs: 0,
+            window_bytes: 0,
+            warmup_ns,
+            end_ns,
+            lateness_us: histogram(),
+            early: 0,
+            mismatched: 0,
+            first_mismatch: None,
+            unexpected: 0,
+            e2e_by_priority: (0..shape.priorities.unwrap_or(0))
+                .map(|_| histogram())
+                .collect(),
+        }
+    }
+
+    fn mismatch(&mut self, what: impl FnOnce() -> String) {
+        self.mismatched += 1;
+        if self.first_mismatch.is_none() {
+            self.first_mismatch = Some(what());
+        }
+    }
+
     /// Takes what arrived; `block` parks in the socket read for a while.
     fn step(&mut self, shared: &Shared, block: bool) -> Result<bool> {
         let wait = if block {
@@ -294,8 +405,9 @@ impl ConsumerState {
             return Ok(false);
         }
         let now = shared.now_ns();
+        let wall = wall_ns();
         for m in &msgs {
-            self.take(m, now);
+            self.take(m, now, wall, shared);
         }
         self.received += msgs.len() as u64;
         shared
@@ -304,9 +416,12 @@ impl ConsumerState {
         Ok(true)
     }
 
-    /// Counts a first delivery: seen, e2e, throughput window. Returns
+    /// Counts a first delivery: seen, e2e, throughput window, and checks
+    /// what the run's shape says it carries (due time: never early,
+    /// lateness; priority; filter). `now`: ns since t0, `wall`: ns since
+    /// the epoch, both taken after the message arrived. Returns
     /// (producer, sequence).
-    fn take(&mut self, m: &Message, now: u64) -> Option<(u32, u32)> {
+    fn take(&mut self, m: &Message, now: u64, wall: u64, shared: &Shared) -> Option<(u32, u32)> {
         let p = &m.payload;
         if p.len() < STAMP_BYTES {
             return None;
@@ -323,12 +438,72 @@ impl ConsumerState {
             v.resize((si + 1).max(v.len() * 2), 0);
         }
         v[si] = v[si].saturating_add(1);
-        if sched >= self.warmup_ns && sched < self.end_ns {
-            let _ = self
-                .e2e_us
-                .record((now.saturating_sub(sched) / 1000).max(1));
+        let in_window = sched >= self.warmup_ns && sched < self.end_ns;
+        if in_window {
+            let e2e = (now.saturating_sub(sched) / 1000).max(1);
+            let _ = self.e2e_us.record(e2e);
             self.window_msgs += 1;
             self.window_bytes += p.len() as u64;
+            if let Some(n) = shared.shape.priorities {
+                let _ = self.e2e_by_priority[priority_of(pid, seq, n) as usize].record(e2e);
+            }
+        }
+        let shape = shared.shape;
+        if let Some(d) = shape.due {
+            let due_ms = d.due_ms(shared.epoch0_ns, pid, seq, sched);
+            if m.deliver_at_ms != due_ms {
+                self.mismatch(|| {
+                    format!(
+                        "message {pid}/{seq}: deliver_at_ms {} delivered, {due_ms} produced",
+                        m.deliver_at_ms
+                    )
+                });
+            }
+            match crate::shape::lateness_us(wall, due_ms) {
+                None => self.early += 1,
+                Some(late) if in_window => {
+                    let _ = self.lateness_us.record(late.max(1));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(n) = shape.priorities {
+            let want = priority_of(pid, seq, n);
+            if m.priority != want {
+                self.mismatch(|| {
+                    format!(
+                        "message {pid}/{seq}: priority {} delivered, {want} produced",
+                        m.priority
+                    )
+                });
+            }
+        }
+        if let Some(f) = shape.filter {
+            let pass = f.passes(seq);
+            if !pass {
+                self.unexpected += 1;
+            }
+            let marked = match f.kind {
+                crate::shape::FilterKind::Tag => {
+                    m.tag.as_deref()
+                        == Some(if pass {
+                            crate::shape::PASS_TAG
+                        } else {
+                            crate::shape::OTHER_TAG
+                        })
+                }
+                crate::shape::FilterKind::Sql => m.properties.iter().any(|(k, v)| {
+                    k == crate::shape::SQL_PROPERTY && v == if pass { "1" } else { "0" }
+                }),
+            };
+            if !marked {
+                self.mismatch(|| {
+                    format!(
+                        "message {pid}/{seq}: tag {:?} properties {:?} delivered, not as produced",
+                        m.tag, m.properties
+                    )
+                });
+            }
         }
         Some((pid, seq))
     }
@@ -354,6 +529,8 @@ struct GroupConsumerState {
     nacked: HashMap<(u32, u32), u64>,
     ack_us: Histogram<u64>,
     redelivery_ms: Histogram<u64>,
+    /// `--consume-rate`: this member's share.
+    throttle: Option<Throttle>,
 }
 
 impl GroupConsumerState {
@@ -363,17 +540,35 @@ impl GroupConsumerState {
         } else {
             Duration::ZERO
         };
-        let got = self.g.receive(wait)?;
+        let max = match self.throttle.as_mut() {
+            None => usize::MAX,
+            Some(t) => {
+                let allowed = t.allowance(shared.now_ns());
+                if allowed == 0 {
+                    if block {
+                        let d = Duration::from_secs_f64(1.0 / t.rate).min(BLOCKING_WAIT_MAX);
+                        std::thread::sleep(d);
+                    }
+                    return Ok(false);
+                }
+                allowed
+            }
+        };
+        let got = self.g.receive_at_most(max, wait)?;
         if got.is_empty() {
             return Ok(false);
         }
+        if let Some(t) = self.throttle.as_mut() {
+            t.took(got.len());
+        }
         let now = shared.now_ns();
+        let wall = wall_ns();
         let (mut acks, mut nacks) = (Vec::new(), Vec::new());
         let mut first = 0u64;
         for d in &got {
             let key = if d.attempt == 1 {
                 first += 1;
-                self.base.take(&d.message, now)
+                self.base.take(&d.message, now, wall, shared)
             } else {
                 let p = &d.message.payload;
                 (p.len() >= STAMP_BYTES).then(|| {
@@ -416,6 +611,38 @@ impl GroupConsumerState {
     }
 }
 
+/// A token bucket: at most `rate` messages a second, and at most 10 ms
+/// of them at once after an idle spell (a slow consumer, not one that
+/// saves up).
+struct Throttle {
+    rate: f64,
+    tokens: f64,
+    last_ns: u64,
+}
+
+impl Throttle {
+    fn new(rate: f64) -> Throttle {
+        Throttle {
+            rate,
+            tokens: 0.0,
+            last_ns: 0,
+        }
+    }
+
+    /// Messages it may take `now_ns` after the start.
+    fn allowance(&mut self, now_ns: u64) -> usize {
+        let cap = (self.rate / 100.0).max(1.0);
+        let earned = self.rate * now_ns.saturating_sub(self.last_ns) as f64 / 1e9;
+        self.tokens = (self.tokens + earned).min(cap);
+        self.last_ns = self.last_ns.max(now_ns);
+        self.tokens.floor() as usize
+    }
+
+    fn took(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+}
+
 /// A member of the run's group in queue delivery: fetches its queues,
 /// commits every 100 ms.
 struct MemberState {
@@ -434,8 +661,9 @@ impl MemberState {
         };
         let msgs = self.m.poll(wait)?;
         let now = shared.now_ns();
+        let wall = wall_ns();
         for msg in &msgs {
-            self.base.take(msg, now);
+            self.base.take(msg, now, wall, shared);
         }
         self.base.received += msgs.len() as u64;
         shared
@@ -501,26 +729,21 @@ enum Task {
 pub fn run(spec: &RunSpec) -> Result<RunResult> {
     let w = spec.workload;
     let backlog = w.backlog > 0;
-    // A backlog is produced to the end, and every message counts.
-    let (warmup_ns, end_ns) = if backlog {
+    // A backlog (or a scheduled burst) is produced to the end, and every
+    // message counts.
+    let burst = w.due_burst > 0;
+    let (warmup_ns, end_ns) = if backlog || burst {
         (0, u64::MAX)
     } else {
         let warmup_ns = (w.warmup_s * 1e9) as u64;
         (warmup_ns, warmup_ns + (w.duration_s * 1e9) as u64)
     };
-    let share = w.backlog.div_ceil(u64::from(w.producers.max(1)));
-    let share = backlog.then(|| u32::try_from(share).unwrap_or(u32::MAX));
+    let total = if burst { w.due_burst } else { w.backlog };
+    let share = total.div_ceil(u64::from(w.producers.max(1)));
+    let share = (backlog || burst).then(|| u32::try_from(share).unwrap_or(u32::MAX));
     let mut tasks: Vec<Task> = Vec::new();
-    let fresh_consumer = || ConsumerState {
-        c: None,
-        seen: Vec::new(),
-        e2e_us: histogram(),
-        received: 0,
-        window_msgs: 0,
-        window_bytes: 0,
-        warmup_ns,
-        end_ns,
-    };
+    let fresh_consumer = || ConsumerState::new(None, warmup_ns, end_ns, &w.shape);
+    let filter = w.shape.filter.map(|f| f.spec());
     // Group members (of a group created at `latest` before anything was
     // produced), or plain consumers positioned at the end of the (fresh)
     // topics.
@@ -529,13 +752,26 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             for c in 0..w.consumers.max(1) {
                 match mode {
                     crate::workload::GroupMode::Message => {
-                        let mut g = GroupConsumer::connect(spec.broker, group, topic)
-                            .context("group consumer connect")?;
+                        let mut g = GroupConsumer::connect_filtered(
+                            spec.broker,
+                            group,
+                            topic,
+                            filter.clone(),
+                        )
+                        .context("group consumer connect")?;
                         g.set_busy_poll(spec.mode == ClientMode::BusyPoll)?;
                         g.set_wait(Duration::from_millis(200));
-                        g.set_receive_batch(1024);
+                        // A throttled member leases about 2 ms of its
+                        // rate at a time (the broker picks by priority when
+                        // it leases).
+                        let rate = w
+                            .consume_rate
+                            .map(|r| r / f64::from(w.consumers.max(1) * w.topics.max(1)));
+                        let batch = rate.map_or(1024, |r| (r / 500.0).clamp(1.0, 1024.0) as u32);
+                        g.set_receive_batch(batch);
                         if w.push {
-                            g.subscribe(4096, 16 << 20).context("subscribe")?;
+                            let credit = if rate.is_some() { batch } else { 4096 };
+                            g.subscribe(credit, 16 << 20).context("subscribe")?;
                         }
                         tasks.push(Task::G(Box::new(GroupConsumerState {
                             g,
@@ -545,6 +781,7 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
                             nacked: HashMap::new(),
                             ack_us: histogram(),
                             redelivery_ms: histogram(),
+                            throttle: rate.map(Throttle::new),
                         })));
                     }
                     crate::workload::GroupMode::Queue | crate::workload::GroupMode::Broadcast => {
@@ -580,16 +817,13 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             consumer.set_busy_poll(spec.mode == ClientMode::BusyPoll)?;
             consumer.set_fetch_wait(Some(Duration::from_millis(200)));
             consumer.set_fetch_bytes_max(4 << 20);
-            tasks.push(Task::C(Box::new(ConsumerState {
-                c: Some(consumer),
-                seen: Vec::new(),
-                e2e_us: histogram(),
-                received: 0,
-                window_msgs: 0,
-                window_bytes: 0,
+            consumer.set_filter(filter.clone());
+            tasks.push(Task::C(Box::new(ConsumerState::new(
+                Some(consumer),
                 warmup_ns,
                 end_ns,
-            })));
+                &w.shape,
+            ))));
         }
     }
     let targets: Vec<(String, u32)> = spec
@@ -625,10 +859,16 @@ pub fn run(spec: &RunSpec) -> Result<RunResult> {
             ack_us: histogram(),
             filler: filler.clone(),
             done: false,
+            acked_after_due: 0,
         })));
     }
+    let start_in = Duration::from_millis(300);
     let shared = Arc::new(Shared {
-        t0: Instant::now() + Duration::from_millis(300),
+        t0: Instant::now() + start_in,
+        epoch0_ns: wall_ns() + start_in.as_nanos() as u64,
+        shape: w.shape,
+        expected: AtomicU64::new(0),
+        last_due_ms: AtomicI64::new(0),
         sent: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         received: AtomicU64::new(0),
@@ -705,8 +945,9 @@ fn worker(
     while Instant::now() < shared.t0 {
         std::hint::spin_loop();
     }
-    // (give-up time, received at the last progress, stall deadline)
-    let mut drain: Option<(Instant, u64, Instant)> = None;
+    // (give-up time, received at the last progress, stall deadline, when
+    // the last scheduled message is due)
+    let mut drain: Option<(Instant, u64, Instant, Instant)> = None;
     loop {
         let mut busy = false;
         let consuming = !shared.backlog || shared.drain_from_ns.load(Ordering::Relaxed) != u64::MAX;
@@ -743,7 +984,7 @@ fn worker(
             );
         }
         let caught_up = shared.received.load(Ordering::Relaxed)
-            >= shared.acked.load(Ordering::Relaxed) * shared.fanout;
+            >= shared.expected.load(Ordering::Relaxed) * shared.fanout;
         let my_producers_done = tasks.iter().all(|t| match t {
             Task::P(p) => p.done && p.in_flight.is_empty(),
             _ => true,
@@ -755,16 +996,22 @@ fn worker(
             let now = Instant::now();
             let received = shared.received.load(Ordering::Relaxed);
             let stall = Duration::from_secs(DRAIN_STALL_S);
-            let (give_up, last, stalled_at) = drain.get_or_insert_with(|| {
+            // Scheduled messages cannot arrive before they are due: the
+            // stall and give-up clocks start at the last due time.
+            let (give_up, last, stalled_at, due_at) = drain.get_or_insert_with(|| {
+                let due_at = now.max(instant_of_wall_ms(
+                    shared.last_due_ms.load(Ordering::Relaxed),
+                ));
                 (
-                    now + Duration::from_secs(DRAIN_S_MAX),
+                    due_at + Duration::from_secs(DRAIN_S_MAX),
                     received,
-                    now + stall,
+                    due_at + stall,
+                    due_at,
                 )
             });
             if received > *last {
                 *last = received;
-                *stalled_at = now + stall;
+                *stalled_at = now.max(*due_at) + stall;
             }
             if caught_up || now > *stalled_at || now > *give_up {
                 shared.stop.store(true, Ordering::Relaxed);
@@ -782,6 +1029,14 @@ fn worker(
         }
     }
     Ok(tasks)
+}
+
+/// The `Instant` of `ms` (since the epoch) on the wall clock; now for a
+/// time already past.
+fn instant_of_wall_ms(ms: i64) -> Instant {
+    let now = Instant::now();
+    let ahead_ns = (ms.max(0) as u64 * 1_000_000).saturating_sub(wall_ns());
+    now + Duration::from_nanos(ahead_ns)
 }
 
 fn progress_loop(shared: &Shared) {
@@ -822,6 +1077,12 @@ fn summarize(
     let mut e2e = histogram();
     let mut group_ack = histogram();
     let mut redelivery_ms = histogram();
+    let mut lateness = histogram();
+    let mut e2e_by_priority: Vec<Histogram<u64>> = (0..w.shape.priorities.unwrap_or(0))
+        .map(|_| histogram())
+        .collect();
+    let (mut early, mut mismatched, mut unexpected, mut acked_after_due) = (0u64, 0u64, 0u64, 0u64);
+    let mut first_mismatch = None;
     let tasks: Vec<Task> = tasks
         .into_iter()
         .map(|t| match t {
@@ -847,6 +1108,7 @@ fn summarize(
         match t {
             Task::P(p) => {
                 ack.add(&p.ack_us).expect("same bounds");
+                acked_after_due += p.acked_after_due;
                 acked_by.insert(p.id, p.acked);
             }
             Task::G(_) | Task::M(_) => unreachable!("unwrapped above"),
@@ -856,6 +1118,14 @@ fn summarize(
                 window_bytes += c.window_bytes;
                 received += c.received;
                 seen_by.push(c.seen);
+                lateness.add(&c.lateness_us).expect("same bounds");
+                merge_by_priority(&mut e2e_by_priority, &c.e2e_by_priority);
+                early += c.early;
+                mismatched += c.mismatched;
+                unexpected += c.unexpected;
+                if first_mismatch.is_none() {
+                    first_mismatch = c.first_mismatch;
+                }
             }
         }
     }
@@ -882,6 +1152,12 @@ fn summarize(
         let last = shared.last_received_ns.load(Ordering::Relaxed);
         last.saturating_sub(from) as f64 / 1e9
     });
+    // A scheduled burst: from when it came due to the last delivery.
+    let burst_s = w.shape.due.filter(|_| w.due_burst > 0).map(|d| {
+        let first_due_ns = d.first_due_ms(shared.epoch0_ns) as u64 * 1_000_000;
+        let last = shared.last_received_ns.load(Ordering::Relaxed) + shared.epoch0_ns;
+        last.saturating_sub(first_due_ns) as f64 / 1e9
+    });
     let (mut lost, mut duplicates) = (0u64, 0u64);
     for seen in &seen_by {
         for (pid, acked) in &acked_by {
@@ -900,23 +1176,48 @@ fn summarize(
                 .sum::<u64>();
         }
     }
+    let acked = shared.acked.load(Ordering::Relaxed);
+    // Backlog: the drain; burst: from due to the last delivery.
+    let span_s = drain_s.or(burst_s);
     Ok(RunResult {
         sent: shared.sent.load(Ordering::Relaxed),
-        acked: shared.acked.load(Ordering::Relaxed),
+        acked,
         received,
         lost,
         duplicates,
         errors: shared.errors.load(Ordering::Relaxed),
-        rate_msgs: match drain_s {
+        rate_msgs: match span_s {
             Some(s) if s > 0.0 => window_msgs as f64 / s,
             _ => window_msgs as f64 / w.duration_s,
         },
         drain_s,
-        drain_msgs_per_s: drain_s.filter(|s| *s > 0.0).map(|s| received as f64 / s),
-        mb_per_s: match drain_s {
+        // With a filter the consumers' shard scans every message produced
+        // (acked), and delivers the ones that pass.
+        drain_msgs_per_s: drain_s.filter(|s| *s > 0.0).map(|s| {
+            if w.shape.filter.is_some() {
+                (acked * shared.fanout) as f64 / s
+            } else {
+                received as f64 / s
+            }
+        }),
+        consumed_msgs_per_s: match span_s {
+            Some(s) if s > 0.0 => received as f64 / s,
+            Some(_) => 0.0,
+            None => window_msgs as f64 / w.duration_s,
+        },
+        mb_per_s: match span_s {
             Some(s) if s > 0.0 => window_bytes as f64 / s / 1e6,
             _ => window_bytes as f64 / w.duration_s / 1e6,
         },
+        burst_s,
+        expected: shared.expected.load(Ordering::Relaxed),
+        lateness,
+        early,
+        acked_after_due,
+        mismatched,
+        first_mismatch,
+        unexpected,
+        e2e_by_priority,
         ack,
         e2e,
         steal_pct,
@@ -925,4 +1226,58 @@ fn summarize(
         group_ack,
         redelivery_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_keeps_the_rate_without_saving_up() {
+        let mut t = Throttle::new(10_000.0);
+        assert_eq!(t.allowance(0), 0);
+        assert_eq!(t.allowance(99_999), 0);
+        assert_eq!(t.allowance(100_000), 1);
+        t.took(1);
+        // Taking all it may every 1 ms: 10 a ms, 10,000 a second.
+        let mut taken = 1;
+        for ms in 1..=1000u64 {
+            let n = t.allowance(ms * 1_000_000);
+            t.took(n);
+            taken += n;
+        }
+        assert!((9_990..=10_000).contains(&taken), "{taken}");
+        // Idle for a second: at most 10 ms' worth at once.
+        assert_eq!(t.allowance(2_000_000_000), 100);
+        t.took(100);
+        assert_eq!(t.allowance(2_000_000_000), 0);
+        // A slow rate still gets one at a time.
+        let mut slow = Throttle::new(10.0);
+        assert_eq!(slow.allowance(5_000_000_000), 1);
+    }
+
+    #[test]
+    fn priority_histograms_merge() {
+        let mut into: Vec<Histogram<u64>> = (0..2).map(|_| histogram()).collect();
+        let mut from: Vec<Histogram<u64>> = (0..2).map(|_| histogram()).collect();
+        into[0].record(10).unwrap();
+        from[0].record(30).unwrap();
+        from[1].record(20).unwrap();
+        merge_by_priority(&mut into, &from);
+        assert_eq!((into[0].len(), into[0].max()), (2, 30));
+        assert_eq!((into[1].len(), into[1].max()), (1, 20));
+    }
+
+    #[test]
+    fn wall_ms_as_instant() {
+        let now = Instant::now();
+        let past = instant_of_wall_ms(0);
+        assert!(past >= now && past < now + Duration::from_secs(1));
+        let ahead = instant_of_wall_ms((wall_ns() / 1_000_000) as i64 + 5000);
+        let d = ahead.duration_since(now);
+        assert!(
+            d > Duration::from_millis(4900) && d < Duration::from_millis(5100),
+            "{d:?}"
+        );
+    }
 }

@@ -81,6 +81,15 @@ pub struct Workload {
     /// Consume-only: produce this many messages at full speed before the
     /// consumers start, then measure how fast they drain it (0: off).
     pub backlog: u64,
+    /// Scheduled burst: produce this many messages as fast as possible,
+    /// all due at the run's start + `shape.due`'s delay (and spread), while
+    /// the consumers wait for them (0: off).
+    pub due_burst: u64,
+    /// Due times, priorities and filter of the messages.
+    pub shape: crate::shape::Shape,
+    /// Message delivery: the members together take at most this many
+    /// messages a second (`None`: as fast as they can).
+    pub consume_rate: Option<f64>,
 }
 
 /// The OpenMessaging Benchmark workload format (the fields KeelMQ uses).
@@ -148,6 +157,9 @@ impl Workload {
             push: false,
             nack_delay_ms: 100,
             backlog: 0,
+            due_burst: 0,
+            shape: crate::shape::Shape::default(),
+            consume_rate: None,
         })
     }
 }
