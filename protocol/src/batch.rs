@@ -558,15 +558,21 @@ pub struct Reference {
     /// Its id: the position and index it was scheduled at.
     pub origin_position: u64,
     pub origin_index: u32,
-    /// Where its record is now (its origin, or where it was carried).
+    /// Where its record is now (its origin, or where it was carried): the
+    /// batch's position, the record's index in it and its byte offset.
     pub location_position: u64,
     pub location_index: u32,
+    pub location_offset: u32,
+    /// The record's bytes as framed (length included) and their CRC-32,
+    /// so a reader takes exactly them, checked, without the whole batch.
+    pub len: u32,
+    pub crc: u32,
     /// Its tag's bits ([`tag_bloom`]; 0 without a tag).
     pub tags: u32,
 }
 
 /// Bytes of an encoded [`Reference`].
-pub const REFERENCE_BYTES: usize = 28;
+pub const REFERENCE_BYTES: usize = 40;
 
 impl Reference {
     pub fn encode(&self) -> [u8; REFERENCE_BYTES] {
@@ -575,7 +581,10 @@ impl Reference {
         b[8..12].copy_from_slice(&self.origin_index.to_le_bytes());
         b[12..20].copy_from_slice(&self.location_position.to_le_bytes());
         b[20..24].copy_from_slice(&self.location_index.to_le_bytes());
-        b[24..28].copy_from_slice(&self.tags.to_le_bytes());
+        b[24..28].copy_from_slice(&self.location_offset.to_le_bytes());
+        b[28..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..36].copy_from_slice(&self.crc.to_le_bytes());
+        b[36..40].copy_from_slice(&self.tags.to_le_bytes());
         b
     }
     pub fn decode(b: &[u8]) -> Option<Reference> {
@@ -584,7 +593,10 @@ impl Reference {
             origin_index: u32_at(b, 8),
             location_position: u64_at(b, 12),
             location_index: u32_at(b, 20),
-            tags: u32_at(b, 24),
+            location_offset: u32_at(b, 24),
+            len: u32_at(b, 28),
+            crc: u32_at(b, 32),
+            tags: u32_at(b, 36),
         })
     }
 }
@@ -629,6 +641,8 @@ pub struct RecordView<'a> {
     pub payload_range: std::ops::Range<usize>,
     /// The record as framed in the batch (its length included).
     pub raw: &'a [u8],
+    /// Where `raw` starts in the batch, in bytes.
+    pub at: usize,
 }
 
 /// Iterates the records of a batch, checking their framing.
@@ -754,6 +768,7 @@ fn parse_record<'a>(
         payload,
         payload_range: base + start..base + start + n as usize,
         raw,
+        at: base - 4,
     })
 }
 
@@ -1042,6 +1057,10 @@ mod tests {
             .collect();
         let mut stored = BytesMut::from(&build(&records)[..]);
         stamp(&mut stored, 3, 100, 42, 8192, &KEY);
+        // Each record knows where it starts in its batch.
+        for r in RecordIter::new(&stored).map(|r| r.unwrap()) {
+            assert_eq!(&stored[r.at..r.at + r.raw.len()], r.raw);
+        }
         let copy = select_records(&stored, &[1, 3]);
         let h = check_fetched(&copy).unwrap();
         assert_eq!(
@@ -1170,6 +1189,9 @@ mod tests {
             origin_index: 3,
             location_position: 1 << 41,
             location_index: 7,
+            location_offset: 4321,
+            len: 77,
+            crc: 0xABCD_1234,
             tags: tag_bloom(b"A"),
         };
         assert_eq!(Reference::decode(&r.encode()), Some(r));

@@ -11,20 +11,20 @@
 //! | kind | entry | body after the kind byte |
 //! |---|---|---|
 //! | 1 | cancelled | origin position u64, origin index u32 |
-//! | 2 | carried | origin position u64, origin index u32, location position u64, location index u32 |
+//! | 2 | carried | origin position u64, origin index u32, location position u64, location index u32, location offset u32 |
 //! | 3 | generation begins | generation u64 |
-//! | 4 | snapshot part | generation u64, count u32, count × 45-byte timer |
+//! | 4 | snapshot part | generation u64, count u32, count × 53-byte timer |
 //! | 5 | pins part | generation u64, count u32, count × (bucket u64, lowest position u64) |
 //! | 6 | generation ends | generation u64, timer-queue offset of its begin u64 |
 //!
 //! A timer: due ms u64, origin (position u64, index u32), location
-//! (position u64, index u32), target queue u32, tag bits u32, record bytes
-//! u32, priority u8.
+//! (position u64, index u32, offset u32), target queue u32, tag bits u32,
+//! record bytes u32, record CRC-32 u32, priority u8.
 
-use super::{Pending, RecordAt, Timer};
+use super::{Location, Pending, RecordAt, Timer};
 
 /// Bytes of one timer in a snapshot part.
-pub const TIMER_BYTES: usize = 45;
+pub const TIMER_BYTES: usize = 53;
 
 /// One record of the timer journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub enum TimerEntry {
     },
     Carried {
         origin: RecordAt,
-        location: RecordAt,
+        location: Location,
     },
     Begin {
         generation: u64,
@@ -90,6 +90,13 @@ impl<'a> Cursor<'a> {
             index: self.u32()?,
         })
     }
+    fn location(&mut self) -> Result<Location, TimerEntryError> {
+        Ok(Location {
+            position: self.u64()?,
+            index: self.u32()?,
+            offset: self.u32()?,
+        })
+    }
     /// A count of items of `size` bytes each, no more than the bytes left
     /// hold (so a damaged count never allocates).
     fn count(&mut self, size: usize) -> Result<usize, TimerEntryError> {
@@ -106,6 +113,12 @@ fn put_at(out: &mut Vec<u8>, a: RecordAt) {
     out.extend_from_slice(&a.index.to_le_bytes());
 }
 
+fn put_location(out: &mut Vec<u8>, l: Location) {
+    out.extend_from_slice(&l.position.to_le_bytes());
+    out.extend_from_slice(&l.index.to_le_bytes());
+    out.extend_from_slice(&l.offset.to_le_bytes());
+}
+
 impl TimerEntry {
     /// Appends the entry's bytes to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -117,7 +130,7 @@ impl TimerEntry {
             TimerEntry::Carried { origin, location } => {
                 out.push(2);
                 put_at(out, *origin);
-                put_at(out, *location);
+                put_location(out, *location);
             }
             TimerEntry::Begin { generation } => {
                 out.push(3);
@@ -130,10 +143,11 @@ impl TimerEntry {
                 for t in timers {
                     out.extend_from_slice(&t.due_ms.to_le_bytes());
                     put_at(out, t.pending.origin);
-                    put_at(out, t.location);
+                    put_location(out, t.location);
                     out.extend_from_slice(&t.pending.target.to_le_bytes());
                     out.extend_from_slice(&t.pending.tags.to_le_bytes());
                     out.extend_from_slice(&t.pending.len.to_le_bytes());
+                    out.extend_from_slice(&t.pending.crc.to_le_bytes());
                     out.push(t.pending.priority);
                 }
             }
@@ -164,7 +178,7 @@ impl TimerEntry {
             1 => TimerEntry::Cancelled { origin: c.at()? },
             2 => TimerEntry::Carried {
                 origin: c.at()?,
-                location: c.at()?,
+                location: c.location()?,
             },
             3 => TimerEntry::Begin {
                 generation: c.u64()?,
@@ -176,14 +190,23 @@ impl TimerEntry {
                 for _ in 0..n {
                     let due_ms = c.u64()?;
                     let origin = c.at()?;
-                    let location = c.at()?;
+                    let location = c.location()?;
+                    let (target, tags, len, crc) = (c.u32()?, c.u32()?, c.u32()?, c.u32()?);
                     timers.push(Timer {
                         due_ms,
                         pending: Pending {
                             origin,
-                            target: c.u32()?,
-                            tags: c.u32()?,
-                            len: c.u32()?,
+                            target,
+                            tags,
+                            len,
+                            crc,
+                            // Where it was produced: only its location is
+                            // read, and an entry not carried is stored there.
+                            offset: if location.record() == origin {
+                                location.offset
+                            } else {
+                                0
+                            },
                             priority: c.u8()?,
                         },
                         location,
@@ -216,7 +239,7 @@ impl TimerEntry {
     pub fn encoded_len(&self) -> usize {
         1 + match self {
             TimerEntry::Cancelled { .. } => 12,
-            TimerEntry::Carried { .. } => 24,
+            TimerEntry::Carried { .. } => 28,
             TimerEntry::Begin { .. } => 8,
             TimerEntry::Snapshot { timers, .. } => 12 + timers.len() * TIMER_BYTES,
             TimerEntry::Pins { pins, .. } => 12 + pins.len() * 16,
@@ -242,15 +265,25 @@ mod tests {
                 target: 77,
                 tags: 0xDEAD_BEEF,
                 len: 321,
+                crc: 0x1234_5678,
+                offset: 0,
                 priority: 9,
             },
-            location: at(1 << 34, 1),
+            location: Location {
+                position: 1 << 34,
+                index: 1,
+                offset: 999,
+            },
         };
         let all = [
             TimerEntry::Cancelled { origin: at(5, 6) },
             TimerEntry::Carried {
                 origin: at(5, 6),
-                location: at(7, 8),
+                location: Location {
+                    position: 7,
+                    index: 8,
+                    offset: 9,
+                },
             },
             TimerEntry::Begin { generation: 3 },
             TimerEntry::Snapshot {

@@ -27,11 +27,31 @@ use std::collections::{BTreeMap, HashMap};
 
 pub use wheel::{TimerKey, TimerWheel, WHEEL_RANGE_MS};
 
-/// A stored record: its batch's log position and its index in the batch.
+/// A stored record: its batch's log position and its index in the batch
+/// (a scheduled message's origin is its id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordAt {
     pub position: u64,
     pub index: u32,
+}
+
+/// Where a scheduled message's record is stored now: the batch's log
+/// position, the record's index in it and its byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    pub position: u64,
+    pub index: u32,
+    pub offset: u32,
+}
+
+impl Location {
+    /// The record it names.
+    pub fn record(&self) -> RecordAt {
+        RecordAt {
+            position: self.position,
+            index: self.index,
+        }
+    }
 }
 
 /// A pending entry as the wheel holds it. Ordered by origin, so entries
@@ -43,9 +63,24 @@ pub struct Pending {
     pub target: u32,
     /// Its tag's bits (`batch::tag_bloom`; 0 without a tag).
     pub tags: u32,
-    /// Bytes of its record as framed in a batch (what a view of it holds).
+    /// Bytes of its record as framed in a batch (what a view of it holds)
+    /// and their CRC-32.
     pub len: u32,
+    pub crc: u32,
+    /// The record's byte offset in its origin batch.
+    pub offset: u32,
     pub priority: u8,
+}
+
+impl Pending {
+    /// Where its record was produced.
+    pub fn origin_location(&self) -> Location {
+        Location {
+            position: self.origin.position,
+            index: self.origin.index,
+            offset: self.offset,
+        }
+    }
 }
 
 /// A pending entry with its due time and where its record is now: what
@@ -54,7 +89,7 @@ pub struct Pending {
 pub struct Timer {
     pub due_ms: u64,
     pub pending: Pending,
-    pub location: RecordAt,
+    pub location: Location,
 }
 
 /// References are pinned by bucket of their own log position: 16 MiB.
@@ -65,7 +100,7 @@ pub struct TimerState {
     wheel: TimerWheel<Pending>,
     by_origin: HashMap<RecordAt, TimerKey>,
     /// Locations of entries carried away from their origin.
-    carried: HashMap<RecordAt, RecordAt>,
+    carried: HashMap<RecordAt, Location>,
     /// Per bucket of reference positions (`position >> 24`), the lowest
     /// record position a reference in it points at.
     pins: BTreeMap<u64, u64>,
@@ -105,7 +140,7 @@ impl TimerState {
 
     /// Restores an entry (from a snapshot): pending, at its location.
     pub fn restore(&mut self, t: Timer) {
-        if self.schedule(t.due_ms, t.pending) && t.location != t.pending.origin {
+        if self.schedule(t.due_ms, t.pending) && t.location != t.pending.origin_location() {
             self.carried.insert(t.pending.origin, t.location);
         }
     }
@@ -117,7 +152,7 @@ impl TimerState {
         Some(Timer {
             due_ms,
             pending: *pending,
-            location: self.location(origin),
+            location: self.location_of(pending),
         })
     }
 
@@ -126,7 +161,10 @@ impl TimerState {
     pub fn remove(&mut self, origin: RecordAt) -> Option<Timer> {
         let key = self.by_origin.remove(&origin)?;
         let (due_ms, pending) = self.wheel.cancel(key)?;
-        let location = self.carried.remove(&origin).unwrap_or(origin);
+        let location = self
+            .carried
+            .remove(&origin)
+            .unwrap_or(pending.origin_location());
         Some(Timer {
             due_ms,
             pending,
@@ -134,13 +172,16 @@ impl TimerState {
         })
     }
 
-    /// Where `origin`'s record is stored now.
-    pub fn location(&self, origin: RecordAt) -> RecordAt {
-        self.carried.get(&origin).copied().unwrap_or(origin)
+    /// Where a pending entry's record is stored now.
+    pub fn location_of(&self, p: &Pending) -> Location {
+        self.carried
+            .get(&p.origin)
+            .copied()
+            .unwrap_or(p.origin_location())
     }
 
     /// The record of a pending entry was copied to `location`.
-    pub fn carried(&mut self, origin: RecordAt, location: RecordAt) {
+    pub fn carried(&mut self, origin: RecordAt, location: Location) {
         if self.by_origin.contains_key(&origin) {
             self.carried.insert(origin, location);
         }
@@ -166,7 +207,7 @@ impl TimerState {
                 let location = self
                     .carried
                     .remove(&pending.origin)
-                    .unwrap_or(pending.origin);
+                    .unwrap_or(pending.origin_location());
                 Timer {
                     due_ms,
                     pending,
@@ -195,7 +236,7 @@ impl TimerState {
         let pending = self
             .wheel
             .iter()
-            .map(|(_, p)| self.location(p.origin).position)
+            .map(|(_, p)| self.location_of(p).position)
             .min();
         let pinned = self
             .pins
@@ -215,7 +256,7 @@ impl TimerState {
             .wheel
             .iter()
             .filter_map(|(due_ms, p)| {
-                let location = self.location(p.origin);
+                let location = self.location_of(p);
                 (location.position < position).then_some(Timer {
                     due_ms,
                     pending: *p,
@@ -258,7 +299,7 @@ impl TimerState {
             .map(|(due_ms, p)| Timer {
                 due_ms,
                 pending: *p,
-                location: self.location(p.origin),
+                location: self.location_of(p),
             })
             .collect();
         out.sort_by_key(|t| t.pending.origin);
@@ -288,7 +329,7 @@ impl TimerState {
             )
             + map(
                 self.carried.capacity(),
-                std::mem::size_of::<(RecordAt, RecordAt)>(),
+                std::mem::size_of::<(RecordAt, Location)>(),
             )
             + self.pins.len() * 48
     }
@@ -304,6 +345,8 @@ mod tests {
             target,
             tags: 0,
             len: 40,
+            crc: 0,
+            offset: 80,
             priority: 0,
         }
     }
@@ -315,27 +358,28 @@ mod tests {
         assert!(s.schedule(150, p(8000, 0, 7)));
         assert!(!s.schedule(999, p(8000, 0, 7)), "an origin is pending once");
         assert!(s.schedule(120, p(9000, 2, 8)));
-        let moved = RecordAt {
+        let moved = Location {
             position: 20_000,
             index: 4,
+            offset: 300,
         };
         s.carried(p(9000, 1, 7).origin, moved);
-        assert_eq!(s.location(p(9000, 1, 7).origin), moved);
+        assert_eq!(s.get(p(9000, 1, 7).origin).unwrap().location, moved);
         let fired = s.advance(150);
-        let order: Vec<(u64, RecordAt, RecordAt)> = fired
+        let order: Vec<(u64, RecordAt, Location)> = fired
             .iter()
             .map(|t| (t.due_ms, t.pending.origin, t.location))
             .collect();
         assert_eq!(
             order,
             vec![
-                (120, p(9000, 2, 8).origin, p(9000, 2, 8).origin),
-                (150, p(8000, 0, 7).origin, p(8000, 0, 7).origin),
+                (120, p(9000, 2, 8).origin, p(9000, 2, 8).origin_location()),
+                (150, p(8000, 0, 7).origin, p(8000, 0, 7).origin_location()),
                 (150, p(9000, 1, 7).origin, moved),
             ]
         );
         assert!(s.is_empty());
-        assert_eq!(s.location(p(9000, 1, 7).origin), p(9000, 1, 7).origin);
+        assert!(s.get(p(9000, 1, 7).origin).is_none());
     }
 
     #[test]

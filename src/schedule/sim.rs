@@ -23,7 +23,7 @@ const STEPS: usize = 400;
 struct Model {
     now: u64,
     /// (due, origin) → (pending, location)
-    pending: BTreeMap<(u64, RecordAt), (Pending, RecordAt)>,
+    pending: BTreeMap<(u64, RecordAt), (Pending, Location)>,
     next_position: u64,
 }
 
@@ -63,6 +63,8 @@ fn run(seed: u64, log: &mut Log) -> Result<(), String> {
                         target: rng.below(4) as u32,
                         tags: rng.next_u64() as u32,
                         len: 30 + rng.below(200) as u32,
+                        crc: rng.next_u64() as u32,
+                        offset: 80 + index * 64,
                         priority: rng.below(10) as u8,
                     };
                     log.push(|| {
@@ -78,7 +80,7 @@ fn run(seed: u64, log: &mut Log) -> Result<(), String> {
                             format!("schedule of a new origin {:?} refused", p.origin),
                         ));
                     }
-                    m.pending.insert((due, p.origin), (p, p.origin));
+                    m.pending.insert((due, p.origin), (p, p.origin_location()));
                     known.push(p.origin);
                 }
             }
@@ -100,12 +102,11 @@ fn run(seed: u64, log: &mut Log) -> Result<(), String> {
             }
             50..=54 if !known.is_empty() => {
                 let o = known[rng.below(known.len() as u64) as usize];
-                let to = RecordAt {
+                let to = Location {
                     position: m.next_position,
                     index: rng.below(8) as u32,
+                    offset: 80 + rng.below(4000) as u32,
                 };
-                m.next_position += 64;
-                log.push(|| format!("{step}: carry {o:?} to {to:?}"));
                 s.carried(o, to);
                 if let Some(k) = m.find(o) {
                     m.pending.get_mut(&k).unwrap().1 = to;

@@ -665,7 +665,8 @@ impl TimerEngine {
         while i < timers.len() {
             // One carried batch: records until the batch is full.
             let mut b = BatchBuilder::new();
-            let mut moved: Vec<RecordAt> = Vec::new();
+            // (origin, byte offset in the carried batch, record CRC)
+            let mut moved: Vec<(RecordAt, u32, u32)> = Vec::new();
             let mut cache: Option<(u64, Bytes)> = None;
             while i < timers.len() {
                 let t = timers[i];
@@ -697,6 +698,7 @@ impl TimerEngine {
                     break;
                 }
                 i += 1;
+                let offset = b.encoded_len() as u32;
                 b.push(&Record {
                     key: r.key.map(Bytes::copy_from_slice),
                     tag: r.tag.map(str::to_owned),
@@ -710,7 +712,7 @@ impl TimerEngine {
                     priority: r.priority,
                     deliver_at_ms: r.deliver_at_ms,
                 });
-                moved.push(t.pending.origin);
+                moved.push((t.pending.origin, offset, crc32fast::hash(r.raw)));
             }
             if moved.is_empty() {
                 continue;
@@ -731,14 +733,27 @@ impl TimerEngine {
                 batch::Summary::NONE,
                 Durability::Fsync,
             )?;
+            // A record is carried as the same bytes (the format has one
+            // encoding of a record's fields), so its CRC stands.
+            for (j, &(_, offset, crc)) in moved.iter().enumerate() {
+                let raw = RecordIter::new(&bytes)
+                    .map_while(Result::ok)
+                    .nth(j)
+                    .map(|r| (r.at, r.raw));
+                debug_assert_eq!(
+                    raw.map(|(at, raw)| (at as u32, crc32fast::hash(raw))),
+                    Some((offset, crc))
+                );
+            }
             let entries: Vec<TimerEntry> = moved
                 .iter()
                 .enumerate()
-                .map(|(j, &origin)| TimerEntry::Carried {
+                .map(|(j, &(origin, offset, _))| TimerEntry::Carried {
                     origin,
-                    location: RecordAt {
+                    location: crate::schedule::Location {
                         position: r.position.0,
                         index: j as u32,
+                        offset,
                     },
                 })
                 .collect();
@@ -770,7 +785,7 @@ impl TimerEngine {
     /// Where the record of a pending message is now (its origin unless it
     /// was carried); `None` when not pending.
     pub fn location_of(&self, origin: RecordAt) -> Option<RecordAt> {
-        self.state.borrow().get(origin).map(|t| t.location)
+        self.state.borrow().get(origin).map(|t| t.location.record())
     }
 
     /// The timer's part of the stats document.
@@ -813,6 +828,8 @@ fn schedule_records(
             target: h.extra,
             tags: r.tag.map_or(0, |t| batch::tag_bloom(t.as_bytes())),
             len: r.raw.len() as u32,
+            crc: crc32fast::hash(r.raw),
+            offset: r.at as u32,
             priority: r.priority,
         };
         if state.schedule(due, pending) {
@@ -841,6 +858,9 @@ fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, batch::Summary, u
             origin_index: t.pending.origin.index,
             location_position: t.location.position,
             location_index: t.location.index,
+            location_offset: t.location.offset,
+            len: t.pending.len,
+            crc: t.pending.crc,
             tags: t.pending.tags,
         };
         tags |= t.pending.tags;

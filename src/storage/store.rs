@@ -802,9 +802,11 @@ impl<I: Io> QueueStore<I> {
     }
 
     /// A view of the fired scheduled messages a reference batch points at
-    /// (their records, read where the timer queue keeps them, with their
-    /// ids; `batch::build_view`). A message whose stored record is gone
-    /// (retention) is left out of the view; its offset stays covered.
+    /// (`batch::build_view`): each one's record, sliced from its batch in
+    /// the tail cache or read alone (its bytes only) from the log, the
+    /// reads together, and checked against the CRC-32 the reference
+    /// carries. A message whose record is gone (retention) or damaged is
+    /// left out of the view; its offset stays covered.
     pub async fn resolve_references(&self, stored: &Bytes) -> Result<Bytes, StoreError> {
         let h = BatchHeader::parse(stored).map_err(|e| StoreError::Corrupt {
             position: 0,
@@ -818,56 +820,66 @@ impl<I: Io> QueueStore<I> {
                 position: h.log_position,
                 reason: "a reference record does not decode".into(),
             })?;
-        let mut locations: Vec<u64> = refs.iter().map(|r| r.location_position).collect();
-        locations.sort_unstable();
-        locations.dedup();
-        let located: Vec<Option<IndexEntry>> = {
-            let queues = self.queues.borrow();
-            let timer = queues.get(&TIMER_QUEUE.0);
-            locations
-                .iter()
-                .map(|&p| {
-                    timer.and_then(|q| {
-                        q.consume
-                            .find_position(p)
-                            .and_then(|i| q.consume.get(i).copied())
-                    })
-                })
-                .collect()
-        };
-        let originals = futures_util::future::try_join_all(located.iter().map(|e| async move {
-            match e {
-                Some(e) => self
-                    .batch_at_entry(e.position, e.len as usize)
+        let mut raws: Vec<Option<Bytes>> = vec![None; refs.len()];
+        let mut reads: Vec<usize> = Vec::new();
+        {
+            let tail = self.tail.borrow();
+            let mut last: Option<(u64, Bytes)> = None;
+            for (j, r) in refs.iter().enumerate() {
+                if last.as_ref().is_none_or(|(p, _)| *p != r.location_position) {
+                    last = tail
+                        .get(r.location_position)
+                        .map(|b| (r.location_position, b));
+                }
+                match &last {
+                    Some((_, b)) => {
+                        let (at, len) = (r.location_offset as usize, r.len as usize);
+                        raws[j] = b.get(at..at + len).map(|_| b.slice(at..at + len));
+                    }
+                    None => reads.push(j),
+                }
+            }
+        }
+        let got = futures_util::future::try_join_all(reads.iter().map(|&j| {
+            let r = refs[j];
+            async move {
+                match self
+                    .log
+                    .read(
+                        r.location_position + u64::from(r.location_offset),
+                        r.len as usize,
+                    )
                     .await
-                    .map(Some),
-                None => Ok(None),
+                {
+                    Ok(b) => Ok(Some(b)),
+                    Err(LogError::NotFound(_)) => Ok(None),
+                    Err(e) => Err(StoreError::from(e)),
+                }
             }
         }))
         .await?;
-        // Each original's records, by index, as framed bytes.
-        let records: Vec<Vec<&[u8]>> = originals
-            .iter()
-            .map(|b| {
-                b.as_ref().map_or(Vec::new(), |b| {
-                    RecordIter::new(b)
-                        .map_while(Result::ok)
-                        .map(|r| r.raw)
-                        .collect()
-                })
-            })
-            .collect();
+        for (&j, b) in reads.iter().zip(got) {
+            raws[j] = b;
+        }
         let chosen: Vec<batch::ViewRecord<'_>> = refs
             .iter()
+            .zip(&raws)
             .enumerate()
-            .filter_map(|(j, r)| {
-                let k = locations.binary_search(&r.location_position).ok()?;
-                let raw = *records[k].get(r.location_index as usize)?;
+            .filter_map(|(j, (r, raw))| {
+                let raw = raw.as_ref()?;
+                if crc32fast::hash(raw) != r.crc {
+                    tracing::error!(
+                        position = r.location_position,
+                        offset = r.location_offset,
+                        "a fired scheduled message's record fails its CRC; left out"
+                    );
+                    return None;
+                }
                 Some(batch::ViewRecord {
                     delta: j as u32,
                     origin_position: r.origin_position,
                     origin_index: r.origin_index,
-                    raw,
+                    raw: &raw[..],
                 })
             })
             .collect();
