@@ -921,6 +921,27 @@ impl BatchBuilder {
         self.push_at(r, r.timestamp_ms);
     }
 
+    /// Appends a record of only a payload (no key, tag or properties),
+    /// without building a [`Record`].
+    pub fn push_payload(&mut self, priority: u8, timestamp_ms: i64, payload: &[u8]) {
+        let b = &mut self.buf;
+        b.reserve(RECORD_FIXED_BYTES + 4 + payload.len());
+        b.put_u32_le((RECORD_FIXED_BYTES + payload.len()) as u32);
+        b.put_u8(0);
+        b.put_u8(priority);
+        b.put_u16_le(0);
+        b.put_i64_le(timestamp_ms);
+        b.put_i64_le(0);
+        b.put_u32_le(payload.len() as u32);
+        b.put_slice(payload);
+        if self.count == 0 {
+            self.first_ts = timestamp_ms;
+            self.max_ts = timestamp_ms;
+        }
+        self.max_ts = self.max_ts.max(timestamp_ms);
+        self.count += 1;
+    }
+
     /// Appends one record with `timestamp_ms` in place of its own (a
     /// producer stamping records at send time without copying them).
     pub fn push_at(&mut self, r: &Record, timestamp_ms: i64) {
@@ -1180,6 +1201,19 @@ mod tests {
         assert_eq!(due_ms(5_000, 1_000), 5_000);
         assert_eq!(due_ms(i64::MIN, 1_000), i64::MAX);
         assert_eq!(Record::new("x").deliver_at(0).deliver_at_ms, 1);
+    }
+
+    #[test]
+    fn a_payload_only_record_encodes_as_a_record_does() {
+        let mut a = BatchBuilder::new();
+        a.push_payload(7, 123, b"xyz");
+        let mut b = BatchBuilder::new();
+        b.push(&Record {
+            priority: 7,
+            timestamp_ms: 123,
+            ..Record::new(&b"xyz"[..])
+        });
+        assert_eq!(a.finish(), b.finish());
     }
 
     #[test]

@@ -24,6 +24,33 @@ pub mod wheel;
 mod sim;
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hasher for log positions and record indexes (FxHash's mix): the
+/// keys are the broker's own numbers, not a client's, so no SipHash is
+/// needed against flooding, and a burst of fires hashes a million of them.
+#[derive(Default, Clone, Copy)]
+pub struct PositionHasher(u64);
+
+impl Hasher for PositionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
+}
+
+/// A map keyed by log positions or records ([`PositionHasher`]).
+pub type PositionMap<K, V> = HashMap<K, V, BuildHasherDefault<PositionHasher>>;
 
 pub use wheel::{TimerKey, TimerWheel, WHEEL_RANGE_MS};
 
@@ -98,9 +125,9 @@ const PIN_BUCKET_SHIFT: u32 = 24;
 /// The pending entries of one shard and the pins of its references.
 pub struct TimerState {
     wheel: TimerWheel<Pending>,
-    by_origin: HashMap<RecordAt, TimerKey>,
+    by_origin: PositionMap<RecordAt, TimerKey>,
     /// Locations of entries carried away from their origin.
-    carried: HashMap<RecordAt, Location>,
+    carried: PositionMap<RecordAt, Location>,
     /// Per bucket of reference positions (`position >> 24`), the lowest
     /// record position a reference in it points at.
     pins: BTreeMap<u64, u64>,
@@ -111,8 +138,8 @@ impl TimerState {
     pub fn new(now_ms: u64) -> TimerState {
         TimerState {
             wheel: TimerWheel::new(now_ms),
-            by_origin: HashMap::new(),
-            carried: HashMap::new(),
+            by_origin: PositionMap::default(),
+            carried: PositionMap::default(),
             pins: BTreeMap::new(),
         }
     }
@@ -204,15 +231,31 @@ impl TimerState {
             .into_iter()
             .map(|(due_ms, pending)| {
                 self.by_origin.remove(&pending.origin);
-                let location = self
-                    .carried
-                    .remove(&pending.origin)
-                    .unwrap_or(pending.origin_location());
+                let carried = if self.carried.is_empty() {
+                    None
+                } else {
+                    self.carried.remove(&pending.origin)
+                };
+                let location = carried.unwrap_or(pending.origin_location());
                 Timer {
                     due_ms,
                     pending,
                     location,
                 }
+            })
+            .collect()
+    }
+
+    /// The pending entries due in `[from, to)` (to read their records
+    /// ahead), with their locations.
+    pub fn upcoming(&self, from: u64, to: u64) -> Vec<Timer> {
+        let mut due = Vec::new();
+        self.wheel.peek_due(from, to, &mut due);
+        due.into_iter()
+            .map(|(due_ms, p)| Timer {
+                due_ms,
+                pending: p,
+                location: self.location_of(&p),
             })
             .collect()
     }

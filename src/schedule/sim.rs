@@ -167,6 +167,28 @@ fn run(seed: u64, log: &mut Log) -> Result<(), String> {
                 }
             }
         }
+        // What is about to come due, as a read-ahead sees it.
+        if rng.chance(100) {
+            let (from, to) = (m.now + rng.below(1000), m.now + rng.below(5_000_000));
+            let mut got: Vec<(u64, RecordAt)> = s
+                .upcoming(from, to)
+                .iter()
+                .map(|t| (t.due_ms, t.pending.origin))
+                .collect();
+            got.sort_unstable();
+            let want: Vec<(u64, RecordAt)> = m
+                .pending
+                .keys()
+                .filter(|(d, _)| *d >= from.max(m.now + 1) && *d < to)
+                .copied()
+                .collect();
+            if got != want {
+                return Err(log.report(
+                    20,
+                    format!("upcoming [{from}, {to}): {got:?}, model {want:?}"),
+                ));
+            }
+        }
         // After every step: same entries, same locations, no early wake-up
         // missed.
         if s.len() != m.pending.len() {

@@ -268,6 +268,51 @@ impl<T: Ord> TimerWheel<T> {
         Some((level * SLOTS + slot, at))
     }
 
+    /// Appends every live entry due in `[from, to)` to `out` (order
+    /// unspecified), looking only at the slots whose span meets it: to
+    /// read ahead what is about to come due.
+    pub fn peek_due(&self, from: u64, to: u64, out: &mut Vec<(u64, T)>)
+    where
+        T: Copy,
+    {
+        let from = from.max(self.now + 1);
+        if from >= to {
+            return;
+        }
+        for level in 0..LEVELS {
+            let shift = level as u32 * SLOT_BITS;
+            let slot_range = 1u64 << shift;
+            let level_range = slot_range << SLOT_BITS;
+            let now_slot = ((self.now >> shift) as usize) % SLOTS;
+            let level_start = self.now & !(level_range - 1);
+            let mut occupied = self.occupied[level];
+            while occupied != 0 {
+                let slot = occupied.trailing_zeros() as usize;
+                occupied &= occupied - 1;
+                let mut start = level_start + slot as u64 * slot_range;
+                if slot < now_slot {
+                    start += level_range;
+                }
+                let end = start + slot_range;
+                if end <= from || start >= to {
+                    continue;
+                }
+                for &k in &self.slots[level * SLOTS + slot] {
+                    let key = TimerKey::unpack(k);
+                    let n = &self.nodes[key.idx as usize];
+                    if n.generation != key.generation {
+                        continue;
+                    }
+                    if let Some(v) = n.value {
+                        if (from..to).contains(&n.due) {
+                            out.push((n.due, v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Every live entry (order unspecified).
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
         self.nodes
@@ -339,6 +384,42 @@ mod tests {
             }
         }
         assert_eq!(t, far);
+    }
+
+    #[test]
+    fn peek_finds_exactly_the_entries_due_in_a_span() {
+        let mut w: TimerWheel<u32> = TimerWheel::new(1_000_000);
+        let dues = [
+            1_000_001u64,
+            1_000_050,
+            1_000_900,
+            1_003_000,
+            1_010_000,
+            1_500_000,
+            9_000_000,
+            1_000_000 + 3 * 86_400_000,
+        ];
+        for (i, d) in dues.iter().enumerate() {
+            w.insert(*d, i as u32);
+        }
+        for (from, to) in [
+            (1_000_000, 1_001_000),
+            (1_000_500, 1_004_000),
+            (1_002_000, 1_600_000),
+            (1_000_000, u64::MAX),
+            (5_000_000, 9_000_001),
+        ] {
+            let mut got = Vec::new();
+            w.peek_due(from, to, &mut got);
+            got.sort_unstable();
+            let want: Vec<(u64, u32)> = dues
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| (from..to).contains(*d))
+                .map(|(i, d)| (*d, i as u32))
+                .collect();
+            assert_eq!(got, want, "[{from}, {to})");
+        }
     }
 
     #[test]

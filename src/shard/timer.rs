@@ -65,6 +65,11 @@ const REFERENCE_VIEW_BYTES_MAX: usize = 1 << 20;
 /// How long the fire loop waits before trying again when the log did not
 /// take its references.
 const FIRE_RETRY_MS: u64 = 20;
+/// How far ahead of their due time the records of scheduled messages are
+/// read into memory (`storage::record_cache`), and how often: a burst due
+/// together is read in log order, in large reads, before it fires.
+pub const READ_AHEAD_MS: u64 = 2000;
+const READ_AHEAD_EVERY_MS: u64 = 100;
 
 /// What recovery found.
 #[derive(Debug, Default)]
@@ -122,6 +127,9 @@ pub struct TimerEngine {
     journal_bytes: Cell<u64>,
     force_generation: Cell<bool>,
     snapshotting: Cell<bool>,
+    /// Records of entries due before this were read ahead (or tried).
+    read_ahead_until: Cell<u64>,
+    reading_ahead: Cell<bool>,
     batch_bytes_max: usize,
     /// `limits.batch_bytes_max`: what a reference batch's view stays within.
     view_bytes_max: usize,
@@ -149,6 +157,8 @@ impl TimerEngine {
             journal_bytes: Cell::new(0),
             force_generation: Cell::new(false),
             snapshotting: Cell::new(false),
+            read_ahead_until: Cell::new(0),
+            reading_ahead: Cell::new(false),
             batch_bytes_max: batch_bytes_max.min(TIMER_BATCH_BYTES_MAX),
             view_bytes_max: batch_bytes_max,
             delay_max_ms,
@@ -802,6 +812,7 @@ impl TimerEngine {
             "carried": s.carried,
             "dropped": s.dropped,
             "generation": self.generation.get(),
+            "read_ahead_until": self.read_ahead_until.get(),
             "fire_lateness": super::metrics::histogram_ms_json(&s.lateness_ms),
         })
     }
@@ -866,12 +877,7 @@ fn reference_batch(timers: &[Timer], view_len: u32) -> (Bytes, batch::Summary, u
         tags |= t.pending.tags;
         max_priority = max_priority.max(t.pending.priority);
         min_location = min_location.min(t.location.position);
-        b.push(&Record {
-            payload: Bytes::copy_from_slice(&r.encode()),
-            timestamp_ms: t.due_ms as i64,
-            priority: t.pending.priority,
-            ..Record::default()
-        });
+        b.push_payload(t.pending.priority, t.due_ms as i64, &r.encode());
     }
     let mut bytes = BytesMut::from(&b.finish()[..]);
     bytes[60..64].copy_from_slice(&view_len.to_le_bytes());
@@ -903,12 +909,56 @@ fn publish_when_durable(shard: &Rc<super::Shard>, r: AppendReceipt, level: Durab
     .detach();
 }
 
+/// Reads ahead, in the background, the records of the entries coming due
+/// in the next [`READ_AHEAD_MS`] not read ahead yet.
+fn read_ahead(shard: &Rc<super::Shard>, now: u64) {
+    let t = &shard.timer;
+    let from = t.read_ahead_until.get().max(now);
+    let to = now + READ_AHEAD_MS;
+    if t.reading_ahead.get() || to < from + READ_AHEAD_EVERY_MS {
+        return;
+    }
+    t.read_ahead_until.set(to);
+    let mut records: Vec<(u64, u32, u64)> = t
+        .state
+        .borrow()
+        .upcoming(from, to)
+        .iter()
+        .map(|u| {
+            (
+                u.location.position + u64::from(u.location.offset),
+                u.pending.len,
+                u.location.position,
+            )
+        })
+        .collect();
+    if records.is_empty() {
+        return;
+    }
+    records.sort_unstable();
+    t.reading_ahead.set(true);
+    let s = shard.clone();
+    crate::runtime::spawn_local_into(
+        async move {
+            if let Err(e) = s.store.read_ahead(&records).await {
+                tracing::debug!(shard = s.id, "timer: read-ahead: {e}");
+            }
+            s.timer.reading_ahead.set(false);
+        },
+        shard.tq.data,
+    )
+    .expect("data queue")
+    .detach();
+}
+
 /// The fire loop of a shard: sleeps until the wheel's next wake (or a
-/// kick: an earlier due time was scheduled), fires what is due.
+/// kick: an earlier due time was scheduled), fires what is due, and reads
+/// ahead what comes due soon.
 pub async fn run(shard: Rc<super::Shard>) {
     let t = &shard.timer;
     while !shard.stopping.get() {
         let now = now_ms().max(0) as u64;
+        read_ahead(&shard, now);
         let fired = t.state.borrow_mut().advance(now);
         if !fired.is_empty() {
             t.firing.borrow_mut().extend(fired);
@@ -916,7 +966,10 @@ pub async fn run(shard: Rc<super::Shard>) {
         let all_stored = t.store_references(&shard);
         let next = t.state.borrow().next_wake();
         let sleep_ms = if all_stored {
-            next.map_or(1000, |w| w.saturating_sub(now_ms().max(0) as u64).min(1000))
+            next.map_or(1000, |w| {
+                w.saturating_sub(now_ms().max(0) as u64)
+                    .min(READ_AHEAD_EVERY_MS)
+            })
         } else {
             let _ = shard
                 .store

@@ -14,6 +14,7 @@ pub mod commit_log;
 pub mod consume_index;
 pub mod index_snapshot;
 pub mod io;
+pub mod record_cache;
 pub mod recovery;
 pub mod retention;
 pub mod segment;

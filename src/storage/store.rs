@@ -223,6 +223,8 @@ pub struct QueueStore<I: Io> {
     log: Rc<CommitLog<I>>,
     queues: RefCell<IdMap<QueueState>>,
     tail: RefCell<TailCache>,
+    /// Records read ahead (the timer's: scheduled messages about to fire).
+    records: RefCell<super::record_cache::RecordCache>,
     last_append_ms: Cell<i64>,
     checkpoint_file: CheckpointFile<I>,
     /// Bumped after every stored checkpoint (reservation waiters).
@@ -336,6 +338,9 @@ impl<I: Io> QueueStore<I> {
         );
         let store = Rc::new(QueueStore {
             tail: RefCell::new(TailCache::new(cfg.tail_cache_bytes_max)),
+            records: RefCell::new(super::record_cache::RecordCache::new(
+                super::record_cache::RECORD_CACHE_BYTES_MAX,
+            )),
             io,
             cfg,
             log,
@@ -824,8 +829,13 @@ impl<I: Io> QueueStore<I> {
         let mut reads: Vec<usize> = Vec::new();
         {
             let tail = self.tail.borrow();
+            let ahead = self.records.borrow();
             let mut last: Option<(u64, Bytes)> = None;
             for (j, r) in refs.iter().enumerate() {
+                if let Some(b) = ahead.get(r.location_position + u64::from(r.location_offset)) {
+                    raws[j] = Some(b);
+                    continue;
+                }
                 if last.as_ref().is_none_or(|(p, _)| *p != r.location_position) {
                     last = tail
                         .get(r.location_position)
@@ -947,6 +957,74 @@ impl<I: Io> QueueStore<I> {
             }
         }
         Ok((known_to, out))
+    }
+
+    /// Reads ahead the records at `(log position, bytes)` (sorted by
+    /// position), coalescing neighbours into reads of up to 1 MiB, into
+    /// the record cache, while it has room; records whose batch is in the
+    /// tail cache, or already read ahead, are skipped. How many were read.
+    pub async fn read_ahead(&self, records: &[(u64, u32, u64)]) -> Result<usize, StoreError> {
+        /// Largest read, and largest gap a read spans between records.
+        const READ_BYTES_MAX: u64 = 1 << 20;
+        const GAP_BYTES_MAX: u64 = 64 << 10;
+        // (start, end, records in it as (position, bytes))
+        type Range = (u64, u64, Vec<(u64, u32)>);
+        let mut ranges: Vec<Range> = Vec::new();
+        {
+            let tail = self.tail.borrow();
+            let ahead = self.records.borrow();
+            let mut room = 0u64;
+            for &(at, len, batch) in records {
+                if ahead.get(at).is_some() || tail.get(batch).is_some() {
+                    continue;
+                }
+                room += u64::from(len);
+                if !ahead.has_room(room) {
+                    break;
+                }
+                let end = at + u64::from(len);
+                match ranges.last_mut() {
+                    Some(r)
+                        if at >= r.1
+                            && at - r.1 <= GAP_BYTES_MAX
+                            && end - r.0 <= READ_BYTES_MAX =>
+                    {
+                        r.1 = end;
+                        r.2.push((at, len));
+                    }
+                    _ => ranges.push((at, end, vec![(at, len)])),
+                }
+            }
+        }
+        let reads = futures_util::future::join_all(
+            ranges
+                .iter()
+                .map(|(start, end, _)| self.log.read(*start, (end - start) as usize)),
+        )
+        .await;
+        let mut n = 0;
+        let mut ahead = self.records.borrow_mut();
+        for ((start, _, recs), got) in ranges.iter().zip(reads) {
+            // A range that cannot be read is read again when it fires.
+            let Ok(b) = got else {
+                continue;
+            };
+            // Each record copied out, so the read's buffer (with the bytes
+            // between records) is not held.
+            for &(at, len) in recs {
+                let from = (at - start) as usize;
+                if let Some(r) = b.get(from..from + len as usize) {
+                    ahead.insert(at, Bytes::copy_from_slice(r));
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Bytes of records read ahead.
+    pub fn read_ahead_bytes(&self) -> u64 {
+        self.records.borrow().bytes()
     }
 
     /// Index entries of reference batches stored at or after `position`,
@@ -1464,6 +1542,7 @@ impl<I: Io> QueueStore<I> {
                     q.prioritized.pop_front();
                 }
             }
+            self.records.borrow_mut().remove_below(cutoff);
             let mut snaps = self.snapshots.borrow_mut();
             snaps.pending.retain(|e| e.position >= cutoff);
             for b in &bases {
