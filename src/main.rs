@@ -1137,5 +1137,25 @@ fn stats(broker: &str, json: bool) -> Result<()> {
             }
         }
     }
+    // Scheduled messages, where a shard has any.
+    for sh in s["shards"].as_array().into_iter().flatten() {
+        let t = &sh["schedule"];
+        if t["scheduled"].as_u64().unwrap_or(0) == 0 && t["pending"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let l = &t["fire_lateness"];
+        println!(
+            "shard {}: scheduled {} pending, {} fired, {} cancelled, {} carried; fired late p50/p99/max {}/{}/{} ms; {:.1} MiB",
+            sh["shard"],
+            t["pending"],
+            t["fired"],
+            t["cancelled"],
+            t["carried"],
+            l["p50_ms"],
+            l["p99_ms"],
+            l["max_ms"],
+            t["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64
+        );
+    }
     Ok(())
 }

@@ -144,6 +144,14 @@ struct Args {
     /// picks by priority; for --priorities).
     #[arg(long)]
     consume_rate: Option<f64>,
+    /// Message delivery: the group's `priority_age_boost_ms` (priority's
+    /// starvation guard; 0 turns aging off; the broker's default is 1000).
+    #[arg(long)]
+    priority_age_boost_ms: Option<u64>,
+    /// Message delivery: the group's `inflight_messages_max` (the window a
+    /// queue's messages are taken into, and ordered by priority within).
+    #[arg(long)]
+    inflight_messages_max: Option<u32>,
 }
 
 /// The message shape (due times, priorities, filter) the flags ask for.
@@ -604,14 +612,18 @@ fn real_main() -> Result<()> {
         }
         let group = w.group.map(|g| format!("loadgen-{stamp}-{i}-{}", g.name()));
         if let (Some(name), Some(mode)) = (&group, w.group) {
-            admin.create_group(
-                name,
-                &json!({
-                    "mode": if mode == workload::GroupMode::Broadcast { "broadcast" } else { "clustering" },
-                    "delivery": if mode == workload::GroupMode::Message { "message" } else { "queue" },
-                    "subscriptions": topics.iter().map(|t| subscription(t, &w.shape)).collect::<Vec<_>>(),
-                }),
-            )?;
+            let mut settings = json!({
+                "mode": if mode == workload::GroupMode::Broadcast { "broadcast" } else { "clustering" },
+                "delivery": if mode == workload::GroupMode::Message { "message" } else { "queue" },
+                "subscriptions": topics.iter().map(|t| subscription(t, &w.shape)).collect::<Vec<_>>(),
+            });
+            if let Some(b) = a.priority_age_boost_ms {
+                settings["priority_age_boost_ms"] = b.into();
+            }
+            if let Some(n) = a.inflight_messages_max {
+                settings["inflight_messages_max"] = n.into();
+            }
+            admin.create_group(name, &settings)?;
         }
         let r = run::run(&run::RunSpec {
             group: group.clone(),

@@ -919,7 +919,7 @@ fn read_ahead(shard: &Rc<super::Shard>, now: u64) {
         return;
     }
     t.read_ahead_until.set(to);
-    let mut records: Vec<(u64, u32, u64)> = t
+    let mut records: Vec<(u64, u32, u64, u32)> = t
         .state
         .borrow()
         .upcoming(from, to)
@@ -929,6 +929,7 @@ fn read_ahead(shard: &Rc<super::Shard>, now: u64) {
                 u.location.position + u64::from(u.location.offset),
                 u.pending.len,
                 u.location.position,
+                u.pending.crc,
             )
         })
         .collect();

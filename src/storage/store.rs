@@ -868,8 +868,12 @@ impl<I: Io> QueueStore<I> {
             }
         }))
         .await?;
+        // Read ahead, or in the tail cache: checked already; read now:
+        // checked here.
+        let mut from_disk = vec![false; refs.len()];
         for (&j, b) in reads.iter().zip(got) {
             raws[j] = b;
+            from_disk[j] = true;
         }
         let chosen: Vec<batch::ViewRecord<'_>> = refs
             .iter()
@@ -877,7 +881,7 @@ impl<I: Io> QueueStore<I> {
             .enumerate()
             .filter_map(|(j, (r, raw))| {
                 let raw = raw.as_ref()?;
-                if crc32fast::hash(raw) != r.crc {
+                if (from_disk[j] || raw.len() != r.len as usize) && crc32fast::hash(raw) != r.crc {
                     tracing::error!(
                         position = r.location_position,
                         offset = r.location_offset,
@@ -959,22 +963,24 @@ impl<I: Io> QueueStore<I> {
         Ok((known_to, out))
     }
 
-    /// Reads ahead the records at `(log position, bytes)` (sorted by
-    /// position), coalescing neighbours into reads of up to 1 MiB, into
+    /// Reads ahead the records at `(log position, bytes, batch position,
+    /// CRC-32)` (sorted by position), checking each, coalescing neighbours into reads of up to 1 MiB, into
     /// the record cache, while it has room; records whose batch is in the
     /// tail cache, or already read ahead, are skipped. How many were read.
-    pub async fn read_ahead(&self, records: &[(u64, u32, u64)]) -> Result<usize, StoreError> {
+    pub async fn read_ahead(&self, records: &[(u64, u32, u64, u32)]) -> Result<usize, StoreError> {
         /// Largest read, and largest gap a read spans between records.
         const READ_BYTES_MAX: u64 = 1 << 20;
         const GAP_BYTES_MAX: u64 = 64 << 10;
         // (start, end, records in it as (position, bytes))
         type Range = (u64, u64, Vec<(u64, u32)>);
         let mut ranges: Vec<Range> = Vec::new();
+        let crc_of: crate::schedule::PositionMap<u64, u32> =
+            records.iter().map(|&(at, _, _, crc)| (at, crc)).collect();
         {
             let tail = self.tail.borrow();
             let ahead = self.records.borrow();
             let mut room = 0u64;
-            for &(at, len, batch) in records {
+            for &(at, len, batch, _) in records {
                 if ahead.get(at).is_some() || tail.get(batch).is_some() {
                     continue;
                 }
@@ -1013,7 +1019,11 @@ impl<I: Io> QueueStore<I> {
             // between records) is not held.
             for &(at, len) in recs {
                 let from = (at - start) as usize;
-                if let Some(r) = b.get(from..from + len as usize) {
+                // Checked here, once (readers trust what it holds).
+                if let Some(r) = b
+                    .get(from..from + len as usize)
+                    .filter(|r| crc_of.get(&at) == Some(&crc32fast::hash(r)))
+                {
                     ahead.insert(at, Bytes::copy_from_slice(r));
                     n += 1;
                 }
