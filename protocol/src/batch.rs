@@ -921,6 +921,18 @@ impl BatchBuilder {
         self.push_at(r, r.timestamp_ms);
     }
 
+    /// Appends a record as framed in another batch (`RecordView::raw`),
+    /// byte for byte; `timestamp_ms` is its timestamp.
+    pub fn push_raw(&mut self, raw: &[u8], timestamp_ms: i64) {
+        self.buf.extend_from_slice(raw);
+        if self.count == 0 {
+            self.first_ts = timestamp_ms;
+            self.max_ts = timestamp_ms;
+        }
+        self.max_ts = self.max_ts.max(timestamp_ms);
+        self.count += 1;
+    }
+
     /// Appends a record of only a payload (no key, tag or properties),
     /// without building a [`Record`].
     pub fn push_payload(&mut self, priority: u8, timestamp_ms: i64, payload: &[u8]) {
@@ -1214,6 +1226,13 @@ mod tests {
             ..Record::new(&b"xyz"[..])
         });
         assert_eq!(a.finish(), b.finish());
+        // A record copied as framed is the same bytes.
+        let src = build(&[record("x"), record("yy")]);
+        let mut c = BatchBuilder::new();
+        for r in RecordIter::new(&src).map(|r| r.unwrap()) {
+            c.push_raw(r.raw, r.timestamp_ms);
+        }
+        assert_eq!(c.finish(), src);
     }
 
     #[test]

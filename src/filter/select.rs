@@ -43,11 +43,6 @@ impl MessageFilter {
         Ok(Some(MessageFilter { filter, blooms }))
     }
 
-    /// The parsed filter.
-    pub fn filter(&self) -> &Filter {
-        &self.filter
-    }
-
     /// Whether a batch with this tag summary may hold a passing record
     /// (false: skip it without reading). Only tag filters can tell.
     pub fn may_match_tags(&self, summary: u32) -> bool {

@@ -225,18 +225,17 @@ impl GroupEngine {
         store.ensure_queue(GROUP_JOURNAL_QUEUE);
         let mut report = GroupRecoveryReport::default();
         // The last complete generation: read back from the end.
-        let mut start = None;
-        for i in (0..store.batch_count(GROUP_JOURNAL_QUEUE)).rev() {
-            let (_, b) = store.batch_by_index(GROUP_JOURNAL_QUEUE, i).await?;
-            for r in RecordIter::new(&b).flatten() {
-                if let Ok(Entry::End { begin_offset, .. }) = Entry::decode(r.payload) {
-                    start = Some(begin_offset);
-                }
-            }
-            if start.is_some() {
-                break;
-            }
-        }
+        let start = store
+            .find_back(GROUP_JOURNAL_QUEUE, |b| {
+                RecordIter::new(b)
+                    .flatten()
+                    .filter_map(|r| match Entry::decode(r.payload) {
+                        Ok(Entry::End { begin_offset, .. }) => Some(begin_offset),
+                        _ => None,
+                    })
+                    .last()
+            })
+            .await?;
         let o = store.offsets(GROUP_JOURNAL_QUEUE)?;
         let mut offset = start.unwrap_or(0).max(o.earliest);
         while offset < o.latest {

@@ -43,7 +43,7 @@ use crate::protocol::Durability;
 use crate::runtime::{now_ms, Watch};
 use crate::schedule::entry::TimerEntry;
 use crate::schedule::{Pending, RecordAt, Timer, TimerState};
-use crate::storage::{AppendReceipt, LogError, QueueStore, StoreError, UringIo};
+use crate::storage::{AppendReceipt, QueueStore, StoreError, UringIo};
 
 /// A generation is written once this many bytes of the timer queue and of
 /// references were appended since the last (or the pending set's snapshot
@@ -141,7 +141,8 @@ pub struct TimerEngine {
 /// Recovery's view of a timer-queue record after the generation it starts
 /// from.
 enum Replayed {
-    Scheduled(LogPosition, Bytes),
+    /// A scheduled batch: where it is stored, when it was appended.
+    Scheduled(LogPosition, i64, Bytes),
     Entry(TimerEntry),
 }
 
@@ -190,26 +191,25 @@ impl TimerEngine {
         let now = now_ms().max(0) as u64;
         let engine = TimerEngine::new(now, batch_bytes_max, delay_max_ms, pending_max);
         let mut report = TimerRecoveryReport::default();
-        // The last complete generation, read back from the end.
-        let mut last: Option<(u64, u64)> = None;
-        for i in (0..store.batch_count(TIMER_QUEUE)).rev() {
-            let (_, b) = store.batch_by_index(TIMER_QUEUE, i).await?;
-            if BatchHeader::parse(&b).map_or(true, |h| h.attributes != 0) {
-                continue;
-            }
-            for r in RecordIter::new(&b).flatten() {
-                if let Ok(TimerEntry::End {
-                    generation,
-                    begin_offset,
-                }) = TimerEntry::decode(r.payload)
-                {
-                    last = Some((generation, begin_offset));
+        // The last complete generation, read back from the end (only
+        // journal batches hold entries).
+        let last: Option<(u64, u64)> = store
+            .find_back(TIMER_QUEUE, |b| {
+                if BatchHeader::parse(b).map_or(true, |h| h.attributes != 0) {
+                    return None;
                 }
-            }
-            if last.is_some() {
-                break;
-            }
-        }
+                RecordIter::new(b)
+                    .flatten()
+                    .filter_map(|r| match TimerEntry::decode(r.payload) {
+                        Ok(TimerEntry::End {
+                            generation,
+                            begin_offset,
+                        }) => Some((generation, begin_offset)),
+                        _ => None,
+                    })
+                    .last()
+            })
+            .await?;
         let o = store.offsets(TIMER_QUEUE)?;
         let from = last.map_or(o.earliest, |(_, b)| b).max(o.earliest);
         let begin_position = match last {
@@ -240,7 +240,11 @@ impl TimerEngine {
                     continue;
                 }
                 if h.attributes == batch::BATCH_ATTR_SCHEDULED {
-                    replay.push(Replayed::Scheduled(LogPosition(h.log_position), b));
+                    replay.push(Replayed::Scheduled(
+                        LogPosition(h.log_position),
+                        h.append_time_ms,
+                        b,
+                    ));
                     continue;
                 }
                 if h.attributes != 0 {
@@ -282,8 +286,7 @@ impl TimerEngine {
         }
         for r in replay {
             match r {
-                Replayed::Scheduled(position, b) => {
-                    let at = BatchHeader::parse(&b).map_or(0, |h| h.append_time_ms);
+                Replayed::Scheduled(position, at, b) => {
                     schedule_records(&mut state, position, at, &b);
                 }
                 Replayed::Entry(TimerEntry::Cancelled { origin }) => {
@@ -295,8 +298,16 @@ impl TimerEngine {
                 Replayed::Entry(_) => {}
             }
         }
-        // Fired since the generation began: their references say so.
-        for (_, e) in store.references_since(begin_position) {
+        // Fired since the generation began: their references say so. With
+        // nothing in the timer queue nothing can be pending, and no record
+        // is left for a reference to pin: a broker that never scheduled
+        // skips the scan of every queue's index.
+        let references = if store.batch_count(TIMER_QUEUE) == 0 {
+            Vec::new()
+        } else {
+            store.references_since(begin_position)
+        };
+        for (_, e) in references {
             let b = store.read_entry(&e).await?;
             report.references += 1;
             let mut min_location = u64::MAX;
@@ -579,35 +590,26 @@ impl TimerEngine {
         };
         self.journal_bytes.set(0);
         self.force_generation.set(false);
-        // Parts that fit one batch each.
-        let part_timers = ((self.batch_bytes_max - BATCH_OVERHEAD_BYTES)
-            / crate::schedule::entry::TIMER_BYTES)
-            .max(1);
-        for part in timers.chunks(part_timers) {
+        // Parts that fit one batch each, each appended once the log has
+        // room for it.
+        let room = self.batch_bytes_max - BATCH_OVERHEAD_BYTES;
+        let timer_parts = timers
+            .chunks((room / crate::schedule::entry::TIMER_BYTES).max(1))
+            .map(|part| TimerEntry::Snapshot {
+                generation,
+                timers: part.to_vec(),
+            });
+        let pin_parts = pins
+            .chunks((room / 16).max(1))
+            .map(|part| TimerEntry::Pins {
+                generation,
+                pins: part.to_vec(),
+            });
+        for part in timer_parts.chain(pin_parts) {
             store
                 .wait_appendable(self.batch_bytes_max as u64, Duration::from_secs(10))
                 .await?;
-            self.append_entries(
-                store,
-                &[TimerEntry::Snapshot {
-                    generation,
-                    timers: part.to_vec(),
-                }],
-                Durability::Fsync,
-            )?;
-        }
-        for part in pins.chunks(((self.batch_bytes_max - BATCH_OVERHEAD_BYTES) / 16).max(1)) {
-            store
-                .wait_appendable(self.batch_bytes_max as u64, Duration::from_secs(10))
-                .await?;
-            self.append_entries(
-                store,
-                &[TimerEntry::Pins {
-                    generation,
-                    pins: part.to_vec(),
-                }],
-                Durability::Fsync,
-            )?;
+            self.append_entries(store, &[part], Durability::Fsync)?;
         }
         store.wait_appendable(4096, Duration::from_secs(10)).await?;
         let end = self.append_entries(
@@ -675,8 +677,9 @@ impl TimerEngine {
         while i < timers.len() {
             // One carried batch: records until the batch is full.
             let mut b = BatchBuilder::new();
-            // (origin, byte offset in the carried batch, record CRC)
-            let mut moved: Vec<(RecordAt, u32, u32)> = Vec::new();
+            // (origin, byte offset in the carried batch): the same bytes,
+            // so the record's CRC stands.
+            let mut moved: Vec<(RecordAt, u32)> = Vec::new();
             let mut cache: Option<(u64, Bytes)> = None;
             while i < timers.len() {
                 let t = timers[i];
@@ -709,20 +712,8 @@ impl TimerEngine {
                 }
                 i += 1;
                 let offset = b.encoded_len() as u32;
-                b.push(&Record {
-                    key: r.key.map(Bytes::copy_from_slice),
-                    tag: r.tag.map(str::to_owned),
-                    properties: r
-                        .properties
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                        .collect(),
-                    payload: Bytes::copy_from_slice(r.payload),
-                    timestamp_ms: r.timestamp_ms,
-                    priority: r.priority,
-                    deliver_at_ms: r.deliver_at_ms,
-                });
-                moved.push((t.pending.origin, offset, crc32fast::hash(r.raw)));
+                b.push_raw(r.raw, r.timestamp_ms);
+                moved.push((t.pending.origin, offset));
             }
             if moved.is_empty() {
                 continue;
@@ -743,22 +734,10 @@ impl TimerEngine {
                 batch::Summary::NONE,
                 Durability::Fsync,
             )?;
-            // A record is carried as the same bytes (the format has one
-            // encoding of a record's fields), so its CRC stands.
-            for (j, &(_, offset, crc)) in moved.iter().enumerate() {
-                let raw = RecordIter::new(&bytes)
-                    .map_while(Result::ok)
-                    .nth(j)
-                    .map(|r| (r.at, r.raw));
-                debug_assert_eq!(
-                    raw.map(|(at, raw)| (at as u32, crc32fast::hash(raw))),
-                    Some((offset, crc))
-                );
-            }
             let entries: Vec<TimerEntry> = moved
                 .iter()
                 .enumerate()
-                .map(|(j, &(origin, offset, _))| TimerEntry::Carried {
+                .map(|(j, &(origin, offset))| TimerEntry::Carried {
                     origin,
                     location: crate::schedule::Location {
                         position: r.position.0,
@@ -994,9 +973,4 @@ pub async fn run(shard: Rc<super::Shard>) {
             )
             .await;
     }
-}
-
-/// Whether `e` means the log could not take an append now (retriable).
-pub fn is_busy(e: &StoreError) -> bool {
-    matches!(e, StoreError::Log(LogError::Busy(_) | LogError::Full(_)))
 }

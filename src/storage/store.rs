@@ -670,40 +670,10 @@ impl<I: Io> QueueStore<I> {
         offset: QueueOffset,
         max_bytes: u32,
     ) -> Result<(QueueOffsets, Vec<Bytes>), StoreError> {
-        let (queue_id, offset) = (queue.0, offset.0);
-        let (offsets, entries) = {
-            let queues = self.queues.borrow();
-            let q = queues
-                .get(&queue_id)
-                .ok_or(StoreError::UnknownQueue(queue_id))?;
-            let o = q.offsets();
-            if offset < o.earliest || offset > o.latest {
-                return Err(StoreError::OffsetOutOfRange {
-                    offset,
-                    earliest: o.earliest,
-                    latest: o.latest,
-                });
-            }
-            let mut entries = Vec::new();
-            let mut bytes = 0u64;
-            if let Some(mut i) = q.consume.find(offset) {
-                while let Some(e) = q.consume.get(i) {
-                    if e.base_offset >= o.latest
-                        || (!entries.is_empty()
-                            && bytes + u64::from(e.read_len()) > u64::from(max_bytes))
-                    {
-                        break;
-                    }
-                    bytes += u64::from(e.read_len());
-                    entries.push(*e);
-                    i += 1;
-                }
-            }
-            (o, entries)
-        };
-        // The reads not served by the tail cache go to the disk together.
-        let out = self.read_entries(&entries).await?;
-        Ok((offsets, out))
+        let (offsets, _, batches) = self
+            .read_where(queue, offset, max_bytes, usize::MAX, |_| true)
+            .await?;
+        Ok((offsets, batches))
     }
 
     /// Visible batches of a queue from `offset` that `may_match` (given a
@@ -900,6 +870,22 @@ impl<I: Io> QueueStore<I> {
         Ok(batch::build_view(stored, h.record_count, &chosen))
     }
 
+    /// Reads a queue's batches back from its last until `find` answers
+    /// for one (a journal's last complete generation).
+    pub async fn find_back<T>(
+        &self,
+        queue: QueueId,
+        mut find: impl FnMut(&Bytes) -> Option<T>,
+    ) -> Result<Option<T>, StoreError> {
+        for i in (0..self.batch_count(queue)).rev() {
+            let (_, b) = self.batch_by_index(queue, i).await?;
+            if let Some(t) = find(&b) {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether a batch holding a record of priority above 0 overlaps the
     /// offsets `[from, to)` of a queue.
     pub fn has_prioritized(&self, queue: QueueId, from: u64, to: u64) -> bool {
@@ -1030,11 +1016,6 @@ impl<I: Io> QueueStore<I> {
             }
         }
         Ok(n)
-    }
-
-    /// Bytes of records read ahead.
-    pub fn read_ahead_bytes(&self) -> u64 {
-        self.records.borrow().bytes()
     }
 
     /// Index entries of reference batches stored at or after `position`,

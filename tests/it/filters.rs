@@ -1364,64 +1364,63 @@ fn bad_filters_are_refused_with_invalid_filter_at_fetch_and_group_create() {
     }
 
     // The CLI says invalid_filter and where.
-    let out = b.cli(&[
-        "consume",
-        "--topic",
-        "bf",
-        "--sql",
-        "price >",
-        "--timeout-ms",
-        "500",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("invalid_filter") && err.contains("at byte 7"),
-        "{err}"
-    );
-    let out = b.cli(&[
-        "consume",
-        "--topic",
-        "bf",
-        "--tag",
-        "A ||",
-        "--timeout-ms",
-        "500",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("invalid_filter") && err.contains("at byte 4"),
-        "{err}"
-    );
-    let out = b.cli(&[
-        "group",
-        "create",
-        "cli-bad",
-        "--topic",
-        "bf",
-        "--filter-sql",
-        "price > 'a'",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("invalid_filter") && err.contains("at byte 6"),
-        "{err}"
-    );
-    let out = b.cli(&[
-        "group",
-        "create",
-        "cli-bad",
-        "--topic",
-        "bf",
-        "--filter-tag",
-        "",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("invalid_filter") && err.contains("empty"),
-        "{err}"
-    );
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "consume",
+                "--topic",
+                "bf",
+                "--sql",
+                "price >",
+                "--timeout-ms",
+                "500",
+            ],
+            "at byte 7",
+        ),
+        (
+            &[
+                "consume",
+                "--topic",
+                "bf",
+                "--tag",
+                "A ||",
+                "--timeout-ms",
+                "500",
+            ],
+            "at byte 4",
+        ),
+        (
+            &[
+                "group",
+                "create",
+                "cli-bad",
+                "--topic",
+                "bf",
+                "--filter-sql",
+                "price > 'a'",
+            ],
+            "at byte 6",
+        ),
+        (
+            &[
+                "group",
+                "create",
+                "cli-bad",
+                "--topic",
+                "bf",
+                "--filter-tag",
+                "",
+            ],
+            "empty",
+        ),
+    ];
+    for (args, where_) in cases {
+        let out = b.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("invalid_filter") && err.contains(where_),
+            "{args:?}: {err}"
+        );
+    }
 }

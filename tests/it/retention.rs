@@ -6,7 +6,9 @@ use keelmq::client::{Consumer, Producer, QueueSelector, Record, SeekTo};
 use keelmq::protocol::Durability;
 use std::time::Duration;
 
-const SMALL_SEGMENTS: &str = r#"
+/// 64 KiB segments, a 192 KiB cap, retention checked every 50 ms: a few
+/// hundred KB of traffic makes it delete (also used by `schedule`).
+pub const SMALL_SEGMENTS: &str = r#"
 [storage]
 segment_bytes_max = 65536
 retention_bytes = 196608

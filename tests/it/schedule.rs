@@ -332,26 +332,13 @@ fn a_group_receives_scheduled_messages_once_with_their_ids() {
     assert_eq!(names.len(), 5);
 }
 
-const SMALL_SEGMENTS: &str = r#"
-[storage]
-segment_bytes_max = 65536
-retention_bytes = 196608
-retention_check_interval_ms = 50
-checkpoint_interval_ms = 50
-write_bytes_max = 65536
-tail_cache_bytes_max = 4096
-[limits]
-batch_bytes_max = 16384
-frame_bytes_max = 32768
-"#;
-
 /// Retention deletes the segments scheduled messages were produced to
 /// long before they are due: they are carried forward first (and survive
 /// a `kill -9` after that, from the timer's generation), and delivered
 /// once, whole, under their ids.
 #[test]
 fn scheduled_messages_outlive_the_retention_of_their_segments() {
-    let mut b = Broker::start(1, Some(SMALL_SEGMENTS));
+    let mut b = Broker::start(1, Some(crate::retention::SMALL_SEGMENTS));
     b.admin().create_topic("late", 1, None).unwrap();
     b.admin().create_topic("filler", 1, None).unwrap();
     let mut p = Producer::connect(&b.addr).unwrap();

@@ -644,9 +644,13 @@ async fn receive_once(
             break;
         }
         let q = queues[(start + k) % n];
-        let latest = shard.store.offsets(q).map_or(0, |o| o.latest);
         if shard.groups.with_window(gid, q, |w| w.w.has_due(now)) == Some(true)
-            && !by_priority(shard, gid, q, latest)
+            && !by_priority(
+                shard,
+                gid,
+                q,
+                shard.store.offsets(q).map_or(0, |o| o.latest),
+            )
         {
             lease_from(
                 shard,
@@ -748,7 +752,6 @@ async fn receive_once(
 /// the records that go where only some do, nothing where none does.
 fn settle_batches(shard: &Shard, gid: GroupId, filter: Option<&MessageFilter>, g: &mut Gathered) {
     use crate::filter::Selection;
-    use crate::group::entry::Entry;
     let views = g
         .batches
         .iter()
@@ -797,14 +800,7 @@ fn settle_batches(shard: &Shard, gid: GroupId, filter: Option<&MessageFilter>, g
     }
     g.leased = kept;
     for q in dropped {
-        if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
-            g.entries
-                .extend(events.into_iter().map(|event| Entry::Window {
-                    group: gid,
-                    queue: q,
-                    event,
-                }));
-        }
+        take_window_journal(shard, gid, q, &mut g.entries);
     }
     // Only batches some lease still points into go out, renumbered.
     let mut used = vec![false; g.batches.len()];
@@ -843,7 +839,6 @@ async fn lease_from(
     filter: Option<&MessageFilter>,
     g: &mut Gathered,
 ) -> Result<(), HandlerError> {
-    use crate::group::entry::Entry;
     let mut priorities: HashMap<u64, u8> = HashMap::new();
     let (visible_end, groups) = match take {
         Take::Due => (0, Default::default()),
@@ -989,15 +984,28 @@ async fn lease_from(
             }
         }
     }
-    if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
-        g.entries
-            .extend(events.into_iter().map(|event| Entry::Window {
-                group: gid,
-                queue: q,
-                event,
-            }));
-    }
+    take_window_journal(shard, gid, q, &mut g.entries);
     Ok(())
+}
+
+/// Moves a window's journal events into a request's entries.
+fn take_window_journal(
+    shard: &Shard,
+    gid: GroupId,
+    q: QueueId,
+    entries: &mut Vec<crate::group::entry::Entry>,
+) {
+    if let Some(events) = shard.groups.with_window(gid, q, |w| w.w.take_journal()) {
+        entries.extend(
+            events
+                .into_iter()
+                .map(|event| crate::group::entry::Entry::Window {
+                    group: gid,
+                    queue: q,
+                    event,
+                }),
+        );
+    }
 }
 
 fn receive_reply(

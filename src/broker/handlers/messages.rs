@@ -501,18 +501,19 @@ pub(super) async fn get_message(shard: &Rc<Shard>, body: Bytes) -> HResult {
         position: id.position.0,
         index: id.index,
     };
-    let found = match shard.timer.location_of(origin) {
-        // A scheduled message carried away from where it was produced.
-        Some(at) if at != origin => {
-            shard
-                .store
-                .timer_batch_at(crate::ids::LogPosition(at.position))
-                .await
-        }
-        _ => shard.store.batch_at(id.position).await.map(Some),
+    // A scheduled message may have been carried away from where it was
+    // produced.
+    let at = shard.timer.location_of(origin).unwrap_or(origin);
+    let found = if at != origin {
+        shard
+            .store
+            .timer_batch_at(crate::ids::LogPosition(at.position))
+            .await
+    } else {
+        shard.store.batch_at(id.position).await.map(Some)
     };
-    let (batch, at) = match found {
-        Ok(Some(b)) => (b, shard.timer.location_of(origin).unwrap_or(origin)),
+    let batch = match found {
+        Ok(Some(b)) => b,
         Ok(None) | Err(StoreError::Log(LogError::NotFound(_))) => return Err(not_found()),
         Err(e) => return Err(e.into()),
     };
