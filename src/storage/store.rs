@@ -406,11 +406,6 @@ impl<I: Io> QueueStore<I> {
         self.queues.borrow().keys().map(|&q| QueueId(q)).collect()
     }
 
-    /// Number of queues.
-    pub fn queue_count(&self) -> usize {
-        self.queues.borrow().len()
-    }
-
     /// Waits (up to `limit`) until an append of `len` bytes can be taken.
     pub async fn wait_appendable(&self, len: u64, limit: Duration) -> Result<(), StoreError> {
         Ok(self.log.wait_admission(len, limit).await?)

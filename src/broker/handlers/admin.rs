@@ -14,7 +14,7 @@ pub fn shard_stats(shard: &Shard) -> serde_json::Value {
     let segments = log.segments();
     serde_json::json!({
         "shard": shard.id,
-        "queues": shard.store.queue_count(),
+        "queues": shard.metadata.borrow().queues_of_shard(shard.id).len(),
         "counters": m.counters_json(),
         "append_latency": histogram_json(&m.append_us),
         "redelivery_lateness": crate::shard::metrics::histogram_ms_json(&m.redelivery_lateness_ms),
