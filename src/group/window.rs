@@ -34,13 +34,26 @@
 //!   priority, except that the oldest deliverable message goes first once
 //!   its priority plus one per `priority_age_boost_ms` it has waited
 //!   reaches the best one's (so no priority starves).
+//! - priority ahead of the window: when the window is full and messages of
+//!   priority above 0 wait beyond it, each priority `p` keeps its own
+//!   sparse sub-window of them (the *ahead* slots, found by the shard's
+//!   scan beyond the window): every priority-`p` offset in `[next,
+//!   done_p)` is finished, and every one in
+//!   `[max(next, done_p), cursor_p)` is an ahead slot, so a higher priority
+//!   beyond the window goes before a lower one in it. Finished ahead slots
+//!   at the front of their priority are dropped (`done_p` moves past them),
+//!   so under a sustained overload the high priorities keep flowing while
+//!   the low ones wait in the window (aging still moves them). At most
+//!   [`PRIORITY_AHEAD_MAX`] (or `inflight_max` when smaller) ahead slots;
+//!   a better one may evict the last pending ahead slot of a lower priority.
 //!
-//! Memory: a slot is 40 bytes and an in-flight or retry slot one ordered
+//! Memory: a slot is 40 bytes (an ahead slot about 100 with its map
+//! entries) and an in-flight or retry slot one ordered
 //! timer entry (16 bytes plus B-tree overhead), about 70 bytes per
 //! in-flight message, 0.7 MB for a full default window of 10,000.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::backoff::Backoff;
 use super::journal::{Event, JournalError};
@@ -48,7 +61,7 @@ use super::journal::{Event, JournalError};
 /// Default most messages in one (group, queue) window.
 pub const INFLIGHT_MESSAGES_MAX_DEFAULT: u32 = 10_000;
 /// Largest `inflight_messages_max` a group may set (a full window's
-/// snapshot, 3.2 MB, is one record of the group journal).
+/// snapshot, 3.6 MB with its ahead slots, is one record of the group journal).
 pub const INFLIGHT_MESSAGES_MAX_LIMIT: u32 = 100_000;
 /// Default most deliveries of one message before it is dead-lettered.
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 16;
@@ -79,6 +92,14 @@ pub struct WindowConfig {
 pub const PRIORITY_AGE_BOOST_MS_DEFAULT: u64 = 1000;
 /// Highest priority.
 pub const PRIORITY_MAX: u8 = 9;
+/// Most slots a window holds ahead of its next offset for messages of
+/// priority above 0 (fewer when `inflight_max` is smaller): 10,000, about
+/// 1 MB, 400 KB of snapshot.
+pub const PRIORITY_AHEAD_MAX: u32 = 10_000;
+/// Most passes of one offer over a scan (module docs).
+const OFFER_PASSES_MAX: usize = 3;
+/// Priorities 0..=9, for per-priority arrays.
+const PRIORITIES: usize = PRIORITY_MAX as usize + 1;
 
 impl Default for WindowConfig {
     fn default() -> WindowConfig {
@@ -180,6 +201,17 @@ pub struct DeliveryWindow {
     busy: HashMap<MessageGroup, u64>,
     /// Orderly: pending offsets per busy group, in order.
     waiting: HashMap<MessageGroup, VecDeque<u64>>,
+    /// Slots at or past `next` for messages of priority above 0, taken in
+    /// ahead of the window (module docs).
+    ahead: BTreeMap<u64, Slot>,
+    /// The offsets of `ahead`, per priority.
+    ahead_of: [BTreeSet<u64>; PRIORITIES],
+    /// Per priority: every offset of it in `[next, ahead_done[p])` is
+    /// finished.
+    ahead_done: [u64; PRIORITIES],
+    /// Per priority: every offset of it in `[max(next, ahead_done[p]),
+    /// ahead_cursor[p])` is in `ahead` (the scan beyond the window saw it).
+    ahead_cursor: [u64; PRIORITIES],
     dead_letters: Vec<DeadLetter>,
     /// Transitions since the last [`DeliveryWindow::take_journal`].
     journal: Vec<Event>,
@@ -208,6 +240,10 @@ impl DeliveryWindow {
             unblocked: BTreeSet::new(),
             busy: HashMap::new(),
             waiting: HashMap::new(),
+            ahead: BTreeMap::new(),
+            ahead_of: std::array::from_fn(|_| BTreeSet::new()),
+            ahead_done: [0; PRIORITIES],
+            ahead_cursor: [0; PRIORITIES],
             dead_letters: Vec::new(),
             journal: Vec::new(),
             next_lease: first_lease.max(1),
@@ -227,18 +263,33 @@ impl DeliveryWindow {
     pub fn next(&self) -> u64 {
         self.floor + self.slots.len() as u64
     }
-    /// Slots held (bounded by `inflight_max`).
+    /// Slots held from the floor (bounded by `inflight_max`).
     pub fn len(&self) -> usize {
         self.slots.len()
     }
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
+    /// Slots held ahead of the window (bounded by [`Self::ahead_max`],
+    /// except right after a replay).
+    pub fn ahead_len(&self) -> usize {
+        self.ahead.len()
+    }
+    /// Most ahead slots: [`PRIORITY_AHEAD_MAX`], or `inflight_max` when
+    /// smaller.
+    pub fn ahead_max(&self) -> usize {
+        self.cfg.inflight_max.min(PRIORITY_AHEAD_MAX) as usize
+    }
+    /// Every slot, from the floor, then the ahead ones.
+    fn all_slots(&self) -> impl Iterator<Item = (u64, &Slot)> {
+        (self.floor..)
+            .zip(self.slots.iter())
+            .chain(self.ahead.iter().map(|(&o, s)| (o, s)))
+    }
     /// Messages leased now.
     pub fn in_flight(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s.state, State::InFlight { .. }))
+        self.all_slots()
+            .filter(|(_, s)| matches!(s.state, State::InFlight { .. }))
             .count()
     }
     /// The next lease number (to persist, so leases are never reused).
@@ -259,7 +310,10 @@ impl DeliveryWindow {
     /// are waiting, or a ready retry has a priority above 0. (Without, the
     /// FIFO path gives the same order.)
     pub fn has_priorities(&self) -> bool {
-        !self.pending.is_empty() || self.ready_by_priority.first().is_some_and(|(p, _)| p.0 > 0)
+        !self.pending.is_empty()
+            || self.ready_by_priority.first().is_some_and(|(p, _)| p.0 > 0)
+            || !self.ahead.is_empty()
+            || self.ahead_done.iter().any(|&d| d > self.next())
     }
 
     fn ready_insert(&mut self, offset: u64) {
@@ -276,11 +330,18 @@ impl DeliveryWindow {
 
     fn slot(&self, offset: u64) -> Option<&Slot> {
         let i = offset.checked_sub(self.floor)?;
-        self.slots.get(usize::try_from(i).ok()?)
+        match self.slots.get(usize::try_from(i).ok()?) {
+            Some(s) => Some(s),
+            None => self.ahead.get(&offset),
+        }
     }
     fn slot_mut(&mut self, offset: u64) -> &mut Slot {
         let i = (offset - self.floor) as usize;
-        &mut self.slots[i]
+        if i < self.slots.len() {
+            &mut self.slots[i]
+        } else {
+            self.ahead.get_mut(&offset).expect("an ahead slot")
+        }
     }
 
     /// Moves the clock (never back) and fires what is due: expired leases
@@ -439,11 +500,7 @@ impl DeliveryWindow {
         mut priority_of: impl FnMut(u64) -> u8,
         out: &mut Vec<Lease>,
     ) {
-        debug_assert!(!self.cfg.orderly, "priority is for non-orderly windows");
-        self.advance(now_ms);
-        while self.next() < visible_end && self.slots.len() < self.cfg.inflight_max as usize {
-            self.take(&mut |_| 0, Some(&mut priority_of));
-        }
+        self.take_prioritized(now_ms, visible_end, &mut priority_of);
         for _ in 0..max {
             let Some(offset) = self.pick() else {
                 break;
@@ -454,6 +511,190 @@ impl DeliveryWindow {
                 self.pending_by_priority.remove(&(Reverse(p), offset));
             }
             out.push(self.deliver(offset, invisible_ms));
+        }
+    }
+
+    /// The first part of [`DeliveryWindow::receive_prioritized`]: moves the
+    /// clock and takes every new offset below `visible_end` the window has
+    /// room for, with its priority. (The shard calls it before scanning
+    /// beyond the window.)
+    pub fn take_prioritized(
+        &mut self,
+        now_ms: u64,
+        visible_end: u64,
+        mut priority_of: impl FnMut(u64) -> u8,
+    ) {
+        debug_assert!(!self.cfg.orderly, "priority is for non-orderly windows");
+        self.advance(now_ms);
+        while self.next() < visible_end && self.slots.len() < self.cfg.inflight_max as usize {
+            self.take(&mut |_| 0, Some(&mut priority_of));
+        }
+    }
+
+    /// Where the shard should scan for messages of priority above 0 beyond
+    /// the window (up to `visible_end`), then offer what it found with
+    /// [`DeliveryWindow::offer_ahead`]; `None` when there is nothing to
+    /// learn: the window reaches `visible_end`, or no priority the scan
+    /// could add to has room (ahead slots full and nothing to evict) or
+    /// slots the scan has not covered yet.
+    pub fn ahead_scan_from(&self, visible_end: u64) -> Option<u64> {
+        let next = self.next();
+        if self.cfg.orderly
+            || next >= visible_end
+            || self.slots.len() < self.cfg.inflight_max as usize
+        {
+            return None;
+        }
+        let room = self.ahead.len() < self.ahead_max();
+        // The lowest priority with a pending last slot: any better one may
+        // evict it.
+        let evictable = (1..PRIORITIES).find(|&q| self.evictable(q).is_some());
+        (1..PRIORITIES)
+            .filter(|&p| {
+                room || evictable.is_some_and(|q| q < p)
+                    || self.ahead_of[p]
+                        .last()
+                        .is_some_and(|&o| o >= self.ahead_cursor[p])
+            })
+            .map(|p| self.ahead_cursor[p].max(next))
+            .filter(|&from| from < visible_end)
+            .min()
+    }
+
+    /// The slot the scan may evict for a better priority: the last ahead
+    /// slot of priority `q`, when it is pending (merely known, not leased).
+    fn evictable(&self, q: usize) -> Option<u64> {
+        let &o = self.ahead_of[q].last()?;
+        (self.ahead[&o].state == State::Pending).then_some(o)
+    }
+
+    /// What a scan beyond the window from `from` up to `known_to` found:
+    /// every offset in it holding a message of priority above 0, with the
+    /// priority (in offset order). Each priority whose cursor the scan
+    /// covered takes in its offsets as pending ahead slots while there is
+    /// room (or a lower priority's last pending ahead slot to evict), and
+    /// its cursor moves to where it stopped. Safe to call with a scan made
+    /// before the window changed: what it no longer needs is ignored.
+    /// Whether some priority stopped short for want of room.
+    pub fn offer_ahead(&mut self, from: u64, known_to: u64, found: &[(u64, u8)]) -> bool {
+        if self.cfg.orderly {
+            return false;
+        }
+        // A pass that ran short may have freed room later on (finished
+        // slots it covered were forgotten): the stopped priorities go on.
+        let mut short = false;
+        for _ in 0..OFFER_PASSES_MAX {
+            let s = self.offer_pass(from, known_to, found);
+            short |= s;
+            if !s || self.ahead.len() >= self.ahead_max() {
+                break;
+            }
+        }
+        short
+    }
+
+    /// One pass of [`DeliveryWindow::offer_ahead`] over what the scan found.
+    fn offer_pass(&mut self, from: u64, known_to: u64, found: &[(u64, u8)]) -> bool {
+        let mut short = false;
+        let next = self.next();
+        // The priorities this scan covers.
+        let mut covered = [false; PRIORITIES];
+        for (p, c) in covered.iter_mut().enumerate().skip(1) {
+            *c = self.ahead_cursor[p].max(next) >= from;
+        }
+        let taken_at = self.now_ms.max(1);
+        for &(offset, priority) in found {
+            let p = usize::from(priority.min(PRIORITY_MAX));
+            if p == 0
+                || !covered[p]
+                || offset < next
+                || offset >= known_to
+                || offset < self.ahead_cursor[p]
+            {
+                continue;
+            }
+            if self.ahead.contains_key(&offset) {
+                // Known already (a replay made it): covered now, and
+                // forgotten if finished and first.
+                self.ahead_cursor[p] = offset + 1;
+                self.compact(p);
+                continue;
+            }
+            if self.ahead.len() >= self.ahead_max() {
+                let Some((q, e)) = (1..p).find_map(|q| self.evictable(q).map(|e| (q, e))) else {
+                    // Full: this priority knows up to here.
+                    short = true;
+                    covered[p] = false;
+                    self.ahead_cursor[p] = offset;
+                    continue;
+                };
+                self.evict(q, e);
+                // It knows no further than the slot it lost.
+                covered[q] = false;
+                short = true;
+            }
+            self.ahead.insert(
+                offset,
+                Slot {
+                    state: State::Pending,
+                    attempt: 0,
+                    lease: 0,
+                    group: taken_at,
+                    priority: p as u8,
+                },
+            );
+            self.ahead_of[p].insert(offset);
+            self.ahead_cursor[p] = offset + 1;
+            self.pending.insert(offset);
+            self.pending_by_priority.insert((Reverse(p as u8), offset));
+        }
+        for (p, &c) in covered.iter().enumerate().skip(1) {
+            if c {
+                self.ahead_cursor[p] = self.ahead_cursor[p].max(known_to);
+            }
+            self.compact(p);
+        }
+        short
+    }
+
+    /// Forgets the pending ahead slot `e`, the last of priority `q`: the
+    /// scan will find it again.
+    fn evict(&mut self, q: usize, e: u64) {
+        self.ahead.remove(&e);
+        self.ahead_of[q].remove(&e);
+        self.pending.remove(&e);
+        self.pending_by_priority.remove(&(Reverse(q as u8), e));
+        self.ahead_cursor[q] = self.ahead_cursor[q].min(e);
+    }
+
+    /// Drops the finished ahead slots at the front of priority `p` that the
+    /// scan covered: `ahead_done[p]` says they are finished.
+    fn compact(&mut self, p: usize) {
+        while let Some(&o) = self.ahead_of[p].first() {
+            if o >= self.ahead_cursor[p] || self.ahead[&o].state != State::Done {
+                break;
+            }
+            self.ahead_of[p].pop_first();
+            self.ahead.remove(&o);
+            self.ahead_done[p] = o + 1;
+        }
+    }
+
+    /// Takes an ahead slot into the window's run of slots (`offset` is the
+    /// window's next); what it was stays.
+    fn take_ahead(&mut self, offset: u64) -> Option<Slot> {
+        let slot = self.ahead.remove(&offset)?;
+        self.ahead_of[usize::from(slot.priority)].remove(&offset);
+        self.slots.push_back(slot);
+        self.trim();
+        Some(slot)
+    }
+
+    /// Passes the floor over the finished slots at the front.
+    fn trim(&mut self) {
+        while self.slots.front().is_some_and(|s| s.state == State::Done) {
+            self.slots.pop_front();
+            self.floor += 1;
         }
     }
 
@@ -503,12 +744,34 @@ impl DeliveryWindow {
         priority_of: Option<&mut dyn FnMut(u64) -> u8>,
     ) -> bool {
         let offset = self.next();
+        if self.take_ahead(offset).is_some() {
+            // Known ahead: it keeps its state (and, pending, its place
+            // among the pending ones).
+            debug_assert!(priority_of.is_some(), "ahead slots only by priority");
+            return false;
+        }
         let orderly = self.cfg.orderly;
+        debug_assert!(
+            orderly || priority_of.is_some() || self.ahead_done.iter().all(|&d| d <= offset),
+            "a window with finished ahead slots takes by priority"
+        );
         let (group, priority) = match priority_of {
             _ if orderly => (group_of(offset), 0),
             Some(p) => (self.now_ms.max(1), p(offset).min(PRIORITY_MAX)),
             None => (0, 0),
         };
+        if priority > 0 && offset < self.ahead_done[usize::from(priority)] {
+            // Leased ahead and finished.
+            self.slots.push_back(Slot {
+                state: State::Done,
+                attempt: 0,
+                lease: 0,
+                group,
+                priority,
+            });
+            self.trim();
+            return false;
+        }
         self.slots.push_back(Slot {
             state: State::Pending,
             attempt: 0,
@@ -587,6 +850,10 @@ impl DeliveryWindow {
             return Err(LeaseError::Finished(offset));
         }
         let Some(slot) = self.slot(offset) else {
+            if offset >= self.next() && self.ahead_done.iter().any(|&d| offset < d) {
+                // Most likely leased ahead and finished since.
+                return Err(LeaseError::Finished(offset));
+            }
             return Err(LeaseError::NotDelivered(offset));
         };
         match slot.state {
@@ -726,6 +993,25 @@ impl DeliveryWindow {
             return false;
         }
         self.floor = self.floor.max(offset);
+        // Ahead slots of messages retention deleted go too.
+        while let Some((&o, s)) = self.ahead.first_key_value() {
+            if o >= self.floor {
+                break;
+            }
+            let s = *s;
+            self.ahead.remove(&o);
+            self.ahead_of[usize::from(s.priority)].remove(&o);
+            self.pending.remove(&o);
+            self.pending_by_priority.remove(&(Reverse(s.priority), o));
+            self.ready_by_priority.remove(&(Reverse(s.priority), o));
+            self.ready.remove(&o);
+            match s.state {
+                State::InFlight { deadline_ms: t } | State::Retry { not_before_ms: t } => {
+                    self.timers.remove(&(t, o));
+                }
+                _ => {}
+            }
+        }
         true
     }
 
@@ -733,7 +1019,7 @@ impl DeliveryWindow {
     /// waiting to be retried, dead-lettering).
     pub fn counts(&self) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);
-        for s in &self.slots {
+        for (_, s) in self.all_slots() {
             match s.state {
                 State::InFlight { .. } => c.0 += 1,
                 State::Retry { .. } => c.1 += 1,
@@ -768,11 +1054,44 @@ impl DeliveryWindow {
     pub fn apply_with(
         &mut self,
         e: &Event,
+        group_of: impl FnMut(u64) -> MessageGroup,
+        priority_of: impl FnMut(u64) -> u8,
+    ) -> Result<(), JournalError> {
+        self.apply_from(e, 0, group_of, priority_of)
+    }
+
+    /// [`DeliveryWindow::apply_with`] for the transitions of a journal
+    /// record (a run) after its first `skip`.
+    pub fn apply_from(
+        &mut self,
+        e: &Event,
+        skip: usize,
         mut group_of: impl FnMut(u64) -> MessageGroup,
         mut priority_of: impl FnMut(u64) -> u8,
     ) -> Result<(), JournalError> {
         e.each()
-            .try_for_each(|one| self.apply_one(&one, &mut group_of, &mut priority_of))
+            .skip(skip)
+            .try_for_each(|one| self.apply_one(&one, &mut group_of, &mut priority_of, u64::MAX))
+    }
+
+    /// [`DeliveryWindow::apply_with`] where `priority_of` knows only the
+    /// offsets below `known_to` (and those of the record itself): a
+    /// delivery takes the window in no further. When that is not far
+    /// enough, the transition is refused with how many of the record's
+    /// went in before it: retry the rest ([`DeliveryWindow::apply_from`])
+    /// knowing more.
+    pub fn apply_known(
+        &mut self,
+        e: &Event,
+        mut group_of: impl FnMut(u64) -> MessageGroup,
+        mut priority_of: impl FnMut(u64) -> u8,
+        known_to: u64,
+    ) -> Result<(), (usize, JournalError)> {
+        for (i, one) in e.each().enumerate() {
+            self.apply_one(&one, &mut group_of, &mut priority_of, known_to)
+                .map_err(|err| (i, err))?;
+        }
+        Ok(())
     }
 
     fn apply_one(
@@ -780,6 +1099,7 @@ impl DeliveryWindow {
         e: &Event,
         group_of: &mut impl FnMut(u64) -> MessageGroup,
         priority_of: &mut impl FnMut(u64) -> u8,
+        known_to: u64,
     ) -> Result<(), JournalError> {
         self.advance(e.now_ms());
         let journaled = self.journal.len();
@@ -800,6 +1120,7 @@ impl DeliveryWindow {
                 },
                 group_of,
                 priority_of,
+                known_to,
             ),
             Event::Ack { offset, lease, .. } => self.ack(offset, lease).map_err(|_| "ack"),
             Event::Nack {
@@ -836,15 +1157,43 @@ impl DeliveryWindow {
         l: Lease,
         group_of: &mut impl FnMut(u64) -> MessageGroup,
         priority_of: &mut impl FnMut(u64) -> u8,
+        known_to: u64,
     ) -> Result<(), &'static str> {
         if l.offset < self.floor || l.lease < self.next_lease {
             return Err("deliver of a finished offset or with an old lease");
         }
-        if l.offset >= self.floor + u64::from(self.cfg.inflight_max) {
-            return Err("deliver beyond the window");
+        // Take in up to it while there is room (finished slots taken in
+        // move the floor), as the receive that leased it did.
+        while self.next() <= l.offset
+            && self.next() < known_to
+            && self.slots.len() < self.cfg.inflight_max as usize
+        {
+            self.take(group_of, Some(&mut *priority_of));
         }
-        while self.next() <= l.offset {
-            self.take(group_of, Some(priority_of));
+        if self.next() <= l.offset {
+            // Leased ahead of the window by priority.
+            if self.cfg.orderly {
+                return Err("deliver beyond the window");
+            }
+            if !self.ahead.contains_key(&l.offset) {
+                let p = priority_of(l.offset).min(PRIORITY_MAX);
+                if p == 0 || l.offset < self.ahead_done[usize::from(p)] {
+                    return Err("deliver beyond the window of no priority or finished");
+                }
+                self.ahead.insert(
+                    l.offset,
+                    Slot {
+                        state: State::Pending,
+                        attempt: 0,
+                        lease: 0,
+                        group: self.now_ms.max(1),
+                        priority: p,
+                    },
+                );
+                self.ahead_of[usize::from(p)].insert(l.offset);
+                self.pending.insert(l.offset);
+                self.pending_by_priority.insert((Reverse(p), l.offset));
+            }
         }
         let slot = *self.slot(l.offset).expect("taken");
         let due = match slot.state {
@@ -872,13 +1221,10 @@ impl DeliveryWindow {
     /// not stored yet.
     pub fn replayed(&mut self) {
         self.journal.clear();
-        let floor = self.floor;
         self.dead_letters = self
-            .slots
-            .iter()
-            .zip(floor..)
-            .filter(|(s, _)| s.state == State::DeadLettering)
-            .map(|(s, offset)| DeadLetter {
+            .all_slots()
+            .filter(|(_, s)| s.state == State::DeadLettering)
+            .map(|(offset, s)| DeadLetter {
                 offset,
                 attempts: s.attempt,
             })
@@ -889,21 +1235,56 @@ impl DeliveryWindow {
     /// slot that is not merely pending, the timers and the ready set
     /// (the simulation compares it).
     #[cfg(test)]
-    pub(crate) fn durable_view(&self) -> DurableView {
-        let floor = self.floor;
+    pub(crate) fn durable_view(&self, end: u64, priority_of: impl Fn(u64) -> u8) -> DurableView {
+        let mut slots: Vec<_> = self
+            .all_slots()
+            .filter(|(_, s)| !matches!(s.state, State::Pending | State::Done))
+            .map(|(o, s)| (o, s.state, s.attempt, s.lease))
+            .collect();
+        slots.sort_unstable_by_key(|s| s.0);
+        // Finished slots not yet taken in are as good as passed.
+        let floor = (self.floor..end)
+            .find(|&o| !self.is_finished(o, priority_of(o)))
+            .unwrap_or(end.max(self.floor));
         DurableView {
             floor,
             next_lease: self.next_lease,
-            slots: self
-                .slots
-                .iter()
-                .zip(floor..)
-                .filter(|(s, _)| s.state != State::Pending)
-                .map(|(s, o)| (o, s.state, s.attempt, s.lease))
+            slots,
+            finished: (floor..end)
+                .filter(|&o| self.is_finished(o, priority_of(o)))
                 .collect(),
             timers: self.timers.iter().copied().collect(),
             ready: self.ready.iter().copied().collect(),
         }
+    }
+
+    /// Whether the message at `offset` (of `priority`) is acked or
+    /// dead-lettered, as far as the window knows.
+    #[cfg(test)]
+    pub(crate) fn is_finished(&self, offset: u64, priority: u8) -> bool {
+        match self.slot(offset) {
+            Some(s) => s.state == State::Done,
+            None => {
+                offset < self.floor
+                    || offset >= self.next()
+                        && offset < self.ahead_done[usize::from(priority.min(PRIORITY_MAX))]
+            }
+        }
+    }
+
+    /// Whether `offset` has an ahead slot (the simulation checks the scan's
+    /// promise).
+    #[cfg(test)]
+    pub(crate) fn is_ahead(&self, offset: u64) -> bool {
+        self.ahead.contains_key(&offset)
+    }
+
+    /// Where the scan of `priority` stands: every offset of it in
+    /// `[max(next, done), cursor)` is an ahead slot.
+    #[cfg(test)]
+    pub(crate) fn ahead_cursor(&self, priority: u8) -> (u64, u64) {
+        let p = usize::from(priority);
+        (self.ahead_done[p], self.ahead_cursor[p])
     }
 
     fn finish(&mut self, offset: u64) {
@@ -923,9 +1304,11 @@ impl DeliveryWindow {
                 }
             }
         }
-        while self.slots.front().is_some_and(|s| s.state == State::Done) {
-            self.slots.pop_front();
-            self.floor += 1;
+        if offset >= self.next() {
+            let p = usize::from(self.ahead[&offset].priority);
+            self.compact(p);
+        } else {
+            self.trim();
         }
     }
 }
@@ -934,13 +1317,33 @@ impl DeliveryWindow {
 pub const SNAPSHOT_HEADER_BYTES: usize = 40;
 /// Bytes per slot in a window snapshot.
 pub const SNAPSHOT_SLOT_BYTES: usize = 32;
-const SNAPSHOT_VERSION: u8 = 1;
+/// Bytes of a snapshot's priority part (version 2): per priority 1 to 9,
+/// its done mark and scan cursor (u64 each).
+pub const SNAPSHOT_PRIORITY_BYTES: usize = 16 * (PRIORITIES - 1);
+/// Bytes per ahead slot in a snapshot: its offset (u64), then a slot.
+pub const SNAPSHOT_AHEAD_BYTES: usize = 8 + SNAPSHOT_SLOT_BYTES;
+const SNAPSHOT_VERSION: u8 = 2;
 
-/// CRC-32 of a snapshot's header before the CRC field, then its slots.
+/// Most bytes of a window snapshot under `inflight_max` (the group's
+/// journal stores it as one record).
+pub fn snapshot_bytes_max(inflight_max: u32) -> u64 {
+    let ahead = inflight_max.min(PRIORITY_AHEAD_MAX);
+    SNAPSHOT_HEADER_BYTES as u64
+        + u64::from(inflight_max) * SNAPSHOT_SLOT_BYTES as u64
+        + SNAPSHOT_PRIORITY_BYTES as u64
+        + u64::from(ahead) * SNAPSHOT_AHEAD_BYTES as u64
+}
+
+/// CRC-32 of a snapshot's header but the CRC field, then the rest
+/// (version 1: header bytes 36..40 were reserved and left out).
 fn snapshot_crc(b: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&b[..32]);
-    h.update(&b[SNAPSHOT_HEADER_BYTES..]);
+    if b[0] == 1 {
+        h.update(&b[SNAPSHOT_HEADER_BYTES..]);
+    } else {
+        h.update(&b[36..]);
+    }
     h.finalize()
 }
 
@@ -959,40 +1362,97 @@ pub enum SnapshotError {
     TooManySlots(u32),
     #[error("window snapshot field `{0}` must be zero")]
     NonZero(&'static str),
+    #[error("window snapshot ahead slot at {0} is not past the window or has no priority")]
+    Ahead(u64),
+}
+
+fn encode_slot(s: &Slot) -> [u8; SNAPSHOT_SLOT_BYTES] {
+    let (kind, time) = match s.state {
+        State::Pending => (1u8, 0),
+        State::InFlight { deadline_ms } => (2, deadline_ms),
+        State::Retry { not_before_ms } => (3, not_before_ms),
+        State::DeadLettering => (4, 0),
+        State::Done => (5, 0),
+    };
+    let mut r = [0u8; SNAPSHOT_SLOT_BYTES];
+    r[0] = kind;
+    r[1] = s.priority;
+    r[4..8].copy_from_slice(&s.attempt.to_le_bytes());
+    r[8..16].copy_from_slice(&s.lease.to_le_bytes());
+    r[16..24].copy_from_slice(&time.to_le_bytes());
+    r[24..32].copy_from_slice(&s.group.to_le_bytes());
+    r
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// A slot record (`i` names it in errors).
+fn decode_slot(i: u32, r: &[u8]) -> Result<Slot, SnapshotError> {
+    if r[1] > PRIORITY_MAX || r[2..4] != [0, 0] {
+        return Err(SnapshotError::NonZero("slot reserved"));
+    }
+    let time = u64_at(r, 16);
+    let state = match r[0] {
+        1 => State::Pending,
+        2 => State::InFlight { deadline_ms: time },
+        3 => State::Retry {
+            not_before_ms: time,
+        },
+        4 => State::DeadLettering,
+        5 => State::Done,
+        k => return Err(SnapshotError::State(i, k)),
+    };
+    Ok(Slot {
+        state,
+        attempt: u32_at(r, 4),
+        lease: u64_at(r, 8),
+        group: u64_at(r, 24),
+        priority: r[1],
+    })
 }
 
 impl DeliveryWindow {
-    /// The whole window as bytes: a 40-byte header (version u8, 3 reserved,
-    /// slot count u32, floor u64, next lease u64, clock u64, CRC-32 u32 of
-    /// the other header bytes and the slots, 4 reserved) and one 32-byte
+    /// The whole window as bytes: a 40-byte header (version u8 2, 3
+    /// reserved, slot count u32, floor u64, next lease u64, clock u64,
+    /// CRC-32 u32 of every other byte, ahead slot count u32), one 32-byte
     /// record per slot from the floor (state u8: 1 pending, 2 in flight,
     /// 3 retry, 4 dead-lettering, 5 done; priority u8; 2 reserved; attempt
     /// u32; lease u64; deadline or retry time u64; message group u64, or for
-    /// a non-orderly pending slot when it was taken). Restored, with
-    /// the journal after it replayed, it is the window that ran.
+    /// a non-orderly pending slot when it was taken), the priority part
+    /// (per priority 1 to 9: done mark u64, scan cursor u64) and one 40-byte
+    /// record per ahead slot (offset u64, then a slot record). Restored,
+    /// with the journal after it replayed, it is the window that ran.
+    /// Version 1 (no ahead slots, no priority part, bytes 36..40 reserved
+    /// and outside the CRC) is still read.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut b = vec![0u8; SNAPSHOT_HEADER_BYTES];
+        let mut b = Vec::with_capacity(
+            SNAPSHOT_HEADER_BYTES
+                + self.slots.len() * SNAPSHOT_SLOT_BYTES
+                + SNAPSHOT_PRIORITY_BYTES
+                + self.ahead.len() * SNAPSHOT_AHEAD_BYTES,
+        );
+        b.resize(SNAPSHOT_HEADER_BYTES, 0);
         b[0] = SNAPSHOT_VERSION;
         b[4..8].copy_from_slice(&(self.slots.len() as u32).to_le_bytes());
         b[8..16].copy_from_slice(&self.floor.to_le_bytes());
         b[16..24].copy_from_slice(&self.next_lease.to_le_bytes());
         b[24..32].copy_from_slice(&self.now_ms.to_le_bytes());
+        b[36..40].copy_from_slice(&(self.ahead.len() as u32).to_le_bytes());
         for s in &self.slots {
-            let (kind, time) = match s.state {
-                State::Pending => (1u8, 0),
-                State::InFlight { deadline_ms } => (2, deadline_ms),
-                State::Retry { not_before_ms } => (3, not_before_ms),
-                State::DeadLettering => (4, 0),
-                State::Done => (5, 0),
-            };
-            let mut r = [0u8; SNAPSHOT_SLOT_BYTES];
-            r[0] = kind;
-            r[1] = s.priority;
-            r[4..8].copy_from_slice(&s.attempt.to_le_bytes());
-            r[8..16].copy_from_slice(&s.lease.to_le_bytes());
-            r[16..24].copy_from_slice(&time.to_le_bytes());
-            r[24..32].copy_from_slice(&s.group.to_le_bytes());
-            b.extend_from_slice(&r);
+            b.extend_from_slice(&encode_slot(s));
+        }
+        for p in 1..PRIORITIES {
+            b.extend_from_slice(&self.ahead_done[p].to_le_bytes());
+            b.extend_from_slice(&self.ahead_cursor[p].to_le_bytes());
+        }
+        for (o, s) in &self.ahead {
+            b.extend_from_slice(&o.to_le_bytes());
+            b.extend_from_slice(&encode_slot(s));
         }
         let crc = snapshot_crc(&b);
         b[32..36].copy_from_slice(&crc.to_le_bytes());
@@ -1005,59 +1465,65 @@ impl DeliveryWindow {
         if b.len() < SNAPSHOT_HEADER_BYTES {
             return Err(SnapshotError::Length(b.len()));
         }
-        if b[0] != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(b[0]));
+        let version = b[0];
+        if version != 1 && version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(version));
         }
-        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         let count = u32_at(b, 4);
+        let ahead = if version == 1 { 0 } else { u32_at(b, 36) };
         if count > INFLIGHT_MESSAGES_MAX_LIMIT {
             return Err(SnapshotError::TooManySlots(count));
         }
-        if b.len() != SNAPSHOT_HEADER_BYTES + count as usize * SNAPSHOT_SLOT_BYTES {
+        if ahead > INFLIGHT_MESSAGES_MAX_LIMIT {
+            return Err(SnapshotError::TooManySlots(ahead));
+        }
+        let slots_end = SNAPSHOT_HEADER_BYTES + count as usize * SNAPSHOT_SLOT_BYTES;
+        let len = if version == 1 {
+            slots_end
+        } else {
+            slots_end + SNAPSHOT_PRIORITY_BYTES + ahead as usize * SNAPSHOT_AHEAD_BYTES
+        };
+        if b.len() != len {
             return Err(SnapshotError::Length(b.len()));
         }
-        let crc = snapshot_crc(b);
-        if crc != u32_at(b, 32) {
+        if snapshot_crc(b) != u32_at(b, 32) {
             return Err(SnapshotError::Checksum);
         }
-        if b[1..4] != [0, 0, 0] || b[36..40] != [0, 0, 0, 0] {
+        if b[1..4] != [0, 0, 0] || version == 1 && b[36..40] != [0, 0, 0, 0] {
             return Err(SnapshotError::NonZero("reserved"));
         }
         let mut w = DeliveryWindow::new(cfg, u64_at(b, 8), u64_at(b, 16));
         w.now_ms = u64_at(b, 24);
-        for (i, r) in b[SNAPSHOT_HEADER_BYTES..]
+        for (i, r) in b[SNAPSHOT_HEADER_BYTES..slots_end]
             .chunks_exact(SNAPSHOT_SLOT_BYTES)
             .enumerate()
         {
-            if r[1] > PRIORITY_MAX || r[2..4] != [0, 0] {
-                return Err(SnapshotError::NonZero("slot reserved"));
+            w.slots.push_back(decode_slot(i as u32, r)?);
+        }
+        if version > 1 {
+            let part = &b[slots_end..slots_end + SNAPSHOT_PRIORITY_BYTES];
+            for p in 1..PRIORITIES {
+                w.ahead_done[p] = u64_at(part, (p - 1) * 16);
+                w.ahead_cursor[p] = u64_at(part, (p - 1) * 16 + 8);
             }
-            let time = u64_at(r, 16);
-            let state = match r[0] {
-                1 => State::Pending,
-                2 => State::InFlight { deadline_ms: time },
-                3 => State::Retry {
-                    not_before_ms: time,
-                },
-                4 => State::DeadLettering,
-                5 => State::Done,
-                k => return Err(SnapshotError::State(i as u32, k)),
-            };
-            w.slots.push_back(Slot {
-                state,
-                attempt: u32_at(r, 4),
-                lease: u64_at(r, 8),
-                group: u64_at(r, 24),
-                priority: r[1],
-            });
+            let next = w.next();
+            for (i, r) in b[slots_end + SNAPSHOT_PRIORITY_BYTES..]
+                .chunks_exact(SNAPSHOT_AHEAD_BYTES)
+                .enumerate()
+            {
+                let offset = u64_at(r, 0);
+                let s = decode_slot(count + i as u32, &r[8..])?;
+                if offset < next || s.priority == 0 || w.cfg.orderly {
+                    return Err(SnapshotError::Ahead(offset));
+                }
+                w.ahead.insert(offset, s);
+                w.ahead_of[usize::from(s.priority)].insert(offset);
+            }
         }
         // What the slots imply: timers, the ready set, orderly blocking.
-        let floor = w.floor;
+        let all: Vec<(u64, Slot)> = w.all_slots().map(|(o, s)| (o, *s)).collect();
         let mut heads: HashMap<MessageGroup, ()> = HashMap::new();
-        let slots: Vec<Slot> = w.slots.iter().copied().collect();
-        for (i, s) in slots.iter().enumerate() {
-            let offset = floor + i as u64;
+        for (offset, s) in all {
             match s.state {
                 State::InFlight { deadline_ms } => {
                     w.timers.insert((deadline_ms, offset));
@@ -1097,6 +1563,7 @@ pub(crate) struct DurableView {
     floor: u64,
     next_lease: u64,
     slots: Vec<(u64, State, u32, u64)>,
+    finished: Vec<u64>,
     timers: Vec<(u64, u64)>,
     ready: Vec<u64>,
 }
@@ -1210,6 +1677,86 @@ mod tests {
     }
 
     #[test]
+    fn priority_beyond_a_full_window_goes_first_and_finished_ones_are_forgotten() {
+        let c = WindowConfig {
+            inflight_max: 4,
+            priority_age_boost_ms: 0,
+            ..cfg(false)
+        };
+        // 0..20 visible; 9 at 10 and 15, 5 at 12, the rest 0.
+        let prio = |o: u64| match o {
+            10 | 15 => 9,
+            12 => 5,
+            _ => 0,
+        };
+        let found: Vec<(u64, u8)> = (0..20)
+            .filter(|&o| prio(o) > 0)
+            .map(|o| (o, prio(o)))
+            .collect();
+        let mut w = DeliveryWindow::new(c.clone(), 0, 1);
+        w.take_prioritized(0, 20, prio);
+        assert_eq!(w.next(), 4, "the window is full");
+        let from = w.ahead_scan_from(20).expect("a scan beyond the window");
+        assert_eq!(from, 4);
+        w.offer_ahead(from, 20, &found);
+        assert_eq!(w.ahead_scan_from(20), None, "all known");
+        let mut got = Vec::new();
+        w.receive_prioritized(0, 3, 100, 20, prio, &mut got);
+        assert_eq!(
+            got.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            [10, 15, 12]
+        );
+        // Acked, the two of priority 9 are forgotten (10 was the first of
+        // its priority, then 15), the 5 stays until 12 is done.
+        for l in &got[..2] {
+            w.ack(l.offset, l.lease).unwrap();
+        }
+        assert_eq!(w.ahead_len(), 1);
+        assert_eq!(w.ack(10, got[0].lease), Err(LeaseError::Finished(10)));
+        // A snapshot keeps what is finished ahead.
+        let mut r = DeliveryWindow::restore(c.clone(), &w.snapshot()).unwrap();
+        r.replayed();
+        assert_eq!(r.durable_view(20, prio), w.durable_view(20, prio));
+        // The window moves on over them without delivering them again.
+        w.ack(12, got[2].lease).unwrap();
+        let mut rest = Vec::new();
+        for _ in 0..20 {
+            w.receive_prioritized(1, 4, 100, 20, prio, &mut rest);
+            for l in rest.drain(..) {
+                assert!(![10, 12, 15].contains(&l.offset), "{l:?} again");
+                w.ack(l.offset, l.lease).unwrap();
+            }
+        }
+        assert_eq!((w.floor(), w.ahead_len()), (20, 0));
+    }
+
+    #[test]
+    fn a_better_priority_evicts_a_lower_pending_one_from_full_ahead_slots() {
+        let c = WindowConfig {
+            inflight_max: 2,
+            priority_age_boost_ms: 0,
+            ..cfg(false)
+        };
+        let prio = |o: u64| match o {
+            5 | 6 => 1,
+            9 => 8,
+            _ => 0,
+        };
+        let mut w = DeliveryWindow::new(c, 0, 1);
+        w.take_prioritized(0, 12, prio);
+        // A first scan finds the two of priority 1: the ahead slots are full.
+        w.offer_ahead(2, 8, &[(5, 1), (6, 1)]);
+        assert_eq!(w.ahead_len(), 2);
+        let from = w.ahead_scan_from(12).expect("8 may evict");
+        w.offer_ahead(from, 12, &[(5, 1), (6, 1), (9, 8)]);
+        let mut got = Vec::new();
+        w.receive_prioritized(0, 2, 100, 12, prio, &mut got);
+        assert_eq!(got.iter().map(|l| l.offset).collect::<Vec<_>>(), [9, 5]);
+        // 6 was forgotten and its priority's scan goes back to it.
+        assert_eq!(w.ahead_cursor(1).1, 6);
+    }
+
+    #[test]
     fn a_snapshot_restores_the_window_and_refuses_damage() {
         let mut w = DeliveryWindow::new(cfg(true), 10, 1);
         let got = w.receive(5, 10, 100, 16, |o| o % 3);
@@ -1218,11 +1765,11 @@ mod tests {
         let snap = w.snapshot();
         assert_eq!(
             snap.len(),
-            SNAPSHOT_HEADER_BYTES + w.len() * SNAPSHOT_SLOT_BYTES
+            SNAPSHOT_HEADER_BYTES + w.len() * SNAPSHOT_SLOT_BYTES + SNAPSHOT_PRIORITY_BYTES
         );
         let mut r = DeliveryWindow::restore(cfg(true), &snap).unwrap();
         r.replayed();
-        assert_eq!(r.durable_view(), w.durable_view());
+        assert_eq!(r.durable_view(16, |_| 0), w.durable_view(16, |_| 0));
         // Both go on the same way.
         let a = w.receive(60, 10, 100, 16, |o| o % 3);
         let b = r.receive(60, 10, 100, 16, |o| o % 3);
@@ -1242,10 +1789,10 @@ mod tests {
             SnapshotError::Checksum
         );
         let mut v = snap.clone();
-        v[0] = 2;
+        v[0] = 3;
         assert_eq!(
             DeliveryWindow::restore(cfg(true), &v).unwrap_err(),
-            SnapshotError::Version(2)
+            SnapshotError::Version(3)
         );
         let mut huge = snap;
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());

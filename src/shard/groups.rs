@@ -366,42 +366,71 @@ impl GroupEngine {
                 event,
             } => {
                 let key = (group, queue);
-                let (orderly, from) = match self.windows.borrow().get(&key) {
+                let (orderly, from, cap) = match self.windows.borrow().get(&key) {
                     None => return meta_has_group(meta, group).is_none(),
-                    Some(w) => (w.orderly, w.w.next()),
+                    Some(w) => (
+                        w.orderly,
+                        w.w.next(),
+                        w.w.floor() + u64::from(w.w.config().inflight_max),
+                    ),
                 };
-                let (groups, priorities) = match event {
-                    crate::group::journal::Event::Deliver { offset, count, .. }
-                        if offset + u64::from(count) > from =>
-                    {
-                        let to = offset + u64::from(count);
+                let mut groups = HashMap::new();
+                let mut priorities: HashMap<u64, u8> = HashMap::new();
+                // The offsets the window may take in up to the delivery
+                // have known priorities below `known_to`: the window's
+                // reach, not the whole way to a delivery far ahead of it.
+                let mut known_to = u64::MAX;
+                let mut deliver = None;
+                if let crate::group::journal::Event::Deliver { offset, count, .. } = event {
+                    let to = offset + u64::from(count);
+                    if to > from {
                         if orderly {
-                            let g = message_groups(store, queue, from, to)
+                            groups = message_groups(store, queue, from, to)
                                 .await
                                 .unwrap_or_default();
-                            (g, HashMap::new())
                         } else if store.has_prioritized(queue, from, to) {
-                            // Replay takes these in with their priorities.
-                            let p = store
-                                .priorities(queue, from, to, u64::MAX)
-                                .await
-                                .map(|(_, p)| p.into_iter().collect())
-                                .unwrap_or_default();
-                            (HashMap::new(), p)
-                        } else {
-                            (HashMap::new(), HashMap::new())
+                            deliver = Some(to);
+                            known_to = to.min(cap.max(from));
+                            for (a, b) in [(from, known_to), (offset.max(known_to), to)] {
+                                if a < b {
+                                    priorities.extend(read_priorities(store, queue, a, b).await);
+                                }
+                            }
                         }
                     }
-                    _ => (HashMap::new(), HashMap::new()),
+                }
+                let applied = {
+                    let mut windows = self.windows.borrow_mut();
+                    let Some(w) = windows.get_mut(&key) else {
+                        return false;
+                    };
+                    w.w.apply_known(
+                        &event,
+                        |o| groups.get(&o).copied().unwrap_or(0),
+                        |o| priorities.get(&o).copied().unwrap_or(0),
+                        known_to,
+                    )
                 };
+                let skip = match applied {
+                    Ok(()) => return true,
+                    Err((skip, _)) => skip,
+                };
+                let Some(to) = deliver else {
+                    return false;
+                };
+                // Taking in finished slots moved the floor further than
+                // the first read reached: know all the way, once.
+                let from = self.windows.borrow().get(&key).map_or(from, |w| w.w.next());
+                let all = read_priorities(store, queue, from, to).await;
                 let mut windows = self.windows.borrow_mut();
                 let Some(w) = windows.get_mut(&key) else {
                     return false;
                 };
-                w.w.apply_with(
+                w.w.apply_from(
                     &event,
+                    skip,
                     |o| groups.get(&o).copied().unwrap_or(0),
-                    |o| priorities.get(&o).copied().unwrap_or(0),
+                    |o| all.get(&o).copied().unwrap_or(0),
                 )
                 .is_ok()
             }
@@ -889,6 +918,21 @@ impl NewWindow {
             journal_before: self.journal_before,
         }
     }
+}
+
+/// The priorities above 0 of the records at offsets `[from, to)` of a
+/// queue (for a replay; unreadable ones count as 0).
+async fn read_priorities(
+    store: &QueueStore<UringIo>,
+    queue: QueueId,
+    from: u64,
+    to: u64,
+) -> HashMap<u64, u8> {
+    store
+        .priorities(queue, from, to, u64::MAX)
+        .await
+        .map(|(_, p)| p.into_iter().collect())
+        .unwrap_or_default()
 }
 
 fn meta_has_group(meta: &Metadata, id: GroupId) -> Option<&crate::shard::metadata::GroupMeta> {

@@ -194,3 +194,102 @@ fn aging_delivers_the_lowest_priority_under_a_stream_of_the_highest() {
         "priority 0 went after {waited:?}, before it aged to 9"
     );
 }
+
+/// A backlog 100 times the window: the messages of priority above 0 deep
+/// in it and at its end are leased before any of priority 0 in the window,
+/// highest first; acked ones stay finished across a `kill -9`.
+#[test]
+fn priority_reaches_beyond_a_full_window_and_survives_a_kill() {
+    let mut b = Broker::start(2, None);
+    let info = b.admin().create_topic("dq", 1, None).unwrap();
+    b.admin()
+        .create_group(
+            "dg",
+            &serde_json::json!({
+                "subscriptions": [{"topic": "dq"}],
+                "start": "earliest",
+                "priority_age_boost_ms": 0,
+                "inflight_messages_max": 20,
+            }),
+        )
+        .unwrap();
+    let shard = info.queues[0].shard;
+    let mut p = Producer::connect(&b.addr).unwrap();
+    // 2000 messages: priority 7 at every 97th, 9 at the last 10, else 0.
+    let prio_of = |n: u64| match n {
+        1990.. => 9,
+        n if n % 97 == 50 => 7,
+        _ => 0,
+    };
+    let mut prio: HashMap<u64, u8> = HashMap::new();
+    for batch in 0..40u64 {
+        let records: Vec<Record> = (0..50u64)
+            .map(|i| {
+                let n = batch * 50 + i;
+                Record::new(n.to_string()).with_priority(prio_of(n))
+            })
+            .collect();
+        let rs = p
+            .send_batch("dq", QueueSelector::Queue(0), &records)
+            .unwrap();
+        for (r, rec) in rs.iter().zip(&records) {
+            prio.insert(r.offset, rec.priority);
+        }
+    }
+    let mut high: Vec<(std::cmp::Reverse<u8>, u64)> = prio
+        .iter()
+        .filter(|(_, &p)| p > 0)
+        .map(|(&o, &p)| (std::cmp::Reverse(p), o))
+        .collect();
+    high.sort();
+    assert_eq!(high.len(), 30);
+    let raw = |b: &Broker| Raw {
+        conn: Connection::connect(&b.addr).unwrap(),
+        group: "dg".into(),
+        topic: "dq".into(),
+        shard,
+    };
+    let mut r = raw(&b);
+    // The first 18 high ones (all of priority 9, then 7s), acked.
+    let mut leased = Vec::new();
+    while leased.len() < 18 {
+        let got = r.receive((18 - leased.len()) as u32);
+        assert!(!got.leases.is_empty(), "nothing leased after {leased:?}");
+        let handles = got.leases.iter().map(|l| l.handle.clone()).collect();
+        leased.extend(got.leases.iter().map(|l| l.offset));
+        r.settle(handles, false);
+    }
+    let want: Vec<u64> = high[..18].iter().map(|h| h.1).collect();
+    assert_eq!(leased, want, "highest priority first, beyond the window");
+    b.kill9();
+    b.restart();
+    let mut r = raw(&b);
+    // The other 12 high ones, then the rest; nothing acked comes again.
+    let mut all = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while all.len() < 2000 - 18 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} came",
+            all.len(),
+            2000 - 18
+        );
+        let got = r.receive(64);
+        let handles: Vec<Bytes> = got.leases.iter().map(|l| l.handle.clone()).collect();
+        all.extend(got.leases.iter().map(|l| l.offset));
+        if !handles.is_empty() {
+            r.settle(handles, false);
+        }
+    }
+    let rest: Vec<u64> = high[18..].iter().map(|h| h.1).collect();
+    assert_eq!(&all[..12], &rest[..], "the remaining high ones first");
+    let mut seen = BTreeSet::new();
+    for o in &all {
+        assert!(
+            !want.contains(o),
+            "acked {o} delivered again after the kill"
+        );
+        assert!(seen.insert(*o), "{o} delivered twice");
+    }
+    assert_eq!(seen.len(), 2000 - 18);
+}

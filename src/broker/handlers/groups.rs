@@ -78,9 +78,7 @@ pub(super) async fn create_group(shard: &Rc<Shard>, body: Bytes) -> HResult {
         ));
     }
     cfg.name = req.name.clone();
-    let snapshot_bytes = crate::group::window::SNAPSHOT_HEADER_BYTES as u64
-        + u64::from(cfg.inflight_messages_max) * crate::group::window::SNAPSHOT_SLOT_BYTES as u64
-        + 256;
+    let snapshot_bytes = crate::group::window::snapshot_bytes_max(cfg.inflight_messages_max) + 256;
     if snapshot_bytes > u64::from(shard.config.limits.batch_bytes_max) {
         return Err(herr(
             ErrorCode::InvalidArgument,
@@ -856,7 +854,27 @@ async fn lease_from(
                 .priorities(q, next, visible_end.min(cap), PRIORITY_READ_AHEAD_BYTES)
                 .await?;
             priorities.extend(p);
-            (known_to.max(next).min(visible_end), Default::default())
+            let end = known_to.max(next).min(visible_end);
+            // Take in, then learn what of priority above 0 waits beyond
+            // the window (the window remembers how far it looked).
+            let now = now_ms();
+            let scan = shard
+                .groups
+                .with_window(gid, q, |w| {
+                    w.w.take_prioritized(now, end, |o| priorities.get(&o).copied().unwrap_or(0));
+                    w.w.ahead_scan_from(visible_end)
+                })
+                .flatten();
+            if let Some(from) = scan {
+                let (to, found) = shard
+                    .store
+                    .priorities(q, from, visible_end, PRIORITY_READ_AHEAD_BYTES)
+                    .await?;
+                shard
+                    .groups
+                    .with_window(gid, q, |w| w.w.offer_ahead(from, to, &found));
+            }
+            (end, Default::default())
         }
         Take::All {
             visible_end,

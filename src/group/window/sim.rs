@@ -46,6 +46,9 @@ struct Model {
     priority_of: HashMap<u64, u8>,
     /// When the window took each offset in (priority seeds: aging).
     taken_at: HashMap<u64, u64>,
+    /// Offsets that ever had an ahead slot (their waiting time is the
+    /// window's own: aging is not checked exactly for them).
+    ahead_touched: std::collections::HashSet<u64>,
     /// Dead letters reported and not yet stored.
     dlq_pending: Vec<u64>,
     /// The last lease of each delivered offset.
@@ -150,6 +153,7 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
         group_of: HashMap::new(),
         priority_of: HashMap::new(),
         taken_at: HashMap::new(),
+        ahead_touched: std::collections::HashSet::new(),
         dlq_pending: Vec::new(),
         leases: HashMap::new(),
         floor,
@@ -322,6 +326,55 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                 }
                 let got = if prioritized {
                     let prio = &m.priority_of;
+                    // The shard: take in, scan beyond the window (a budget
+                    // of a few offsets), offer what it found, lease.
+                    w.take_prioritized(now, visible_end, |o| prio[&o]);
+                    let next = w.next();
+                    let scan = w.ahead_scan_from(visible_end);
+                    if scan.is_none()
+                        && next < visible_end
+                        && w.len() == cfg.inflight_max as usize
+                        && w.ahead_len() < w.ahead_max()
+                    {
+                        if let Some(p) = (1..=PRIORITY_MAX)
+                            .find(|&p| w.ahead_cursor(p).1.max(next) < visible_end)
+                        {
+                            return Err(fail(
+                                log,
+                                format!("no scan with room while priority {p} is behind"),
+                            ));
+                        }
+                    }
+                    if let Some(from) = scan {
+                        let known_to = visible_end.min(from + 1 + rng.below(40));
+                        let found: Vec<(u64, u8)> = (from..known_to)
+                            .filter_map(|o| (prio[&o] > 0).then_some((o, prio[&o])))
+                            .collect();
+                        let before: Vec<u64> = (0..=PRIORITY_MAX)
+                            .map(|p| w.ahead_cursor(p).1.max(next))
+                            .collect();
+                        let short = w.offer_ahead(from, known_to, &found);
+                        // Unless it ran out of room, every priority the
+                        // scan covered took all of it.
+                        if !short {
+                            for p in 1..=PRIORITY_MAX {
+                                let after = w.ahead_cursor(p).1;
+                                if before[usize::from(p)] >= from && after < known_to {
+                                    return Err(fail(
+                                        log,
+                                        format!("priority {p} stopped at {after} of {from}..{known_to} with room"),
+                                    ));
+                                }
+                            }
+                        }
+                        log.push(|| format!("scan ahead {from}..{known_to}: {found:?}"));
+                        for &(o, _) in &found {
+                            if w.is_ahead(o) {
+                                m.ahead_touched.insert(o);
+                                m.taken_at.entry(o).or_insert(m.now.max(1));
+                            }
+                        }
+                    }
                     let mut out = Vec::new();
                     w.receive_prioritized(now, max, inv, visible_end, |o| prio[&o], &mut out);
                     out
@@ -329,14 +382,23 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                     w.receive(now, max, inv, visible_end, |o| group_of[&o])
                 };
                 log.push(|| format!("receive {max} at {now} -> {got:?}"));
+                // What the window knows: its run of slots, and beyond it,
+                // what its scans promise (and ahead slots a replay made).
+                let base_end = w.next();
+                let known = |o: u64, m: &Model| {
+                    o < base_end || {
+                        let p = m.priority_of[&o];
+                        p > 0 && (o < w.ahead_cursor(p).1 || w.is_ahead(o))
+                    }
+                };
                 for l in &got {
                     if prioritized {
                         // The highest priority deliverable message, the
                         // lowest offset among equals (with aging, also the
                         // oldest deliverable one may go first).
-                        let end = visible_end.min(m.floor + u64::from(cfg.inflight_max));
-                        let eligible: Vec<u64> =
-                            (m.floor..end).filter(|&o| m.eligible(o, &heads)).collect();
+                        let eligible: Vec<u64> = (m.floor..visible_end)
+                            .filter(|&o| known(o, &m) && m.eligible(o, &heads))
+                            .collect();
                         let best = eligible
                             .iter()
                             .copied()
@@ -346,8 +408,11 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                         // Before any restart the model knows when each
                         // message began to wait (a replay re-takes them
                         // later): then the aged choice is exact.
+                        let touched = oldest.is_some_and(|o| m.ahead_touched.contains(&o));
                         let want = match (best, oldest) {
-                            (Some(b), Some(o)) if aging && step < crash_at && o != b => {
+                            (Some(b), Some(o))
+                                if aging && step < crash_at && o != b && !touched =>
+                            {
                                 let since = match m.state.get(&o) {
                                     Some(M::Waiting { due }) => *due,
                                     _ => m.taken_at[&o],
@@ -362,7 +427,9 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                             }
                             _ => best,
                         };
-                        let loose = aging && step >= crash_at && Some(l.offset) == oldest;
+                        let loose = aging
+                            && (step >= crash_at && Some(l.offset) == oldest
+                                || touched && [oldest, best].contains(&Some(l.offset)));
                         if Some(l.offset) != want && !loose {
                             return Err(fail(
                                 log,
@@ -416,7 +483,9 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
                 // visible end.
                 if got.len() < max {
                     let heads = m.heads(w.next());
-                    if let Some(o) = (w.floor()..w.next()).find(|&o| m.eligible(o, &heads)) {
+                    let known_due = (w.floor()..visible_end)
+                        .find(|&o| (o < w.next() || w.is_ahead(o)) && m.eligible(o, &heads));
+                    if let Some(o) = known_due {
                         return Err(fail(
                             log,
                             format!(
@@ -473,6 +542,9 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
             log.push(|| format!("restart from the snapshot of step {snapshot_at}"));
         }
         // After every step.
+        if prioritized {
+            check_ahead(&w, &m, step < crash_at).map_err(|e| fail(log, e))?;
+        }
         if w.len() > cfg.inflight_max as usize {
             return Err(fail(
                 log,
@@ -511,6 +583,52 @@ fn run_seed(seed: u64, log: &mut Log) -> Result<(), String> {
     Ok(())
 }
 
+/// The scan's promise: per priority, every offset of it in `[next, done)`
+/// is finished and every unfinished one in `[max(next, done), cursor)` has
+/// an ahead slot; and (before a restart) the ahead slots stay in bound.
+fn check_ahead(w: &DeliveryWindow, m: &Model, bounded: bool) -> Result<(), String> {
+    let next = w.next();
+    for p in 1..=PRIORITY_MAX {
+        let (done, cursor) = w.ahead_cursor(p);
+        let of_p = |o: &u64| m.priority_of.get(o) == Some(&p);
+        for o in (next..done.min(m.visible_end)).filter(of_p) {
+            if !m.finished(o) {
+                return Err(format!(
+                    "priority {p}: {o} below done {done} but not finished"
+                ));
+            }
+        }
+        for o in (next.max(done)..cursor.min(m.visible_end)).filter(of_p) {
+            if !m.finished(o) && !w.is_ahead(o) {
+                return Err(format!(
+                    "priority {p}: {o} below cursor {cursor} but has no ahead slot"
+                ));
+            }
+        }
+    }
+    if bounded && w.ahead_len() > w.ahead_max() {
+        return Err(format!("{} ahead slots > {}", w.ahead_len(), w.ahead_max()));
+    }
+    Ok(())
+}
+
+/// Replays one record as the shard does: priorities known only up to the
+/// window's reach first, and all the way when that is refused.
+fn replay_one(r: &mut DeliveryWindow, e: &Event, m: &Model) -> Result<(), JournalError> {
+    let known_to = match *e {
+        Event::Deliver { offset, count, .. } => {
+            let cap = r.floor() + u64::from(m.cfg.inflight_max);
+            (offset + u64::from(count)).min(cap.max(r.next()))
+        }
+        _ => u64::MAX,
+    };
+    let prio = |o| m.priority_of[&o];
+    match r.apply_known(e, |o| m.group_of[&o], prio, known_to) {
+        Ok(()) => Ok(()),
+        Err((applied, _)) => r.apply_from(e, applied, |o| m.group_of[&o], prio),
+    }
+}
+
 /// A restart: the window rebuilt from its journal is the one that ran
 /// (once both clocks agree).
 fn check_replay(
@@ -522,16 +640,17 @@ fn check_replay(
 ) -> Result<(), String> {
     let mut r = DeliveryWindow::new(m.cfg.clone(), floor, first_lease);
     for (i, e) in journal.iter().enumerate() {
-        r.apply_with(e, |o| m.group_of[&o], |o| m.priority_of[&o])
-            .map_err(|err| format!("replay of record {i} {e:?}: {err}"))?;
+        replay_one(&mut r, e, m).map_err(|err| format!("replay of record {i} {e:?}: {err}"))?;
     }
     r.advance(m.now);
     w.advance(m.now);
-    if r.durable_view() != w.durable_view() {
+    let end = m.visible_end;
+    let prio = |o| m.priority_of.get(&o).copied().unwrap_or(0);
+    if r.durable_view(end, prio) != w.durable_view(end, prio) {
         return Err(format!(
             "replayed window differs:\n  ran      {:?}\n  replayed {:?}",
-            w.durable_view(),
-            r.durable_view()
+            w.durable_view(end, prio),
+            r.durable_view(end, prio)
         ));
     }
     Ok(())
@@ -547,17 +666,19 @@ fn check_restore(
     let mut r =
         DeliveryWindow::restore(m.cfg.clone(), bytes).map_err(|e| format!("restore: {e}"))?;
     for (i, e) in journal[*from..].iter().enumerate() {
-        r.apply_with(e, |o| m.group_of[&o], |o| m.priority_of[&o])
+        replay_one(&mut r, e, m)
             .map_err(|err| format!("replay after the snapshot, record {i} {e:?}: {err}"))?;
     }
     r.replayed();
     r.advance(m.now);
     w.advance(m.now);
-    if r.durable_view() != w.durable_view() {
+    let end = m.visible_end;
+    let prio = |o| m.priority_of.get(&o).copied().unwrap_or(0);
+    if r.durable_view(end, prio) != w.durable_view(end, prio) {
         return Err(format!(
             "restored window differs:\n  ran      {:?}\n  restored {:?}",
-            w.durable_view(),
-            r.durable_view()
+            w.durable_view(end, prio),
+            r.durable_view(end, prio)
         ));
     }
     Ok(r)
