@@ -571,6 +571,21 @@ impl TimerEngine {
         r
     }
 
+    /// Appends a generation's own records: they do not count towards the
+    /// next generation (else a snapshot larger than
+    /// [`TIMER_GENERATION_BYTES`] would call for the next one at once, and
+    /// the timer would rewrite its pending set without end).
+    fn append_uncounted(
+        &self,
+        store: &QueueStore<UringIo>,
+        entries: &[TimerEntry],
+    ) -> Result<AppendReceipt, StoreError> {
+        let before = self.journal_bytes.get();
+        let r = self.append_entries(store, entries, Durability::Fsync);
+        self.journal_bytes.set(before);
+        r
+    }
+
     async fn write_generation(&self, store: &QueueStore<UringIo>) -> Result<(), StoreError> {
         let generation = self.generation.get() + 1;
         store.wait_appendable(4096, Duration::from_secs(1)).await?;
@@ -609,16 +624,15 @@ impl TimerEngine {
             store
                 .wait_appendable(self.batch_bytes_max as u64, Duration::from_secs(10))
                 .await?;
-            self.append_entries(store, &[part], Durability::Fsync)?;
+            self.append_uncounted(store, &[part])?;
         }
         store.wait_appendable(4096, Duration::from_secs(10)).await?;
-        let end = self.append_entries(
+        let end = self.append_uncounted(
             store,
             &[TimerEntry::End {
                 generation,
                 begin_offset: begin.base_offset.0,
             }],
-            Durability::Fsync,
         )?;
         store.wait_durable(&end, Durability::Fsync).await?;
         self.generation.set(generation);

@@ -947,7 +947,8 @@ impl<I: Io> QueueStore<I> {
     /// Reads ahead the records at `(log position, bytes, batch position,
     /// CRC-32)` (sorted by position), checking each, coalescing neighbours into reads of up to 1 MiB, into
     /// the record cache, while it has room; records whose batch is in the
-    /// tail cache, or already read ahead, are skipped. How many were read.
+    /// tail cache are copied from it, those already read ahead skipped.
+    /// How many were read or copied.
     pub async fn read_ahead(&self, records: &[(u64, u32, u64, u32)]) -> Result<usize, StoreError> {
         /// Largest read, and largest gap a read spans between records.
         const READ_BYTES_MAX: u64 = 1 << 20;
@@ -957,17 +958,32 @@ impl<I: Io> QueueStore<I> {
         let mut ranges: Vec<Range> = Vec::new();
         let crc_of: crate::schedule::PositionMap<u64, u32> =
             records.iter().map(|&(at, _, _, crc)| (at, crc)).collect();
+        let mut n = 0;
         {
             let tail = self.tail.borrow();
-            let ahead = self.records.borrow();
+            let mut ahead = self.records.borrow_mut();
             let mut room = 0u64;
-            for &(at, len, batch, _) in records {
-                if ahead.get(at).is_some() || tail.get(batch).is_some() {
+            for &(at, len, batch, crc) in records {
+                if ahead.get(at).is_some() {
                     continue;
                 }
                 room += u64::from(len);
                 if !ahead.has_room(room) {
                     break;
+                }
+                // A batch still in the tail cache may well have left it by
+                // the time the record fires (the fires' own references push
+                // it out): its record is copied now, without a read.
+                if let Some(b) = tail.get(batch) {
+                    let from = (at - batch) as usize;
+                    if let Some(r) = b
+                        .get(from..from + len as usize)
+                        .filter(|r| crc32fast::hash(r) == crc)
+                    {
+                        ahead.insert(at, Bytes::copy_from_slice(r));
+                        n += 1;
+                        continue;
+                    }
                 }
                 let end = at + u64::from(len);
                 match ranges.last_mut() {
@@ -989,7 +1005,6 @@ impl<I: Io> QueueStore<I> {
                 .map(|(start, end, _)| self.log.read(*start, (end - start) as usize)),
         )
         .await;
-        let mut n = 0;
         let mut ahead = self.records.borrow_mut();
         for ((start, _, recs), got) in ranges.iter().zip(reads) {
             // A range that cannot be read is read again when it fires.

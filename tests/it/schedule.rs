@@ -390,3 +390,39 @@ fn scheduled_messages_outlive_the_retention_of_their_segments() {
         assert!(m.broker_timestamp_ms >= due);
     }
 }
+
+/// A pending set whose snapshot is larger than a generation's trigger
+/// (16 MiB: over 316,000 entries) is written once, not over and over: an
+/// idle broker holding 340,000 scheduled messages appends nothing.
+#[test]
+fn a_large_pending_set_is_not_rewritten_while_idle() {
+    let b = Broker::start(1, None);
+    b.admin().create_topic("big", 1, None).unwrap();
+    let mut p = Producer::connect(&b.addr).unwrap();
+    let records: Vec<Record> = (0..1000)
+        .map(|_| Record::new(vec![7u8; 100]).deliver_after(Duration::from_secs(600)))
+        .collect();
+    for _ in 0..340 {
+        p.send_batch("big", QueueSelector::Queue(0), &records)
+            .unwrap();
+    }
+    let position = |b: &Broker| {
+        let stats = b.admin().stats().unwrap();
+        let s = &stats["shards"][0];
+        assert_eq!(s["schedule"]["pending"].as_u64(), Some(340_000), "{s}");
+        (
+            s["log"]["append_position"].as_u64().unwrap(),
+            s["schedule"]["generation"].as_u64().unwrap(),
+        )
+    };
+    // Let the generation the scheduling called for be written.
+    std::thread::sleep(Duration::from_secs(2));
+    let (at, generation) = position(&b);
+    std::thread::sleep(Duration::from_secs(3));
+    let (later, generation_later) = position(&b);
+    assert_eq!(
+        (later - at, generation_later),
+        (0, generation),
+        "an idle timer kept writing generations"
+    );
+}
