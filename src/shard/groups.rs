@@ -921,18 +921,26 @@ impl NewWindow {
 }
 
 /// The priorities above 0 of the records at offsets `[from, to)` of a
-/// queue (for a replay; unreadable ones count as 0).
+/// queue (for a replay). A read that fails leaves them at 0: the replay
+/// may then deliver again a message finished ahead of its window (at least
+/// once, never lost), and says so.
 async fn read_priorities(
     store: &QueueStore<UringIo>,
     queue: QueueId,
     from: u64,
     to: u64,
 ) -> HashMap<u64, u8> {
-    store
-        .priorities(queue, from, to, u64::MAX)
-        .await
-        .map(|(_, p)| p.into_iter().collect())
-        .unwrap_or_default()
+    match store.priorities(queue, from, to, u64::MAX).await {
+        Ok((_, p)) => p.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(
+                queue = queue.0,
+                "group journal replay: priorities of offsets {from}..{to} unreadable ({e}); \
+                 messages finished there may be delivered again"
+            );
+            HashMap::new()
+        }
+    }
 }
 
 fn meta_has_group(meta: &Metadata, id: GroupId) -> Option<&crate::shard::metadata::GroupMeta> {

@@ -602,6 +602,10 @@ enum Take {
 /// window's next offset to learn them (the window takes in only what it
 /// knows the priorities of).
 pub const PRIORITY_READ_AHEAD_BYTES: u64 = 4 << 20;
+/// Bytes a scan past the window may read per free ahead slot, and at least
+/// (the scan goes on from where it stopped at the next receive).
+pub const PRIORITY_SCAN_BYTES_PER_SLOT: u64 = 1024;
+pub const PRIORITY_SCAN_BYTES_MIN: u64 = 64 << 10;
 
 /// Whether a (group, queue) window delivers by priority now: not orderly,
 /// and messages of priority above 0 are waiting in it or visible ahead of
@@ -715,10 +719,16 @@ async fn receive_once(
                 orderly,
             }
         };
-        lease_from(
+        if let Err(e) = lease_from(
             shard, gid, q, take, invisible, max, bytes_max, filter, &mut g,
         )
-        .await?;
+        .await
+        {
+            // As below: what was leased stands, so its journal is stored.
+            take_window_journal(shard, gid, q, &mut g.entries);
+            let _ = shard.groups.append(&shard.store, &g.entries, g.level);
+            return Err(e);
+        }
     }
     // Every batch not in the tail cache is read from the disk at once.
     let read = futures_util::future::try_join_all(
@@ -863,16 +873,23 @@ async fn lease_from(
                 .with_window(gid, q, |w| {
                     w.w.take_prioritized(now, end, |o| priorities.get(&o).copied().unwrap_or(0));
                     w.w.ahead_scan_from(visible_end)
+                        .map(|from| (from, w.w.ahead_max().saturating_sub(w.w.ahead_len())))
                 })
                 .flatten();
-            if let Some(from) = scan {
-                let (to, found) = shard
-                    .store
-                    .priorities(q, from, visible_end, PRIORITY_READ_AHEAD_BYTES)
-                    .await?;
-                shard
-                    .groups
-                    .with_window(gid, q, |w| w.w.offer_ahead(from, to, &found));
+            if let Some((from, room)) = scan {
+                // What a scan may read: in proportion to the room it can
+                // fill (a few freed slots are not worth 4 MiB each time).
+                let budget = (room as u64 * PRIORITY_SCAN_BYTES_PER_SLOT)
+                    .clamp(PRIORITY_SCAN_BYTES_MIN, PRIORITY_READ_AHEAD_BYTES);
+                // Best effort: a failed scan leaves the window as it was.
+                match shard.store.priorities(q, from, visible_end, budget).await {
+                    Ok((to, found)) => {
+                        shard
+                            .groups
+                            .with_window(gid, q, |w| w.w.offer_ahead(from, to, &found));
+                    }
+                    Err(e) => tracing::debug!(shard = shard.id, "priority scan: {e}"),
+                }
             }
             (end, Default::default())
         }
