@@ -1126,6 +1126,26 @@ fn stats(broker: &str, json: bool) -> Result<()> {
             t(&c["connections_open"])
         );
     }
+    // Where an append's time goes on the write path.
+    println!("shard  append->written_p50/p99/p999_us  written->synced_p50/p99/p999_us  write_p50/p99_us  fdatasync_p50/p99_us");
+    for sh in s["shards"].as_array().into_iter().flatten() {
+        let h = |k: &str| {
+            let v = &sh[k];
+            format!("{}/{}/{}", v["p50_us"], v["p99_us"], v["p999_us"])
+        };
+        let w = &sh["write_latency"];
+        let f = &sh["fsync_latency"];
+        let write = format!("{}/{}", w["p50_us"], w["p99_us"]);
+        println!(
+            "{:<6} {:<31} {:<31} {:<17} {}/{}",
+            sh["shard"].to_string(),
+            h("append_written_latency"),
+            h("written_synced_latency"),
+            write,
+            f["p50_us"],
+            f["p99_us"],
+        );
+    }
     for sh in s["shards"].as_array().into_iter().flatten() {
         let log = &sh["log"];
         for (what, v) in [

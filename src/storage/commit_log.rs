@@ -28,6 +28,14 @@
 //! - One syncer task runs fdatasync when someone waits for durability:
 //!   every append whose write completed before the fdatasync started is
 //!   covered (group commit); `synced` advances to what was written then.
+//!   While someone waits for durability the flusher does not start the
+//!   next write until the fdatasync its last write asked for is done: a
+//!   disk that serves one request at a time (virtio-blk here) makes a
+//!   write and a flush in flight together each wait for the other, so
+//!   overlapping them made both slower (10k/s, 100 B: write 155 -> 115 µs,
+//!   fdatasync 170 -> 105 µs, ack p50 710-830 -> 490-550 µs), and under
+//!   saturation the next write, bigger, still carries everything that
+//!   arrived (8 producers: 2.35-2.61M -> 2.55-2.78M msg/s).
 //! - ENOSPC on a write keeps the batches queued, refuses new appends with
 //!   [`LogError::Full`], and retries; nothing is lost or acknowledged early.
 //!   Any other write or fdatasync failure stops the log for writes
@@ -203,6 +211,66 @@ pub struct CommitLog<I: Io> {
     failed_event: Watch,
     fsync_us: RefCell<Histogram<u64>>,
     write_us: RefCell<Histogram<u64>>,
+    /// Where an append's time goes: append -> written -> synced.
+    stages: RefCell<Stages>,
+}
+
+/// Most appends (and writes) whose times the stage histograms keep while
+/// they wait; past it the newest go unmeasured.
+const STAGE_TIMES_MAX: usize = 65_536;
+
+/// The stages of the write path, timed: when each append (by its end) was
+/// taken and when each write (by its end) completed, until the write and
+/// the fdatasync covering them complete.
+struct Stages {
+    appended: VecDeque<(u64, Instant)>,
+    written: VecDeque<(u64, Instant)>,
+    /// µs from an append to the completion of the write holding it.
+    append_written_us: Histogram<u64>,
+    /// µs from a write's completion to the fdatasync that covers it.
+    written_synced_us: Histogram<u64>,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        Stages {
+            appended: VecDeque::new(),
+            written: VecDeque::new(),
+            append_written_us: histogram(),
+            written_synced_us: histogram(),
+        }
+    }
+
+    /// Appends ending at or before `end` are written (so is the write).
+    fn wrote(&mut self, end: u64) {
+        let now = Instant::now();
+        while let Some(&(e, t)) = self.appended.front() {
+            if e > end {
+                break;
+            }
+            self.appended.pop_front();
+            let _ = self
+                .append_written_us
+                .record(now.duration_since(t).as_micros() as u64);
+        }
+        if self.written.len() < STAGE_TIMES_MAX {
+            self.written.push_back((end, now));
+        }
+    }
+
+    /// Writes ending at or before `end` are synced.
+    fn synced(&mut self, end: u64) {
+        let now = Instant::now();
+        while let Some(&(e, t)) = self.written.front() {
+            if e > end {
+                break;
+            }
+            self.written.pop_front();
+            let _ = self
+                .written_synced_us
+                .record(now.duration_since(t).as_micros() as u64);
+        }
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -291,6 +359,7 @@ impl<I: Io> CommitLog<I> {
             failed_event: Watch::new(0),
             fsync_us: RefCell::new(histogram()),
             write_us: RefCell::new(histogram()),
+            stages: RefCell::new(Stages::new()),
         })
     }
 
@@ -427,6 +496,12 @@ impl<I: Io> CommitLog<I> {
         s.pending.push_back((pos, batch.clone()));
         let spare_missing = matches!(s.spare, Spare::Missing);
         drop(s);
+        {
+            let mut st = self.stages.borrow_mut();
+            if st.appended.len() < STAGE_TIMES_MAX {
+                st.appended.push_back((pos + len, Instant::now()));
+            }
+        }
         bump(&self.write_work);
         if half_full && spare_missing {
             bump(&self.prepare_work);
@@ -549,6 +624,14 @@ impl<I: Io> CommitLog<I> {
             self.write_us.borrow().clone(),
             self.fsync_us.borrow().clone(),
         )
+    }
+
+    /// Stage histograms (µs): append -> written (the write holding it
+    /// completed), written -> synced (the fdatasync covering that write
+    /// completed).
+    pub fn stage_histograms(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let st = self.stages.borrow();
+        (st.append_written_us.clone(), st.written_synced_us.clone())
     }
 
     /// Reads `len` bytes at `position` from its segment file. The caller
@@ -951,7 +1034,17 @@ impl<I: Io> CommitLog<I> {
                 continue;
             };
             match self.write_run(seg_base, run).await {
-                Ok(()) => self.write_space_back(),
+                Ok(()) => {
+                    self.write_space_back();
+                    // Someone waits for this write to be durable: the next
+                    // write waits for that fdatasync, and takes everything
+                    // that arrived meanwhile (module docs).
+                    let target = self.state.borrow().sync_wanted.min(self.written.get());
+                    if target > self.synced.get() {
+                        bump(&self.sync_work);
+                        let _ = self.synced.wait_for(target).await;
+                    }
+                }
                 Err(WriteError::NoSpace(f, run, prefix)) => {
                     self.requeue(f, run, prefix);
                     self.io.sleep(Duration::from_millis(FULL_RETRY_MS)).await;
@@ -1120,6 +1213,7 @@ impl<I: Io> CommitLog<I> {
             s.sync_wanted > self.synced.get()
         };
         self.written.advance(end);
+        self.stages.borrow_mut().wrote(end);
         bump(&self.admit_changed);
         if want_sync {
             bump(&self.sync_work);
@@ -1159,6 +1253,7 @@ impl<I: Io> CommitLog<I> {
                     .borrow_mut()
                     .record(t0.elapsed().as_micros() as u64);
                 self.synced.advance(written);
+                self.stages.borrow_mut().synced(written);
             } else {
                 let _ = self.sync_work.wait_for(seen + 1).await;
             }

@@ -372,3 +372,33 @@ fn one_consumer_reads_three_thousand_queues_on_two_shards() {
     assert_eq!(seen.len(), queues.div_ceil(7) as usize);
     assert!(seen.values().all(|v| v == &[0, 1, 2]));
 }
+
+/// The write path's stages are in the stats: an `fsync` produce is timed
+/// from its append to its write and from its write to its fdatasync, and
+/// `keelmq stats` prints both.
+#[test]
+fn stats_show_where_a_durable_append_spends_its_time() {
+    let b = Broker::start(1, None);
+    let mut admin = b.admin();
+    admin
+        .create_topic("st", 1, Some(Durability::Fsync))
+        .unwrap();
+    let mut p = keelmq::client::Producer::connect(&b.addr).unwrap();
+    for i in 0..20 {
+        p.send("st", keelmq::client::Record::new(format!("m{i}")))
+            .unwrap();
+    }
+    let stats = admin.stats().unwrap();
+    let sh = &stats["shards"][0];
+    for k in ["append_written_latency", "written_synced_latency"] {
+        let n = sh[k]["count"].as_u64().unwrap();
+        assert!(
+            n >= 20 || k == "written_synced_latency" && n >= 1,
+            "{k}: {sh}"
+        );
+        assert!(sh[k]["p50_us"].as_u64().unwrap() > 0, "{k}: {sh}");
+    }
+    let text = ok_stdout(&b.cli(&["stats"]));
+    assert!(text.contains("append->written_p50/p99/p999_us"), "{text}");
+    assert!(text.contains("written->synced_p50/p99/p999_us"), "{text}");
+}

@@ -11,6 +11,7 @@ pub fn shard_stats(shard: &Shard) -> serde_json::Value {
     let m = shard.metrics.borrow();
     let log = shard.store.log();
     let (write_us, fsync_us) = log.latency_histograms();
+    let (append_written_us, written_synced_us) = log.stage_histograms();
     let segments = log.segments();
     serde_json::json!({
         "shard": shard.id,
@@ -22,6 +23,8 @@ pub fn shard_stats(shard: &Shard) -> serde_json::Value {
         "schedule": shard.timer.stats_json(),
         "write_latency": histogram_json(&write_us),
         "fsync_latency": histogram_json(&fsync_us),
+        "append_written_latency": histogram_json(&append_written_us),
+        "written_synced_latency": histogram_json(&written_synced_us),
         "log": {
             "segments": segments.len(),
             "segment_bytes": segments.iter().map(|s| s.capacity).sum::<u64>(),
