@@ -398,6 +398,9 @@ fn stats_show_where_a_durable_append_spends_its_time() {
         );
         assert!(sh[k]["p50_us"].as_u64().unwrap() > 0, "{k}: {sh}");
     }
+    for k in ["sleeps", "sleeps_to_bound", "lost_wakeups"] {
+        assert!(stats["reactor"][k].is_u64(), "{k}: {stats}");
+    }
     let text = ok_stdout(&b.cli(&["stats"]));
     assert!(text.contains("append->written_p50/p99/p999_us"), "{text}");
     assert!(text.contains("written->synced_p50/p99/p999_us"), "{text}");

@@ -54,10 +54,15 @@ pub(super) async fn stats(shard: &Rc<Shard>) -> HResult {
                 serde_json::from_slice(&chunks.concat()).unwrap_or(serde_json::Value::Null);
         }
     }
+    // How the executors slept: sleeps that ran to the reactor's 1 ms bound
+    // with completions waiting are wake-ups glommio's ring link lost
+    // (`vendor/glommio/PATCHES.md`).
+    let (sleeps, bounded, lost) = glommio::reactor_sleep_stats();
     let doc = serde_json::json!({
         "broker_version": env!("CARGO_PKG_VERSION"),
         "shard_count": shard.shard_count,
         "topics": shard.metadata.borrow().topics.len(),
+        "reactor": {"sleeps": sleeps, "sleeps_to_bound": bounded, "lost_wakeups": lost},
         "shards": shards,
     });
     Ok(body_json(&doc))

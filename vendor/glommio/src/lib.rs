@@ -439,6 +439,8 @@ pub mod sync;
 pub mod timer;
 
 use crate::reactor::Reactor;
+/// KeelMQ patch: how this process's reactors slept (see `PATCHES.md`).
+pub use crate::sys::reactor_sleep_stats;
 pub use crate::{
     byte_slice_ext::{ByteSliceExt, ByteSliceMutExt},
     error::{

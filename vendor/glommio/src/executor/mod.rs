@@ -1325,15 +1325,17 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
-                break;
+                // KeelMQ patch: preempted before a queue ran (a latency-ring
+                // completion is pending). Tasks may still be runnable: say
+                // so, or the loop takes the executor for idle and parks with
+                // work queued (woken only by the sleep bound).
+                return ran || !self.queues.borrow().active_executors.is_empty();
             }
             if !self.run_one_task_queue() {
                 return false;
-            } else {
-                ran = true;
             }
+            ran = true;
         }
-        ran
     }
 
     fn run_one_task_queue(&self) -> bool {

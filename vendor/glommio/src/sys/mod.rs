@@ -176,6 +176,7 @@ mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
+pub use uring::reactor_sleep_stats;
 
 pub use self::dma_buffer::DmaBuffer;
 pub(crate) use self::{source::*, uring::*};

@@ -11,6 +11,7 @@ use nix::{
     sys::socket::{SockaddrLike, SockaddrStorage},
 };
 use rlimit::Resource;
+use std::sync::atomic::Ordering::Relaxed;
 use std::{
     cell::{Cell, Ref, RefCell, RefMut},
     collections::VecDeque,
@@ -1294,6 +1295,30 @@ macro_rules! flush_rings {
 /// KeelMQ patch: the longest a reactor sleeps before re-checking its rings.
 const SLEEP_BOUND: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// KeelMQ patch: how the reactors of this process slept (every executor).
+pub(crate) struct SleepStats {
+    pub(crate) sleeps: std::sync::atomic::AtomicU64,
+    pub(crate) bounded: std::sync::atomic::AtomicU64,
+    pub(crate) lost: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) static SLEEP_STATS: SleepStats = SleepStats {
+    sleeps: std::sync::atomic::AtomicU64::new(0),
+    bounded: std::sync::atomic::AtomicU64::new(0),
+    lost: std::sync::atomic::AtomicU64::new(0),
+};
+
+/// KeelMQ patch: (sleeps, sleeps that ran to the 1 ms bound, of those the
+/// ones that woke with completions waiting on the latency ring: wake-ups
+/// the ring link lost), over every executor of the process.
+pub fn reactor_sleep_stats() -> (u64, u64, u64) {
+    (
+        SLEEP_STATS.sleeps.load(Relaxed),
+        SLEEP_STATS.bounded.load(Relaxed),
+        SLEEP_STATS.lost.load(Relaxed),
+    )
+}
+
 fn align_up(v: usize, align: usize) -> usize {
     (v + align - 1) & !(align - 1)
 }
@@ -1882,8 +1907,19 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
+                    let slept_at = std::time::Instant::now();
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
+                    // KeelMQ patch: count sleeps that ran to the bound, and
+                    // those that did with completions waiting on the latency
+                    // ring (a wake-up the ring link lost).
+                    SLEEP_STATS.sleeps.fetch_add(1, Relaxed);
+                    if slept_at.elapsed() >= SLEEP_BOUND {
+                        SLEEP_STATS.bounded.fetch_add(1, Relaxed);
+                        if lat_ring.ring.cq().ready() > 0 {
+                            SLEEP_STATS.lost.fetch_add(1, Relaxed);
+                        }
+                    }
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
