@@ -159,25 +159,33 @@ impl Drop for Aligned {
     }
 }
 
-/// 4 KiB O_DIRECT writes (then with fdatasync) in `dir`: (write, fsync) µs.
-pub fn disk(dir: &Path, writes: u32, syncs: u32) -> Result<(Histogram<u64>, Histogram<u64>)> {
-    let path = dir.join(".floor-probe");
+/// A new `O_DIRECT` file of `span` bytes (a multiple of 1 MiB) written with
+/// zeros and synced, so writes into it measure the disk, not block
+/// allocation or extent conversion.
+fn prezeroed_direct(path: &Path, span: u64) -> Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("O_DIRECT open of {}", path.display()))?;
-    let buf = Aligned::new(4096);
-    let span = 64u64 << 20;
-    // Preallocate so the writes measure the disk, not block allocation.
+    let chunk = Aligned::new(1 << 20);
     f.set_len(span)?;
-    for i in 0..(span / 4096) {
-        f.write_all_at(buf.as_slice(), i * 4096)?;
+    for i in 0..span >> 20 {
+        f.write_all_at(chunk.as_slice(), i << 20)?;
     }
     f.sync_all()?;
+    Ok(f)
+}
+
+/// 4 KiB O_DIRECT writes (then with fdatasync) in `dir`: (write, fsync) µs.
+pub fn disk(dir: &Path, writes: u32, syncs: u32) -> Result<(Histogram<u64>, Histogram<u64>)> {
+    let path = dir.join(".floor-probe");
+    let span = 64u64 << 20;
+    let f = prezeroed_direct(&path, span)?;
+    let buf = Aligned::new(4096);
     let (mut w, mut s) = (histogram(), histogram());
     for i in 0..u64::from(writes) {
         let t = Instant::now();
@@ -219,21 +227,8 @@ pub fn group_commit(
     sync: bool,
 ) -> Result<Histogram<u64>> {
     let path = dir.join(".floor-group-commit");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .with_context(|| format!("O_DIRECT open of {}", path.display()))?;
-    let chunk = Aligned::new(1 << 20);
-    f.set_len(GROUP_COMMIT_SPAN_BYTES)?;
-    for i in 0..GROUP_COMMIT_SPAN_BYTES / (1 << 20) {
-        f.write_all_at(chunk.as_slice(), i << 20)?;
-    }
-    f.sync_all()?;
-    // The floor runs where the broker's shard ran, alone.
+    let f = prezeroed_direct(&path, GROUP_COMMIT_SPAN_BYTES)?;
+    // Alone on the core it is given.
     let measure = std::thread::scope(|scope| {
         scope
             .spawn(|| {

@@ -602,7 +602,6 @@ impl DeliveryWindow {
         for (p, c) in covered.iter_mut().enumerate().skip(1) {
             *c = self.ahead_cursor[p].max(next) >= from;
         }
-        let taken_at = self.now_ms.max(1);
         for &(offset, priority) in found {
             let p = usize::from(priority.min(PRIORITY_MAX));
             if p == 0
@@ -633,20 +632,8 @@ impl DeliveryWindow {
                 covered[q] = false;
                 short = true;
             }
-            self.ahead.insert(
-                offset,
-                Slot {
-                    state: State::Pending,
-                    attempt: 0,
-                    lease: 0,
-                    group: taken_at,
-                    priority: p as u8,
-                },
-            );
-            self.ahead_of[p].insert(offset);
+            self.add_ahead(offset, p as u8);
             self.ahead_cursor[p] = offset + 1;
-            self.pending.insert(offset);
-            self.pending_by_priority.insert((Reverse(p as u8), offset));
         }
         for (p, &c) in covered.iter().enumerate().skip(1) {
             if c {
@@ -657,13 +644,44 @@ impl DeliveryWindow {
         short
     }
 
+    /// A pending ahead slot for `offset`, of `priority` (above 0), taken
+    /// now.
+    fn add_ahead(&mut self, offset: u64, priority: u8) {
+        self.ahead.insert(
+            offset,
+            Slot {
+                state: State::Pending,
+                attempt: 0,
+                lease: 0,
+                group: self.now_ms.max(1),
+                priority,
+            },
+        );
+        self.ahead_of[usize::from(priority)].insert(offset);
+        self.pending.insert(offset);
+        self.pending_by_priority.insert((Reverse(priority), offset));
+    }
+
+    /// Forgets the ahead slot at `offset`, with whatever names it (the
+    /// pending, ready and timer sets).
+    fn drop_ahead(&mut self, offset: u64) -> Option<Slot> {
+        let s = self.ahead.remove(&offset)?;
+        let key = (Reverse(s.priority), offset);
+        self.ahead_of[usize::from(s.priority)].remove(&offset);
+        self.pending.remove(&offset);
+        self.pending_by_priority.remove(&key);
+        self.ready.remove(&offset);
+        self.ready_by_priority.remove(&key);
+        if let State::InFlight { deadline_ms: t } | State::Retry { not_before_ms: t } = s.state {
+            self.timers.remove(&(t, offset));
+        }
+        Some(s)
+    }
+
     /// Forgets the pending ahead slot `e`, the last of priority `q`: the
     /// scan will find it again.
     fn evict(&mut self, q: usize, e: u64) {
-        self.ahead.remove(&e);
-        self.ahead_of[q].remove(&e);
-        self.pending.remove(&e);
-        self.pending_by_priority.remove(&(Reverse(q as u8), e));
+        self.drop_ahead(e);
         self.ahead_cursor[q] = self.ahead_cursor[q].min(e);
     }
 
@@ -674,8 +692,7 @@ impl DeliveryWindow {
             if o >= self.ahead_cursor[p] || self.ahead[&o].state != State::Done {
                 break;
             }
-            self.ahead_of[p].pop_first();
-            self.ahead.remove(&o);
+            self.drop_ahead(o);
             self.ahead_done[p] = o + 1;
         }
     }
@@ -994,23 +1011,11 @@ impl DeliveryWindow {
         }
         self.floor = self.floor.max(offset);
         // Ahead slots of messages retention deleted go too.
-        while let Some((&o, s)) = self.ahead.first_key_value() {
+        while let Some(o) = self.ahead.first_key_value().map(|(&o, _)| o) {
             if o >= self.floor {
                 break;
             }
-            let s = *s;
-            self.ahead.remove(&o);
-            self.ahead_of[usize::from(s.priority)].remove(&o);
-            self.pending.remove(&o);
-            self.pending_by_priority.remove(&(Reverse(s.priority), o));
-            self.ready_by_priority.remove(&(Reverse(s.priority), o));
-            self.ready.remove(&o);
-            match s.state {
-                State::InFlight { deadline_ms: t } | State::Retry { not_before_ms: t } => {
-                    self.timers.remove(&(t, o));
-                }
-                _ => {}
-            }
+            self.drop_ahead(o);
         }
         true
     }
@@ -1180,19 +1185,7 @@ impl DeliveryWindow {
                 if p == 0 || l.offset < self.ahead_done[usize::from(p)] {
                     return Err("deliver beyond the window of no priority or finished");
                 }
-                self.ahead.insert(
-                    l.offset,
-                    Slot {
-                        state: State::Pending,
-                        attempt: 0,
-                        lease: 0,
-                        group: self.now_ms.max(1),
-                        priority: p,
-                    },
-                );
-                self.ahead_of[usize::from(p)].insert(l.offset);
-                self.pending.insert(l.offset);
-                self.pending_by_priority.insert((Reverse(p), l.offset));
+                self.add_ahead(l.offset, p);
             }
         }
         let slot = *self.slot(l.offset).expect("taken");

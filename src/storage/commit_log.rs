@@ -244,15 +244,7 @@ impl Stages {
     /// Appends ending at or before `end` are written (so is the write).
     fn wrote(&mut self, end: u64) {
         let now = Instant::now();
-        while let Some(&(e, t)) = self.appended.front() {
-            if e > end {
-                break;
-            }
-            self.appended.pop_front();
-            let _ = self
-                .append_written_us
-                .record(now.duration_since(t).as_micros() as u64);
-        }
+        reached(&mut self.appended, end, now, &mut self.append_written_us);
         if self.written.len() < STAGE_TIMES_MAX {
             self.written.push_back((end, now));
         }
@@ -260,16 +252,24 @@ impl Stages {
 
     /// Writes ending at or before `end` are synced.
     fn synced(&mut self, end: u64) {
-        let now = Instant::now();
-        while let Some(&(e, t)) = self.written.front() {
-            if e > end {
-                break;
-            }
-            self.written.pop_front();
-            let _ = self
-                .written_synced_us
-                .record(now.duration_since(t).as_micros() as u64);
+        reached(
+            &mut self.written,
+            end,
+            Instant::now(),
+            &mut self.written_synced_us,
+        );
+    }
+}
+
+/// Takes the times of everything ending at or before `end` off `times`,
+/// recording how long each waited until `now` (µs).
+fn reached(times: &mut VecDeque<(u64, Instant)>, end: u64, now: Instant, h: &mut Histogram<u64>) {
+    while let Some(&(e, t)) = times.front() {
+        if e > end {
+            break;
         }
+        times.pop_front();
+        let _ = h.record(now.duration_since(t).as_micros() as u64);
     }
 }
 

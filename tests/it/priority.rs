@@ -65,6 +65,34 @@ fn setup(b: &Broker, topic: &str, group: &str, boost_ms: u64) -> Raw {
     }
 }
 
+/// Produces `batches` batches of `per_batch` messages to queue 0 of
+/// `topic`, message `n` (from 0) with priority `priority_of(n)`; returns
+/// each offset's priority.
+fn produce(
+    p: &mut Producer,
+    topic: &str,
+    batches: u64,
+    per_batch: u64,
+    priority_of: impl Fn(u64) -> u8,
+) -> HashMap<u64, u8> {
+    let mut prio = HashMap::new();
+    for batch in 0..batches {
+        let records: Vec<Record> = (0..per_batch)
+            .map(|i| {
+                let n = batch * per_batch + i;
+                Record::new(n.to_string()).with_priority(priority_of(n))
+            })
+            .collect();
+        let rs = p
+            .send_batch(topic, QueueSelector::Queue(0), &records)
+            .unwrap();
+        for (r, rec) in rs.iter().zip(&records) {
+            prio.insert(r.offset, rec.priority);
+        }
+    }
+    prio
+}
+
 #[test]
 fn a_backlog_is_leased_highest_priority_first_and_retries_keep_theirs() {
     let b = Broker::start(2, None);
@@ -72,21 +100,7 @@ fn a_backlog_is_leased_highest_priority_first_and_retries_keep_theirs() {
     let mut p = Producer::connect(&b.addr).unwrap();
     // offset -> priority; 300 messages in batches of 10, priorities mixed
     // within and across batches.
-    let mut prio: HashMap<u64, u8> = HashMap::new();
-    for batch in 0..30u64 {
-        let records: Vec<Record> = (0..10u64)
-            .map(|i| {
-                let n = batch * 10 + i;
-                Record::new(n.to_string()).with_priority(((n * 7 + n / 13) % 10) as u8)
-            })
-            .collect();
-        let rs = p
-            .send_batch("pq", QueueSelector::Queue(0), &records)
-            .unwrap();
-        for (r, rec) in rs.iter().zip(&records) {
-            prio.insert(r.offset, rec.priority);
-        }
-    }
+    let prio = produce(&mut p, "pq", 30, 10, |n| ((n * 7 + n / 13) % 10) as u8);
     // What may be leased next: (priority desc, offset asc).
     let mut deliverable: BTreeSet<(std::cmp::Reverse<u8>, u64)> = prio
         .iter()
@@ -221,21 +235,7 @@ fn priority_reaches_beyond_a_full_window_and_survives_a_kill() {
         n if n % 97 == 50 => 7,
         _ => 0,
     };
-    let mut prio: HashMap<u64, u8> = HashMap::new();
-    for batch in 0..40u64 {
-        let records: Vec<Record> = (0..50u64)
-            .map(|i| {
-                let n = batch * 50 + i;
-                Record::new(n.to_string()).with_priority(prio_of(n))
-            })
-            .collect();
-        let rs = p
-            .send_batch("dq", QueueSelector::Queue(0), &records)
-            .unwrap();
-        for (r, rec) in rs.iter().zip(&records) {
-            prio.insert(r.offset, rec.priority);
-        }
-    }
+    let prio = produce(&mut p, "dq", 40, 50, prio_of);
     let mut high: Vec<(std::cmp::Reverse<u8>, u64)> = prio
         .iter()
         .filter(|(_, &p)| p > 0)
