@@ -981,6 +981,8 @@ impl<I: Io> QueueStore<I> {
                         .filter(|r| crc32fast::hash(r) == crc)
                     {
                         ahead.insert(at, Bytes::copy_from_slice(r));
+                        // Held now: it counts in the cache, not in `room`.
+                        room -= u64::from(len);
                         n += 1;
                         continue;
                     }
