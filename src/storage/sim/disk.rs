@@ -94,6 +94,8 @@ pub struct DiskState {
     pub boots: u64,
     /// Failed syncs that lost sectors of completed writes.
     pub lossy_syncs: u64,
+    /// fdatasync calls, by file (for tests of who syncs how often).
+    pub syncs: BTreeMap<PathBuf, u64>,
 }
 
 impl DiskState {
@@ -441,7 +443,8 @@ impl IoFile for SimFile {
     async fn sync(&self) -> IoResult<()> {
         // What this sync covers: the writes completed before it started.
         let covered: Vec<u64> = {
-            let d = self.io.disk.0.borrow();
+            let mut d = self.io.disk.0.borrow_mut();
+            *d.syncs.entry(self.path.clone()).or_default() += 1;
             d.inodes[&self.inode]
                 .pending
                 .iter()
