@@ -565,13 +565,24 @@ fn real_main() -> Result<()> {
     let broker = spawned
         .as_ref()
         .map_or(a.broker.clone(), |s| s.addr.clone());
-    // The spawned broker pins its shards to the first cores; the loadgen
-    // takes the rest (or shares all of them when none is left).
+    // The spawned broker pins its shards (with fewer shards than cores, to
+    // the cores taking the data disk's interrupts); the loadgen takes the
+    // rest (or shares all of them when none is left).
     let (broker_cpu, cpus) = match &spawned {
-        Some(_) if cores.len() > a.shards as usize => {
-            (cores.first().copied(), cores[a.shards as usize..].to_vec())
+        Some(s) => {
+            let taken = s.shard_cores();
+            let rest: Vec<usize> = cores
+                .iter()
+                .copied()
+                .filter(|c| !taken.contains(c))
+                .collect();
+            let broker_cpu = taken.first().copied().or(cores.first().copied());
+            if taken.is_empty() || rest.is_empty() {
+                (broker_cpu, Vec::new())
+            } else {
+                (broker_cpu, rest)
+            }
         }
-        Some(_) => (cores.first().copied(), Vec::new()),
         None => (None, Vec::new()),
     };
     let mode = a.client_mode.name();
@@ -668,9 +679,10 @@ fn real_main() -> Result<()> {
             b.push(&keelmq::batch::Record::new(vec![0u8; w.size]));
             b.finish().len()
         };
-        // On a core of the client's (idle by now), not the broker's: the
-        // idle broker still wakes there.
-        let gc_cpu = client_cpu.or(broker_cpu);
+        // On the shard's core, idle by now: with fewer shards than cores
+        // that is where the data disk's interrupts land, so the floor, like
+        // the shard, sees its completions without a cross-core wake-up.
+        let gc_cpu = broker_cpu.or(client_cpu);
         let gc_fsync = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, true)?;
         let gc_written = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, false)?;
         let f = floor::Floor {

@@ -26,7 +26,7 @@ pub fn keelmq_binary() -> PathBuf {
 
 impl Spawned {
     /// Starts a broker with `shards` shards and an optional profile; its
-    /// shards pin themselves to the first `shards` cores.
+    /// shards pin themselves (see [`Spawned::shard_cores`]).
     pub fn start(
         shards: u16,
         profile: Option<&str>,
@@ -84,6 +84,41 @@ impl Spawned {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The cores the broker's shards are pinned to, read from their
+    /// threads' affinity: the broker chooses them (with fewer shards than
+    /// cores, the ones taking the data disk's interrupts), so the loadgen
+    /// asks rather than assumes. Unpinned shards are left out.
+    pub fn shard_cores(&self) -> Vec<usize> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return Vec::new();
+        };
+        let mut cores: Vec<usize> = tasks
+            .filter_map(|t| {
+                let t = t.ok()?;
+                let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                if !comm.starts_with("keelmq-shard") {
+                    return None;
+                }
+                let tid: libc::pid_t = t.file_name().to_str()?.parse().ok()?;
+                // SAFETY: a zeroed cpu_set_t is valid; the kernel fills it.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                // SAFETY: `set` is a live cpu_set_t of `size` bytes.
+                if unsafe { libc::sched_getaffinity(tid, size, &mut set) } != 0 {
+                    return None;
+                }
+                // SAFETY: CPU_ISSET reads within the set for c < CPU_SETSIZE.
+                let on: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                    .collect();
+                (on.len() == 1).then(|| on[0])
+            })
+            .collect();
+        cores.sort_unstable();
+        cores.dedup();
+        cores
     }
 
     /// Broker memory (resident set), bytes.

@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod handlers;
+pub mod placement;
 pub mod push;
 pub mod serve;
 
@@ -49,29 +50,6 @@ const IO_MEMORY_BYTES_MIN: u64 = 512 * 1024;
 const IO_MEMORY_BYTES_AUTO_MAX: u64 = 64 << 20;
 /// Memlock headroom kept for io_uring rings and other locked memory.
 const MEMLOCK_RESERVE_BYTES: u64 = 1 << 20;
-
-/// Shards to run: the configured count, or one per core the process may use.
-pub fn shard_cores(config: &Config) -> Vec<Option<usize>> {
-    let cores: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    let n = match config.broker.shards {
-        0 => cores.len().max(1),
-        n => n as usize,
-    };
-    // Pin shard i to the i-th usable core; more shards than cores run unpinned.
-    (0..n)
-        .map(|i| {
-            if n <= cores.len() {
-                Some(cores[i])
-            } else {
-                None
-            }
-        })
-        .collect()
-}
 
 /// Per-shard io memory that fits RLIMIT_MEMLOCK.
 pub fn io_memory_per_shard(config: &Config, shards: u16) -> Result<u64, StartError> {
@@ -271,7 +249,16 @@ pub fn run(mut config: Config) -> Result<(), StartError> {
             reason: format!("cannot resolve it: {e}"),
         })?;
     let data_dir = config.broker.data_dir.clone();
-    let cores = shard_cores(&config);
+    let placement = placement::shard_cores(&config);
+    if let Some(d) = &placement.disk_irq {
+        tracing::info!(
+            "shards on cores {:?}: the data disk's completion interrupts ({}) land on {:?}",
+            placement.cores.iter().flatten().collect::<Vec<_>>(),
+            d.device,
+            d.cores.iter().map(|&(c, _)| c).collect::<Vec<_>>()
+        );
+    }
+    let cores = placement.cores;
     let shard_count = cores.len() as u16;
     let metadata = match Metadata::load(&data_dir).map_err(StartError::Metadata)? {
         Some(m) if m.shard_count != shard_count => {
