@@ -133,6 +133,85 @@ pub fn rtt(
     Ok(h)
 }
 
+/// The echo floor of `--client-mode blocking`: the same echo server,
+/// driven the way a blocking client drives the broker. A sender thread
+/// sleeps until each message is due (at most 1 ms at a time, as the
+/// loadgen's blocking producer does) and writes it on a blocking socket; a
+/// receiver thread parks in a blocking read. Both are pinned to
+/// `cpu_client`. Latency: echo received - due time, µs, after the first
+/// 10%. So the floor pays what any parked client pays: the sleep's
+/// overshoot and a thread wake-up per reply.
+pub fn rtt_blocking(
+    cpu_server: Option<usize>,
+    cpu_client: Option<usize>,
+    rate: f64,
+    size: usize,
+    secs: f64,
+) -> Result<Histogram<u64>> {
+    let addr = echo_server(cpu_server)?;
+    let pin = move || {
+        crate::run::least_timer_slack();
+        if let Some(id) = cpu_client {
+            core_affinity::set_for_current(core_affinity::CoreId { id });
+        }
+    };
+    let s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut rx = s.try_clone()?;
+    let size = size.max(8);
+    let interval = 1e9 / rate;
+    let total = (rate * secs) as u64;
+    let warm = total / 10;
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let receiver = std::thread::spawn(move || -> Result<Histogram<u64>> {
+        pin();
+        let mut h = histogram();
+        let mut inbuf = Vec::with_capacity(1 << 20);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut done = 0u64;
+        while done < total {
+            let n = rx.read(&mut chunk)?;
+            if n == 0 {
+                anyhow::bail!("echo server closed");
+            }
+            inbuf.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while inbuf.len() - at >= size {
+                let sched = u64::from_le_bytes(inbuf[at..at + 8].try_into().unwrap());
+                let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+                if done >= warm {
+                    let _ = h.record((now.saturating_sub(sched) / 1000).max(1));
+                }
+                done += 1;
+                at += size;
+            }
+            inbuf.drain(..at);
+        }
+        Ok(h)
+    });
+    pin();
+    let mut tx = s;
+    let mut msg = vec![0u8; size];
+    let mut out: Vec<u8> = Vec::new();
+    let mut next = 0u64;
+    while next < total {
+        let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+        let due = (next as f64 * interval) as u64;
+        if due > now {
+            std::thread::sleep(Duration::from_nanos(due - now).min(Duration::from_millis(1)));
+            continue;
+        }
+        while next < total && (next as f64 * interval) as u64 <= now {
+            msg[..8].copy_from_slice(&((next as f64 * interval) as u64).to_le_bytes());
+            out.extend_from_slice(&msg);
+            next += 1;
+        }
+        tx.write_all(&out)?;
+        out.clear();
+    }
+    receiver.join().expect("floor receiver panicked")
+}
+
 struct Aligned {
     ptr: *mut u8,
     layout: std::alloc::Layout,
@@ -311,5 +390,16 @@ mod tests {
             assert!(h.max() < 250_000 + 100_000, "sync {sync}: max {}", h.max());
         }
         assert!(!dir.path().join(".floor-group-commit").exists());
+    }
+
+    /// Both echo floors see every message after the first 10% once, none
+    /// before it was due.
+    #[test]
+    fn both_echo_floors_time_every_message_once() {
+        let busy = rtt(None, None, 4000.0, 100, 0.5).unwrap();
+        assert_eq!(busy.len(), 2000 - 200);
+        let parked = rtt_blocking(None, None, 4000.0, 100, 0.5).unwrap();
+        assert_eq!(parked.len(), 2000 - 200);
+        assert!(parked.max() < 500_000 + 100_000, "max {}", parked.max());
     }
 }

@@ -667,7 +667,14 @@ fn real_main() -> Result<()> {
     let floor = if a.floor {
         let rate = w.rate.unwrap_or(10_000.0);
         let client_cpu = cpus.first().copied();
-        let rtt = floor::rtt(broker_cpu, client_cpu, rate, w.size, 5.0)?;
+        // The echo is driven in the run's client mode: a parked client's
+        // floor includes the wake-ups any parked client pays.
+        let rtt = match a.client_mode {
+            run::ClientMode::BusyPoll => floor::rtt(broker_cpu, client_cpu, rate, w.size, 5.0)?,
+            run::ClientMode::Blocking => {
+                floor::rtt_blocking(broker_cpu, client_cpu, rate, w.size, 5.0)?
+            }
+        };
         let dir = spawned
             .as_ref()
             .map_or_else(std::env::temp_dir, |s| s.data_dir.path().to_path_buf());
@@ -701,7 +708,7 @@ fn real_main() -> Result<()> {
             fsync_p99_us: quantile_us(&fs, 0.99),
         };
         eprintln!(
-            "floor: echo rtt p50 {} µs p99 {} µs p99.9 {} µs · O_DIRECT 4 KiB write p50 {} µs p99 {} µs · write+fdatasync p50 {} µs p99 {} µs",
+            "floor: echo rtt ({mode}) p50 {} µs p99 {} µs p99.9 {} µs · O_DIRECT 4 KiB write p50 {} µs p99 {} µs · write+fdatasync p50 {} µs p99 {} µs",
             f.rtt_p50_us, f.rtt_p99_us, f.rtt_p999_us, f.write_p50_us, f.write_p99_us, f.fsync_p50_us, f.fsync_p99_us
         );
         eprintln!(
