@@ -347,6 +347,40 @@ impl Reactor {
         source
     }
 
+    /// KeelMQ patch: [`Reactor::write_dma`] with an fdatasync of the file
+    /// linked behind it (see `sys::uring::Reactor::write_dma_then_sync`).
+    /// `pollable` must be non-pollable (both go to the main ring).
+    pub(crate) fn write_dma_then_sync(
+        &self,
+        raw: RawFd,
+        buf: DmaSource,
+        pos: u64,
+        pollable: PollableStatus,
+    ) -> (Source, Source) {
+        assert!(
+            !matches!(pollable, PollableStatus::Pollable),
+            "a linked write and fdatasync go to the main ring"
+        );
+        let stats = StatsCollection {
+            fulfilled: Some(|result, stats, op_count| {
+                if let Ok(result) = result {
+                    stats.file_writes += op_count;
+                    stats.file_bytes_written += *result as u64 * op_count;
+                }
+            }),
+            reused: None,
+            latency: None,
+        };
+        let write = self.new_source(
+            raw,
+            SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
+            Some(stats),
+        );
+        let sync = self.new_source(raw, SourceType::FdataSync, None);
+        self.sys.write_dma_then_sync(&write, pos, &sync);
+        (write, sync)
+    }
+
     pub(crate) fn copy_file_range(
         &self,
         fd_in: RawFd,

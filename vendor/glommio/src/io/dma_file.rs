@@ -312,6 +312,46 @@ impl DmaFile {
         enhanced_try!(source.collect_rw().await, "Writing", self.file).map_err(Into::into)
     }
 
+    /// KeelMQ patch: writes `buf` at `pos`, then fdatasyncs the file. On
+    /// the main ring the two are linked (`IOSQE_IO_LINK`): the kernel starts
+    /// the fdatasync as the write completes, with no round trip through
+    /// the executor, and a failed or short write cancels it. On the poll
+    /// ring (which takes no fdatasync) they run one after the other.
+    ///
+    /// Returns the write's result, when the executor saw it complete, and
+    /// the fdatasync's result (an error, `ECANCELED`, when the write failed
+    /// or was short). Both have completed when this returns.
+    pub async fn write_at_then_sync(
+        &self,
+        buf: DmaBuffer,
+        pos: u64,
+    ) -> (Result<usize>, std::time::Instant, Result<()>) {
+        if matches!(self.pollable, PollableStatus::Pollable) {
+            let written = self.write_at(buf, pos).await;
+            let at = std::time::Instant::now();
+            let synced = match &written {
+                Ok(_) => self.fdatasync().await,
+                Err(_) => Err(crate::GlommioError::IoError(std::io::Error::from_raw_os_error(
+                    libc::ECANCELED,
+                ))),
+            };
+            return (written, at, synced);
+        }
+        let (write, sync) = self.file.reactor.upgrade().unwrap().write_dma_then_sync(
+            self.as_raw_fd(),
+            DmaSource::Owned(buf),
+            pos,
+            self.pollable,
+        );
+        let written = enhanced_try!(write.collect_rw().await, "Writing", self.file)
+            .map_err(Into::into);
+        let at = std::time::Instant::now();
+        let synced = enhanced_try!(sync.collect_rw().await, "Syncing", self.file)
+            .map(|_| ())
+            .map_err(Into::into);
+        (written, at, synced)
+    }
+
     /// Equivalent to [`DmaFile::write_at`] except that the caller retains
     /// non-mutable ownership of the underlying buffer. This can be useful if
     /// you want to asynchronously process a page concurrently with writing it.

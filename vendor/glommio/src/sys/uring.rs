@@ -1433,7 +1433,48 @@ impl Reactor {
     }
 
     pub(crate) fn write_dma(&self, source: &Source, pos: u64) {
-        let op = match &*source.source_type() {
+        let op = Self::write_dma_op(source, pos);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// KeelMQ patch: a file write with an fdatasync of the same file linked
+    /// behind it (`IOSQE_IO_LINK`): the kernel starts the fdatasync when
+    /// the write completes, without a round trip through the executor; a
+    /// failed or short write cancels it. Both go to the main ring (the
+    /// caller checks that the write is not for the poll ring).
+    pub(crate) fn write_dma_then_sync(&self, write: &Source, pos: u64, sync: &Source) {
+        let op = Self::write_dma_op(write, pos);
+        let mut ring = self.ring_for_source(write);
+        let mut map = self.source_map.borrow_mut();
+        let q = ring.submission_queue();
+        let mut entries = Vec::with_capacity(2);
+        for (source, args, flags) in [
+            (write, op, SubmissionFlags::IO_LINK),
+            (sync, UringOpDescriptor::FDataSync, SubmissionFlags::empty()),
+        ] {
+            assert!(source.timeout_ref().is_none(), "a linked pair has no timeouts");
+            source.inner.borrow_mut().wakers.queued_at = Some(Instant::now());
+            let id = map.add_source(source, Rc::clone(&q));
+            entries.push(UringDescriptor {
+                args,
+                fd: source.raw(),
+                flags,
+                user_data: to_user_data(id),
+            });
+        }
+        // Adjacent in the queue: the ring takes a chain whole.
+        q.borrow_mut().submissions.extend(entries);
+        drop(map);
+        drop(ring);
+    }
+
+    fn write_dma_op(source: &Source, pos: u64) -> UringOpDescriptor {
+        match &*source.source_type() {
             SourceType::Write(
                 PollableStatus::NonPollable(DirectIo::Disabled),
                 IoBuffer::DmaSource(buf),
@@ -1443,13 +1484,7 @@ impl Reactor {
                 None => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
             },
             x => panic!("Unexpected source type for write: {:?}", x),
-        };
-        queue_request_into_ring(
-            &mut *self.ring_for_source(source),
-            source,
-            op,
-            &mut self.source_map.borrow_mut(),
-        );
+        }
     }
 
     pub(crate) fn write_buffered(&self, source: &Source, pos: u64) {
