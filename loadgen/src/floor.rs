@@ -1,8 +1,9 @@
 //! The machine's physical floor, measured the way the workload is: a
 //! loopback TCP echo on a glommio executor (the broker's I/O stack, pinned
 //! where the broker runs), driven open loop at the workload's rate by a
-//! busy-polling client; and 4 KiB O_DIRECT writes, with and without
-//! fdatasync, on the data directory's disk.
+//! client in the run's mode (busy-polling, or parked threads); 4 KiB
+//! O_DIRECT writes, with and without fdatasync, on the data directory's
+//! disk; and the open-loop group-commit floor at the run's rate.
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
@@ -191,6 +192,9 @@ pub fn rtt_blocking(
     });
     pin();
     let mut tx = s;
+    // A receiver that failed stops reading: the sender must not block
+    // forever on a full socket.
+    tx.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut msg = vec![0u8; size];
     let mut out: Vec<u8> = Vec::new();
     let mut next = 0u64;

@@ -570,7 +570,7 @@ fn real_main() -> Result<()> {
     // rest (or shares all of them when none is left).
     let (broker_cpu, cpus) = match &spawned {
         Some(s) => {
-            let taken = s.shard_cores();
+            let taken = s.wait_shard_cores(a.shards.max(1));
             let rest: Vec<usize> = cores
                 .iter()
                 .copied()
@@ -689,6 +689,9 @@ fn real_main() -> Result<()> {
         // On the shard's core, idle by now: with fewer shards than cores
         // that is where the data disk's interrupts land, so the floor, like
         // the shard, sees its completions without a cross-core wake-up.
+        // (The idle shard still wakes there up to 1,000 times a second, the
+        // reactor's sleep bound: the floor pays that, the best core's
+        // price.)
         let gc_cpu = broker_cpu.or(client_cpu);
         let gc_fsync = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, true)?;
         let gc_written = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, false)?;

@@ -86,21 +86,21 @@ impl Spawned {
         }
     }
 
-    /// The cores the broker's shards are pinned to, read from their
-    /// threads' affinity: the broker chooses them (with fewer shards than
-    /// cores, the ones taking the data disk's interrupts), so the loadgen
-    /// asks rather than assumes. Unpinned shards are left out.
+    /// The cores the broker's shards are pinned to, in shard order, read
+    /// from their threads' affinity: the broker chooses them (with fewer
+    /// shards than cores, the ones taking the data disk's interrupts), so
+    /// the loadgen asks rather than assumes. Unpinned shards are left out.
     pub fn shard_cores(&self) -> Vec<usize> {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
             return Vec::new();
         };
-        let mut cores: Vec<usize> = tasks
+        // Shard index to core (glommio's helper threads share a shard's
+        // name and core).
+        let by_shard: std::collections::BTreeMap<u32, usize> = tasks
             .filter_map(|t| {
                 let t = t.ok()?;
                 let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-                if !comm.starts_with("keelmq-shard") {
-                    return None;
-                }
+                let shard: u32 = comm.trim().strip_prefix("keelmq-shard-")?.parse().ok()?;
                 let tid: libc::pid_t = t.file_name().to_str()?.parse().ok()?;
                 // SAFETY: a zeroed cpu_set_t is valid; the kernel fills it.
                 let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -113,12 +113,24 @@ impl Spawned {
                 let on: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
                     .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
                     .collect();
-                (on.len() == 1).then(|| on[0])
+                (on.len() == 1).then(|| (shard, on[0]))
             })
             .collect();
-        cores.sort_unstable();
-        cores.dedup();
-        cores
+        by_shard.into_values().collect()
+    }
+
+    /// [`Spawned::shard_cores`] once every one of `shards` shards has
+    /// pinned itself (a connection may be accepted by the first shard up
+    /// before the others are), or what is known after 5 s.
+    pub fn wait_shard_cores(&self, shards: u16) -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let cores = self.shard_cores();
+            if cores.len() >= usize::from(shards) || Instant::now() > deadline {
+                return cores;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Broker memory (resident set), bytes.

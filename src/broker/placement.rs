@@ -9,8 +9,9 @@
 //! reference VM (a single-queue virtio disk whose one interrupt the kernel
 //! keeps on one core and will not move), 60 µs on a `written` ack at
 //! 10,000/s (docs/BENCHMARKS.md). Multi-queue disks (NVMe) give every core
-//! its own queue and interrupt, so every core scores alike and the order
-//! stays the plain one.
+//! its own queue and interrupt, so completions are local wherever a shard
+//! runs; there the weights are only how busy each queue was since boot and
+//! the order they give does no harm and no good.
 //!
 //! The interrupts are read from sysfs and procfs: the block device of the
 //! data directory (`/sys/dev/block/MAJ:MIN`), the MSI interrupts of the

@@ -36,13 +36,20 @@
 //!   fdatasync 170 -> 105 µs, ack p50 710-830 -> 490-550 µs), and under
 //!   saturation the next write, bigger, still carries everything that
 //!   arrived (8 producers: 2.35-2.61M -> 2.55-2.78M msg/s).
-//! - When someone waits for durability and every byte before the active
-//!   segment is synced, the flusher hands the fdatasync to the kernel with
+//! - When someone waits for durability, no other fdatasync of the log's
+//!   files is in flight and every byte before the write's segment is
+//!   synced, the flusher hands the fdatasync to the kernel with
 //!   its write ([`IoFile::write_then_sync`]: io_uring links it behind the
 //!   write, so it starts as the write completes, without a turn of the
 //!   executor) and advances `synced` itself: every unsynced byte is in
-//!   this file and written by then. A segment's first write (its header)
-//!   and writes with an older segment still unsynced go the syncer's way.
+//!   this file and written by then. `written` advances as soon as the
+//!   write is seen complete, before the fdatasync. A segment's first write
+//!   (its header) and writes with an older segment still unsynced go the
+//!   syncer's way.
+//! - One fdatasync of the log's files at a time (flusher, syncer, zeroer;
+//!   `SyncHold`): the kernel may report a failed writeback to one
+//!   fdatasync alone, and that failure must stop the log before another
+//!   sync's success advances `synced`.
 //!   Measured at 10k/s: ack p99 3.2-3.8 ms in 6 of 6 runs against 3.1-63
 //!   ms, p50 and 8-producer throughput unchanged (docs/BENCHMARKS.md).
 //! - ENOSPC on a write keeps the batches queued, refuses new appends with
@@ -190,6 +197,8 @@ struct State<F> {
     zeroed_upto: u64,
     /// A zero write in flight: the flusher must not write into it.
     zeroing: Option<(u64, u64)>,
+    /// An fdatasync of the log's files is in flight ([`SyncHold`]).
+    syncing: bool,
 }
 
 /// A segment recovery handed over, with its open file.
@@ -285,6 +294,41 @@ fn bump(w: &Watch) {
 }
 
 /// What a failed write leaves to the flusher.
+/// What a completed write leaves to record ([`CommitLog::finish_write`]).
+struct WriteDone<F> {
+    seg_base: u64,
+    file: Rc<F>,
+    /// Bytes of the last page up to `end`, as written.
+    new_tail: Vec<u8>,
+    data_len: u64,
+    end: u64,
+    /// Bytes the write must have written.
+    size: usize,
+}
+
+/// One fdatasync of the log's files at a time (the syncer's, the
+/// zeroer's, or the flusher's linked one): a failed fdatasync may report
+/// lost writes to its caller alone, and the failure must stop the log
+/// before another sync's success advances `synced` (and a disk that serves
+/// one request at a time gains nothing from two). Released on drop.
+struct SyncHold<'a, I: Io>(&'a CommitLog<I>);
+
+impl<'a, I: Io> SyncHold<'a, I> {
+    fn take(log: &'a CommitLog<I>) -> Self {
+        let mut s = log.state.borrow_mut();
+        debug_assert!(!s.syncing, "two fdatasyncs of the log at once");
+        s.syncing = true;
+        SyncHold(log)
+    }
+}
+
+impl<I: Io> Drop for SyncHold<'_, I> {
+    fn drop(&mut self) {
+        self.0.state.borrow_mut().syncing = false;
+        bump(&self.0.sync_work);
+    }
+}
+
 enum WriteError {
     /// ENOSPC: the batches go back to the front of the queue.
     NoSpace(IoFailure, Vec<(u64, Bytes)>, Option<Vec<u8>>),
@@ -351,6 +395,7 @@ impl<I: Io> CommitLog<I> {
                 closing: false,
                 zeroed_upto: align_up(end),
                 zeroing: None,
+                syncing: false,
             }),
             written: Watch::new(end),
             synced: Watch::new(end),
@@ -930,6 +975,10 @@ impl<I: Io> CommitLog<I> {
             };
             let buf = self.io.buffer((to - from) as usize);
             let written = file.write_at(buf, from - base).await;
+            let hold = match &written {
+                Ok(_) => Some(self.sync_turn().await),
+                Err(_) => None,
+            };
             let synced = match &written {
                 Ok(_) => Some(file.sync().await),
                 Err(_) => None,
@@ -947,8 +996,10 @@ impl<I: Io> CommitLog<I> {
                     // The zeroer's fdatasync is on the file the batches go
                     // to: its failure may have lost completed batch writes,
                     // and the kernel reports it only once, so a later sync
-                    // could pass. Like any failed sync, it stops the log.
+                    // could pass. Like any failed sync, it stops the log
+                    // (before the sync turn passes on).
                     self.fail(e);
+                    drop(hold);
                     return;
                 }
                 (Err(e), _) => {
@@ -1192,75 +1243,137 @@ impl<I: Io> CommitLog<I> {
         }
         let page = align_down(end);
         let new_tail = buf.bytes()[(page - start) as usize..(end - start) as usize].to_vec();
-        // Someone waits for durability and everything before this segment
-        // is durable already: the fdatasync goes with the write (linked in
-        // the kernel), and covers every byte up to `end`, since every
-        // unsynced byte is in this file and written by now (module docs).
-        let sync_too = !fresh_segment
-            && self.synced.get() >= seg_base
-            && self.state.borrow().sync_wanted > self.synced.get();
+        let done = WriteDone {
+            seg_base,
+            file: file.clone(),
+            new_tail,
+            data_len,
+            end,
+            size,
+        };
+        // Someone waits for durability, no other fdatasync of the log's
+        // files is in flight, and every byte before this write's segment is
+        // durable: the fdatasync goes with the write (linked in the kernel)
+        // and covers every byte up to `end`, since every unsynced byte is
+        // in this file and written by then (module docs).
+        let linked = {
+            let s = self.state.borrow();
+            !fresh_segment
+                && !s.syncing
+                && self.synced.get() >= seg_base
+                && s.sync_wanted > self.synced.get()
+        };
         let t0 = Instant::now();
-        let (written, wrote_at, synced) = if sync_too {
-            let (w, at, synced) = file.write_then_sync(buf, start - seg_base).await;
-            let _ = self
-                .fsync_us
-                .borrow_mut()
-                .record(at.elapsed().as_micros() as u64);
-            (w, at, Some(synced))
-        } else {
-            let w = file.write_at(buf, start - seg_base).await;
-            (w, Instant::now(), None)
+        let pos = start - seg_base;
+        if !linked {
+            let w = file.write_at(buf, pos).await;
+            return match self.finish_write(&w, t0, done) {
+                Ok((want_sync, _)) => {
+                    if want_sync {
+                        bump(&self.sync_work);
+                    }
+                    Ok(())
+                }
+                Err((f, true)) => Err(WriteError::NoSpace(f, run, taken_tail)),
+                Err((f, false)) => Err(WriteError::Failed(f)),
+            };
+        }
+        let _hold = SyncHold::take(self);
+        let mut finished = None;
+        let synced = file
+            .write_then_sync(buf, pos, |w| {
+                // `written` advances now: waiters at `written` do not wait
+                // for the fdatasync.
+                finished = Some(self.finish_write(w, t0, done));
+            })
+            .await;
+        let wrote_at = match finished.expect("write_then_sync reports the write") {
+            Ok((_, at)) => at,
+            Err((f, true)) => return Err(WriteError::NoSpace(f, run, taken_tail)),
+            Err((f, false)) => return Err(WriteError::Failed(f)),
         };
-        let n = match written {
-            Ok(n) => n,
-            Err(f) if f.kind == IoKind::NoSpace => {
-                return Err(WriteError::NoSpace(f, run, taken_tail));
-            }
-            Err(f) => return Err(WriteError::Failed(f)),
+        // Never retried: after a failed fdatasync the data is not assumed
+        // durable, whatever a retry says.
+        synced.map_err(WriteError::Failed)?;
+        self.sync_done(end, wrote_at).map_err(WriteError::Failed)
+    }
+
+    /// After a write completed: checks it, then records it (tail page,
+    /// pending bytes, dirty file, `written`). Returns whether a sync is
+    /// wanted and when the write was seen complete, or the failure (`true`:
+    /// the disk is full).
+    fn finish_write(
+        &self,
+        w: &Result<usize, IoFailure>,
+        t0: Instant,
+        d: WriteDone<I::File>,
+    ) -> Result<(bool, Instant), (IoFailure, bool)> {
+        let now = Instant::now();
+        let n = match w {
+            Ok(n) => *n,
+            Err(f) => return Err((f.clone(), f.kind == IoKind::NoSpace)),
         };
-        if n != size {
-            return Err(WriteError::Failed(IoFailure::new(
-                "write",
-                file.path(),
-                IoKind::Other,
-                format!("short write of {n} of {size} bytes"),
-            )));
+        if n != d.size {
+            return Err((
+                IoFailure::new(
+                    "write",
+                    d.file.path(),
+                    IoKind::Other,
+                    format!("short write of {n} of {} bytes", d.size),
+                ),
+                false,
+            ));
         }
         let _ = self
             .write_us
             .borrow_mut()
-            .record(wrote_at.duration_since(t0).as_micros() as u64);
+            .record(now.duration_since(t0).as_micros() as u64);
         let want_sync = {
             let mut s = self.state.borrow_mut();
-            s.tail_page = new_tail;
-            s.pending_bytes -= data_len;
-            if let Some(seg) = s.segments.get_mut(&seg_base) {
+            s.tail_page = d.new_tail;
+            s.pending_bytes -= d.data_len;
+            if let Some(seg) = s.segments.get_mut(&d.seg_base) {
                 seg.header_written = true;
             }
-            if !s.dirty.iter().any(|f| Rc::ptr_eq(f, &file)) {
-                s.dirty.push(file);
+            if !s.dirty.iter().any(|f| Rc::ptr_eq(f, &d.file)) {
+                s.dirty.push(d.file);
             }
             s.sync_wanted > self.synced.get()
         };
-        self.written.advance(end);
-        self.stages.borrow_mut().wrote(end, wrote_at);
+        self.written.advance(d.end);
+        self.stages.borrow_mut().wrote(d.end, now);
         bump(&self.admit_changed);
-        match synced {
-            // Never retried: after a failed fdatasync the data is not
-            // assumed durable, whatever a retry says.
-            Some(Err(f)) => return Err(WriteError::Failed(f)),
-            // Unless another fdatasync of this file (the zeroer's) failed
-            // meanwhile: the kernel may have reported lost writes to it
-            // alone, so this success proves nothing (the log has failed).
-            Some(Ok(())) if self.failed().is_none() => {
-                self.synced.advance(end);
-                self.stages.borrow_mut().synced(end, Instant::now());
-            }
-            Some(Ok(())) => {}
-            None if want_sync => bump(&self.sync_work),
-            None => {}
+        Ok((want_sync, now))
+    }
+
+    /// An fdatasync begun after the write seen complete at `since` covered
+    /// everything up to `end` and succeeded: `synced` advances, unless the
+    /// log failed meanwhile (another fdatasync of these files failed: the
+    /// kernel may have reported lost writes to it alone, so this success
+    /// proves nothing).
+    fn sync_done(&self, end: u64, since: Instant) -> Result<(), IoFailure> {
+        if let Some(f) = self.failed() {
+            return Err(f);
         }
+        let _ = self
+            .fsync_us
+            .borrow_mut()
+            .record(since.elapsed().as_micros() as u64);
+        self.synced.advance(end);
+        self.stages.borrow_mut().synced(end, Instant::now());
         Ok(())
+    }
+
+    /// Waits until no fdatasync of the log's files is in flight and holds
+    /// that until the returned guard drops.
+    async fn sync_turn(&self) -> SyncHold<'_, I> {
+        loop {
+            let seen = self.sync_work.get();
+            if !self.state.borrow().syncing {
+                return SyncHold::take(self);
+            }
+            let _ = self.sync_work.wait_for(seen + 1).await;
+        }
     }
 
     async fn syncer(self: Rc<Self>) {
@@ -1273,7 +1386,8 @@ impl<I: Io> CommitLog<I> {
             if self.written.is_closed() {
                 return;
             }
-            if wanted > synced && written > synced {
+            if wanted > synced && written > synced && !self.state.borrow().syncing {
+                let _hold = SyncHold::take(&self);
                 let files = std::mem::take(&mut self.state.borrow_mut().dirty);
                 let t0 = Instant::now();
                 for f in files {
@@ -1284,18 +1398,9 @@ impl<I: Io> CommitLog<I> {
                         return;
                     }
                 }
-                if self.failed().is_some() {
-                    // Another fdatasync of these files (the zeroer's) failed
-                    // meanwhile: the kernel may have reported the lost
-                    // writes to it alone, so this success proves nothing.
+                if self.sync_done(written, t0).is_err() {
                     return;
                 }
-                let _ = self
-                    .fsync_us
-                    .borrow_mut()
-                    .record(t0.elapsed().as_micros() as u64);
-                self.synced.advance(written);
-                self.stages.borrow_mut().synced(written, Instant::now());
             } else {
                 let _ = self.sync_work.wait_for(seen + 1).await;
             }

@@ -140,23 +140,31 @@ pub trait IoFile {
     /// fdatasync: every write completed before the call started survives
     /// a power cut once this returns `Ok`.
     async fn sync(&self) -> IoResult<()>;
-    /// [`IoFile::write_at`], then, if the write succeeded, [`IoFile::sync`]:
-    /// the write's result, when it completed, and the sync's result (an
-    /// error when the write failed). Both have finished when it returns.
-    /// An implementation may hand both to the kernel at once (io_uring
-    /// links the fdatasync behind the write), never reorder them.
+    /// [`IoFile::write_at`], then, if the write succeeded, [`IoFile::sync`].
+    /// `written` gets the write's result as soon as it is known, before the
+    /// sync is awaited; the sync's result is returned (an error when the
+    /// write failed). Both have finished when it returns. An
+    /// implementation may hand both to the kernel at once (io_uring links
+    /// the fdatasync behind the write), never reorder them.
     async fn write_then_sync(
         &self,
         buf: Self::Buffer,
         pos: u64,
-    ) -> (IoResult<usize>, std::time::Instant, IoResult<()>) {
-        let written = self.write_at(buf, pos).await;
-        let at = std::time::Instant::now();
-        let synced = match &written {
-            Ok(_) => self.sync().await,
-            Err(f) => Err(f.clone().at("fdatasync", self.path())),
-        };
-        (written, at, synced)
+        written: impl FnOnce(&IoResult<usize>),
+    ) -> IoResult<()> {
+        let w = self.write_at(buf, pos).await;
+        let ok = w.is_ok();
+        written(&w);
+        if ok {
+            self.sync().await
+        } else {
+            Err(IoFailure::new(
+                "fdatasync",
+                self.path(),
+                IoKind::Other,
+                "not started: the write before it failed",
+            ))
+        }
     }
     /// Allocates blocks for `0..len` (fallocate), growing the file to `len`.
     async fn allocate(&self, len: u64) -> IoResult<()>;

@@ -75,15 +75,18 @@ impl IoFile for UringFile {
         &self,
         buf: DmaBuffer,
         pos: u64,
-    ) -> (IoResult<usize>, std::time::Instant, IoResult<()>) {
+        written: impl FnOnce(&IoResult<usize>),
+    ) -> IoResult<()> {
         // Linked in the kernel (vendor/glommio/PATCHES.md): the fdatasync
         // starts as the write completes, without a turn of the executor.
-        let (written, at, synced) = self.file.write_at_then_sync(buf, pos).await;
-        (
-            written.map_err(|e| failure("write", &self.path, e)),
-            at,
-            synced.map_err(|e| failure("fdatasync", &self.path, e)),
-        )
+        self.file
+            .write_at_then_sync(buf, pos, |w| {
+                written(&w.as_ref().map(|n| *n).map_err(|e| {
+                    IoFailure::from_errno("write", &self.path, e.raw_os_error(), e.to_string())
+                }))
+            })
+            .await
+            .map_err(|e| failure("fdatasync", &self.path, e))
     }
 
     async fn allocate(&self, len: u64) -> IoResult<()> {

@@ -318,38 +318,48 @@ impl DmaFile {
     /// the executor, and a failed or short write cancels it. On the poll
     /// ring (which takes no fdatasync) they run one after the other.
     ///
-    /// Returns the write's result, when the executor saw it complete, and
-    /// the fdatasync's result (an error, `ECANCELED`, when the write failed
-    /// or was short). Both have completed when this returns.
+    /// `on_written` gets the write's result as soon as the executor sees
+    /// it, before the fdatasync is awaited. Returns the fdatasync's result:
+    /// `ECANCELED` when the write failed (or was short: check its length).
+    /// Both operations have completed when this returns.
     pub async fn write_at_then_sync(
         &self,
         buf: DmaBuffer,
         pos: u64,
-    ) -> (Result<usize>, std::time::Instant, Result<()>) {
+        on_written: impl FnOnce(&Result<usize>),
+    ) -> Result<()> {
+        let cancelled = || {
+            Err(crate::GlommioError::IoError(
+                std::io::Error::from_raw_os_error(libc::ECANCELED),
+            ))
+        };
         if matches!(self.pollable, PollableStatus::Pollable) {
             let written = self.write_at(buf, pos).await;
-            let at = std::time::Instant::now();
-            let synced = match &written {
+            on_written(&written);
+            return match written {
                 Ok(_) => self.fdatasync().await,
-                Err(_) => Err(crate::GlommioError::IoError(std::io::Error::from_raw_os_error(
-                    libc::ECANCELED,
-                ))),
+                Err(_) => cancelled(),
             };
-            return (written, at, synced);
         }
+        let size = buf.len();
         let (write, sync) = self.file.reactor.upgrade().unwrap().write_dma_then_sync(
             self.as_raw_fd(),
             DmaSource::Owned(buf),
             pos,
             self.pollable,
         );
-        let written = enhanced_try!(write.collect_rw().await, "Writing", self.file)
-            .map_err(Into::into);
-        let at = std::time::Instant::now();
-        let synced = enhanced_try!(sync.collect_rw().await, "Syncing", self.file)
+        let written: Result<usize> =
+            enhanced_try!(write.collect_rw().await, "Writing", self.file).map_err(Into::into);
+        let full = matches!(written, Ok(n) if n == size);
+        on_written(&written);
+        // Awaited in every case: the chain's second half completes too.
+        let synced = sync.collect_rw().await;
+        if !full {
+            return cancelled();
+        }
+        enhanced_try!(synced, "Syncing", self.file)
             .map(|_| ())
-            .map_err(Into::into);
-        (written, at, synced)
+            .map_err(Into::into)
     }
 
     /// Equivalent to [`DmaFile::write_at`] except that the caller retains

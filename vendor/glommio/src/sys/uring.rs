@@ -1868,7 +1868,8 @@ impl Reactor {
     ///
     /// * The user timer point of expiration never changes. So once we register
     ///   it we don't need to rearm it until it fires. But the preempt timer has
-    ///   to be rearmed every time. Moreover, it needs to give every task queue
+    ///   to be rearmed every time (KeelMQ patch: unless it is fresh, see
+    ///   `keep_preempt` below). Moreover, it needs to give every task queue
     ///   a fair shot at running. So it needs to be rearmed as close as possible
     ///   to the point where we *leave* this method. For instance: if we spin
     ///   here for 3ms and the preempt timer is 10ms that would leave the next
@@ -1991,7 +1992,15 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if !keep_preempt {
+            // A kept timer that fired during this call (its completion
+            // consumed above) is replaced like any other.
+            let kept_fired = keep_preempt && {
+                let src = self.latency_preemption_timeout_src.take();
+                let fired = src.as_ref().is_none_or(|s| s.result().is_some());
+                self.latency_preemption_timeout_src.set(src);
+                fired
+            };
+            if !keep_preempt || kept_fired {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
                 self.latency_preemption_armed
