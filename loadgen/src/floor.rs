@@ -119,19 +119,34 @@ pub fn rtt(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
         }
-        let mut at = 0;
-        while inbuf.len() - at >= size {
-            let sched = u64::from_le_bytes(inbuf[at..at + 8].try_into().unwrap());
-            let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
-            if done >= warm {
-                let _ = h.record((now.saturating_sub(sched) / 1000).max(1));
-            }
-            done += 1;
-            at += size;
-        }
-        inbuf.drain(..at);
+        done = record_echoes(&mut inbuf, size, t0, done, warm, &mut h);
     }
     Ok(h)
+}
+
+/// Takes every whole echoed message off `inbuf` and records its latency
+/// (received now - the due time it carries) once `done` reaches `warm`.
+/// Returns the new count of messages seen.
+fn record_echoes(
+    inbuf: &mut Vec<u8>,
+    size: usize,
+    t0: Instant,
+    mut done: u64,
+    warm: u64,
+    h: &mut Histogram<u64>,
+) -> u64 {
+    let mut at = 0;
+    while inbuf.len() - at >= size {
+        let sched = u64::from_le_bytes(inbuf[at..at + 8].try_into().unwrap());
+        let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
+        if done >= warm {
+            let _ = h.record((now.saturating_sub(sched) / 1000).max(1));
+        }
+        done += 1;
+        at += size;
+    }
+    inbuf.drain(..at);
+    done
 }
 
 /// The echo floor of `--client-mode blocking`: the same echo server,
@@ -176,17 +191,7 @@ pub fn rtt_blocking(
                 anyhow::bail!("echo server closed");
             }
             inbuf.extend_from_slice(&chunk[..n]);
-            let mut at = 0;
-            while inbuf.len() - at >= size {
-                let sched = u64::from_le_bytes(inbuf[at..at + 8].try_into().unwrap());
-                let now = Instant::now().saturating_duration_since(t0).as_nanos() as u64;
-                if done >= warm {
-                    let _ = h.record((now.saturating_sub(sched) / 1000).max(1));
-                }
-                done += 1;
-                at += size;
-            }
-            inbuf.drain(..at);
+            done = record_echoes(&mut inbuf, size, t0, done, warm, &mut h);
         }
         Ok(h)
     });
