@@ -12,24 +12,43 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Floor measurements, µs.
+/// p50, p99 and p99.9 of one floor measurement, µs (0 when it is empty).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Quantiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+}
+
+impl Quantiles {
+    pub fn of(h: &Histogram<u64>) -> Quantiles {
+        let q = |q| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            }
+        };
+        Quantiles {
+            p50: q(0.5),
+            p99: q(0.99),
+            p999: q(0.999),
+        }
+    }
+}
+
+/// Floor measurements.
 #[derive(Debug, Default, Clone)]
 pub struct Floor {
-    pub rtt_p50_us: u64,
-    pub rtt_p99_us: u64,
-    pub rtt_p999_us: u64,
-    pub write_p50_us: u64,
-    pub write_p99_us: u64,
-    pub fsync_p50_us: u64,
-    pub fsync_p99_us: u64,
+    /// Echo round trip, in the run's client mode ([`rtt`]).
+    pub rtt: Quantiles,
+    /// One closed-loop 4 KiB `O_DIRECT` write, then write + fdatasync.
+    pub write: Quantiles,
+    pub fsync: Quantiles,
     /// The open-loop group-commit floor ([`group_commit`]), with and
     /// without fdatasync.
-    pub gc_fsync_p50_us: u64,
-    pub gc_fsync_p99_us: u64,
-    pub gc_fsync_p999_us: u64,
-    pub gc_written_p50_us: u64,
-    pub gc_written_p99_us: u64,
-    pub gc_written_p999_us: u64,
+    pub gc_fsync: Quantiles,
+    pub gc_written: Quantiles,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -71,8 +90,25 @@ fn echo_server(cpu: Option<usize>) -> Result<std::net::SocketAddr> {
         .context("echo server did not start")
 }
 
-/// Open-loop echo round trips of `size`-byte messages at `rate` per second.
+/// Open-loop echo round trips of `size`-byte messages at `rate` per
+/// second, driven in the run's client mode.
 pub fn rtt(
+    mode: crate::run::ClientMode,
+    cpu_server: Option<usize>,
+    cpu_client: Option<usize>,
+    rate: f64,
+    size: usize,
+    secs: f64,
+) -> Result<Histogram<u64>> {
+    match mode {
+        crate::run::ClientMode::BusyPoll => rtt_busy(cpu_server, cpu_client, rate, size, secs),
+        crate::run::ClientMode::Blocking => rtt_blocking(cpu_server, cpu_client, rate, size, secs),
+    }
+}
+
+/// The echo floor of `--client-mode busy-poll`: one thread spinning on a
+/// non-blocking socket, sending what is due and reading what came back.
+fn rtt_busy(
     cpu_server: Option<usize>,
     cpu_client: Option<usize>,
     rate: f64,
@@ -157,7 +193,7 @@ fn record_echoes(
 /// `cpu_client`. Latency: echo received - due time, µs, after the first
 /// 10%. So the floor pays what any parked client pays: the sleep's
 /// overshoot and a thread wake-up per reply.
-pub fn rtt_blocking(
+fn rtt_blocking(
     cpu_server: Option<usize>,
     cpu_client: Option<usize>,
     rate: f64,
@@ -405,9 +441,25 @@ mod tests {
     /// before it was due.
     #[test]
     fn both_echo_floors_time_every_message_once() {
-        let busy = rtt(None, None, 4000.0, 100, 0.5).unwrap();
+        let busy = rtt(
+            crate::run::ClientMode::BusyPoll,
+            None,
+            None,
+            4000.0,
+            100,
+            0.5,
+        )
+        .unwrap();
         assert_eq!(busy.len(), 2000 - 200);
-        let parked = rtt_blocking(None, None, 4000.0, 100, 0.5).unwrap();
+        let parked = rtt(
+            crate::run::ClientMode::Blocking,
+            None,
+            None,
+            4000.0,
+            100,
+            0.5,
+        )
+        .unwrap();
         assert_eq!(parked.len(), 2000 - 200);
         assert!(parked.max() < 500_000 + 100_000, "max {}", parked.max());
     }

@@ -669,12 +669,7 @@ fn real_main() -> Result<()> {
         let client_cpu = cpus.first().copied();
         // The echo is driven in the run's client mode: a parked client's
         // floor includes the wake-ups any parked client pays.
-        let rtt = match a.client_mode {
-            run::ClientMode::BusyPoll => floor::rtt(broker_cpu, client_cpu, rate, w.size, 5.0)?,
-            run::ClientMode::Blocking => {
-                floor::rtt_blocking(broker_cpu, client_cpu, rate, w.size, 5.0)?
-            }
-        };
+        let rtt = floor::rtt(a.client_mode, broker_cpu, client_cpu, rate, w.size, 5.0)?;
         let dir = spawned
             .as_ref()
             .map_or_else(std::env::temp_dir, |s| s.data_dir.path().to_path_buf());
@@ -696,27 +691,19 @@ fn real_main() -> Result<()> {
         let gc_fsync = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, true)?;
         let gc_written = floor::group_commit(&dir, gc_cpu, rate, record_bytes, 5.0, false)?;
         let f = floor::Floor {
-            gc_fsync_p50_us: quantile_us(&gc_fsync, 0.5),
-            gc_fsync_p99_us: quantile_us(&gc_fsync, 0.99),
-            gc_fsync_p999_us: quantile_us(&gc_fsync, 0.999),
-            gc_written_p50_us: quantile_us(&gc_written, 0.5),
-            gc_written_p99_us: quantile_us(&gc_written, 0.99),
-            gc_written_p999_us: quantile_us(&gc_written, 0.999),
-            rtt_p50_us: quantile_us(&rtt, 0.5),
-            rtt_p99_us: quantile_us(&rtt, 0.99),
-            rtt_p999_us: quantile_us(&rtt, 0.999),
-            write_p50_us: quantile_us(&wr, 0.5),
-            write_p99_us: quantile_us(&wr, 0.99),
-            fsync_p50_us: quantile_us(&fs, 0.5),
-            fsync_p99_us: quantile_us(&fs, 0.99),
+            rtt: floor::Quantiles::of(&rtt),
+            write: floor::Quantiles::of(&wr),
+            fsync: floor::Quantiles::of(&fs),
+            gc_fsync: floor::Quantiles::of(&gc_fsync),
+            gc_written: floor::Quantiles::of(&gc_written),
         };
         eprintln!(
             "floor: echo rtt ({mode}) p50 {} µs p99 {} µs p99.9 {} µs · O_DIRECT 4 KiB write p50 {} µs p99 {} µs · write+fdatasync p50 {} µs p99 {} µs",
-            f.rtt_p50_us, f.rtt_p99_us, f.rtt_p999_us, f.write_p50_us, f.write_p99_us, f.fsync_p50_us, f.fsync_p99_us
+            f.rtt.p50, f.rtt.p99, f.rtt.p999, f.write.p50, f.write.p99, f.fsync.p50, f.fsync.p99
         );
         eprintln!(
             "floor: open-loop group commit at {rate}/s of {record_bytes} B: written ack p50 {} µs p99 {} µs p99.9 {} µs · fdatasync ack p50 {} µs p99 {} µs p99.9 {} µs",
-            f.gc_written_p50_us, f.gc_written_p99_us, f.gc_written_p999_us, f.gc_fsync_p50_us, f.gc_fsync_p99_us, f.gc_fsync_p999_us
+            f.gc_written.p50, f.gc_written.p99, f.gc_written.p999, f.gc_fsync.p50, f.gc_fsync.p99, f.gc_fsync.p999
         );
         Some(f)
     } else {
@@ -794,20 +781,19 @@ fn real_main() -> Result<()> {
             o.insert("schedule_fire_lateness_max_ms".into(), s.max_ms.into());
         }
         if let Some(f) = &floor {
-            o.insert("floor_rtt_p50_us".into(), f.rtt_p50_us.into());
-            o.insert("floor_rtt_p99_us".into(), f.rtt_p99_us.into());
-            o.insert("floor_rtt_p999_us".into(), f.rtt_p999_us.into());
-            o.insert("floor_write_p99_us".into(), f.write_p99_us.into());
-            o.insert("floor_fsync_p99_us".into(), f.fsync_p99_us.into());
-            o.insert("floor_gc_fsync_p50_us".into(), f.gc_fsync_p50_us.into());
-            o.insert("floor_gc_fsync_p99_us".into(), f.gc_fsync_p99_us.into());
-            o.insert("floor_gc_fsync_p999_us".into(), f.gc_fsync_p999_us.into());
-            o.insert("floor_gc_written_p50_us".into(), f.gc_written_p50_us.into());
-            o.insert("floor_gc_written_p99_us".into(), f.gc_written_p99_us.into());
-            o.insert(
-                "floor_gc_written_p999_us".into(),
-                f.gc_written_p999_us.into(),
-            );
+            let all = |q: &floor::Quantiles| [("p50", q.p50), ("p99", q.p99), ("p999", q.p999)];
+            let fields = [
+                ("rtt", all(&f.rtt).to_vec()),
+                ("write", vec![("p99", f.write.p99)]),
+                ("fsync", vec![("p99", f.fsync.p99)]),
+                ("gc_fsync", all(&f.gc_fsync).to_vec()),
+                ("gc_written", all(&f.gc_written).to_vec()),
+            ];
+            for (name, qs) in fields {
+                for (q, v) in qs {
+                    o.insert(format!("floor_{name}_{q}_us"), v.into());
+                }
+            }
         }
         if results.len() > 1 {
             o.insert(

@@ -383,10 +383,9 @@ fn stats_show_where_a_durable_append_spends_its_time() {
     admin
         .create_topic("st", 1, Some(Durability::Fsync))
         .unwrap();
-    let mut p = keelmq::client::Producer::connect(&b.addr).unwrap();
+    let mut p = Producer::connect(&b.addr).unwrap();
     for i in 0..20 {
-        p.send("st", keelmq::client::Record::new(format!("m{i}")))
-            .unwrap();
+        p.send("st", Record::new(format!("m{i}"))).unwrap();
     }
     let stats = admin.stats().unwrap();
     let sh = &stats["shards"][0];
